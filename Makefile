@@ -1,0 +1,43 @@
+# privdistill — two entry points: `make demo` and `make test`. Both build .venv/ first.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_VERSION ?= 2.13.0
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+DEMO_WORKDIR ?= demo-work
+
+.PHONY: venv data demo test test-slow bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# CPU build of torch first (lies on this kind of machine's disk); fall back to PyPI's default.
+	$(PIP) install -q "torch==$(TORCH_VERSION)" || $(PIP) install -q torch
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+# The demo's real data: Debian's dataset-fashion-mnist (installed when missing and run as root).
+data:
+	@if [ ! -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)); \
+	  else \
+	    echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' (Debian) and retry" >&2; exit 3; \
+	  fi; \
+	fi
+
+demo: venv data
+	$(VENV)/bin/privdistill run examples/fashion-mnist.yaml --workdir $(DEMO_WORKDIR)
+
+test: venv data
+	$(VPY) -m pytest -q
+
+test-slow: venv data
+	$(VPY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(DEMO_WORKDIR) .pytest_cache

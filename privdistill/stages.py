@@ -1,0 +1,182 @@
+"""Stage bookkeeping: each stage writes into a temporary directory, then renames it into place with
+``_stage.json`` (resolved config, input hashes, output hashes); unchanged inputs mean the stage is
+skipped, so a killed run resumes where it stopped."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import structlog
+
+from privdistill import __version__
+from privdistill.config import config_hash
+from privdistill.errors import StageError
+
+log = structlog.get_logger(__name__)
+
+STAGE_FILE = "_stage.json"
+
+
+def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_tree(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` except the stage record, keyed by relative path."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != STAGE_FILE:
+            out[p.relative_to(root).as_posix()] = sha256_file(p)
+    return out
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that readers see either the old or the new content, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@dataclass
+class StageContext:
+    """What a stage function gets: where to write, where its inputs are, and its scratch space."""
+
+    name: str
+    workdir: Path
+    out: Path  # temporary output directory; renamed into place on success
+    checkpoint_dir: Path  # survives a kill; keyed by the stage fingerprint
+    inputs: dict[str, Path]  # upstream stage name -> its final directory
+
+    def input(self, stage: str) -> Path:
+        return self.inputs[stage]
+
+
+StageFn = Callable[[StageContext], dict[str, Any] | None]
+
+
+@dataclass
+class Stage:
+    name: str
+    fn: StageFn
+    upstream: tuple[str, ...]
+    config: dict[str, Any]  # the resolved config sections this stage depends on
+
+
+def stage_dir(workdir: Path, name: str) -> Path:
+    return workdir / name
+
+
+def read_record(workdir: Path, name: str) -> dict[str, Any] | None:
+    p = stage_dir(workdir, name) / STAGE_FILE
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def fingerprint(stage: Stage, workdir: Path) -> tuple[str, dict[str, str]]:
+    """Hash of the stage's config, its upstream outputs and the software version."""
+    inputs: dict[str, str] = {}
+    for up in stage.upstream:
+        rec = read_record(workdir, up)
+        if rec is None:
+            raise StageError(
+                f"stage '{stage.name}' needs stage '{up}' first: run `privdistill {up}` "
+                f"(or `privdistill run`) with the same --workdir"
+            )
+        inputs[up] = rec["outputs_hash"]
+    fp = config_hash({"stage": stage.name, "config": stage.config, "inputs": inputs, "version": __version__})
+    return fp, inputs
+
+
+def is_current(stage: Stage, workdir: Path) -> bool:
+    rec = read_record(workdir, stage.name)
+    if rec is None:
+        return False
+    try:
+        fp, _ = fingerprint(stage, workdir)
+    except StageError:
+        return False
+    return rec.get("fingerprint") == fp
+
+
+def run_stage(stage: Stage, workdir: Path, *, force: bool = False) -> dict[str, Any]:
+    """Run ``stage`` unless its record matches the current fingerprint; return its record."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    fp, input_hashes = fingerprint(stage, workdir)
+    rec = read_record(workdir, stage.name)
+    if rec is not None and rec.get("fingerprint") == fp and not force:
+        log.info("stage.skipped", stage=stage.name, reason="inputs unchanged")
+        return rec
+    final = stage_dir(workdir, stage.name)
+    ckpt = workdir / ".checkpoints" / stage.name / fp[:16]
+    ckpt.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{stage.name}.tmp-", dir=workdir))
+    ctx = StageContext(
+        name=stage.name,
+        workdir=workdir,
+        out=tmp,
+        checkpoint_dir=ckpt,
+        inputs={u: stage_dir(workdir, u) for u in stage.upstream},
+    )
+    log.info("stage.start", stage=stage.name)
+    t0 = time.time()
+    try:
+        report = stage.fn(ctx) or {}
+        record = {
+            "stage": stage.name,
+            "fingerprint": fp,
+            "version": __version__,
+            "config": stage.config,
+            "inputs": input_hashes,
+            "outputs": hash_tree(tmp),
+            "report": report,
+            "seconds": round(time.time() - t0, 3),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        record["outputs_hash"] = config_hash(record["outputs"])
+        atomic_write_json(tmp / STAGE_FILE, record)
+        _swap_into_place(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(ckpt.parent, ignore_errors=True)  # finished: checkpoints no longer needed
+    log.info("stage.done", stage=stage.name, seconds=record["seconds"])
+    return record
+
+
+def _swap_into_place(tmp: Path, final: Path) -> None:
+    """Replace ``final`` with ``tmp``; a reader never sees a half-written stage directory."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
