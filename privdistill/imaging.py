@@ -1,0 +1,52 @@
+"""Image helpers shared by stages: [-1, 1] float arrays to uint8, PNG grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """NCHW float in [-1, 1] -> NHWC uint8 (C squeezed away for grayscale)."""
+    x = np.clip((images + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    x = np.transpose(x, (0, 2, 3, 1))
+    return x[..., 0] if x.shape[-1] == 1 else x
+
+
+def from_uint8(arr: np.ndarray) -> np.ndarray:
+    """HW / HWC / NHW / NHWC uint8 -> float32 in [-1, 1], NCHW (adds N and C as needed)."""
+    a = np.asarray(arr)
+    if a.ndim == 2:
+        a = a[None, ..., None]
+    elif a.ndim == 3 and a.shape[-1] in (1, 3):
+        a = a[None]
+    elif a.ndim == 3:
+        a = a[..., None]
+    return np.transpose(a.astype(np.float32) / 127.5 - 1.0, (0, 3, 1, 2))
+
+
+def grid(images: np.ndarray, ncols: int = 8, pad: int = 2, scale: int = 1) -> Image.Image:
+    """Tile NCHW [-1, 1] images into one PIL image (white padding)."""
+    u8 = to_uint8(images)
+    if u8.ndim == 3:
+        u8 = u8[..., None].repeat(3, axis=-1)
+    n = max(len(u8), 1)
+    ncols = max(1, min(ncols, n))
+    nrows = (n + ncols - 1) // ncols
+    h, w = (u8.shape[1], u8.shape[2]) if len(u8) else (8, 8)
+    canvas = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), 255, np.uint8)
+    for i, img in enumerate(u8):
+        r, c = divmod(i, ncols)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        canvas[y : y + h, x : x + w] = img
+    out = Image.fromarray(canvas)
+    if scale > 1:
+        out = out.resize((out.width * scale, out.height * scale), Image.NEAREST)
+    return out
+
+
+def save_grid(images: np.ndarray, path: Path, ncols: int = 8, scale: int = 2) -> Path:
+    grid(images, ncols=ncols, scale=scale).save(path)
+    return path

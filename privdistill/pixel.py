@@ -1,0 +1,84 @@
+"""Pixel-space nearest neighbours, robust to sampler noise: images are Gaussian-smoothed and
+average-pooled before L2 distances are taken, and the search is chunked so memory stays bounded
+whatever the number of reference images."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DEFAULT_SIGMA = 1.0
+DEFAULT_POOL = 2
+CHUNK_BYTES = 256 << 20  # distance-matrix budget per chunk
+
+
+def _gauss_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, int(round(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    return k / k.sum()
+
+
+@torch.no_grad()
+def pixel_features(
+    images: np.ndarray, sigma: float = DEFAULT_SIGMA, pool: int = DEFAULT_POOL, batch: int = 4096
+) -> np.ndarray:
+    """NCHW [-1, 1] -> [N, D] float32: Gaussian blur (sigma px), then pool x pool average pooling."""
+    out = []
+    k = _gauss_kernel(sigma) if sigma > 0 else None
+    for s in range(0, len(images), batch):
+        x = torch.from_numpy(np.ascontiguousarray(images[s : s + batch], dtype=np.float32))
+        c = x.shape[1]
+        if k is not None:
+            r = len(k) // 2
+            kh = k.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
+            kv = k.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
+            x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), kh, groups=c)
+            x = F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), kv, groups=c)
+        if pool > 1 and x.shape[-1] >= 2 * pool:
+            x = F.avg_pool2d(x, pool, ceil_mode=True)
+        out.append(x.reshape(len(x), -1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+@torch.no_grad()
+def knn(
+    query: np.ndarray, ref: np.ndarray, k: int = 1, chunk_bytes: int = CHUNK_BYTES
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours by L2 distance: (distances [N, k], indices [N, k]).
+
+    One matrix product per chunk of queries; at most ``chunk_bytes`` of distances in memory."""
+    q = torch.from_numpy(np.ascontiguousarray(query, dtype=np.float32))
+    r = torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32))
+    k = min(k, len(r))
+    r_sq = (r * r).sum(1)
+    rows = max(1, chunk_bytes // max(1, 4 * len(r)))
+    dists, idxs = [], []
+    for s in range(0, len(q), rows):
+        qc = q[s : s + rows]
+        d2 = (qc * qc).sum(1, keepdim=True) - 2.0 * (qc @ r.T) + r_sq
+        val, idx = torch.topk(d2, k, dim=1, largest=False)
+        dists.append(val.clamp_min_(0).sqrt_())
+        idxs.append(idx)
+    if not dists:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    return torch.cat(dists).numpy(), torch.cat(idxs).numpy()
+
+
+def nearest_and_other_patient(
+    query: np.ndarray, ref: np.ndarray, ref_patients: np.ndarray, chunk_bytes: int = CHUNK_BYTES
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each query: distance to its nearest reference, that reference's index, and the distance
+    to the nearest reference of any *other* patient than that one.
+
+    Exact: k is one more than the largest number of images any patient has, so the k nearest
+    always contain an image of another patient."""
+    _, counts = np.unique(ref_patients, return_counts=True)
+    k = min(len(ref), int(counts.max()) + 1)
+    d, idx = knn(query, ref, k=k, chunk_bytes=chunk_bytes)
+    nearest_pid = ref_patients[idx[:, 0]]
+    other = ref_patients[idx] != nearest_pid[:, None]
+    first_other = np.where(other.any(1), other.argmax(1), -1)
+    d_other = np.where(first_other >= 0, d[np.arange(len(d)), np.maximum(first_other, 0)], np.inf)
+    return d[:, 0], idx[:, 0], d_other.astype(np.float32)
