@@ -1,0 +1,95 @@
+"""`privdistill` command line: the whole pipeline (`run`) or one stage at a time."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import structlog
+
+from privdistill import __version__
+from privdistill.errors import PrivdistillError
+
+EXIT_CODES = {
+    0: "success",
+    1: "unexpected internal error (a bug: please report it with the log)",
+    2: "configuration invalid (every problem is listed; nothing was written)",
+    3: "input data unusable (missing files, no readable image)",
+    4: "privacy policy refused the action",
+    5: "hash or signature verification failed",
+    6: "network/service unavailable; retrying later may succeed",
+    7: "a stage could not run (missing upstream stage or inconsistent inputs)",
+    130: "interrupted (Ctrl-C); rerun to resume",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    from privdistill.pipeline import STAGES
+
+    epilog = "exit codes:\n" + "\n".join(f"  {k:>3}  {v}" for k, v in EXIT_CODES.items())
+    p = argparse.ArgumentParser(
+        prog="privdistill", description="Privacy Distillation: teacher -> filter -> student, on one machine.",
+        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"privdistill {__version__}")
+    p.add_argument("--log-format", choices=["console", "json"], default="console")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_workdir(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("config", type=Path, help="YAML run configuration")
+        sp.add_argument("--workdir", type=Path, required=True, help="directory for all stage outputs")
+        sp.add_argument("--force", action="store_true", help="re-run even if inputs are unchanged")
+
+    with_workdir(sub.add_parser("run", help="run every stage (skipping those already up to date)"))
+    for name in STAGES:
+        with_workdir(sub.add_parser(name, help=f"run the {name} stage alone"))
+    st = sub.add_parser("status", help="which stages are done and up to date")
+    st.add_argument("config", type=Path)
+    st.add_argument("--workdir", type=Path, required=True)
+    va = sub.add_parser("validate", help="check a config file and print the resolved config")
+    va.add_argument("config", type=Path)
+    return p
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from privdistill.config import load_config
+    from privdistill.pipeline import STAGES, run_pipeline, stage_status
+
+    cfg = load_config(args.config)
+    if args.command == "validate":
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        return 0
+    if args.command == "status":
+        for row in stage_status(cfg, args.workdir):
+            state = "up to date" if row["current"] else ("stale" if row["done"] else "not run")
+            print(f"{row['stage']:<14} {state}")
+        return 0
+    stages = list(STAGES) if args.command == "run" else [args.command]
+    run_pipeline(cfg, args.workdir, stages=stages, force=args.force)
+    if args.command in ("run", "evaluate"):
+        print(f"report: {args.workdir / 'report.json'}  {args.workdir / 'report.html'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from privdistill.logs import configure_logging
+
+    args = _parser().parse_args(argv)
+    configure_logging(args.log_format, args.log_level)
+    log = structlog.get_logger("privdistill.cli")
+    try:
+        return _dispatch(args)
+    except PrivdistillError as err:
+        log.error("failed", error_type=type(err).__name__, exit_code=err.exit_code)
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

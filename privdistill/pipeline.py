@@ -1,0 +1,239 @@
+"""The Privacy Distillation pipeline as stages: ingest -> train-teacher / train-reid -> sample ->
+filter -> train-student -> evaluate. Each stage reads its upstream stages' directories only."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from privdistill.config import RunConfig, config_hash
+from privdistill.data.types import ImageSet
+from privdistill.errors import PrivacyPolicyError, StageError
+from privdistill.stages import STAGE_FILE, Stage, StageContext, read_record, run_stage, sha256_file
+
+log = structlog.get_logger(__name__)
+
+STAGES = ("ingest", "train-teacher", "train-reid", "sample", "filter", "train-student", "evaluate")
+UPSTREAM = {
+    "ingest": (),
+    "train-teacher": ("ingest",),
+    "train-reid": ("ingest",),
+    "sample": ("ingest", "train-teacher"),
+    "filter": ("ingest", "sample", "train-reid"),
+    "train-student": ("filter",),  # the student sees the filter's output and nothing else
+    "evaluate": ("ingest", "sample", "filter", "train-student"),
+}
+KEPT_FILE = "kept.npz"
+
+
+# ----------------------------------------------------------------------------- helpers
+def source_fingerprint(cfg: RunConfig) -> str:
+    """Cheap fingerprint of the data files (path, size, mtime): edited data re-runs ingest."""
+    entries = []
+    for key in ("source", "test_source"):
+        src = getattr(cfg.data, key)
+        if src is None:
+            continue
+        for name in ("images", "labels", "path", "root", "manifest"):
+            p = getattr(src, name, None)
+            if p is None:
+                continue
+            files = [p] if Path(p).is_file() else sorted(x for x in Path(p).rglob("*") if x.is_file())
+            for f in files:
+                st = f.stat()
+                entries.append((str(f), st.st_size, st.st_mtime_ns))
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def open_filtered_set(filter_dir: Path) -> ImageSet:
+    """The only way the student reads data: the kept set of a completed filter stage.
+
+    Refuses (PrivacyPolicyError) any directory that is not a filter stage's output, whose kept set
+    changed since the filter wrote it, or whose images carry patient ids (i.e. real data)."""
+    rec_path = filter_dir / STAGE_FILE
+    kept = filter_dir / KEPT_FILE
+    rec = None
+    if rec_path.is_file():
+        try:
+            rec = json.loads(rec_path.read_text())
+        except json.JSONDecodeError:
+            rec = None
+    if rec is None or rec.get("stage") != "filter" or not kept.is_file():
+        raise PrivacyPolicyError(
+            f"the student trains only on the filter stage's kept synthetic images, and {filter_dir} is not "
+            "a completed filter stage output; run `privdistill filter` and point train-student at its directory"
+        )
+    expected = rec.get("outputs", {}).get(KEPT_FILE)
+    if expected != sha256_file(kept):
+        raise PrivacyPolicyError(
+            f"{kept} changed after the filter stage wrote it (hash mismatch); re-run `privdistill filter`"
+        )
+    data = ImageSet.load(kept)
+    if data.patient_ids is not None:
+        raise PrivacyPolicyError(f"{kept} carries patient ids: it holds real images, not filtered synthetic ones")
+    return data
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------- stage bodies
+def _ingest(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    from privdistill.data.load import load_dataset
+
+    loaded = load_dataset(cfg.data, seed=cfg.seed)
+    loaded.train.save(ctx.out / "train.npz")
+    loaded.test.save(ctx.out / "test.npz")
+    (ctx.out / "data_report.json").write_text(json.dumps(loaded.report, indent=2, default=str))
+    return loaded.report
+
+
+def _train_diffusion_stage(cfg: RunConfig, ctx: StageContext, which: str, data: ImageSet) -> dict[str, Any]:
+    from privdistill.models import DiffusionModel
+    from privdistill.train import train_diffusion
+
+    dcfg = cfg.teacher if which == "teacher" else cfg.student_config
+    model = DiffusionModel.from_config(
+        dcfg.model, resolution=cfg.data.resolution, channels=cfg.data.channels,
+        class_names=data.class_names, prompts=data.prompts,
+    )
+    seed = cfg.seed if which == "teacher" else cfg.seed + 1
+    report = train_diffusion(model, data, dcfg.train, seed=seed, checkpoint_dir=ctx.checkpoint_dir)
+    model.save(ctx.out / "model")
+    if data.prompts is not None:
+        from privdistill.sample import prompt_label_map
+
+        (ctx.out / "prompts.json").write_text(json.dumps(prompt_label_map(data), indent=2))
+    return report
+
+
+def _train_teacher(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    return _train_diffusion_stage(cfg, ctx, "teacher", ImageSet.load(ctx.input("ingest") / "train.npz"))
+
+
+def _train_student(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    data = open_filtered_set(ctx.input("filter"))
+    if len(data) == 0:
+        raise StageError("the filter kept no synthetic image: nothing to train the student on")
+    return _train_diffusion_stage(cfg, ctx, "student", data)
+
+
+def _train_reid(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    from privdistill.reid import export_onnx, save_reid, train_reid
+
+    train = ImageSet.load(ctx.input("ingest") / "train.npz")
+    model = train_reid(train, cfg.reid, seed=cfg.seed)
+    save_reid(model, ctx.out / "reid")
+    export_onnx(model, ctx.out / "reid.onnx")
+    return {"threshold": model.threshold, "calibration": model.calibration}
+
+
+def _prompt_labels(teacher_dir: Path) -> dict[str, int | None] | None:
+    p = teacher_dir / "prompts.json"
+    return _load_json(p) if p.is_file() else None
+
+
+def _sample(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    from privdistill.imaging import save_grid
+    from privdistill.models import DiffusionModel
+    from privdistill.sample import sample_dataset
+
+    model = DiffusionModel.load(ctx.input("train-teacher") / "model")
+    samples = sample_dataset(model, cfg.sample, seed=cfg.seed + 2, prompt_labels=_prompt_labels(ctx.input("train-teacher")))
+    samples.save(ctx.out / "samples.npz")
+    save_grid(samples.images[:64], ctx.out / "samples_grid.png")
+    return {"n_samples": len(samples), "ddim_steps": cfg.sample.steps}
+
+
+def _filter(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    from privdistill.filter import filter_synthetic, write_filter_outputs
+    from privdistill.reid import OnnxEmbedder, load_reid
+
+    train = ImageSet.load(ctx.input("ingest") / "train.npz")
+    samples = ImageSet.load(ctx.input("sample") / "samples.npz")
+    reid = load_reid(ctx.input("train-reid") / "reid")
+    embedder = OnnxEmbedder(ctx.input("train-reid") / "reid.onnx")
+    result = filter_synthetic(samples, train, embed=embedder.embed, threshold=reid.threshold, cfg=cfg.filter)
+    return write_filter_outputs(result, samples, train, ctx.out, calibration=reid.calibration)
+
+
+def _evaluate(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    from privdistill.evaluate import evaluate_run
+
+    return evaluate_run(cfg, ctx)
+
+
+BODIES = {
+    "ingest": _ingest,
+    "train-teacher": _train_teacher,
+    "train-reid": _train_reid,
+    "sample": _sample,
+    "filter": _filter,
+    "train-student": _train_student,
+    "evaluate": _evaluate,
+}
+
+
+def stage_config(cfg: RunConfig, name: str) -> dict[str, Any]:
+    """The resolved config sections a stage depends on (its fingerprint's config part)."""
+    sections = {
+        "ingest": {"data": cfg.section("data"), "files": source_fingerprint(cfg)},
+        "train-teacher": {"teacher": cfg.section("teacher")},
+        "train-reid": {"reid": cfg.section("reid")},
+        "sample": {"sample": cfg.section("sample")},
+        "filter": {"filter": cfg.section("filter")},
+        "train-student": {"student": cfg.section("student")},
+        "evaluate": {"evaluate": cfg.section("evaluate"), "sample": cfg.section("sample"), "reid": cfg.section("reid")},
+    }[name]
+    return {"seed": cfg.seed, **sections}
+
+
+def build_stage(cfg: RunConfig, name: str) -> Stage:
+    if name not in BODIES:
+        raise StageError(f"unknown stage '{name}'; stages are: {', '.join(STAGES)}")
+    body = BODIES[name]
+    return Stage(name=name, fn=lambda ctx: body(cfg, ctx), upstream=UPSTREAM[name], config=stage_config(cfg, name))
+
+
+def run_pipeline(
+    cfg: RunConfig, workdir: Path, *, stages: list[str] | None = None, force: bool = False
+) -> dict[str, dict[str, Any]]:
+    """Run the given stages (default: all) in order; unchanged stages are skipped."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.resolved.json").write_text(
+        json.dumps(cfg.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+    )
+    records = {}
+    for name in stages or list(STAGES):
+        records[name] = run_stage(build_stage(cfg, name), workdir, force=force)
+    if "evaluate" in records:
+        for fname in ("report.json", "report.html"):
+            src = workdir / "evaluate" / fname
+            if src.is_file():
+                tmp = workdir / f".{fname}.tmp"
+                shutil.copyfile(src, tmp)
+                tmp.replace(workdir / fname)
+    log.info("pipeline.done", stages=list(records), config_hash=config_hash(cfg.model_dump(mode="json"))[:12])
+    return records
+
+
+def stage_status(cfg: RunConfig, workdir: Path) -> list[dict[str, Any]]:
+    from privdistill.stages import is_current
+
+    out = []
+    for name in STAGES:
+        rec = read_record(Path(workdir), name)
+        out.append({
+            "stage": name,
+            "done": rec is not None,
+            "current": is_current(build_stage(cfg, name), Path(workdir)),
+            "seconds": None if rec is None else rec.get("seconds"),
+        })
+    return out
