@@ -228,6 +228,13 @@ def parse_config(raw: Any, source: str | None = None, base_dir: Path | None = No
             resolved[sec]["model"]["text_encoder_path"] = full
             if not full.is_dir():
                 problems.append(f"{sec}.model.text_encoder_path: not a directory: {full}")
+        if m is not None:
+            factor = 2 ** (len(m.model.block_out_channels) - 1)
+            if cfg.data.resolution % factor:
+                problems.append(
+                    f"{sec}.model.block_out_channels: {len(m.model.block_out_channels)} levels downsample by "
+                    f"{factor}, which does not divide data.resolution={cfg.data.resolution}"
+                )
         if m is not None and m.model.conditioning == "text" and cfg.data.prompt_template is None:
             if cfg.data.source.type not in ("folder",):
                 problems.append(

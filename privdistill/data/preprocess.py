@@ -1,4 +1,4 @@
-"""Raw source images -> model input: intensity to [0, 1], channel conversion, square resize, [-1, 1] NCHW float32."""
+"""Raw images -> model input: intensities to [0, 1], channels, square resize, float32 NCHW in [-1, 1]."""
 
 from __future__ import annotations
 
@@ -59,7 +59,11 @@ def resize_square(image: np.ndarray, resolution: int) -> np.ndarray:
     top, left = (nh - resolution) // 2, (nw - resolution) // 2
     box = (left, top, left + resolution, top + resolution)
     planes = [
-        np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c])).resize((nw, nh), Image.Resampling.BICUBIC).crop(box))
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(image[..., c]))
+            .resize((nw, nh), Image.Resampling.BICUBIC)
+            .crop(box)
+        )
         for c in range(image.shape[-1])
     ]
     return np.clip(np.stack(planes, axis=-1), 0.0, 1.0)

@@ -1,4 +1,4 @@
-"""Source readers (IDX, MedMNIST .npz, image folder + CSV, DICOM tree) that yield raw records and per-file errors."""
+"""Source readers (IDX, MedMNIST .npz, folder + CSV, DICOM tree): raw records plus per-file errors."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import numpy as np
 import structlog
 from PIL import Image, UnidentifiedImageError
+from pydicom import Dataset, dcmread
+from pydicom.datadict import tag_for_keyword
+from pydicom.errors import InvalidDicomError
 
 from privdistill.config import DicomSource, FolderSource, IdxSource, NpzSource
 from privdistill.errors import DataError
@@ -88,7 +91,8 @@ def parse_idx(path: Path, what: str = "image") -> np.ndarray:
     found = len(buf) - header
     if found != expected:
         raise DataError(
-            f"IDX file {path}: expected {expected} bytes of {what} data for shape {dims}, found {found}; {hint}"
+            f"IDX file {path}: expected {expected} bytes of {what} data for shape {dims}, "
+            f"found {found}; {hint}"
         )
     return np.frombuffer(buf, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
 
@@ -96,7 +100,9 @@ def parse_idx(path: Path, what: str = "image") -> np.ndarray:
 def read_idx(src: IdxSource) -> RawSource:
     images = parse_idx(src.images, "image")
     if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
-        raise DataError(f"IDX file {src.images}: expected images [N, H, W] or [N, H, W, C], got {images.shape}")
+        raise DataError(
+            f"IDX file {src.images}: expected images [N, H, W] or [N, H, W, C], got {images.shape}"
+        )
     labels = None
     if src.labels is not None:
         labels = parse_idx(src.labels, "label").reshape(-1)
@@ -109,7 +115,9 @@ def read_idx(src: IdxSource) -> RawSource:
         RawRecord(img, None if labels is None else int(labels[i]), None, None, f"{src.images.name}[{i}]")
         for i, img in enumerate(images)
     ]
-    return RawSource("idx", records, seen=len(images), has_labels=labels is not None, class_names=src.class_names)
+    return RawSource(
+        "idx", records, seen=len(images), has_labels=labels is not None, class_names=src.class_names
+    )
 
 
 # --------------------------------------------------------------------------- npz
@@ -160,7 +168,11 @@ def _palette_gray(img: Image.Image) -> bool:
 
 def _safe_join(root: Path, name: str) -> Path | None:
     """root/name, or None when ``name`` is absolute or escapes root (``..``, drive, symlink)."""
-    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive:
+    if (
+        PurePosixPath(name).is_absolute()
+        or PureWindowsPath(name).is_absolute()
+        or PureWindowsPath(name).drive
+    ):
         return None
     if ".." in PurePosixPath(name.replace("\\", "/")).parts:
         return None
@@ -178,15 +190,24 @@ def read_folder(src: FolderSource) -> RawSource:
     if not root.is_dir():
         raise DataError(f"folder source root is not a directory: {root}; check data.source.root")
     if not manifest.is_file():
-        raise DataError(f"manifest not found: {manifest}; write a CSV with a 'file' column (and optional label, prompt, patient_id)")
+        raise DataError(
+            f"manifest not found: {manifest}; write a CSV with a 'file' column "
+            "(and optionally label, prompt, patient_id)"
+        )
     with open(manifest, newline="", encoding="utf-8-sig") as fh:
-        rows = list(csv.DictReader(fh))
-        columns = [c.strip() for c in (rows[0].keys() if rows else [])]
-    if rows and "file" not in columns:
+        reader = csv.DictReader(fh)
+        columns = [(c or "").strip() for c in reader.fieldnames or []]
+        rows = list(reader)
+    if "file" not in columns:
         raise DataError(f"manifest {manifest.name}: no 'file' column; columns present: {columns}")
     out = RawSource(
-        "folder", [], seen=len(rows), class_names=src.class_names,
-        has_labels="label" in columns, has_prompts="prompt" in columns, has_patient_ids="patient_id" in columns,
+        "folder",
+        [],
+        seen=len(rows),
+        class_names=src.class_names,
+        has_labels="label" in columns,
+        has_prompts="prompt" in columns,
+        has_patient_ids="patient_id" in columns,
     )
     for n, row in enumerate(rows, start=2):  # line 1 is the header
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
@@ -197,7 +218,9 @@ def read_folder(src: FolderSource) -> RawSource:
             out.skipped.append(Skipped(ref, "bad_manifest_row", "empty 'file' entry"))
             continue
         if path is None:
-            out.skipped.append(Skipped(ref, "path_outside_root", "path is absolute or escapes the source root; refused"))
+            out.skipped.append(
+                Skipped(ref, "path_outside_root", "path is absolute or escapes the source root; refused")
+            )
             continue
         if not path.is_file():
             out.skipped.append(Skipped(ref, "missing_file", "file listed in the manifest does not exist"))
@@ -206,9 +229,17 @@ def read_folder(src: FolderSource) -> RawSource:
             with Image.open(path) as img:
                 img.load()
                 arr = _pil_to_array(img)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        except (
+            UnidentifiedImageError,
+            Image.DecompressionBombError,
+            OSError,
+            ValueError,
+            SyntaxError,
+        ) as err:
             log.debug("data.folder.unreadable", file=str(path), error=str(err))
-            out.skipped.append(Skipped(ref, "unreadable_image", f"not a readable image ({type(err).__name__})"))
+            out.skipped.append(
+                Skipped(ref, "unreadable_image", f"not a readable image ({type(err).__name__})")
+            )
             continue
         out.records.append(
             RawRecord(
@@ -223,48 +254,52 @@ def read_folder(src: FolderSource) -> RawSource:
 
 
 # --------------------------------------------------------------------------- dicom
-def _dicom_value(ds: object, keyword: str) -> str | None:
+def _dicom_value(ds: Dataset, keyword: str) -> str | None:
     """The value of one named tag as text, or None when absent or empty."""
-    value = ds.get(keyword)  # type: ignore[attr-defined]
+    value = ds.get(keyword)
     if value is None:
         return None
     text = str(value).strip()
     return text or None
 
 
-def _dicom_pixels(ds: object) -> np.ndarray:
+def _dicom_pixels(ds: Dataset) -> np.ndarray:
     """Pixel data after the modality rescale; MONOCHROME1 negated so that bright means dense (float32)."""
-    arr = np.asarray(ds.pixel_array)  # type: ignore[attr-defined]
-    spp = int(ds.get("SamplesPerPixel", 1))  # type: ignore[attr-defined]
+    arr = np.asarray(ds.pixel_array)
+    spp = int(ds.get("SamplesPerPixel", 1))
     if not (arr.ndim == 2 or (arr.ndim == 3 and spp == 3 and arr.shape[-1] == 3)):
         raise ValueError(f"unsupported pixel array shape {arr.shape} (multi-frame images are not supported)")
     arr = arr.astype(np.float32)
-    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")  # type: ignore[attr-defined]
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
     if slope is not None or intercept is not None:
         arr = arr * float(slope if slope is not None else 1.0) + float(intercept or 0.0)
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":  # type: ignore[attr-defined]
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         arr = -arr  # preprocessing rescales floats by their min/max, so negation is a full inversion
     return arr
 
 
 def read_dicom(src: DicomSource) -> RawSource:
     """Read every file under ``root``; only pixel data, ``label_tag`` and ``patient_id_tag`` are kept."""
-    import pydicom
-    from pydicom.datadict import tag_for_keyword
-    from pydicom.errors import InvalidDicomError
-
     for option, kw in (("label_tag", src.label_tag), ("patient_id_tag", src.patient_id_tag)):
         if kw is not None and tag_for_keyword(kw) is None:
-            raise DataError(f"data.source.{option}: {kw!r} is not a DICOM keyword (e.g. 'PatientID', 'BodyPartExamined')")
+            raise DataError(
+                f"data.source.{option}: {kw!r} is not a DICOM keyword (e.g. 'PatientID', 'BodyPartExamined')"
+            )
     if not src.root.is_dir():
         raise DataError(f"DICOM source root is not a directory: {src.root}; check data.source.root")
     files = sorted(p for p in src.root.rglob("*") if p.is_file())
-    out = RawSource("dicom", [], seen=len(files), has_labels=src.label_tag is not None,
-                    has_patient_ids=True, class_names=src.class_names)
+    out = RawSource(
+        "dicom",
+        [],
+        seen=len(files),
+        has_labels=src.label_tag is not None,
+        has_patient_ids=True,
+        class_names=src.class_names,
+    )
     for path in files:
         ref = path.relative_to(src.root).as_posix()
         try:
-            ds = pydicom.dcmread(path)
+            ds = dcmread(path)
         except InvalidDicomError:
             out.skipped.append(Skipped(ref, "not_dicom", "not a DICOM file"))
             continue
@@ -281,11 +316,18 @@ def read_dicom(src: DicomSource) -> RawSource:
             log.debug("data.dicom.pixels", file=str(path), error=str(err))
             ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
             if ts is not None and ts.is_compressed:
-                out.skipped.append(Skipped(ref, "undecodable_compressed",
-                                           f"compressed pixel data ({ts.name}) could not be decoded; "
-                                           "install a pydicom decoder (pylibjpeg, gdcm) or export uncompressed"))
+                out.skipped.append(
+                    Skipped(
+                        ref,
+                        "undecodable_compressed",
+                        f"compressed pixel data ({ts.name}) could not be decoded; "
+                        "install a pydicom decoder (pylibjpeg, gdcm) or export uncompressed",
+                    )
+                )
             else:
-                out.skipped.append(Skipped(ref, "bad_pixel_data", f"pixel data cannot be used ({type(err).__name__})"))
+                out.skipped.append(
+                    Skipped(ref, "bad_pixel_data", f"pixel data cannot be used ({type(err).__name__})")
+                )
             continue
         label = _dicom_value(ds, src.label_tag) if src.label_tag else None
         out.records.append(RawRecord(pixels, label, None, _dicom_value(ds, src.patient_id_tag), ref))
@@ -294,9 +336,17 @@ def read_dicom(src: DicomSource) -> RawSource:
 
 def read_source(src: IdxSource | NpzSource | FolderSource | DicomSource) -> RawSource:
     """Dispatch on ``src.type``; log counts (never file names) at info level."""
-    readers = {"idx": read_idx, "npz": read_npz, "folder": read_folder, "dicom": read_dicom}
-    raw = readers[src.type](src)  # type: ignore[operator]
+    if isinstance(src, IdxSource):
+        raw = read_idx(src)
+    elif isinstance(src, NpzSource):
+        raw = read_npz(src)
+    elif isinstance(src, FolderSource):
+        raw = read_folder(src)
+    else:
+        raw = read_dicom(src)
     for s in raw.skipped:
         log.debug("data.skipped", source=raw.kind, file=s.ref, reason=s.reason)
-    log.info("data.source_read", source=raw.kind, seen=raw.seen, loaded=len(raw.records), skipped=len(raw.skipped))
+    log.info(
+        "data.source_read", source=raw.kind, seen=raw.seen, read=len(raw.records), skipped=len(raw.skipped)
+    )
     return raw

@@ -19,9 +19,7 @@ def perturb(image: np.ndarray, *, shift: tuple[int, int], angle_deg: float, gain
     inv = np.array([[np.cos(t), np.sin(t)], [-np.sin(t), np.cos(t)]])  # output -> input rotation
     centre = np.array([(h - 1) / 2, (w - 1) / 2])
     offset = centre - inv @ (centre + np.asarray(shift, float))
-    out = np.stack(
-        [ndimage.affine_transform(c, inv, offset=offset, order=1, mode="nearest") for c in image]
-    )
+    out = np.stack([ndimage.affine_transform(c, inv, offset=offset, order=1, mode="nearest") for c in image])
     return np.clip((out + 1.0) * gain - 1.0, -1.0, 1.0).astype(np.float32)
 
 
@@ -39,6 +37,9 @@ def apply_visits(images: ImageSet, cfg: VisitsConfig, *, seed: int) -> ImageSet:
     gains = 1.0 + rng.uniform(-cfg.intensity_jitter, cfg.intensity_jitter, size=len(out))
     for i in range(len(out)):
         out.images[i] = perturb(
-            out.images[i], shift=(int(shifts[i, 0]), int(shifts[i, 1])), angle_deg=float(angles[i]), gain=float(gains[i])
+            out.images[i],
+            shift=(int(shifts[i, 0]), int(shifts[i, 1])),
+            angle_deg=float(angles[i]),
+            gain=float(gains[i]),
         )
     return out

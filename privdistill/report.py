@@ -1,0 +1,139 @@
+"""The evaluation report: report.json plus one self-contained HTML page (no external assets)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from privdistill.imaging import grid
+
+log = structlog.get_logger(__name__)
+
+MODELS = ("teacher", "student", "real")
+HEADLINE = {
+    "memorization_rate": "Memorization rate",
+    "reid_rate": "Re-identification rate",
+    "tstr_accuracy": "Downstream accuracy (TSTR; real: TRTR)",
+    "fid_domain": "Domain FID",
+}
+EXPLAIN = {
+    "Memorization rate": "Share of generated images that are near-copies of a training image: closer "
+    "to their nearest training image than a third of their distance to any other patient's images "
+    "(pixel space, sampler noise removed, 1-pixel shifts allowed). Lower is better.",
+    "Re-identification rate": "Share of generated images that an independently trained "
+    "re-identification model links to a real training patient. Lower is better.",
+    "Downstream accuracy": "A classifier trained on the generated images (TSTR), tested on real "
+    "held-out images; the real column trains on real images (TRTR) as the reference. Higher is better.",
+    "Domain FID": "Fréchet distance between real test and generated images in the feature space of a "
+    "classifier trained on real data. Lower is better. Not comparable with published (Inception) FIDs.",
+    "Filter": "The re-identification filter dropped the generated images above its threshold; TPR/FPR "
+    "are its recall and false-alarm rate on held-out calibration pairs of known patients.",
+}
+CSS = (
+    "body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 10px;text-align:left}"
+    "th{background:#eee}td.num{text-align:right;font-family:monospace}img{image-rendering:pixelated}"
+)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):.4g}"
+    return str(v)
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for k in sorted(d, key=str):
+        v = d[k]
+        if isinstance(v, dict):
+            rows += _flatten(v, f"{prefix}{k}.")
+        else:
+            rows.append((f"{prefix}{k}", v))
+    return rows
+
+
+def _kv_table(rows: list[tuple[str, Any]]) -> str:
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td class=num>{html.escape(_fmt(v))}</td></tr>" for k, v in rows)
+    return f"<table>{body}</table>"
+
+
+def _headline(report: dict) -> str:
+    models = [m for m in MODELS if isinstance(report.get(m), dict)]
+    extra = sorted({k for m in models for k in report[m] if k not in HEADLINE and k != "trtr_accuracy"}, key=str)
+    head = "<tr><th>metric</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in models) + "</tr>"
+    rows = []
+    for key in list(HEADLINE) + extra:
+        cells = []
+        for m in models:
+            v = report[m].get(key)
+            if key == "tstr_accuracy" and v is None:
+                v = report[m].get("trtr_accuracy")
+            cells.append(f"<td class=num>{html.escape(_fmt(v))}</td>")
+        rows.append(f"<tr><th>{html.escape(HEADLINE.get(key, key))}</th>{''.join(cells)}</tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _png_data_uri(images: np.ndarray) -> str:
+    buf = io.BytesIO()
+    grid(images[:64], ncols=8, scale=2).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def render_html(report: dict, grids: dict[str, np.ndarray]) -> str:
+    """The report page as one HTML string."""
+    title = html.escape(str(report.get("name", "privdistill evaluation report")))
+    parts = [f"<!doctype html><html><head><meta charset=utf-8><title>{title}</title><style>{CSS}</style></head>"]
+    parts.append(f"<body><h1>{title}</h1><h2>Headline</h2>{_headline(report)}")
+    flt = report.get("filter")
+    if isinstance(flt, dict):
+        parts.append(f"<h2>Filter</h2>{_kv_table(_flatten(flt))}")
+    parts.append("<h2>What the numbers mean</h2><dl>")
+    parts += [f"<dt><b>{html.escape(k)}</b></dt><dd>{html.escape(v)}</dd>" for k, v in EXPLAIN.items()]
+    parts.append("</dl>")
+    for name, images in grids.items():
+        alt = html.escape(name, quote=True)
+        parts.append(f"<h2>{html.escape(name)}</h2><img alt=\"{alt}\" src=\"{_png_data_uri(images)}\">")
+    for key in sorted(k for k in report if k not in (*MODELS, "filter", "name")):
+        value = report[key]
+        rows = _flatten(value) if isinstance(value, dict) else [(key, value)]
+        parts.append(f"<h2>{html.escape(str(key))}</h2>{_kv_table(rows)}")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report(report: dict, out_dir: Path, *, grids: dict[str, np.ndarray]) -> tuple[Path, Path]:
+    """Write ``report.json`` (pretty, sorted keys) and a self-contained ``report.html`` into out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, html_path = out_dir / "report.json", out_dir / "report.html"
+    _atomic_write(json_path, json.dumps(report, indent=2, sort_keys=True, default=_json_default) + "\n")
+    _atomic_write(html_path, render_html(report, grids))
+    log.info("report.written", files=[json_path.name, html_path.name], grids=len(grids))
+    return json_path, html_path
