@@ -22,9 +22,9 @@ class SmallCNN(nn.Module):
             return [nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU()]
 
         self.body = nn.Sequential(
-            *block(in_channels, width, 1),
+            *block(in_channels, width, 2),
             *block(width, 2 * width, 2),
-            *block(2 * width, 2 * width, 2),
+            *block(2 * width, 2 * width, 1),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
             nn.Linear(2 * width, FEATURE_DIM),
@@ -78,7 +78,7 @@ def train_classifier(
         opt.step()
         sched.step()
         if step % 100 == 0 or step == steps - 1:
-            log.debug("classifier.step", step=step, loss=float(loss))
+            log.debug("classifier.step", step=step, loss=loss.item())
     model.eval()
     return Classifier(model=model, n_classes=n_classes)
 

@@ -4,6 +4,7 @@ downstream accuracy and a domain-specific Fréchet distance."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -180,10 +181,12 @@ def trtr_accuracy(train: ImageSet, test: ImageSet, n_classes: int, *, steps: int
 def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray, eps: float = 1e-6) -> float:
     """‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2(Σ1Σ2)^½), with the usual fix for a singular product."""
     diff = mu1 - mu2
-    covmean, _ = scipy.linalg.sqrtm(cov1 @ cov2, disp=False)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(len(cov1)) * eps
-        covmean = scipy.linalg.sqrtm((cov1 + offset) @ (cov2 + offset))
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(cov1 @ cov2)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(len(cov1)) * eps
+            covmean = scipy.linalg.sqrtm((cov1 + offset) @ (cov2 + offset))
     covmean = np.real(covmean)
     return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * np.trace(covmean))
 

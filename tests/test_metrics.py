@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from privdistill.classifier import accuracy, features, train_classifier
 from privdistill.data.types import ImageSet
@@ -128,16 +129,25 @@ def test_reid_rate_counts_threshold_crossings(data: dict) -> None:
     assert 0.45 <= r1 <= 0.75  # copies cross, most fresh images do not
 
 
-def test_classifier_is_deterministic_and_learns(data: dict) -> None:
+@pytest.fixture
+def one_thread():
+    """Other processes share this machine's 2 cores; more threads only oversubscribe them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_classifier_is_deterministic_and_learns(data: dict, one_thread: None) -> None:
     xtr, ytr = _idx("train")
     xte, yte = _idx("t10k")
     rng = np.random.default_rng(0)
     tr, te = rng.choice(len(xtr), 2000, replace=False), rng.choice(len(xte), 500, replace=False)
-    a = train_classifier(xtr[tr], ytr[tr], 10, steps=120, batch_size=64, seed=3)
-    b = train_classifier(xtr[tr], ytr[tr], 10, steps=120, batch_size=64, seed=3)
+    a = train_classifier(xtr[tr], ytr[tr], 10, steps=200, batch_size=64, seed=3)
+    b = train_classifier(xtr[tr], ytr[tr], 10, steps=200, batch_size=64, seed=3)
     acc = accuracy(a, xte[te], yte[te])
     assert acc == accuracy(b, xte[te], yte[te])
-    assert acc > 0.6
+    assert acc > 0.62  # measured 0.668 (chance: 0.1)
     fa = features(a, xte[te[:16]])
     assert fa.shape == (16, 128)
     np.testing.assert_array_equal(fa, features(b, xte[te[:16]]))

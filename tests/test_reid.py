@@ -24,6 +24,15 @@ from privdistill.reid import (
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core box, oversubscribed OpenMP threads make training ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 CFG = ReidConfig(width=16, embedding_dim=32, steps=150, batch_size=64)
 
 
@@ -141,5 +150,5 @@ def test_augment_is_a_small_change(train_set: ImageSet) -> None:
     x = torch.from_numpy(train_set.images[:64])
     y = augment(x, torch.Generator().manual_seed(0))
     assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
-    rel = ((y - x).norm(dim=(1, 2, 3)) / (x + 1).norm(dim=(1, 2, 3))).median().item()
+    rel = ((y - x).flatten(1).norm(dim=1) / (x + 1).flatten(1).norm(dim=1)).median().item()
     assert 0.02 < rel < 0.6

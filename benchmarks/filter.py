@@ -1,0 +1,182 @@
+"""Benchmark: embedding filter (one pass per image + matrix products) against a pairwise Siamese scorer.
+
+    python benchmarks/filter.py            # N = M = 1,000: both methods in full, same decisions asserted
+    python benchmarks/filter.py --quick    # N = M = 200
+    python benchmarks/filter.py --scale 100000   # embedding filter alone (re-id + pixel check)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from privdistill.config import FilterConfig, ReidConfig
+from privdistill.data.types import ImageSet
+from privdistill.filter import filter_synthetic
+from privdistill.reid import OnnxEmbedder, ReidModel, export_onnx, train_reid
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def fashion(split: str) -> np.ndarray:
+    with gzip.open(FMNIST / f"{split}-images-idx3-ubyte.gz") as fh:
+        return np.frombuffer(fh.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)
+
+
+def to_float(u8: np.ndarray) -> np.ndarray:
+    return u8.astype(np.float32) / 127.5 - 1.0
+
+
+def jitter(x: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
+    """A re-acquisition: shift by up to 1 px, 5% intensity change, optional noise."""
+    out = np.empty_like(x)
+    for i, img in enumerate(x):
+        out[i] = np.roll(img, tuple(int(v) for v in rng.integers(-1, 2, 2)), axis=(1, 2))
+    out = (out + 1) * rng.uniform(0.95, 1.05, (len(x), 1, 1, 1)).astype(np.float32) - 1
+    if noise:
+        out += rng.normal(0, noise, out.shape).astype(np.float32)
+    return np.clip(out, -1, 1)
+
+
+def make_data(n: int, m: int, seed: int) -> tuple[ImageSet, ImageSet, int]:
+    """M real images (M/2 patients x 2 visits), N synthetic: 5% planted copies of real images, rest fresh items."""
+    rng = np.random.default_rng(seed)
+    train, test = fashion("train"), fashion("t10k")
+    n_patients = (m + 1) // 2
+    if n_patients > len(train) - 1000:
+        raise SystemExit(f"M={m} needs more than the {len(train)} Fashion-MNIST training items")
+    base = to_float(train[:n_patients])
+    real = np.concatenate([jitter(base, rng, 0), jitter(base, rng, 0)])[:m]
+    pids = np.concatenate([np.arange(n_patients)] * 2)[:m].astype(str)
+    n_plant = max(1, n // 20)
+    planted = jitter(real[rng.choice(m, n_plant, replace=False)], rng, 0.05)
+    pool = np.concatenate([test, train[n_patients:]])  # items no real patient has
+    fresh = to_float(pool[np.arange(n - n_plant) % len(pool)])
+    fresh = jitter(fresh, rng, 0.05) if n - n_plant > len(pool) else fresh
+    synthetic = np.concatenate([planted, fresh]).astype(np.float32)
+    return ImageSet(synthetic), ImageSet(real.astype(np.float32), patient_ids=pids), n_plant
+
+
+def reid_model(real: ImageSet, steps: int, seed: int) -> ReidModel:
+    subset = real.subset(np.arange(min(len(real), 2000)))
+    return train_reid(subset, ReidConfig(steps=steps), seed=seed)
+
+
+def pairwise_scores(embedder: OnnxEmbedder, synthetic: np.ndarray, real: np.ndarray, pair_batch: int) -> np.ndarray:
+    """Siamese-style: every (synthetic, real) pair goes through both branches, then the pair head.
+
+    Batched (``pair_batch`` pairs per network call) so the baseline is as efficient as it can be."""
+    best = np.full(len(synthetic), -np.inf, np.float32)
+    for i, s in enumerate(synthetic):
+        for c in range(0, len(real), pair_batch):
+            r = real[c : c + pair_batch]
+            both = embedder.embed(np.concatenate([np.broadcast_to(s, r.shape), r]), batch_size=2 * len(r))
+            f1, f2 = both[: len(r)], both[len(r) :]
+            _abs_diff = np.abs(f1 - f2)  # Packhauser-style head input; the decision uses the cosine
+            cos = (f1 * f2).sum(1) / (np.linalg.norm(f1, axis=1) * np.linalg.norm(f2, axis=1))
+            best[i] = max(best[i], float(cos.max()))
+    return best
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1000, help="synthetic images (and real, unless --m)")
+    ap.add_argument("--m", type=int, default=None, help="real training images")
+    ap.add_argument("--quick", action="store_true", help="N = M = 200")
+    ap.add_argument("--scale", type=int, default=None, help="embedding filter alone at N = M = SCALE")
+    ap.add_argument("--threads", type=int, default=2, help="onnxruntime / torch threads")
+    ap.add_argument("--train-steps", type=int, default=None, help="re-id training steps (150; 60 with --quick)")
+    ap.add_argument("--pair-batch", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    n = args.scale or (200 if args.quick else args.n)
+    m = args.scale or (200 if args.quick else (args.m or n))
+    torch.set_num_threads(args.threads)
+    name = f"filter_scale_{n}" if args.scale else ("filter_quick" if args.quick else "filter")
+
+    t0 = time.perf_counter()
+    synthetic, real, n_plant = make_data(n, m, args.seed)
+    steps = args.train_steps or (60 if args.quick else 150)
+    model = reid_model(real, steps, args.seed)
+    tmp = Path(tempfile.mkdtemp(prefix="pd-bench-"))
+    embedder = OnnxEmbedder(export_onnx(model, tmp / "reid.onnx"), threads=args.threads)
+    setup_s = time.perf_counter() - t0
+    out: dict = {
+        "n_synthetic": n, "n_real": m, "planted_copies": n_plant, "threshold": model.threshold,
+        "calibration": model.calibration, "setup_s": round(setup_s, 2), "threads": args.threads,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": torch.get_num_threads()},
+    }  # fmt: skip
+
+    embed_s = [0.0]
+
+    def timed_embed(images: np.ndarray) -> np.ndarray:
+        t = time.perf_counter()
+        e = embedder.embed(images)
+        embed_s[0] += time.perf_counter() - t
+        return e
+
+    t = time.perf_counter()
+    full = filter_synthetic(synthetic, real, embed=timed_embed, threshold=model.threshold, cfg=FilterConfig())
+    out["embedding_filter_full_s"] = round(time.perf_counter() - t, 3)
+    out["embedding_filter_embed_s"] = round(embed_s[0], 3)
+    out["dropped_reid"], out["dropped_pixel"] = int(full.reid_match.sum()), int(full.pixel_match.sum())
+    out["planted_recall"] = float(np.isin(np.arange(n_plant), full.dropped).mean())
+    out["fresh_dropped_fraction"] = float(np.isin(np.arange(n_plant, n), full.dropped).mean())
+
+    if not args.scale:
+        t = time.perf_counter()
+        reid_only = filter_synthetic(
+            synthetic, real, embed=embedder.embed, threshold=model.threshold,
+            cfg=FilterConfig(pixel_near_duplicate=False),
+        )  # fmt: skip
+        out["embedding_filter_reid_s"] = round(time.perf_counter() - t, 3)
+        t = time.perf_counter()
+        pair_best = pairwise_scores(embedder, synthetic.images, real.images, args.pair_batch)
+        out["pairwise_s"] = round(time.perf_counter() - t, 3)
+        out["pairwise_network_passes"] = 2 * n * m
+        out["embedding_network_passes"] = n + m
+        pair_drop = pair_best >= model.threshold
+        differ = pair_drop != reid_only.reid_match
+        borderline = np.abs(reid_only.best_similarity - model.threshold) < 1e-5
+        out["max_abs_similarity_diff"] = float(np.abs(pair_best - reid_only.best_similarity).max())
+        out["decision_mismatches"] = int(differ.sum())
+        out["borderline_mismatches"] = int((differ & borderline).sum())
+        out["speedup"] = round(out["pairwise_s"] / out["embedding_filter_reid_s"], 1)
+        assert not (differ & ~borderline).any(), f"{int(differ.sum())} drop decisions differ"
+    out["peak_rss_mib"] = round(peak_rss_mib(), 1)
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(f"\n== filter benchmark: N={n} synthetic x M={m} real, 28x28, {args.threads} threads ==")
+    print(f"re-id threshold {model.threshold:.4f}  (calibration tpr {model.calibration['tpr']:.3f}, "
+          f"fpr {model.calibration['fpr']:.4f}, auc {model.calibration['auc']:.4f})")  # fmt: skip
+    print(f"embedding filter, re-id + pixel : {out['embedding_filter_full_s']:9.2f} s "
+          f"(of which network passes {out['embedding_filter_embed_s']:.2f} s)")  # fmt: skip
+    print(f"dropped: re-id {out['dropped_reid']}, pixel {out['dropped_pixel']}; planted-copy recall "
+          f"{out['planted_recall']:.3f}, fresh items dropped {out['fresh_dropped_fraction']:.3f}")  # fmt: skip
+    if not args.scale:
+        print(f"embedding filter, re-id only    : {out['embedding_filter_reid_s']:9.2f} s  ({n + m:,} network passes)")
+        print(f"pairwise Siamese scorer         : {out['pairwise_s']:9.2f} s  ({2 * n * m:,} network passes)")
+        print(f"speed-up {out['speedup']}x; same drop decisions: {out['decision_mismatches'] == 0} "
+              f"(max |similarity diff| {out['max_abs_similarity_diff']:.2e})")  # fmt: skip
+    print(f"peak RSS {out['peak_rss_mib']:.0f} MiB; results -> {RESULTS / (name + '.json')}")
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,95 @@
+"""End to end on real Fashion-MNIST with the tiny config: kill -9 in the middle of teacher training,
+resume without redoing finished stages, get every required report key, and a no-op third run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "examples" / "tiny.yaml"
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+CLI = [sys.executable, "-m", "privdistill.cli"]
+REQUIRED = [
+    "teacher.memorization_rate", "student.memorization_rate", "teacher.reid_rate", "student.reid_rate",
+    "teacher.tstr_accuracy", "student.tstr_accuracy", "real.trtr_accuracy", "teacher.fid_domain",
+    "student.fid_domain", "filter.kept", "filter.dropped", "filter.threshold", "filter.calibration.tpr",
+    "filter.calibration.fpr",
+]
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not FMNIST.exists(), reason="Fashion-MNIST not installed (make test installs it)"),
+]
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+def _finished(workdir: Path) -> dict[str, str]:
+    return {p.parent.name: json.loads(p.read_text())["finished_at"] for p in workdir.glob("*/_stage.json")}
+
+
+def _run(workdir: Path, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, "run", str(TINY), "--workdir", str(workdir)], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.timeout(900)
+def test_kill_resume_report_and_noop_rerun(tmp_path: Path) -> None:
+    workdir = tmp_path / "w"
+    # Execute 1: start, wait for the teacher's first checkpoint, kill -9 the whole process group
+    proc = subprocess.Popen([*CLI, "run", str(TINY), "--workdir", str(workdir)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not list(workdir.glob(".checkpoints/train-teacher/*/train_state.pt")):
+            assert proc.poll() is None, "pipeline exited before the teacher checkpointed"
+            assert time.time() < deadline, "no teacher checkpoint within 300 s"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    # Assert 1: finished stage intact, no half-written teacher
+    before = _finished(workdir)
+    assert "ingest" in before and "train-teacher" not in before
+    assert not (workdir / "train-teacher").exists()
+
+    # Execute 2: rerun resumes
+    run2 = _run(workdir, timeout=600)
+    assert run2.returncode == 0, run2.stderr[-3000:]
+    after = _finished(workdir)
+    assert after["ingest"] == before["ingest"], "ingest was redone after the kill"
+    teacher = json.loads((workdir / "train-teacher" / "_stage.json").read_text())["report"]
+    assert teacher["resumed_from"] >= 100 and teacher["steps"] == 300
+    assert not list(workdir.glob(".*.tmp-*")), "temporary stage directories were left behind"
+
+    report = json.loads((workdir / "report.json").read_text())
+    for key in REQUIRED:
+        value = _get(report, key)
+        assert isinstance(value, (int, float)), f"{key} = {value!r}"
+    for key in ("teacher.memorization_rate", "student.memorization_rate", "teacher.reid_rate",
+                "student.reid_rate", "teacher.tstr_accuracy", "student.tstr_accuracy", "real.trtr_accuracy"):
+        assert 0.0 <= _get(report, key) <= 1.0, key
+    assert report["filter"]["kept"] + report["filter"]["dropped"] == 90
+    assert report["real"]["trtr_accuracy"] > 0.8  # 3 easy Fashion-MNIST classes
+    html = (workdir / "report.html").read_text()
+    assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
+
+    # Execute 3: nothing changed -> every stage skipped
+    t0 = time.time()
+    run3 = _run(workdir, timeout=120)
+    assert run3.returncode == 0, run3.stderr[-2000:]
+    assert _finished(workdir) == after, "a stage was re-run although nothing changed"
+    assert "inputs unchanged" in run3.stderr
+    print(f"no-op rerun took {time.time() - t0:.1f} s")
