@@ -14,7 +14,7 @@ import structlog
 from privdistill.config import RunConfig, config_hash
 from privdistill.data.types import ImageSet
 from privdistill.errors import PrivacyPolicyError, StageError
-from privdistill.stages import STAGE_FILE, Stage, StageContext, read_record, run_stage, sha256_file
+from privdistill.stages import STAGE_FILE, Stage, StageContext, atomic_write_json, read_record, run_stage, sha256_file, workdir_lock
 
 log = structlog.get_logger(__name__)
 
@@ -206,20 +206,19 @@ def run_pipeline(
 ) -> dict[str, dict[str, Any]]:
     """Run the given stages (default: all) in order; unchanged stages are skipped."""
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.resolved.json").write_text(
-        json.dumps(cfg.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
-    )
+    built = [build_stage(cfg, name) for name in stages or list(STAGES)]
     records = {}
-    for name in stages or list(STAGES):
-        records[name] = run_stage(build_stage(cfg, name), workdir, force=force)
-    if "evaluate" in records:
-        for fname in ("report.json", "report.html"):
-            src = workdir / "evaluate" / fname
-            if src.is_file():
-                tmp = workdir / f".{fname}.tmp"
-                shutil.copyfile(src, tmp)
-                tmp.replace(workdir / fname)
+    with workdir_lock(workdir):
+        atomic_write_json(workdir / "config.resolved.json", cfg.model_dump(mode="json"))
+        for stage in built:
+            records[stage.name] = run_stage(stage, workdir, force=force)
+        if "evaluate" in records:
+            for fname in ("report.json", "report.html"):
+                src = workdir / "evaluate" / fname
+                if src.is_file():
+                    tmp = workdir / f".{fname}.tmp"
+                    shutil.copyfile(src, tmp)
+                    tmp.replace(workdir / fname)
     log.info("pipeline.done", stages=list(records), config_hash=config_hash(cfg.model_dump(mode="json"))[:12])
     return records
 

@@ -4,6 +4,8 @@ skipped, so a killed run resumes where it stopped."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -126,9 +128,35 @@ def is_current(stage: Stage, workdir: Path) -> bool:
     return rec.get("fingerprint") == fp
 
 
-def run_stage(stage: Stage, workdir: Path, *, force: bool = False) -> dict[str, Any]:
-    """Run ``stage`` unless its record matches the current fingerprint; return its record."""
+@contextlib.contextmanager
+def workdir_lock(workdir: Path):
+    """Exclusive lock on a work directory: two runs never write the same stages at once."""
     workdir.mkdir(parents=True, exist_ok=True)
+    fh = open(workdir / ".privdistill.lock", "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StageError(
+                f"another privdistill process is using {workdir}; wait for it or use another --workdir"
+            ) from None
+        yield
+    finally:
+        fh.close()
+
+
+def remove_stale(workdir: Path, name: str) -> None:
+    """Delete temporaries a killed run of stage ``name`` left behind (caller holds the lock)."""
+    for p in list(workdir.glob(f".{name}.tmp-*")) + list(workdir.glob(f".{name}.old-*")):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def run_stage(stage: Stage, workdir: Path, *, force: bool = False) -> dict[str, Any]:
+    """Run ``stage`` unless its record matches the current fingerprint; return its record.
+
+    The caller should hold ``workdir_lock(workdir)``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    remove_stale(workdir, stage.name)
     fp, input_hashes = fingerprint(stage, workdir)
     rec = read_record(workdir, stage.name)
     if rec is not None and rec.get("fingerprint") == fp and not force:

@@ -53,3 +53,20 @@ def test_failed_stage_leaves_previous_output_untouched(tmp_path: Path) -> None:
 def test_missing_upstream_says_what_to_run(tmp_path: Path) -> None:
     with pytest.raises(StageError, match="needs stage 'a' first"):
         run_stage(Stage("b", _writer([], "x"), ("a",), {}), tmp_path)
+
+
+def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path: Path) -> None:
+    (tmp_path / ".a.tmp-dead").mkdir()
+    (tmp_path / ".a.tmp-dead" / "half.bin").write_bytes(b"x")
+    run_stage(Stage("a", _writer([], "ok"), (), {}), tmp_path)
+    assert not (tmp_path / ".a.tmp-dead").exists()
+    assert (tmp_path / "a" / "out.txt").read_text() == "ok"
+
+
+def test_second_run_on_a_locked_workdir_is_refused(tmp_path: Path) -> None:
+    from privdistill.stages import workdir_lock
+
+    with workdir_lock(tmp_path):
+        with pytest.raises(StageError, match="another privdistill process is using"):
+            with workdir_lock(tmp_path):
+                pass
