@@ -73,6 +73,20 @@ def filter_recall(workdir: Path, ratio: float) -> dict:
     }
 
 
+def summary_row(res: dict) -> dict:
+    """One line of the comparison table from a results JSON."""
+    r, fc = res["report"], res.get("filter_check") or {}
+    return {
+        "config": res["config_path"], "name": res["config_name"],
+        "target_tpr": res["config"]["reid"]["target_tpr"], "patients_per_class": res["config"]["data"]["max_per_class"],
+        "teacher_mem": r["teacher"]["memorization_rate"], "student_mem": r["student"]["memorization_rate"],
+        "teacher_reid": r["teacher"]["reid_rate"], "student_reid": r["student"]["reid_rate"],
+        "teacher_tstr": r["teacher"]["tstr_accuracy"], "student_tstr": r["student"]["tstr_accuracy"],
+        "trtr": r["real"]["trtr_accuracy"], "kept": r["filter"]["kept"], "dropped": r["filter"]["dropped"],
+        "copies_leaked": fc.get("memorized_in_kept"), "copies": fc.get("teacher_memorized"),
+    }
+
+
 def render_md(res: dict) -> str:
     r, g = res["report"], res["goals"]
     t, s = r["teacher"], r["student"]
@@ -81,8 +95,10 @@ def render_md(res: dict) -> str:
         f"# Privacy Distillation benchmark — `{res['config_name']}`",
         "",
         f"Config: `{res['config_path']}`; {res['data_summary']}",
-        f"Run: {res['finished_at']}, {res['total_seconds'] / 60:.1f} min wall on {res['environment']['cpu_count_visible']} "
-        f"CPU cores (shared; torch threads={res['environment']['torch_threads']}).",
+        f"Run: {res['finished_at']}; pipeline compute {sum(v or 0 for v in res['stage_seconds'].values()) / 60:.1f} min "
+        f"(sum of stage times; this invocation's wall {res['total_seconds'] / 60:.1f} min, stages already current in the "
+        f"workdir are skipped) on {res['environment']['cpu_count_visible']} CPU cores shared with other jobs "
+        f"(torch threads={res['environment']['torch_threads']}).",
         "",
         "| | memorization_rate | reid_rate | tstr_accuracy | fid_domain | n_samples |",
         "|---|---:|---:|---:|---:|---:|",
@@ -115,6 +131,27 @@ def render_md(res: dict) -> str:
         "",
         "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in res["stage_seconds"].items()),
         "",
+    ]
+    others = res.get("other_runs") or []
+    if others:
+        lines += [
+            "Other runs of this benchmark (same script, other configs; each reproducible the same way with `--config`):",
+            "",
+            "| config | patients/class | reid target_tpr | teacher mem | student mem | teacher reid | student reid | "
+            "teacher TSTR | student TSTR | TRTR | kept/dropped | teacher copies kept by filter |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        ]
+        for o in [summary_row(res)] + others:
+            lines.append(
+                f"| `{o['config']}` | {o['patients_per_class']} | {o['target_tpr']} | {_fmt(o['teacher_mem'])} | "
+                f"{_fmt(o['student_mem'])} | {_fmt(o['teacher_reid'])} | {_fmt(o['student_reid'])} | "
+                f"{_fmt(o['teacher_tstr'])} | {_fmt(o['student_tstr'])} | {_fmt(o['trtr'])} | {o['kept']}/{o['dropped']} | "
+                f"{o['copies_leaked']} of {o['copies']} |"
+            )
+        lines.append("")
+    if res.get("notes"):
+        lines += ["Notes:", ""] + [f"- {n}" for n in res["notes"]] + [""]
+    lines += [
         "Reproduce:",
         "",
         "```",
@@ -140,7 +177,23 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch threads (default 1: on a 2-core machine shared with other jobs, 2 threads "
                          "oversubscribe and were up to 10x slower per step)")
     ap.add_argument("--force", action="store_true", help="re-run every stage even if up to date")
+    ap.add_argument("--render", type=Path, default=None, metavar="JSON",
+                    help="only re-render the markdown table from an existing results JSON")
+    ap.add_argument("--compare", type=Path, nargs="*", default=[], metavar="JSON",
+                    help="results JSONs of other runs to summarise in a comparison table")
+    ap.add_argument("--note", action="append", default=[], help="a note to print under the table (repeatable)")
     a = ap.parse_args(argv)
+    if a.render is not None:
+        res = json.loads(a.render.read_text())
+        if a.compare:
+            res["other_runs"] = [summary_row(json.loads(p.read_text())) for p in a.compare]
+        if a.note:
+            res["notes"] = a.note
+        a.render.write_text(json.dumps(res, indent=2, default=str) + "\n")
+        md = render_md(res)
+        a.render.with_suffix(".md").write_text(md)
+        print(md)
+        return 0
 
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
     import torch
@@ -205,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_count_visible": os.cpu_count(), "loadavg_at_end": list(os.getloadavg()),
         },
     }
+    if a.compare:
+        res["other_runs"] = [summary_row(json.loads(p.read_text())) for p in a.compare]
+    if a.note:
+        res["notes"] = a.note
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "privacy_utility_quick" if a.quick else "privacy_utility"
     (out_dir / f"{stem}.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
