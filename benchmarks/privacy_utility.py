@@ -8,7 +8,7 @@ independent pixel criterion (`privdistill.metrics.memorization`), how many of th
 memorized samples the filter let through (the filter's recall on known copies).
 
 The benchmark is calibrated so that the teacher demonstrably memorizes on 2 CPU cores: a tiny
-training set (3 classes x 5 patients x 4 near-identical visits, 16x16), many steps relative to
+training set (3 classes x 10 patients x 4 near-identical visits, 16x16), many steps relative to
 the data. See benchmarks/configs/privacy_utility.yaml for the reasoning.
 
 Usage:

@@ -85,6 +85,7 @@ def evaluate_run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
                 "fpr": filter_report["calibration"]["fpr"],
             },
             "dropped_by_reason": filter_report.get("dropped_by_reason", {}),
+            "audit": filter_report.get("audit", {}),
         },
         "independent_reid": {"arch": "resnet", "seed": seed_ind, "threshold": reid.threshold, "calibration": reid.calibration},
     }

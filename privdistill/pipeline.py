@@ -153,14 +153,22 @@ def _sample(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
 
 def _filter(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     from privdistill.filter import filter_synthetic, write_filter_outputs
+    from privdistill.filter_audit import audit_filter
     from privdistill.reid import OnnxEmbedder, load_reid
 
     train = ImageSet.load(ctx.input("ingest") / "train.npz")
+    heldout = ImageSet.load(ctx.input("ingest") / "test.npz")
     samples = ImageSet.load(ctx.input("sample") / "samples.npz")
     reid = load_reid(ctx.input("train-reid") / "reid")
     embedder = OnnxEmbedder(ctx.input("train-reid") / "reid.onnx")
-    result = filter_synthetic(samples, train, embed=embedder.embed, threshold=reid.threshold, cfg=cfg.filter)
-    return write_filter_outputs(result, samples, train, ctx.out, calibration=reid.calibration)
+    real_emb = embedder.embed(train.images)
+    result = filter_synthetic(samples, train, embed=embedder.embed, threshold=reid.threshold, cfg=cfg.filter,
+                              real_embeddings=real_emb)
+    report = write_filter_outputs(result, samples, train, ctx.out, calibration=reid.calibration)
+    report["audit"] = audit_filter(train, heldout, embed=embedder.embed, threshold=reid.threshold,
+                                   cfg=cfg.filter, real_embeddings=real_emb, seed=cfg.seed)
+    atomic_write_json(ctx.out / "privacy_report.json", report)
+    return report
 
 
 def _evaluate(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:

@@ -82,6 +82,7 @@ def test_kill_resume_report_and_noop_rerun(tmp_path: Path) -> None:
                 "student.reid_rate", "teacher.tstr_accuracy", "student.tstr_accuracy", "real.trtr_accuracy"):
         assert 0.0 <= _get(report, key) <= 1.0, key
     assert report["filter"]["kept"] + report["filter"]["dropped"] == 90
+    assert report["filter"]["audit"]["planted_recall"]["exact"] == 1.0  # every planted copy dropped
     assert report["real"]["trtr_accuracy"] > 0.8  # 3 easy Fashion-MNIST classes
     html = (workdir / "report.html").read_text()
     assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
