@@ -158,6 +158,9 @@ class EvaluateConfig(Strict):
     classifier_batch_size: int = Field(128, ge=1)
     memorization_ratio: float = Field(1 / 3, gt=0, lt=1)
     independent_reid_seed_offset: int = 1000
+    # the independent re-identification model's own operating point, fixed so that reid_rate does
+    # not move when the filter's reid.target_tpr is tuned
+    reid_target_tpr: float = Field(0.95, gt=0, le=1)
 
 
 class RunConfig(Strict):

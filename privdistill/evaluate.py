@@ -67,7 +67,8 @@ def evaluate_run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
 
     # An independent re-identification model: other architecture, other seed than the filter's.
     seed_ind = cfg.seed + cfg.evaluate.independent_reid_seed_offset
-    reid = train_reid(train, cfg.reid, seed=seed_ind, arch="resnet")
+    reid_cfg = cfg.reid.model_copy(update={"target_tpr": cfg.evaluate.reid_target_tpr})
+    reid = train_reid(train, reid_cfg, seed=seed_ind, arch="resnet")
     train_emb = reid.embed(train.images)
 
     real_clf = train_classifier(
