@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from structlog.testing import capture_logs
 from privdistill import pixel
 from privdistill.config import FilterConfig, ReidConfig
 from privdistill.data.types import ImageSet
+from _fixtures import FMNIST, fashion, with_visits  # noqa: E402
 from privdistill.errors import DataError
 from privdistill.filter import (
     FilterResult,
@@ -24,37 +24,14 @@ from privdistill.filter import (
 )
 from privdistill.reid import OnnxEmbedder, ReidModel, export_onnx, train_reid
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed")
+pytestmark = [
+    pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core box, oversubscribed OpenMP threads make training ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 N_PLANT = 20
 KINDS = ("exact", "shift", "noise", "contrast")
-
-
-def fashion(split: str, start: int, n: int) -> np.ndarray:
-    with gzip.open(FMNIST / f"{split}-images-idx3-ubyte.gz") as fh:
-        raw = np.frombuffer(fh.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)
-    return raw[start : start + n].astype(np.float32) / 127.5 - 1.0
-
-
-def with_visits(base: np.ndarray, visits: int, seed: int) -> ImageSet:
-    rng = np.random.default_rng(seed)
-    images, pids = [], []
-    for i, img in enumerate(base):
-        for _ in range(visits):
-            dy, dx = rng.integers(-1, 2, 2)
-            shifted = np.roll(img, (int(dy), int(dx)), axis=(1, 2))
-            images.append(np.clip((shifted + 1) * rng.uniform(0.95, 1.05) - 1, -1, 1))
-            pids.append(f"patient-{i:04d}")
-    return ImageSet(np.stack(images).astype(np.float32), patient_ids=np.array(pids), class_names=["item"])
 
 
 def plant(x: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:

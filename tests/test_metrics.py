@@ -129,15 +129,6 @@ def test_reid_rate_counts_threshold_crossings(data: dict) -> None:
     assert 0.45 <= r1 <= 0.75  # copies cross, most fresh images do not
 
 
-@pytest.fixture
-def one_thread():
-    """Other processes share this machine's 2 cores; more threads only oversubscribe them."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_classifier_is_deterministic_and_learns(data: dict, one_thread: None) -> None:
     xtr, ytr = _idx("train")
     xte, yte = _idx("t10k")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 
 from privdistill.config import ReidConfig
 from privdistill.data.types import ImageSet
+from _fixtures import FMNIST, fashion, with_visits  # noqa: E402
 from privdistill.reid import (
     OnnxEmbedder,
     ReidModel,
@@ -22,37 +22,13 @@ from privdistill.reid import (
     train_reid,
 )
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed")
+pytestmark = [
+    pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core box, oversubscribed OpenMP threads make training ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 CFG = ReidConfig(width=16, embedding_dim=32, steps=150, batch_size=64)
-
-
-def fashion(split: str, start: int, n: int) -> np.ndarray:
-    with gzip.open(FMNIST / f"{split}-images-idx3-ubyte.gz") as fh:
-        raw = np.frombuffer(fh.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)
-    return raw[start : start + n].astype(np.float32) / 127.5 - 1.0
-
-
-def with_visits(base: np.ndarray, visits: int, seed: int, prefix: str = "p") -> ImageSet:
-    """Each base image is a patient; each visit is shifted by up to 1 px with 5% intensity jitter."""
-    rng = np.random.default_rng(seed)
-    images, pids = [], []
-    for i, img in enumerate(base):
-        for _ in range(visits):
-            dy, dx = rng.integers(-1, 2, 2)
-            shifted = np.roll(img, (int(dy), int(dx)), axis=(1, 2))
-            images.append(np.clip((shifted + 1) * rng.uniform(0.95, 1.05) - 1, -1, 1))
-            pids.append(f"{prefix}{i}")
-    return ImageSet(np.stack(images).astype(np.float32), patient_ids=np.array(pids))
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +56,7 @@ def test_calibration_meets_target_tpr_with_low_fpr(model: ReidModel) -> None:
 
 def test_threshold_generalises_to_new_patients(model: ReidModel) -> None:
     # Prepare: 50 patients the model never saw (test split), 3 visits each
-    fresh = with_visits(fashion("t10k", 0, 50), visits=3, seed=1, prefix="q")
+    fresh = with_visits(fashion("t10k", 0, 50), visits=3, seed=1, prefix="q-")
     # Execute
     emb = model.embed(fresh.images)
     sim = emb @ emb.T
