@@ -70,8 +70,29 @@ def _dispatch(args: argparse.Namespace) -> int:
     stages = list(STAGES) if args.command == "run" else [args.command]
     run_pipeline(cfg, args.workdir, stages=stages, force=args.force)
     if args.command in ("run", "evaluate"):
+        print(summary(args.workdir / "report.json"))
         print(f"report: {args.workdir / 'report.json'}  {args.workdir / 'report.html'}")
     return 0
+
+
+def summary(report_path: Path) -> str:
+    """A few lines for the terminal: teacher vs student privacy and utility, and what the filter did."""
+    if not report_path.is_file():
+        return "no report yet (the evaluate stage has not run)"
+    r = json.loads(report_path.read_text())
+
+    def fmt(v: object) -> str:
+        return f"{v:.3f}" if isinstance(v, (int, float)) else "n/a"
+
+    keys = ("memorization_rate", "reid_rate", "tstr_accuracy", "fid_domain")
+    lines = [f"{'':<9}" + "".join(f"{k:>19}" for k in keys)]
+    for who in ("teacher", "student"):
+        lines.append(f"{who:<9}" + "".join(f"{fmt(r[who].get(k)):>19}" for k in keys))
+    f = r["filter"]
+    lines.append(f"real TRTR accuracy {fmt(r['real']['trtr_accuracy'])}; filter kept {f['kept']}, dropped {f['dropped']} "
+                 f"(threshold {fmt(f['threshold'])}, calibration TPR {fmt(f['calibration']['tpr'])}, "
+                 f"FPR {fmt(f['calibration']['fpr'])})")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

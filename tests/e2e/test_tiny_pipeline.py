@@ -93,4 +93,5 @@ def test_kill_resume_report_and_noop_rerun(tmp_path: Path) -> None:
     assert run3.returncode == 0, run3.stderr[-2000:]
     assert _finished(workdir) == after, "a stage was re-run although nothing changed"
     assert "inputs unchanged" in run3.stderr
+    assert "memorization_rate" in run3.stdout and f"filter kept {report['filter']['kept']}," in run3.stdout
     print(f"no-op rerun took {time.time() - t0:.1f} s")
