@@ -18,19 +18,15 @@ log = structlog.get_logger(__name__)
 
 
 def _utility(samples: ImageSet, test: ImageSet, real_clf, cfg: RunConfig, seed: int) -> dict[str, Any]:
-    from privdistill.classifier import accuracy, features, train_classifier
-    from privdistill.metrics import fid_domain
+    from privdistill.classifier import features
+    from privdistill.metrics import fid_domain, tstr_accuracy
 
-    out: dict[str, Any] = {"n_samples": len(samples)}
-    n_classes = len(test.class_names)
-    if samples.labels is not None and test.labels is not None:
-        clf = train_classifier(
-            samples.images, samples.labels, n_classes, steps=cfg.evaluate.classifier_steps,
+    out: dict[str, Any] = {"n_samples": len(samples), "tstr_accuracy": None}
+    if samples.labels is not None:
+        out["tstr_accuracy"] = tstr_accuracy(
+            samples, test, len(test.class_names), steps=cfg.evaluate.classifier_steps,
             batch_size=cfg.evaluate.classifier_batch_size, seed=seed,
         )
-        out["tstr_accuracy"] = accuracy(clf, test.images, test.labels)
-    else:
-        out["tstr_accuracy"] = None
     out["fid_domain"] = fid_domain(features(real_clf, test.images), features(real_clf, samples.images))
     return out
 
@@ -55,6 +51,8 @@ def evaluate_run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
 
     train = ImageSet.load(ctx.input("ingest") / "train.npz")
     test = ImageSet.load(ctx.input("ingest") / "test.npz")
+    if len(test) == 0 or test.labels is None:
+        raise StageError("evaluation needs a labelled real test set (data.test_source or data.test_fraction)")
     teacher_samples = ImageSet.load(ctx.input("sample") / "samples.npz")
     filter_report = json.loads((ctx.input("filter") / "privacy_report.json").read_text())
     student_dir = ctx.input("train-student")
@@ -62,8 +60,6 @@ def evaluate_run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     prompts_file = student_dir / "prompts.json"
     prompt_labels = json.loads(prompts_file.read_text()) if prompts_file.is_file() else None
     student_samples = sample_dataset(student, cfg.sample, seed=cfg.seed + 3, prompt_labels=prompt_labels)
-    if len(test) == 0 or test.labels is None:
-        raise StageError("evaluation needs a labelled real test set (data.test_source or data.test_fraction)")
 
     # An independent re-identification model: other architecture, other seed than the filter's.
     seed_ind = cfg.seed + cfg.evaluate.independent_reid_seed_offset

@@ -212,15 +212,17 @@ def _histogram(similarity: np.ndarray, threshold: float, path: Path) -> None:
 
 
 def write_filter_outputs(
-    result: FilterResult, synthetic: ImageSet, real_train: ImageSet, out_dir: Path, *, calibration: dict[str, Any]
+    result: FilterResult, synthetic: ImageSet, real_train: ImageSet, out_dir: Path, *, calibration: dict[str, Any],
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write kept.npz, privacy_report.json, similarity_histogram.png and the local-only review/ folder."""
+    """Write kept.npz, privacy_report.json (with ``extra`` aggregate sections merged in),
+    similarity_histogram.png and the local-only review/ folder."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     kept = synthetic.subset(result.kept)
     kept.patient_ids = None
     kept.save(out_dir / "kept.npz")
-    report = privacy_report(result, calibration=calibration)
+    report = {**privacy_report(result, calibration=calibration), **(extra or {})}
     (out_dir / "privacy_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     _histogram(result.best_similarity, result.threshold, out_dir / "similarity_histogram.png")
 

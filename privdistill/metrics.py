@@ -151,31 +151,10 @@ def reid_rate(
     return hits / len(samples)
 
 
-def downstream_accuracy(
-    train_images: np.ndarray,
-    train_labels: np.ndarray,
-    test: ImageSet,
-    n_classes: int,
-    *,
-    steps: int,
-    batch_size: int,
-    seed: int,
-) -> float:
-    """Train a fresh classifier on (train_images, train_labels), return its accuracy on ``test``."""
-    clf = train_classifier(train_images, train_labels, n_classes, steps=steps, batch_size=batch_size, seed=seed)
-    return accuracy(clf, test.images, test.labels)
-
-
 def tstr_accuracy(synthetic: ImageSet, test: ImageSet, n_classes: int, *, steps: int, batch_size: int, seed: int) -> float:
     """Train on synthetic samples and their labels, test on the real held-out test set."""
-    return downstream_accuracy(
-        synthetic.images, synthetic.labels, test, n_classes, steps=steps, batch_size=batch_size, seed=seed
-    )
-
-
-def trtr_accuracy(train: ImageSet, test: ImageSet, n_classes: int, *, steps: int, batch_size: int, seed: int) -> float:
-    """Train on the real training set, test on the real held-out test set (the reference)."""
-    return downstream_accuracy(train.images, train.labels, test, n_classes, steps=steps, batch_size=batch_size, seed=seed)
+    clf = train_classifier(synthetic.images, synthetic.labels, n_classes, steps=steps, batch_size=batch_size, seed=seed)
+    return accuracy(clf, test.images, test.labels)
 
 
 def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray, eps: float = 1e-6) -> float:

@@ -124,7 +124,7 @@ class DiffusionModel:
 
     def condition(
         self, labels: torch.Tensor | None, prompts: list[str] | None, device: torch.device,
-        unet: torch.nn.Module | None = None, text_encoder: torch.nn.Module | None = None,
+        text_encoder: torch.nn.Module | None = None,
     ) -> dict:
         """Keyword arguments for the UNet's forward pass for this batch's conditioning."""
         if self.conditioning == "class":
@@ -136,8 +136,8 @@ class DiffusionModel:
         enc = text_encoder if text_encoder is not None else self.text_encoder
         return {"encoder_hidden_states": encode_prompts(enc, self.tokenizer, prompts, self.text_max_length, device)}
 
-    def predict_noise(self, x: torch.Tensor, t: torch.Tensor, cond: dict, unet: torch.nn.Module | None = None) -> torch.Tensor:
-        return (unet or self.unet)(x, t, **cond).sample
+    def predict_noise(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        return self.unet(x, t, **cond).sample
 
     def save(self, path: Path) -> None:
         """diffusers/transformers save_pretrained layout: unet/, scheduler/, text_encoder/, tokenizer/."""

@@ -164,11 +164,10 @@ def _filter(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     real_emb = embedder.embed(train.images)
     result = filter_synthetic(samples, train, embed=embedder.embed, threshold=reid.threshold, cfg=cfg.filter,
                               real_embeddings=real_emb)
-    report = write_filter_outputs(result, samples, train, ctx.out, calibration=reid.calibration)
-    report["audit"] = audit_filter(train, heldout, embed=embedder.embed, threshold=reid.threshold,
-                                   cfg=cfg.filter, real_embeddings=real_emb, seed=cfg.seed)
-    atomic_write_json(ctx.out / "privacy_report.json", report)
-    return report
+    audit = audit_filter(train, heldout, embed=embedder.embed, threshold=reid.threshold,
+                         cfg=cfg.filter, real_embeddings=real_emb, seed=cfg.seed)
+    return write_filter_outputs(result, samples, train, ctx.out, calibration=reid.calibration,
+                                extra={"audit": audit})
 
 
 def _evaluate(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
