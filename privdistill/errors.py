@@ -36,9 +36,14 @@ class PrivacyPolicyError(PrivdistillError):
 
 
 class ShardVerificationError(PrivdistillError):
-    """A shard or artefact failed hash or signature verification."""
+    """A shard, artefact or request failed hash or signature verification; ``reason`` is a short
+    machine-readable code (e.g. ``bad_signature``, ``hash_mismatch``) used in metrics and audit logs."""
 
     exit_code = 5
+
+    def __init__(self, message: str, reason: str = "verification_failed") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class RetryableNetworkError(PrivdistillError):

@@ -1,0 +1,346 @@
+"""The shard: the only thing a site exports. A WebDataset tar (one PNG + one JSON per synthetic
+sample) plus manifest.json (hashes, conditioning vocabulary, aggregate privacy report) and
+manifest.sig (Ed25519 over the manifest bytes). Writing, parsing and verifying live here, shared
+by the site agent and the coordinator."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from privdistill import __version__
+from privdistill.data.types import ImageSet
+from privdistill.errors import ShardVerificationError
+from privdistill.identity import sign, verify
+
+FORMAT = "privdistill-shard/1"
+SHARD_TAR, MANIFEST, SIGNATURE = "shard.tar", "manifest.json", "manifest.sig"
+MAX_MEMBER_BYTES = 4 << 20
+MAX_MEMBERS = 400_000
+MAX_MANIFEST_BYTES = 64 << 20
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SAMPLE_KEYS = {"sample_id", "label", "class_name", "prompt"}
+ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+_HEX64 = r"^[0-9a-f]{64}$"
+_TOKEN = re.compile(r"[a-z0-9]+")
+
+
+class Conditioning(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["class", "text", "none"]
+    class_names: list[str] = Field(default_factory=list)
+    vocabulary: list[str] = Field(default_factory=list)  # allow-listed prompt tokens (text only)
+
+
+class Manifest(BaseModel):
+    """Everything the coordinator needs to verify a shard; aggregate numbers only, nothing per image."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["privdistill-shard/1"] = FORMAT
+    site_id: str = Field(pattern=ID_PATTERN)
+    shard_id: str = Field(pattern=ID_PATTERN)
+    created: str
+    software_version: str
+    config_hash: str = Field(pattern=_HEX64)
+    sample_count: int = Field(ge=1, le=MAX_MEMBERS // 2)
+    tar_sha256: str = Field(pattern=_HEX64)
+    tar_size: int = Field(ge=1)
+    members: dict[str, str]
+    conditioning: Conditioning
+    privacy: dict[str, Any]
+
+    def to_bytes(self) -> bytes:
+        """The canonical bytes that are signed and shipped."""
+        return (json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n").encode()
+
+
+# ----------------------------------------------------------------------------- encoding
+def encode_png(image: np.ndarray) -> bytes:
+    """One CHW image in [-1, 1] to deterministic PNG bytes (no metadata, no timestamps)."""
+    from PIL import Image
+
+    arr = np.clip(np.rint((np.asarray(image, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    pil = Image.fromarray(arr[0]) if arr.shape[0] == 1 else Image.fromarray(arr.transpose(1, 2, 0), "RGB")
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes, channels: int = 1) -> np.ndarray:
+    """PNG bytes to a CHW float32 image in [-1, 1]."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return arr / 127.5 - 1.0
+
+
+def tokens(text: str) -> list[str]:
+    return _TOKEN.findall(text.lower())
+
+
+def prompt_vocabulary(template: str | None, class_names: list[str], extra: Iterable[str] = ()) -> list[str]:
+    """The allow-list of prompt tokens: the template's fixed words, the class names and ``extra``."""
+    words = set(tokens((template or "").replace("{label}", " "))) | set(extra)
+    for name in class_names:
+        words.update(tokens(name))
+    return sorted(words)
+
+
+def words_outside(prompts: Iterable[str], vocabulary: Iterable[str]) -> list[str]:
+    """Tokens of ``prompts`` that the allow-listed vocabulary does not contain (sorted, unique)."""
+    allowed = set(vocabulary)
+    return sorted({t for p in prompts for t in tokens(p) if t not in allowed})
+
+
+def sample_members(kept: ImageSet, shard_id: str) -> list[tuple[str, bytes]]:
+    """The tar members for ``kept`` in shard order: ``{key}.png`` then ``{key}.json`` per sample."""
+    members = []
+    for i in range(len(kept)):
+        key = f"{shard_id}_{i:06d}"
+        label = None if kept.labels is None else int(kept.labels[i])
+        meta = {
+            "sample_id": key,
+            "label": label,
+            "class_name": None if label is None or not kept.class_names else kept.class_names[label],
+            "prompt": None if kept.prompts is None else kept.prompts[i],
+        }
+        members.append((f"{key}.png", encode_png(kept.images[i])))
+        members.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
+    return members
+
+
+def _write_tar(members: list[tuple[str, bytes]], path: Path) -> None:
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+            tar.addfile(info, io.BytesIO(data))
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_path(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_shard(
+    kept: ImageSet, out_dir: Path, *, site_id: str, shard_id: str, config_hash: str, privacy: dict[str, Any],
+    key: Ed25519PrivateKey, vocabulary: list[str] | None = None,
+) -> Manifest:
+    """Write shard.tar, manifest.json and manifest.sig into ``out_dir`` (created atomically).
+
+    ``kept`` must be synthetic (no patient ids). Prompts outside ``vocabulary`` are refused here
+    already; the export gate and the coordinator check again."""
+    if kept.patient_ids is not None:
+        raise ShardVerificationError("refusing to package images that carry patient ids (real data)", "real_data")
+    if len(kept) == 0:
+        raise ShardVerificationError("nothing to package: the filter kept no synthetic image", "empty_shard")
+    cond_type = "text" if kept.prompts is not None else ("class" if kept.labels is not None else "none")
+    vocab = sorted(set(vocabulary or []))
+    if kept.prompts is not None:
+        outside = words_outside(kept.prompts, vocab)
+        if outside:
+            raise ShardVerificationError(
+                f"prompts contain {len(outside)} word(s) outside the allow-listed vocabulary", "prompt_outside_vocabulary")
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise ShardVerificationError(f"{out_dir} already exists; a shard is written once", "shard_exists")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        members = sample_members(kept, shard_id)
+        _write_tar(members, tmp / SHARD_TAR)
+        manifest = Manifest(
+            site_id=site_id, shard_id=shard_id, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            software_version=__version__, config_hash=config_hash, sample_count=len(kept),
+            tar_sha256=sha256_path(tmp / SHARD_TAR), tar_size=(tmp / SHARD_TAR).stat().st_size,
+            members={name: sha256_bytes(data) for name, data in members},
+            conditioning=Conditioning(type=cond_type, class_names=list(kept.class_names), vocabulary=vocab),
+            privacy=privacy,
+        )
+        body = manifest.to_bytes()
+        (tmp / MANIFEST).write_bytes(body)
+        (tmp / SIGNATURE).write_text(sign(key, body) + "\n")
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+# ----------------------------------------------------------------------------- verification
+def parse_manifest(data: bytes) -> Manifest:
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ShardVerificationError(f"manifest is {len(data)} bytes (limit {MAX_MANIFEST_BYTES})", "oversized_manifest")
+    try:
+        manifest = Manifest.model_validate_json(data)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in err.errors()[:5])
+        raise ShardVerificationError(f"malformed manifest: {problems}", "malformed_manifest") from None
+    if len(manifest.members) != 2 * manifest.sample_count:
+        raise ShardVerificationError(
+            f"manifest lists {len(manifest.members)} members for {manifest.sample_count} samples (expected 2 each)",
+            "malformed_manifest")
+    for name, digest in manifest.members.items():
+        _check_member_name(name)
+        if not re.fullmatch(_HEX64, digest):
+            raise ShardVerificationError(f"manifest member {name!r} has no sha256 hex digest", "malformed_manifest")
+    return manifest
+
+
+def verify_manifest_signature(data: bytes, signature_b64: str, public_b64: str) -> None:
+    if not verify(public_b64, data, signature_b64):
+        raise ShardVerificationError("manifest signature does not verify with the site's registered key",
+                                     "bad_manifest_signature")
+
+
+def _check_member_name(name: str) -> None:
+    if name.startswith("/") or "\\" in name or "/" in name or name in {".", ".."} or ".." in name.split("."):
+        raise ShardVerificationError(f"tar member {name!r}: absolute path, directory or '..' is not allowed",
+                                     "unsafe_member_name")
+    key, dot, ext = name.partition(".")
+    if not dot or ext not in ("png", "json") or not re.fullmatch(r"[a-z0-9_-]{1,128}", key):
+        raise ShardVerificationError(f"tar member {name!r}: only KEY.png and KEY.json members are allowed",
+                                     "non_png_member")
+
+
+def _check_png(name: str, data: bytes) -> None:
+    from PIL import Image
+
+    if not data.startswith(PNG_MAGIC):
+        raise ShardVerificationError(f"tar member {name!r} is not a PNG image", "non_png_member")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for corrupt files
+        raise ShardVerificationError(f"tar member {name!r} is a corrupt PNG ({err})", "invalid_png") from None
+
+
+def _check_sample_json(name: str, data: bytes, manifest: Manifest) -> None:
+    try:
+        meta = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ShardVerificationError(f"tar member {name!r} is not JSON", "malformed_sample") from None
+    if not isinstance(meta, dict) or set(meta) - SAMPLE_KEYS:
+        raise ShardVerificationError(f"tar member {name!r}: keys allowed are {sorted(SAMPLE_KEYS)}", "malformed_sample")
+    prompt = meta.get("prompt")
+    if prompt is not None:
+        if not isinstance(prompt, str) or words_outside([prompt], manifest.conditioning.vocabulary):
+            raise ShardVerificationError(f"tar member {name!r}: prompt outside the allow-listed vocabulary",
+                                         "prompt_outside_vocabulary")
+    label = meta.get("label")
+    if label is not None and not (isinstance(label, int) and 0 <= label < max(1, len(manifest.conditioning.class_names))):
+        raise ShardVerificationError(f"tar member {name!r}: label {label!r} is not a class index", "malformed_sample")
+
+
+def verify_tar(tar_path: Path, manifest: Manifest) -> None:
+    """Every byte of ``tar_path`` against ``manifest``: size, sha256, member names, types, hashes,
+    the PNG/JSON pairing and the prompt vocabulary. Raises ShardVerificationError with a reason."""
+    tar_path = Path(tar_path)
+    if tar_path.stat().st_size != manifest.tar_size:
+        raise ShardVerificationError("shard size differs from the manifest", "size_mismatch")
+    if sha256_path(tar_path) != manifest.tar_sha256:
+        raise ShardVerificationError("shard sha256 differs from the manifest", "hash_mismatch")
+    seen: set[str] = set()
+    try:
+        with tarfile.open(tar_path, "r:") as tar:
+            for info in tar:
+                _check_member_name(info.name)
+                if info.name in seen:
+                    raise ShardVerificationError(f"duplicate tar member {info.name!r}", "duplicate_member")
+                seen.add(info.name)
+                if not info.isreg():
+                    raise ShardVerificationError(f"tar member {info.name!r} is not a regular file", "non_regular_member")
+                if info.size > MAX_MEMBER_BYTES:
+                    raise ShardVerificationError(f"tar member {info.name!r} is {info.size} bytes", "oversized_member")
+                expected = manifest.members.get(info.name)
+                if expected is None:
+                    raise ShardVerificationError(f"tar member {info.name!r} is not in the manifest", "member_set_mismatch")
+                fh = tar.extractfile(info)
+                data = fh.read() if fh is not None else b""
+                if sha256_bytes(data) != expected:
+                    raise ShardVerificationError(f"tar member {info.name!r} hash differs from the manifest", "hash_mismatch")
+                if info.name.endswith(".png"):
+                    _check_png(info.name, data)
+                else:
+                    _check_sample_json(info.name, data, manifest)
+    except tarfile.TarError as err:
+        raise ShardVerificationError(f"shard is not a readable tar file ({err})", "malformed_tar") from None
+    missing = set(manifest.members) - seen
+    if missing:
+        raise ShardVerificationError(f"{len(missing)} manifest member(s) missing from the tar", "member_set_mismatch")
+
+
+def verify_shard_dir(shard_dir: Path, public_b64: str) -> Manifest:
+    """Signature, manifest and every member of a shard directory; returns the manifest."""
+    shard_dir = Path(shard_dir)
+    for name in (SHARD_TAR, MANIFEST, SIGNATURE):
+        if not (shard_dir / name).is_file():
+            raise ShardVerificationError(f"{shard_dir} has no {name}: not a packaged shard", "not_a_shard")
+    body = (shard_dir / MANIFEST).read_bytes()
+    verify_manifest_signature(body, (shard_dir / SIGNATURE).read_text(), public_b64)
+    manifest = parse_manifest(body)
+    verify_tar(shard_dir / SHARD_TAR, manifest)
+    return manifest
+
+
+# ----------------------------------------------------------------------------- reading
+def iter_samples(tar_paths: Iterable[Path]) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
+    """(key, png bytes, sample json) streamed from verified shards with WebDataset."""
+    import webdataset as wds
+
+    urls = [str(p) for p in tar_paths]
+    if not urls:
+        return
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        yield sample["__key__"], sample["png"], json.loads(sample["json"])
+
+
+def load_shards(shards: list[tuple[Path, Manifest]], channels: int = 1) -> ImageSet:
+    """Stream verified shards into one ImageSet; labels are re-indexed over the union of class names."""
+    cond = {m.conditioning.type for _, m in shards}
+    if len(cond) > 1:
+        raise ShardVerificationError(f"shards mix conditioning types {sorted(cond)}; train them separately",
+                                     "mixed_conditioning")
+    names: list[str] = []
+    for _, m in shards:
+        names += [n for n in m.conditioning.class_names if n not in names]
+    images, labels, prompts = [], [], []
+    for _, png, meta in iter_samples([p for p, _ in shards]):
+        images.append(decode_png(png, channels))
+        cname = meta.get("class_name")
+        labels.append(names.index(cname) if cname in names else -1)
+        prompts.append(meta.get("prompt"))
+    if not images:
+        raise ShardVerificationError("the accepted shards hold no sample", "empty_shard")
+    has_labels = all(v >= 0 for v in labels)
+    has_prompts = all(p is not None for p in prompts)
+    return ImageSet(
+        images=np.stack(images).astype(np.float32),
+        labels=np.asarray(labels, np.int64) if has_labels else None,
+        prompts=prompts if has_prompts else None,
+        class_names=names if has_labels else [],
+    )
