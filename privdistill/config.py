@@ -67,6 +67,20 @@ class VisitsConfig(Strict):
     intensity_jitter: float = Field(0.05, ge=0, le=0.5)
 
 
+class PartitionConfig(Strict):
+    """Keep one of ``count`` disjoint patient partitions of ``source`` (simulates separate hospitals
+    from one public dataset). Assignment hashes the patient id, so it is stable and disjoint."""
+
+    index: int = Field(ge=0)
+    count: int = Field(ge=2, le=1000)
+
+    @model_validator(mode="after")
+    def _index_in_range(self) -> "PartitionConfig":
+        if self.index >= self.count:
+            raise ValueError(f"partition index {self.index} must be below count {self.count}")
+        return self
+
+
 class DataConfig(Strict):
     source: Source
     test_source: Source | None = None  # default: a patient-disjoint split of `source`
@@ -77,6 +91,7 @@ class DataConfig(Strict):
     max_per_class: int | None = Field(None, ge=1)
     max_test_per_class: int | None = Field(None, ge=1)
     visits: VisitsConfig | None = None
+    partition: PartitionConfig | None = None  # train source only; the test source is not partitioned
     prompt_template: str | None = None  # e.g. "an image of a {label}"; enables text conditioning data
 
 

@@ -350,6 +350,23 @@ def test_split_is_patient_disjoint_and_seeded(tmp_path: Path) -> None:
     assert set(a.test.patient_ids) != set(b.test.patient_ids)
 
 
+def test_partitions_are_patient_disjoint_and_cover_the_source(tmp_path: Path) -> None:
+    src = folder_source(tmp_path, patients=30, per_patient=2)
+    parts = [
+        load_dataset(cfg(source=src, test_fraction=0.2, resolution=8, partition={"index": i, "count": 3}), seed=0)
+        for i in range(3)
+    ]
+    whole = load_dataset(cfg(source=src, resolution=8), seed=0)
+
+    patients = [set(p.train.patient_ids) | set(p.test.patient_ids) for p in parts]
+    assert all(patients) and sum(len(p) for p in patients) == 30
+    assert patients[0].isdisjoint(patients[1]) and patients[1].isdisjoint(patients[2])
+    assert set().union(*patients) == set(whole.train.patient_ids) | set(whole.test.patient_ids)
+    assert parts[1].report["partition"] == {"index": 1, "count": 3}
+    with pytest.raises(Exception, match="must be below count"):
+        cfg(source=src, partition={"index": 3, "count": 3})
+
+
 def test_test_source_sharing_patients_is_refused(tmp_path: Path) -> None:
     src = folder_source(tmp_path, patients=4, per_patient=1)
     with pytest.raises(DataError, match="4 patient\\(s\\) appear in both"):

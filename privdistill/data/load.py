@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,6 +119,12 @@ def _class_names(values: list[int], names: list[str] | None) -> list[str]:
     return [names[v] for v in values]
 
 
+def _partition(pids: list[str], index: int, count: int) -> np.ndarray:
+    """Indices of the records whose patient falls in partition ``index`` of ``count`` (hash of the id)."""
+    part = [int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "big") % count for p in pids]
+    return np.flatnonzero(np.asarray(part, np.int64) == index)
+
+
 def _patient_split(pids: list[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, test) with ``fraction`` of the patients (at least one, never all) in test."""
     uniq = np.unique(np.asarray(pids, dtype=str))
@@ -204,6 +211,8 @@ def load_dataset(cfg: DataConfig, *, seed: int) -> LoadedData:
             "data.classes selects by label, but data.source has no labels (set its labels/label_tag)"
         )
     src = _resolve(raw, "img", cfg.classes)
+    if cfg.partition is not None:
+        src = src.take(_partition(src.pids, cfg.partition.index, cfg.partition.count))
     if not src.images:
         raise _nothing_usable(src, "data.source", cfg.classes)
     test_src = None
@@ -244,6 +253,7 @@ def load_dataset(cfg: DataConfig, *, seed: int) -> LoadedData:
         "source": _source_report(src),
         "test_source": _source_report(test_src) if test_src is not None else None,
         "split": "test_source" if test_src is not None else "patient_disjoint",
+        "partition": None if cfg.partition is None else cfg.partition.model_dump(),
         "class_names": train.class_names,
         "n_train": len(train),
         "n_test": len(test),
