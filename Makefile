@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 DEMO_WORKDIR ?= demo-work
 
-.PHONY: venv data demo test test-slow bench clean
+.PHONY: venv data demo demo-single test test-slow bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,8 +30,14 @@ data:
 	  fi; \
 	fi
 
+# Two hospitals and a coordinator on loopback (real TLS, real processes): provision, serve, two site
+# agents, export, train + evaluate + release the student, per-site check of the student, summary.
 demo: venv data
-	$(VENV)/bin/privdistill run examples/fashion-mnist.yaml --workdir $(DEMO_WORKDIR)
+	$(VPY) examples/two_site_demo.py --workdir $(DEMO_WORKDIR)
+
+# The method alone on one machine (no network): every stage including the student, one report.
+demo-single: venv data
+	$(VENV)/bin/privdistill run examples/fashion-mnist.yaml --workdir $(DEMO_WORKDIR)-single
 
 test: venv data
 	$(VPY) -m pytest -q
@@ -40,4 +46,4 @@ test-slow: venv data
 	$(VPY) -m pytest -q -m slow
 
 clean:
-	rm -rf $(DEMO_WORKDIR) .pytest_cache
+	rm -rf $(DEMO_WORKDIR) $(DEMO_WORKDIR)-single .pytest_cache

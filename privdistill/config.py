@@ -219,12 +219,14 @@ def _source_paths(src: BaseModel) -> list[tuple[str, Path]]:
     return [(n, getattr(src, n)) for n in names[src.type] if getattr(src, n) is not None]
 
 
-def parse_config(raw: Any, source: str | None = None, base_dir: Path | None = None) -> RunConfig:
-    """Validate a mapping into a RunConfig; relative paths resolve against ``base_dir``."""
+def parse_config(
+    raw: Any, source: str | None = None, base_dir: Path | None = None, *, model: type[RunConfig] = RunConfig
+) -> RunConfig:
+    """Validate a mapping into a RunConfig (or the subclass ``model``); relative paths resolve against ``base_dir``."""
     if not isinstance(raw, dict):
         raise ConfigError(["<root>: the configuration must be a YAML mapping"], source)
     try:
-        cfg = RunConfig.model_validate(raw)
+        cfg = model.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_pydantic(err), source) from None
     problems = []
@@ -263,10 +265,10 @@ def parse_config(raw: Any, source: str | None = None, base_dir: Path | None = No
         problems.append("data.classes: duplicate class values")
     if problems:
         raise ConfigError(problems, source)
-    return RunConfig.model_validate(resolved)
+    return model.model_validate(resolved)
 
 
-def load_config(path: str | Path) -> RunConfig:
+def load_config(path: str | Path, *, model: type[RunConfig] = RunConfig) -> RunConfig:
     """Read and validate a YAML config file; raise ConfigError listing every problem."""
     path = Path(path)
     if not path.is_file():
@@ -275,7 +277,7 @@ def load_config(path: str | Path) -> RunConfig:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError([f"YAML syntax error: {err}"], str(path)) from None
-    return parse_config(raw, source=str(path), base_dir=path.resolve().parent)
+    return parse_config(raw, source=str(path), base_dir=path.resolve().parent, model=model)
 
 
 def config_hash(data: Any) -> str:

@@ -88,7 +88,16 @@ class DiffusionModel:
     @classmethod
     def from_config(
         cls, cfg: ModelConfig, *, resolution: int, channels: int, class_names: list[str],
-        prompts: list[str] | None = None,
+        prompts: list[str] | None = None, seed: int = 0,
+    ) -> "DiffusionModel":
+        """Build a fresh model; its initial weights depend only on ``seed`` (not on the process's RNG state)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls._build(cfg, resolution=resolution, channels=channels, class_names=class_names, prompts=prompts)
+
+    @classmethod
+    def _build(
+        cls, cfg: ModelConfig, *, resolution: int, channels: int, class_names: list[str], prompts: list[str] | None,
     ) -> "DiffusionModel":
         encoder = tokenizer = None
         if cfg.conditioning == "text":

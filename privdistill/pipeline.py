@@ -99,11 +99,11 @@ def _train_diffusion_stage(cfg: RunConfig, ctx: StageContext, which: str, data: 
     from privdistill.train import train_diffusion
 
     dcfg = cfg.teacher if which == "teacher" else cfg.student_config
+    seed = cfg.seed if which == "teacher" else cfg.seed + 1
     model = DiffusionModel.from_config(
         dcfg.model, resolution=cfg.data.resolution, channels=cfg.data.channels,
-        class_names=data.class_names, prompts=data.prompts,
+        class_names=data.class_names, prompts=data.prompts, seed=seed,
     )
-    seed = cfg.seed if which == "teacher" else cfg.seed + 1
     report = train_diffusion(model, data, dcfg.train, seed=seed, checkpoint_dir=ctx.checkpoint_dir)
     model.save(ctx.out / "model")
     if data.prompts is not None:

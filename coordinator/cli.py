@@ -1,0 +1,161 @@
+"""`privdistill-coordinator` command line: provision, sites, serve, shards (student commands plug in)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import structlog
+
+from privdistill import __version__
+from privdistill.errors import PrivdistillError
+
+try:
+    from coordinator import student_cli
+except ModuleNotFoundError as _err:  # the student commands are optional until that module exists
+    if _err.name != "coordinator.student_cli":
+        raise
+    student_cli = None  # type: ignore[assignment]
+
+EXIT_CODES = {
+    0: "success",
+    1: "unexpected internal error (a bug: please report it with the log)",
+    2: "configuration invalid (every problem is listed; nothing was written)",
+    5: "hash or signature verification failed",
+    6: "the server could not start (port in use?) or a service is unavailable",
+    130: "interrupted (Ctrl-C)",
+}
+
+
+def _with_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, required=True, help="DIR/coordinator/coordinator.yaml")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    epilog = "exit codes:\n" + "\n".join(f"  {k:>3}  {v}" for k, v in EXIT_CODES.items())
+    p = argparse.ArgumentParser(prog="privdistill-coordinator", epilog=epilog,
+                                description="Receive signed shards from sites over HTTPS; train the student.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"privdistill-coordinator {__version__}")
+    p.add_argument("--log-format", choices=["console", "json"], default="console")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("provision", help="make the CA, the coordinator's TLS cert/config and site identities")
+    pr.add_argument("--sites", required=True, help="comma-separated site names, e.g. hospital-a,hospital-b")
+    pr.add_argument("--out", type=Path, required=True, help="new (or empty) directory to write into")
+    pr.add_argument("--host", default="127.0.0.1", help="name/IP sites use to reach the coordinator")
+    pr.add_argument("--port", type=int, default=8443)
+    pr.add_argument("--days", type=int, default=397, help="certificate validity")
+
+    st = sub.add_parser("sites", help="the allow-list of site public keys")
+    st_sub = st.add_subparsers(dest="sites_command", required=True)
+    add = st_sub.add_parser("add", help="register a site's public key (base64 from its site.pub)")
+    add.add_argument("name")
+    add.add_argument("pubkey")
+    _with_config(add)
+    ls = st_sub.add_parser("list", help="registered sites")
+    ls.add_argument("--json", action="store_true")
+    _with_config(ls)
+    rv = st_sub.add_parser("revoke", help="refuse every further request signed by this site")
+    rv.add_argument("name")
+    _with_config(rv)
+
+    sv = sub.add_parser("serve", help="run the HTTPS upload service")
+    _with_config(sv)
+    sv.add_argument("--port", type=int, default=None, help="override listen.port")
+    sv.add_argument("--host", default=None, help="override listen.host")
+
+    sh = sub.add_parser("shards", help="accepted shards")
+    sh_sub = sh.add_subparsers(dest="shards_command", required=True)
+    sl = sh_sub.add_parser("list", help="accepted shards (only these are visible to training)")
+    sl.add_argument("--json", action="store_true")
+    _with_config(sl)
+
+    if student_cli is not None:
+        student_cli.add_commands(sub)
+    return p
+
+
+def _ledger(config_path: Path):  # noqa: ANN202 - coordinator.ledger.Ledger
+    from coordinator.config import load_coordinator_config
+    from coordinator.ledger import Ledger
+
+    cfg = load_coordinator_config(config_path)
+    return Ledger(cfg.ledger_path)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "provision":
+        from coordinator.provision import provision
+
+        sites = [s.strip() for s in args.sites.split(",") if s.strip()]
+        done = provision(args.out, sites, host=args.host, port=args.port, days=args.days)
+        print(f"provisioned {len(sites)} site(s) in {done.root}")
+        print(f"  coordinator: privdistill-coordinator serve --config {done.config}")
+        for site, d in done.site_dirs.items():
+            print(f"  site {site}: copy {d}/ to that site (contains its private key)")
+        return 0
+    if args.command == "sites":
+        from coordinator.audit import AuditLog
+
+        ledger = _ledger(args.config)
+        if args.sites_command == "add":
+            row = ledger.add_site(args.name, args.pubkey)
+            AuditLog(ledger.state_dir).event("site_added", site=row.name)
+            print(f"site {row.name} registered")
+        elif args.sites_command == "revoke":
+            row = ledger.revoke_site(args.name)
+            AuditLog(ledger.state_dir).event("site_revoked", site=row.name)
+            print(f"site {row.name} revoked at {row.revoked_at}")
+        else:
+            rows = ledger.sites()
+            if args.json:
+                print(json.dumps([r.__dict__ for r in rows], indent=2))
+            for r in rows if not args.json else []:
+                print(f"{r.name:<24} {'revoked' if r.revoked else 'active':<8} added {r.added_at}  "
+                      f"last seen {r.last_seen_at or 'never'}")
+        return 0
+    if args.command == "serve":
+        from coordinator.config import load_coordinator_config
+        from coordinator.serve import serve
+
+        return serve(load_coordinator_config(args.config), host=args.host, port=args.port)
+    if args.command == "shards":
+        rows = _ledger(args.config).accepted_shards()
+        if args.json:
+            print(json.dumps([{**r.__dict__, "dir": str(r.dir)} for r in rows], indent=2))
+        else:
+            for r in rows:
+                print(f"{r.tar_sha256[:16]}  {r.site:<16} {r.shard_id:<24} {r.sample_count:>7} samples  "
+                      f"{r.accepted_at}")
+        return 0
+    if student_cli is not None and hasattr(student_cli, "dispatch"):
+        return int(student_cli.dispatch(args))
+    raise SystemExit(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
+
+
+def main(argv: list[str] | None = None) -> int:
+    from privdistill.logs import configure_logging
+
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_format, args.log_level)
+    log = structlog.get_logger("coordinator.cli")
+    try:
+        if hasattr(args, "func"):
+            return int(args.func(args))
+        return _dispatch(args)
+    except PrivdistillError as err:
+        log.debug("failed", error_type=type(err).__name__, exit_code=err.exit_code)
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,136 @@
+"""MODEL_CARD.md for a released student, rendered from the machine-readable release record."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+NOT_MEASURED = [
+    "memorization and re-identification of real patients by the STUDENT: the coordinator holds no patient data; "
+    "each site must run `privdistill-site evaluate-student` against its own patients",
+    "clinical validity, diagnostic accuracy or safety of any image the model generates",
+    "performance per patient subgroup (age, sex, scanner, site) and fairness",
+    "a formal differential-privacy guarantee for the student (unless a site reports DP-SGD for its teacher, "
+    "the filter is empirical, not a proof)",
+    "FID against Inception features: fid_domain uses a small domain classifier and is not comparable with "
+    "published FIDs",
+]
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    if isinstance(v, bool) or v is None:
+        return "n/a" if v is None else str(v).lower()
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _recall(recall: Any) -> str:
+    if not isinstance(recall, dict) or not recall:
+        return "n/a"
+    return ", ".join(f"{k} {_f(v, 2)}" for k, v in sorted(recall.items()))
+
+
+def _shard_table(shards: list[dict[str, Any]]) -> list[str]:
+    head = ("| site | shard | tar sha256 | samples | filter | threshold | calib. TPR / FPR | kept / dropped "
+            "| planted-copy recall | teacher memorization | kept memorization | teacher / kept re-id |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for s in shards:
+        p = s["privacy"]
+        rows.append(
+            f"| {s['site']} | {s['shard_id']} | `{s['tar_sha256']}` | {s['sample_count']} | "
+            f"{'on' if p.get('filter_enabled') else ('OFF' if p.get('filter_enabled') is False else 'n/a')} | "
+            f"{_f(p.get('threshold'))} | {_f(p.get('calibration_tpr'))} / {_f(p.get('calibration_fpr'))} | "
+            f"{_f(p.get('kept'))} / {_f(p.get('dropped'))} | {_recall(p.get('planted_recall'))} | "
+            f"{_f(p.get('teacher_memorization_rate'), 4)} | {_f(p.get('kept_memorization_rate'), 4)} | "
+            f"{_f(p.get('teacher_reid_rate'), 4)} / {_f(p.get('kept_reid_rate'), 4)} |")
+    return rows
+
+
+def render_model_card(rec: dict[str, Any]) -> str:
+    """Markdown: intended use, training data (every shard with its privacy summary), config, evaluation, gaps."""
+    model, data, ev = rec["model"], rec["training_data"], rec["evaluation"]
+    util, ref = ev, ev.get("reference", {})
+    lines = [
+        f"# {rec['name']} v{rec['version']} — privdistill student diffusion model",
+        "",
+        f"Released {rec['released_at']} with privdistill {rec['software_version']}. "
+        f"{model['conditioning']}-conditional DDPM ({_f(model.get('parameters'))} parameters), "
+        f"{model['resolution']}x{model['resolution']} pixels, {model['channels']} channel(s); "
+        f"classes: {', '.join(model['class_names']) or 'n/a'}.",
+        f"Files: {model['layout']}.",
+        "",
+        "## Intended use",
+        "",
+        "- Research and method development; generating synthetic images to pre-train or augment models that are "
+        "then validated on real, properly governed data; teaching.",
+        "- **Not for diagnosis, treatment or any clinical decision**, and not a medical device. Generated images "
+        "are not real patients and may contain plausible-looking but wrong anatomy or findings.",
+        "- Not for attempts to re-identify patients. Report any output that resembles a real patient to the "
+        "coordinator operator so the release can be withdrawn.",
+        "",
+        "## Training data",
+        "",
+        f"Only filtered synthetic images: {data['n_samples']} samples in {len(data['shards'])} shard(s) from "
+        f"{len(data['sites'])} site(s) ({', '.join(data['sites'])}). Each site trained a teacher on its own "
+        "images, sampled it, dropped every sample its re-identification model linked to a real patient, and "
+        "exported the rest as a signed shard; no real image, patient id or teacher weight left a site. The "
+        "privacy numbers are the sites' own aggregate measurements, copied from the signed manifests.",
+        "",
+        *_shard_table(data["shards"]),
+        "",
+        "## Training configuration",
+        "",
+        f"{_f(rec['training'].get('steps'))} steps, final loss {_f(rec['training'].get('final_loss'), 4)} "
+        f"on {rec['training'].get('device')}.",
+        "",
+        "```json",
+        json.dumps(rec["training"]["config"], indent=2, sort_keys=True),
+        "```",
+        "",
+        "## Evaluation (at the coordinator)",
+        "",
+    ]
+    if ref.get("configured"):
+        lines += [
+            f"Reference set: {ref['description']} (public, not patient data), {ref['n_train']} train / "
+            f"{ref['n_test']} test images of the student's classes.",
+            "",
+            "| metric | value |",
+            "|---|---|",
+            f"| TSTR accuracy (classifier trained on student samples, tested on the reference test part) | {_f(util.get('tstr_accuracy'))} |",
+            f"| TSTR accuracy of the pooled training shards themselves | {_f(util.get('shards_tstr_accuracy'))} |",
+            f"| reference TRTR accuracy (trained on the reference train part) | {_f(ref.get('trtr_accuracy'))} |",
+            f"| fid_domain | {_f(util.get('fid_domain'))} |",
+            f"| student samples copying a training-shard image | {_f(util.get('copy_rate_vs_training_shards'), 4)} |",
+        ]
+    else:
+        lines += [
+            "No public reference set was configured: TSTR accuracy was not measured and nothing was compared "
+            "with real images.",
+            "",
+            f"- fid_domain vs the training shards: {_f(util.get('fid_domain'))}",
+            f"- student samples copying a training-shard image: {_f(util.get('copy_rate_vs_training_shards'), 4)}",
+        ]
+    lines += [
+        "",
+        f"FID features: {util.get('fid_feature_classifier') or 'n/a'}.",
+        "",
+        "## Privacy",
+        "",
+        ev.get("privacy", {}).get("note", ""),
+        "",
+        "Release policy: " + ", ".join(f"{k} = {_f(v)}" for k, v in rec["policy"].items() if k != "failures")
+        + " — passed.",
+        "",
+        "## Not measured",
+        "",
+        *[f"- {item}" for item in rec["not_measured"]],
+        "",
+        "## Integrity",
+        "",
+        "`release.json` lists the sha256 of every other file; `SHA256SUMS` covers all files "
+        "(`sha256sum -c SHA256SUMS`).",
+        "",
+    ]
+    return "\n".join(lines)

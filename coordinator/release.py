@@ -1,0 +1,155 @@
+"""Releasing the student: the release policy, then a new versioned directory holding the model (diffusers
+save_pretrained layout), MODEL_CARD.md, release.json and the sha256 of every file, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from privdistill import __version__
+from privdistill.errors import PrivacyPolicyError
+from privdistill.stages import hash_tree, read_record, stage_dir, workdir_lock
+
+from coordinator.model_card import NOT_MEASURED, render_model_card
+from coordinator.student import (
+    EVAL_STAGE, GRID_FILE, REPORT_FILE, TRAIN_STAGE, TRAINING_FILE, ReleasePolicy, Shards, TrainingConfig, stage_state,
+)
+
+log = structlog.get_logger(__name__)
+
+RELEASE_FILE, CARD_FILE, SUMS_FILE = "release.json", "MODEL_CARD.md", "SHA256SUMS"
+_COMMAND = {TRAIN_STAGE: "train-student", EVAL_STAGE: "evaluate"}
+
+
+class ReleaseRefused(PrivacyPolicyError):
+    """The release policy (or missing/stale evidence) refused the release; ``failures`` lists every criterion."""
+
+    def __init__(self, failures: list[str]) -> None:
+        self.failures = list(failures)
+        lines = "\n".join(f"  - {f}" for f in self.failures)
+        super().__init__(f"release refused, {len(self.failures)} criterion/criteria failed:\n{lines}")
+
+
+def check_policy(training: dict[str, Any], policy: ReleasePolicy) -> list[str]:
+    """Every release-policy criterion the trained student fails (empty when it may be released)."""
+    shards = training["shards"]
+    sites = sorted({s["site"] for s in shards})
+    failures = []
+    if len(shards) < policy.min_shards:
+        failures.append(f"min_shards: the student was trained on {len(shards)} shard(s); the policy needs "
+                        f"{policy.min_shards}")
+    if len(sites) < policy.min_sites:
+        failures.append(f"min_sites: the student was trained on shards of {len(sites)} site(s) {sites}; the policy "
+                        f"needs {policy.min_sites}")
+    limit = policy.max_site_kept_memorization_rate
+    for s in shards:
+        who, p = f"shard {s['site']}/{s['shard_id']} ({s['tar_sha256'][:12]})", s["privacy"]
+        rate = p.get("kept_memorization_rate")
+        if not isinstance(rate, (int, float)):
+            failures.append(f"max_site_kept_memorization_rate: {who} reports no kept-set memorization rate in its "
+                            "manifest; the site must measure it before exporting")
+        elif rate > limit:
+            failures.append(f"max_site_kept_memorization_rate: {who} reports {rate:.4f} > {limit}")
+        if policy.require_filter_enabled and p.get("filter_enabled") is not True:
+            state = "was filtered with the filter disabled" if p.get("filter_enabled") is False \
+                else "does not state that its re-identification filter was enabled"
+            failures.append(f"require_filter_enabled: {who} {state}")
+    return failures
+
+
+def _evidence(shards: Shards, cfg: TrainingConfig, work_dir: Path) -> list[str]:
+    """Missing or stale train/evaluate stages, and stage outputs changed after they were recorded."""
+    failures = []
+    for name, state in stage_state(shards, cfg, work_dir).items():
+        cmd = f"`privdistill-coordinator {_COMMAND[name]}`"
+        if state == "missing":
+            failures.append(f"{name}: has not run; run {cmd} first")
+        elif state == "stale":
+            failures.append(f"{name}: is stale (accepted shards or training config changed since); re-run {cmd}")
+        else:
+            rec = read_record(work_dir, name)
+            if hash_tree(stage_dir(work_dir, name)) != rec["outputs"]:
+                failures.append(f"{name}: its files changed after the stage wrote them; re-run {cmd} --force")
+    return failures
+
+
+def _next_version(out_dir: Path, name: str) -> int:
+    pat = re.compile(rf"^{re.escape(name)}-v(\d+)$")
+    found = [int(m.group(1)) for p in out_dir.iterdir() if (m := pat.match(p.name))] if out_dir.is_dir() else []
+    return max(found, default=0) + 1
+
+
+def _release_record(training: dict[str, Any], evaluation: dict[str, Any], cfg: TrainingConfig, version: int,
+                    work_dir: Path) -> dict[str, Any]:
+    train = training["train"]
+    return {
+        "format": "privdistill-release/1",
+        "name": cfg.name,
+        "version": version,
+        "released_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "software_version": __version__,
+        "model": {
+            "conditioning": training["conditioning"], "class_names": training["class_names"],
+            "resolution": cfg.resolution, "channels": cfg.channels, "parameters": train.get("parameters"),
+            "layout": "diffusers save_pretrained (unet/, scheduler/[, text_encoder/, tokenizer/]) + privdistill_model.json; "
+                      "load with privdistill.models.DiffusionModel.load(<this directory>)",
+        },
+        "training_data": {"kind": "filtered synthetic shards only (no real image)", "n_samples": training["n_samples"],
+                          "sites": training["sites"], "shards": training["shards"]},
+        "training": {"config": training["config"], "steps": train.get("steps"), "final_loss": train.get("final_loss"),
+                     "device": train.get("device")},
+        "evaluation": evaluation,
+        "evaluation_config": cfg.evaluation.model_dump(mode="json"),
+        "sample_config": cfg.sample.model_dump(mode="json"),
+        "policy": {**cfg.release.model_dump(mode="json"), "failures": []},
+        "stages": {n: read_record(work_dir, n)["fingerprint"] for n in (TRAIN_STAGE, EVAL_STAGE)},
+        "not_measured": NOT_MEASURED,
+    }
+
+
+def release(work_dir: Path, out_dir: Path, cfg: TrainingConfig, *, shards: Shards) -> Path:
+    """Write ``out_dir/<name>-v<N>`` (N one above the highest present; nothing is ever overwritten) and
+    return it. Refuses (ReleaseRefused, a PrivacyPolicyError) listing every failing criterion."""
+    work_dir, out_dir = Path(work_dir), Path(out_dir)
+    with workdir_lock(work_dir):
+        failures = _evidence(shards, cfg, work_dir)
+        tdir, edir = stage_dir(work_dir, TRAIN_STAGE), stage_dir(work_dir, EVAL_STAGE)
+        if (tdir / TRAINING_FILE).is_file():
+            failures += check_policy(json.loads((tdir / TRAINING_FILE).read_text()), cfg.release)
+        if failures:
+            log.warning("release.refused", failures=len(failures))
+            raise ReleaseRefused(failures)
+        training = json.loads((tdir / TRAINING_FILE).read_text())
+        evaluation = json.loads((edir / REPORT_FILE).read_text())
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.name}.tmp-", dir=out_dir))
+        try:
+            shutil.copytree(tdir / "model", tmp, dirs_exist_ok=True)
+            for src, name in ((tdir / TRAINING_FILE, TRAINING_FILE), (edir / REPORT_FILE, "evaluation.json"),
+                              (edir / GRID_FILE, GRID_FILE), (tdir / "prompts.json", "prompts.json")):
+                if src.is_file():
+                    shutil.copyfile(src, tmp / name)
+            version = _next_version(out_dir, cfg.name)
+            record = _release_record(training, evaluation, cfg, version, work_dir)
+            (tmp / CARD_FILE).write_text(render_model_card(record))
+            record["files"] = hash_tree(tmp)
+            (tmp / RELEASE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+            sums = hash_tree(tmp)
+            (tmp / SUMS_FILE).write_text("".join(f"{h}  {p}\n" for p, h in sums.items()))
+            final = out_dir / f"{cfg.name}-v{version}"
+            if final.exists():  # another release took this number meanwhile; never replace a release
+                raise PrivacyPolicyError(f"{final} appeared while this release was written; run release again")
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    log.info("release.written", name=cfg.name, version=version, files=len(sums))
+    return final

@@ -1,0 +1,373 @@
+"""The coordinator's student: its training config, the re-verified accepted shards it reads, and the
+train-student / evaluate stages (fingerprinted on the set of shard hashes, so no new shard = no-op)."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import structlog
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from privdistill.config import DataConfig, DiffusionConfig, SampleConfig, Source, _format_pydantic, _source_paths
+from privdistill.data.types import ImageSet
+from privdistill.errors import ConfigError, ShardVerificationError, StageError
+from privdistill.shard import MANIFEST, SHARD_TAR, Manifest, iter_samples, load_shards, parse_manifest, sha256_path, verify_tar
+from privdistill.stages import Stage, StageContext, atomic_write_json, is_current, read_record, run_stage, workdir_lock
+
+log = structlog.get_logger(__name__)
+
+TRAIN_STAGE, EVAL_STAGE = "train-student", "evaluate"
+TRAINING_FILE, REPORT_FILE, GRID_FILE, PROMPTS_FILE = "training.json", "report.json", "samples_grid.png", "prompts.json"
+NO_PATIENT_DATA = (
+    "The coordinator holds no real patient data, so the student's memorization and re-identification of "
+    "real patients are not measured here: each site measures them against its own patients "
+    "(`privdistill-site evaluate-student`). The per-site numbers below are the sites' own measurements of "
+    "their teacher and of the filtered shard they exported, copied from the signed shard manifests."
+)
+
+
+# ----------------------------------------------------------------------------- configuration
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ReferenceConfig(_Strict):
+    """A PUBLIC labelled image set the coordinator owns (never patient data), for utility metrics.
+    Split like privdistill's DataConfig: ``test_source``, else ``test_fraction`` of its images."""
+
+    description: str = "public reference set"
+    source: Source
+    test_source: Source | None = None
+    test_fraction: float = Field(0.5, gt=0, lt=1)
+    classes: list[int] | None = None
+    max_per_class: int | None = Field(None, ge=1)
+    max_test_per_class: int | None = Field(None, ge=1)
+
+
+class EvaluationConfig(_Strict):
+    reference: ReferenceConfig | None = None
+    classifier_steps: int = Field(600, ge=1)
+    classifier_batch_size: int = Field(128, ge=1)
+    memorization_ratio: float = Field(1 / 3, gt=0, lt=1)  # student copies of training-shard images
+
+
+class ReleasePolicy(_Strict):
+    min_shards: int = Field(1, ge=1)
+    min_sites: int = Field(1, ge=1)
+    max_site_kept_memorization_rate: float = Field(0.0, ge=0, le=1)
+    require_filter_enabled: bool = True
+
+
+class TrainingConfig(_Strict):
+    """What the coordinator trains, how it evaluates it and when it may release it."""
+
+    name: str = Field("privdistill-student", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    seed: int = 0
+    resolution: int = Field(ge=8, le=1024)
+    channels: Literal[1, 3] = 1
+    student: DiffusionConfig = DiffusionConfig()
+    sample: SampleConfig = SampleConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    release: ReleasePolicy = ReleasePolicy()
+
+    def reference_data(self) -> DataConfig | None:
+        ref = self.evaluation.reference
+        if ref is None:
+            return None
+        return DataConfig(
+            source=ref.source, test_source=ref.test_source, test_fraction=ref.test_fraction,
+            resolution=self.resolution, channels=self.channels, classes=ref.classes,
+            max_per_class=ref.max_per_class, max_test_per_class=ref.max_test_per_class,
+        )
+
+
+def parse_training_config(raw: Any, source: str | None = None, base_dir: Path | None = None) -> TrainingConfig:
+    """Validate a mapping; relative reference paths resolve against ``base_dir``; every problem listed."""
+    if not isinstance(raw, dict):
+        raise ConfigError(["<root>: the training configuration must be a YAML mapping"], source)
+    try:
+        cfg = TrainingConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_pydantic(err), source) from None
+    problems, resolved = [], cfg.model_dump()
+    ref = cfg.evaluation.reference
+    for key in ("source", "test_source"):
+        src = None if ref is None else getattr(ref, key)
+        for name, path in _source_paths(src) if src is not None else []:
+            full = path if path.is_absolute() or base_dir is None else base_dir / path
+            resolved["evaluation"]["reference"][key][name] = full
+            if not full.exists():
+                problems.append(f"evaluation.reference.{key}.{name}: path does not exist: {full}")
+    model = cfg.student.model
+    factor = 2 ** (len(model.block_out_channels) - 1)
+    if cfg.resolution % factor:
+        problems.append(f"student.model.block_out_channels: {len(model.block_out_channels)} levels downsample by "
+                        f"{factor}, which does not divide resolution={cfg.resolution}")
+    if model.text_encoder_path is not None:
+        full = model.text_encoder_path if model.text_encoder_path.is_absolute() or base_dir is None \
+            else base_dir / model.text_encoder_path
+        resolved["student"]["model"]["text_encoder_path"] = full
+        if not full.is_dir():
+            problems.append(f"student.model.text_encoder_path: not a directory: {full}")
+    if ref is not None and ref.classes is not None and len(set(ref.classes)) != len(ref.classes):
+        problems.append("evaluation.reference.classes: duplicate class values")
+    if problems:
+        raise ConfigError(problems, source)
+    return TrainingConfig.model_validate(resolved)
+
+
+def load_training_config(path: str | Path) -> TrainingConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"training config file not found: {path}"], str(path))
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError([f"YAML syntax error: {err}"], str(path)) from None
+    return parse_training_config(raw, source=str(path), base_dir=path.resolve().parent)
+
+
+# ----------------------------------------------------------------------------- reading shards
+def read_manifest(shard_dir: Path) -> Manifest:
+    path = Path(shard_dir) / MANIFEST
+    if not path.is_file() or not (Path(shard_dir) / SHARD_TAR).is_file():
+        raise ShardVerificationError(f"{shard_dir} has no {MANIFEST} and {SHARD_TAR}: not a stored shard", "not_a_shard")
+    return parse_manifest(path.read_bytes())
+
+
+def _first_png_size(tar: Path) -> tuple[int, int] | None:
+    from PIL import Image
+
+    for _, png, _meta in iter_samples([tar]):
+        with Image.open(io.BytesIO(png)) as im:
+            return im.size
+    return None
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """A stored shard and, when the ledger knows them, the hashes it accepted (checked again on read)."""
+
+    dir: Path
+    tar_sha256: str | None = None
+    manifest_sha256: str | None = None
+
+
+def as_ref(shard: Path | str | ShardRef) -> ShardRef:
+    return shard if isinstance(shard, ShardRef) else ShardRef(Path(shard))
+
+
+def _verified(ref: ShardRef) -> Manifest:
+    d = Path(ref.dir)
+    manifest = read_manifest(d)
+    where = f"shard {manifest.site_id}/{manifest.shard_id} ({manifest.tar_sha256[:12]}) in {d}"
+    if ref.tar_sha256 is not None and manifest.tar_sha256 != ref.tar_sha256:
+        raise ShardVerificationError(f"{where}: the ledger accepted tar {ref.tar_sha256[:12]}; the store was altered",
+                                     "hash_mismatch")
+    if ref.manifest_sha256 is not None and sha256_path(d / MANIFEST) != ref.manifest_sha256:
+        raise ShardVerificationError(f"{where}: manifest.json differs from the one the ledger accepted",
+                                     "hash_mismatch")
+    try:
+        verify_tar(d / SHARD_TAR, manifest)
+    except ShardVerificationError as err:
+        raise ShardVerificationError(f"{where} failed re-verification on read: {err}", err.reason) from None
+    return manifest
+
+
+def load_accepted(
+    shards: Sequence[Path | ShardRef], *, resolution: int | None = None, channels: int = 1,
+) -> tuple[ImageSet, list[Manifest]]:
+    """Re-verify every shard (manifest, tar size, sha256 and members; the ledger's hashes when given) and
+    stream them into one ImageSet.
+
+    Shards are read in (site, shard id, hash) order, so the result depends only on the set of shards.
+    Refuses (ShardVerificationError) a tampered tar, mixed conditioning types and images whose size is
+    not ``resolution`` (or, without it, differs between shards)."""
+    if not shards:
+        raise StageError("no accepted shard yet: nothing to train the student on (sites must upload first)")
+    entries = [(Path(ref.dir), _verified(ref)) for ref in map(as_ref, shards)]
+    entries.sort(key=lambda e: (e[1].site_id, e[1].shard_id, e[1].tar_sha256))
+    sizes = {}
+    for d, m in entries:
+        size = _first_png_size(d / SHARD_TAR)
+        sizes[f"{m.site_id}/{m.shard_id}"] = size
+        if resolution is not None and size != (resolution, resolution):
+            raise ShardVerificationError(
+                f"shard {m.site_id}/{m.shard_id} holds {size[0]}x{size[1]} images but the student is configured for "
+                f"resolution={resolution}; set `resolution` in the training config to the sites' resolution",
+                "resolution_mismatch")
+    if len(set(sizes.values())) > 1:
+        raise ShardVerificationError(f"shards hold images of different sizes {sizes}; train them separately",
+                                     "resolution_mismatch")
+    try:
+        data = load_shards([(d / SHARD_TAR, m) for d, m in entries], channels=channels)
+    except ValueError as err:  # np.stack over images of different sizes inside one shard
+        raise ShardVerificationError(f"a shard holds images of different sizes ({err})", "resolution_mismatch") from None
+    return data, [m for _, m in entries]
+
+
+# ----------------------------------------------------------------------------- privacy numbers from manifests
+# where each number sits in a manifest's privacy section (written by site_agent.package.privacy_aggregate)
+PRIVACY_FIELDS: dict[str, tuple[str, ...]] = {
+    "filter_enabled": ("filter_enabled",),
+    "threshold": ("threshold",),
+    "calibration_tpr": ("calibration", "tpr"),
+    "calibration_fpr": ("calibration", "fpr"),
+    "n_synthetic": ("n_synthetic",),
+    "kept": ("kept",),
+    "dropped": ("dropped",),
+    "planted_recall": ("audit", "planted_recall"),
+    "heldout_real_dropped_rate": ("audit", "heldout_real_dropped_rate"),
+    "memorization_ratio": ("memorization_ratio",),
+    "teacher_memorization_rate": ("teacher_memorization_rate",),
+    "kept_memorization_rate": ("kept_memorization_rate",),
+    "teacher_reid_rate": ("teacher_reid_rate",),
+    "kept_reid_rate": ("kept_reid_rate",),
+    "site_policy_passed": ("policy", "passed"),
+}
+
+
+def privacy_summary(privacy: dict[str, Any]) -> dict[str, Any]:
+    """The aggregate numbers a site put in its manifest's privacy section (None where it reported none)."""
+    out: dict[str, Any] = {}
+    for name, path in PRIVACY_FIELDS.items():
+        node: Any = privacy
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        out[name] = node
+    return out
+
+
+def shard_record(m: Manifest) -> dict[str, Any]:
+    return {"tar_sha256": m.tar_sha256, "site": m.site_id, "shard_id": m.shard_id, "sample_count": m.sample_count,
+            "created": m.created, "software_version": m.software_version, "config_hash": m.config_hash,
+            "conditioning": m.conditioning.type, "class_names": list(m.conditioning.class_names),
+            "privacy": privacy_summary(m.privacy)}
+
+
+# ----------------------------------------------------------------------------- stages
+Shards = Sequence[Path | ShardRef]
+
+
+def _shard_hashes(shards: Shards) -> list[str]:
+    return sorted(read_manifest(as_ref(s).dir).tar_sha256 for s in shards)
+
+
+def _reference_fingerprint(cfg: TrainingConfig) -> str | None:
+    from privdistill.config import RunConfig
+    from privdistill.pipeline import source_fingerprint
+
+    data = cfg.reference_data()
+    return None if data is None else source_fingerprint(RunConfig(data=data))
+
+
+def _training_section(cfg: TrainingConfig) -> dict[str, Any]:
+    return {"seed": cfg.seed, "resolution": cfg.resolution, "channels": cfg.channels,
+            "student": cfg.student.model_dump(mode="json")}
+
+
+def train_stage(shards: Shards, cfg: TrainingConfig) -> Stage:
+    """The stage's fingerprint covers the set of shard hashes: a new accepted shard re-trains, none is a no-op."""
+    config = {"shards": _shard_hashes(shards), **_training_section(cfg)}
+    return Stage(TRAIN_STAGE, lambda ctx: _train(list(shards), cfg, ctx), (), config)
+
+
+def evaluate_stage(shards: Shards, cfg: TrainingConfig) -> Stage:
+    config = {"seed": cfg.seed, "sample": cfg.sample.model_dump(mode="json"),
+              "evaluation": cfg.evaluation.model_dump(mode="json"), "reference_files": _reference_fingerprint(cfg)}
+    return Stage(EVAL_STAGE, lambda ctx: _evaluate(list(shards), cfg, ctx), (TRAIN_STAGE,), config)
+
+
+def train_student(shards: Shards, cfg: TrainingConfig, work_dir: Path, *, force: bool = False) -> dict[str, Any]:
+    """Train (or skip, when the set of shards and the config are unchanged) into ``work_dir/train-student``:
+    ``model/`` (diffusers save_pretrained layout) and ``training.json``; checkpoints under
+    ``work_dir/.checkpoints`` let a killed run resume. Returns the stage record."""
+    work_dir = Path(work_dir)
+    with workdir_lock(work_dir):
+        return run_stage(train_stage(shards, cfg), work_dir, force=force)
+
+
+def evaluate_student(shards: Shards, cfg: TrainingConfig, work_dir: Path, *, force: bool = False) -> dict[str, Any]:
+    """Sample the trained student and measure utility into ``work_dir/evaluate`` (report.json, sample grid)."""
+    work_dir = Path(work_dir)
+    with workdir_lock(work_dir):
+        return run_stage(evaluate_stage(shards, cfg), work_dir, force=force)
+
+
+def stage_state(shards: Shards, cfg: TrainingConfig, work_dir: Path) -> dict[str, str]:
+    """'missing' | 'stale' | 'current' for train-student and evaluate against the accepted shards now."""
+    out = {}
+    for stage in (train_stage(shards, cfg), evaluate_stage(shards, cfg)):
+        rec = read_record(Path(work_dir), stage.name)
+        out[stage.name] = "missing" if rec is None else ("current" if is_current(stage, Path(work_dir)) else "stale")
+    return out
+
+
+def _train(shards: list[Path | ShardRef], cfg: TrainingConfig, ctx: StageContext) -> dict[str, Any]:
+    from privdistill.models import DiffusionModel
+    from privdistill.sample import prompt_label_map
+    from privdistill.train import train_diffusion
+
+    data, manifests = load_accepted(shards, resolution=cfg.resolution, channels=cfg.channels)
+    kind = manifests[0].conditioning.type
+    if kind != cfg.student.model.conditioning:
+        raise StageError(f"the accepted shards are {kind!r}-conditioned but student.model.conditioning is "
+                         f"{cfg.student.model.conditioning!r}; set it to {kind!r} in the training config")
+    model = DiffusionModel.from_config(cfg.student.model, resolution=cfg.resolution, channels=cfg.channels,
+                                       class_names=data.class_names, prompts=data.prompts, seed=cfg.seed)
+    report = train_diffusion(model, data, cfg.student.train, seed=cfg.seed, checkpoint_dir=ctx.checkpoint_dir)
+    model.save(ctx.out / "model")
+    if data.prompts is not None:
+        (ctx.out / PROMPTS_FILE).write_text(json.dumps(prompt_label_map(data), indent=2))
+    shards = [shard_record(m) for m in manifests]
+    training = {
+        "name": cfg.name, "n_samples": len(data), "class_names": data.class_names, "conditioning": kind,
+        "sites": sorted({m.site_id for m in manifests}), "shards": shards,
+        "config": _training_section(cfg), "train": report,
+    }
+    atomic_write_json(ctx.out / TRAINING_FILE, training)
+    log.info("student.trained", shards=len(shards), samples=len(data), final_loss=report.get("final_loss"))
+    return {k: v for k, v in report.items() if k != "loss_curve"} | {"n_shards": len(shards), "n_samples": len(data)}
+
+
+def _evaluate(shards: list[Path | ShardRef], cfg: TrainingConfig, ctx: StageContext) -> dict[str, Any]:
+    from coordinator.student_eval import utility_report
+    from privdistill.imaging import save_grid
+    from privdistill.models import DiffusionModel
+    from privdistill.sample import sample_dataset
+    from privdistill.train import Dist, pick_device
+
+    tdir = ctx.input(TRAIN_STAGE)
+    training = json.loads((tdir / TRAINING_FILE).read_text())
+    if sorted(s["tar_sha256"] for s in training["shards"]) != _shard_hashes(shards):
+        raise StageError("the accepted shards changed since the student was trained: run train-student first")
+    device = pick_device(Dist())
+    model = DiffusionModel.load(tdir / "model").to(device)
+    prompts = tdir / PROMPTS_FILE
+    samples = sample_dataset(model, cfg.sample, seed=cfg.seed + 3, device=device,
+                             prompt_labels=json.loads(prompts.read_text()) if prompts.is_file() else None)
+    save_grid(samples.images[:64], ctx.out / GRID_FILE)
+    pooled, _ = load_accepted(shards, resolution=cfg.resolution, channels=cfg.channels)
+    report: dict[str, Any] = {
+        "student": {"n_samples": len(samples), "class_names": list(model.class_names),
+                    "ddim_steps": cfg.sample.steps, "trained_on_shards": len(training["shards"]),
+                    "trained_on_samples": training["n_samples"]},
+        **utility_report(samples, pooled, cfg),
+        "privacy": {
+            "measured_at_coordinator": False,
+            "note": NO_PATIENT_DATA,
+            "sites": [{"site": s["site"], "shard_id": s["shard_id"], "tar_sha256": s["tar_sha256"], **s["privacy"]}
+                      for s in training["shards"]],
+        },
+    }
+    atomic_write_json(ctx.out / REPORT_FILE, report)
+    log.info("student.evaluated", tstr_accuracy=report["tstr_accuracy"], fid_domain=report["fid_domain"])
+    return report
+

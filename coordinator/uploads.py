@@ -1,0 +1,210 @@
+"""The upload state machine: create (manifest checks), append chunks at the ledger offset, verify and accept
+exactly once, and reconcile staging files with the ledger after a crash."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import threading
+from pathlib import Path
+
+import structlog
+from pydantic import ValidationError
+
+from privdistill.errors import ShardVerificationError
+from privdistill.shard import Manifest, parse_manifest, verify_manifest_signature, verify_tar
+
+from coordinator import store
+from coordinator.audit import AuditLog
+from coordinator.config import CoordinatorConfig
+from coordinator.ledger import Ledger, UploadRow
+from coordinator.metrics import Metrics
+from coordinator.schemas import ApiError, CreateUploadRequest, UploadInfo
+
+log = structlog.get_logger("coordinator.uploads")
+
+
+def info(row: UploadRow) -> UploadInfo:
+    return UploadInfo(upload_id=row.id, state=row.state, offset=row.offset, size=row.size, reason=row.reason,
+                      shard_sha256=row.tar_sha256, duplicate=row.reason == "duplicate")
+
+
+class Uploads:
+    """All upload transitions; every method is blocking (call it from a worker thread)."""
+
+    def __init__(self, config: CoordinatorConfig, ledger: Ledger, audit: AuditLog, metrics: Metrics) -> None:
+        self.config, self.ledger, self.audit, self.metrics = config, ledger, audit, metrics
+        self.state_dir = config.state_dir
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def _lock(self, upload_id: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(upload_id, threading.Lock())
+
+    def _refuse_shard(self, site: str, sha: str | None, status: int, err: ShardVerificationError) -> ApiError:
+        self.metrics.shards_rejected.labels(reason=err.reason).inc()
+        self.ledger.record_event("rejected", site=site, shard_sha256=sha, reason=err.reason)
+        self.audit.event("rejected", site=site, shard_sha256=sha, reason=err.reason)
+        return ApiError(status, err.reason, str(err))
+
+    # ------------------------------------------------------------------ POST /v1/uploads
+    def create(self, site: str, body: bytes) -> tuple[UploadInfo, int]:
+        try:
+            req = CreateUploadRequest.model_validate_json(body)
+        except ValidationError as err:
+            raise ApiError(400, "invalid_request", 'body must be JSON {"manifest": "<manifest.json text>", '
+                           f'"signature": "<manifest.sig text>"}} ({err.error_count()} problem(s))') from None
+        manifest_bytes = req.manifest.encode()
+        limits = self.config.limits
+        if len(manifest_bytes) > limits.max_manifest_bytes:
+            raise ApiError(413, "request_too_large", f"manifest is {len(manifest_bytes)} bytes; the limit is "
+                           f"{limits.max_manifest_bytes}")
+        row = self.ledger.site(site)
+        assert row is not None  # authenticated
+        try:
+            verify_manifest_signature(manifest_bytes, req.signature, row.public_key)
+            manifest = parse_manifest(manifest_bytes)
+            if manifest.site_id != site:
+                raise ShardVerificationError(f"manifest is for site {manifest.site_id!r} but the request is signed "
+                                             f"by {site!r}; a site uploads only its own shards", "site_mismatch")
+        except ShardVerificationError as err:
+            raise self._refuse_shard(site, None, 422, err) from None
+        sha = manifest.tar_sha256
+        if manifest.tar_size > limits.max_shard_bytes:
+            err = ShardVerificationError(f"shard is {manifest.tar_size} bytes; the coordinator accepts at most "
+                                         f"{limits.max_shard_bytes} (split it into smaller shards)", "shard_too_large")
+            raise self._refuse_shard(site, sha, 413, err)
+        existing = self.ledger.shard(sha)
+        if existing is not None:
+            self.audit.event("duplicate", site=site, shard_sha256=sha)
+            return UploadInfo(upload_id=existing.upload_id, state="accepted", offset=manifest.tar_size,
+                              size=manifest.tar_size, shard_sha256=sha, duplicate=True), 200
+        upload, created = self.ledger.create_upload(secrets.token_hex(16), site, sha, manifest.tar_size,
+                                                    req.manifest, req.signature.strip())
+        if not created:
+            with self._lock(upload.id):
+                upload = self._sync(upload)
+            return info(upload), 200
+        self.metrics.uploads_created.inc()
+        self.audit.event("upload_created", site=site, shard_sha256=sha, upload_id=upload.id, size=upload.size)
+        return info(upload), 201
+
+    # ------------------------------------------------------------------ HEAD / GET
+    def owned(self, site: str, upload_id: str) -> UploadRow:
+        row = self.ledger.upload(upload_id)
+        if row is None or row.site != site:
+            raise ApiError(404, "unknown_upload", "no such upload for this site (start one with POST /v1/uploads)")
+        return row
+
+    def status(self, site: str, upload_id: str) -> UploadInfo:
+        row = self.owned(site, upload_id)
+        with self._lock(upload_id):
+            return info(self._sync(row))
+
+    # ------------------------------------------------------------------ PATCH
+    def append(self, site: str, upload_id: str, offset_header: str | None, chunk: bytes) -> UploadInfo:
+        self.owned(site, upload_id)
+        try:
+            offset = int(offset_header) if offset_header is not None else -1
+        except ValueError:
+            offset = -1
+        if offset < 0:
+            raise ApiError(400, "invalid_request", "Upload-Offset header must be the non-negative byte offset "
+                           "of this chunk (HEAD the upload to learn it)")
+        with self._lock(upload_id):
+            row = self._sync(self.owned(site, upload_id))
+            if row.state != "receiving" and offset == row.offset and not chunk:
+                return info(row)
+            if row.state != "receiving" or offset != row.offset:
+                raise ApiError(409, "offset_mismatch", f"upload is {row.state} at offset {row.offset}; resume "
+                               "from there", offset=row.offset, headers={"Upload-Offset": str(row.offset)})
+            end = offset + len(chunk)
+            if end > row.size:
+                raise ApiError(413, "request_too_large", f"chunk ends at byte {end}, past the shard size {row.size}")
+            if chunk:
+                self._write(store.staging_path(self.state_dir, upload_id), offset, chunk)
+                if not self.ledger.set_offset(upload_id, offset, end):  # pragma: no cover - guarded by the lock
+                    raise ApiError(409, "offset_mismatch", "upload moved concurrently", offset=row.offset)
+                self.metrics.upload_bytes.inc(len(chunk))
+            row = self.ledger.upload(upload_id)
+            assert row is not None
+            if row.offset == row.size and row.state == "receiving":
+                row = self._finalize(row)
+            return info(row)
+
+    @staticmethod
+    def _write(part: Path, offset: int, chunk: bytes) -> None:
+        """Bytes first, durably; only then does the caller advance the ledger offset."""
+        part.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.lseek(fd, offset, os.SEEK_SET)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
+            os.ftruncate(fd, offset + len(chunk))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------------ completion and recovery
+    def _sync(self, row: UploadRow) -> UploadRow:
+        """Make the .part file agree with the ledger offset (truncate extra bytes, or lower the offset if bytes
+        were lost) and finish an upload that has all its bytes. Caller holds the upload's lock."""
+        if row.state != "receiving":
+            return row
+        part = store.staging_path(self.state_dir, row.id)
+        actual = part.stat().st_size if part.exists() else 0
+        if actual > row.offset:
+            os.truncate(part, row.offset)
+        elif actual < row.offset:
+            log.warning("staging_shorter_than_ledger", upload_id=row.id, ledger_offset=row.offset, on_disk=actual)
+            self.ledger.set_offset(row.id, row.offset, actual)
+        fresh = self.ledger.upload(row.id)
+        assert fresh is not None
+        if fresh.offset == fresh.size and fresh.state == "receiving":
+            fresh = self._finalize(fresh)
+        return fresh
+
+    def _finalize(self, row: UploadRow) -> UploadRow:
+        part = store.staging_path(self.state_dir, row.id)
+        manifest_bytes = row.manifest.encode()
+        manifest: Manifest = parse_manifest(manifest_bytes)
+        try:
+            verify_tar(part, manifest)
+        except ShardVerificationError as err:
+            self.ledger.reject(row.id, err.reason)
+            part.unlink(missing_ok=True)
+            self.metrics.shards_rejected.labels(reason=err.reason).inc()
+            self.audit.event("rejected", site=row.site, shard_sha256=row.tar_sha256, reason=err.reason,
+                             upload_id=row.id)
+        else:
+            store.install(self.state_dir, row.tar_sha256, part, manifest_bytes, row.signature)
+            added = self.ledger.accept(row.id, shard_id=manifest.shard_id, sample_count=manifest.sample_count,
+                                       manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest())
+            part.unlink(missing_ok=True)
+            if added:
+                self.metrics.shards_accepted.inc()
+            self.audit.event("accepted" if added else "duplicate", site=row.site, shard_sha256=row.tar_sha256,
+                             upload_id=row.id, sample_count=manifest.sample_count, shard_id=manifest.shard_id)
+        done = self.ledger.upload(row.id)
+        assert done is not None
+        return done
+
+    def reconcile(self) -> dict[str, int]:
+        """On startup: drop staging files of closed or unknown uploads, re-align open ones with the ledger."""
+        counts = {"stale_temp": store.remove_stale_temp(self.state_dir), "orphan_parts": 0, "open": 0}
+        open_rows = {u.id: u for u in self.ledger.open_uploads()}
+        for part in store.staging_dir(self.state_dir).glob("*.part"):
+            if part.stem not in open_rows:
+                part.unlink(missing_ok=True)
+                counts["orphan_parts"] += 1
+        for row in open_rows.values():
+            with self._lock(row.id):
+                self._sync(row)
+            counts["open"] += 1
+        log.info("staging_reconciled", **counts)
+        return counts
+

@@ -1,0 +1,303 @@
+"""`privdistill-site`: run the site's stages, package, approve and export shards, read the audit trail."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from privdistill import __version__
+from privdistill.cli import EXIT_CODES
+from privdistill.errors import (
+    ConfigError, PrivacyPolicyError, PrivdistillError, RetryableNetworkError, ShardVerificationError,
+)
+
+SITE_STAGES = ("ingest", "train-teacher", "train-reid", "sample", "filter")
+CONFIG_NAME = "site.yaml"
+log = structlog.get_logger("site_agent.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    epilog = "exit codes:\n" + "\n".join(f"  {k:>3}  {v}" for k, v in EXIT_CODES.items())
+    p = argparse.ArgumentParser(
+        prog="privdistill-site", epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Site agent: train and filter inside the hospital; export only approved, signed shards.",
+    )
+    p.add_argument("--version", action="version", version=f"privdistill-site {__version__}")
+    p.add_argument("--log-format", choices=["console", "json"], default="console")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def wd(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--workdir", type=Path, required=True, help="the site's work directory")
+        return sp
+
+    sp = sub.add_parser("init", help=f"write a commented {CONFIG_NAME} template into DIR")
+    sp.add_argument("dir", type=Path)
+    sp.add_argument("--connection", type=Path, help="the provisioned site-connection.yaml: fills the site: section")
+    sp.add_argument("--force", action="store_true", help=f"overwrite an existing {CONFIG_NAME}")
+    sp = wd(sub.add_parser("run", help="ingest, train teacher and re-id, sample, filter, then package a shard"))
+    sp.add_argument("config", type=Path)
+    sp.add_argument("--force", action="store_true", help="re-run every stage even if inputs are unchanged")
+    wd(sub.add_parser("status", help="stages and shards of a work directory")).add_argument("config", type=Path)
+    sp = wd(sub.add_parser("shards", help="list packaged shards"))
+    sp.add_argument("config", type=Path, nargs="?", help="optional: the site config (validated when given)")
+    sp.add_argument("--json", action="store_true")
+    sp = wd(sub.add_parser("approve", help="approve a packaged shard for export (data steward)"))
+    sp.add_argument("shard")
+    sp.add_argument("--by", help="who approves (default: the OS user)")
+    sp = wd(sub.add_parser("reject", help="reject a shard for good"))
+    sp.add_argument("shard")
+    sp.add_argument("--reason", required=True)
+    sp.add_argument("--by", help="who rejects (default: the OS user)")
+    sp = wd(sub.add_parser("export", help="upload approved shards (all not yet exported, or SHARD)"))
+    sp.add_argument("config", type=Path)
+    sp.add_argument("shard", nargs="?")
+    sp = wd(sub.add_parser("audit-log", help="print the audit trail"))
+    sp.add_argument("config", type=Path, nargs="?", help="optional: the site config (validated when given)")
+    sp.add_argument("--json", action="store_true")
+    sp = wd(sub.add_parser("evaluate-student", help="measure a released student on this site's own data"))
+    sp.add_argument("config", type=Path)
+    sp.add_argument("model_dir", type=Path)
+    return p
+
+
+# ----------------------------------------------------------------------------- commands
+def _init(args: argparse.Namespace) -> int:
+    from privdistill.stages import atomic_write_text
+    from site_agent.config import read_connection, render_template
+
+    out = args.dir / CONFIG_NAME
+    if out.exists() and not args.force:
+        raise ConfigError([f"{out} already exists; edit it, or pass --force to overwrite it"])
+    connection = read_connection(args.connection) if args.connection else None
+    atomic_write_text(out, render_template(connection))
+    print(f"wrote {out}: fill every CHANGE-ME, then `privdistill-site run {out} --workdir WORKDIR`")
+    return 0
+
+
+def _site_key(cfg: Any) -> Any:
+    from privdistill.identity import load_private_key
+
+    if not cfg.site.key_file.is_file():  # production configs were refused already
+        return None
+    return load_private_key(cfg.site.key_file)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from privdistill.pipeline import run_pipeline
+    from privdistill.stages import run_stage, workdir_lock
+    from site_agent.config import load_site_config
+    from site_agent.package import build_package_stage
+
+    cfg = load_site_config(args.config)
+    key = _site_key(cfg)
+    run_pipeline(cfg, args.workdir, stages=list(SITE_STAGES), force=args.force)
+    if key is None:
+        log.warning("package.skipped", reason="site.key_file missing (production: false)")
+        print("NOT PACKAGED: no site key (site.key_file); provision the site to package and export shards",
+              file=sys.stderr)
+        return 0
+    with workdir_lock(args.workdir):
+        record = run_stage(build_package_stage(cfg, args.workdir, key=key), args.workdir, force=args.force)
+    rep = record["report"]
+    sid, verdict, pv = rep["shard_id"], rep["policy"], rep["privacy"]
+    print(f"shard {sid}: {rep['state']}; policy {'passed' if verdict['passed'] else 'FAILED: ' + ', '.join(verdict['failed'])}")
+    print(f"  kept {pv['kept']} of {pv['n_synthetic']} synthetic images; memorization kept {pv['kept_memorization_rate']:.3f}"
+          f" / all teacher samples {pv['teacher_memorization_rate']:.3f}; re-id teacher {pv['teacher_reid_rate']:.3f}"
+          f" / kept {pv['kept_reid_rate']:.3f}")
+    if not verdict["passed"]:
+        print("  this shard can never be exported; change the training/filter settings and run again", file=sys.stderr)
+        return PrivacyPolicyError.exit_code
+    if rep["state"] == "packaged":
+        print(f"  review {args.workdir / 'filter' / 'review'} and {args.workdir / 'shards' / sid}, then:\n"
+              f"  privdistill-site approve {sid} --workdir {args.workdir}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from privdistill.pipeline import build_stage
+    from privdistill.stages import is_current, read_record
+    from site_agent.config import load_site_config
+    from site_agent.package import PACKAGE, build_package_stage
+
+    cfg = load_site_config(args.config)
+    key = _site_key(cfg)
+    for name in (*SITE_STAGES, PACKAGE):
+        done = read_record(args.workdir, name) is not None
+        if name == PACKAGE:
+            current = key is not None and is_current(build_package_stage(cfg, args.workdir, key=key), args.workdir)
+        else:
+            current = is_current(build_stage(cfg, name), args.workdir)
+        print(f"{name:<14} {'up to date' if current else ('stale' if done else 'not run')}")
+    print()
+    return _shards(args)
+
+
+def _shard_table(rows: list[Any]) -> str:
+    lines = [f"{'shard':<34} {'state':<9} {'samples':>7}  {'policy':<28} {'approved_by':<14} exported"]
+    for r in rows:
+        pol = "passed" if r.policy_passed else "FAILED " + ",".join(r.policy.get("failed", []))
+        lines.append(f"{r.shard_id:<34} {r.state:<9} {r.sample_count:>7}  {pol:<28} {r.approved_by or '-':<14} "
+                     f"{r.exported_at or '-'}")
+    return "\n".join(lines)
+
+
+def _check_optional_config(args: argparse.Namespace) -> None:
+    from site_agent.config import load_site_config
+
+    if getattr(args, "config", None) is not None:
+        load_site_config(args.config)
+
+
+def _shards(args: argparse.Namespace) -> int:
+    from site_agent.state import SiteState
+
+    if args.command == "shards":
+        _check_optional_config(args)
+
+    rows = SiteState(args.workdir).list()
+    if getattr(args, "json", False):
+        print(json.dumps([r.public() for r in rows], indent=2))
+    elif rows:
+        print(_shard_table(rows))
+    else:
+        print("no shards yet: `privdistill-site run CONFIG --workdir WORKDIR` packages one")
+    return 0
+
+
+def _approve(args: argparse.Namespace) -> int:
+    from site_agent.audit import audit, operator
+    from site_agent.state import SiteState
+
+    by = args.by or operator()
+    row = SiteState(args.workdir).approve(args.shard, by=by)
+    audit(args.workdir, "approved", shard_id=row.shard_id, site_id=row.site_id, by=by,
+          manifest_sha256=row.manifest_sha256)
+    print(f"approved {row.shard_id} ({row.sample_count} samples) by {by}; export with "
+          f"`privdistill-site export CONFIG {row.shard_id} --workdir {args.workdir}`")
+    return 0
+
+
+def _reject(args: argparse.Namespace) -> int:
+    from site_agent.audit import audit, operator
+    from site_agent.state import SiteState
+
+    by = args.by or operator()
+    row = SiteState(args.workdir).reject(args.shard, reason=args.reason, by=by)
+    audit(args.workdir, "rejected", shard_id=row.shard_id, site_id=row.site_id, by=by, reason=args.reason)
+    print(f"rejected {row.shard_id}: {args.reason}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from privdistill.identity import load_private_key
+    from privdistill.shard import MANIFEST, sha256_path
+    from site_agent import upload
+    from site_agent.audit import audit
+    from site_agent.config import load_site_config
+    from site_agent.gate import check_export, exportable, shard_dir
+    from site_agent.state import SiteState
+
+    cfg = load_site_config(args.config)
+    targets = [args.shard] if args.shard else exportable(args.workdir)
+    if not targets:
+        print("nothing to export: no approved shard waits (see `privdistill-site shards`)")
+        return 0
+    key = load_private_key(cfg.site.key_file)
+    rc = 0
+    for ref in targets:
+        try:
+            manifest = check_export(args.workdir, ref, cfg)
+        except (PrivacyPolicyError, ShardVerificationError) as err:
+            print(f"REFUSED {ref}: {err}", file=sys.stderr)
+            rc = rc or err.exit_code
+            continue
+        sid, src = manifest.shard_id, shard_dir(args.workdir, manifest.shard_id)
+        common = {"shard_id": sid, "site_id": cfg.site.id, "destination": cfg.site.coordinator_url}
+        try:
+            result = upload.upload_shard(src, url=cfg.site.coordinator_url, ca_file=cfg.site.ca_file,
+                                         site_id=cfg.site.id, key=key)
+        except RetryableNetworkError as err:
+            audit(args.workdir, "export_failed", reason="network", detail=str(err), **common)
+            print(f"NOT SENT {sid}: {err}; run export again later (the upload resumes)", file=sys.stderr)
+            rc = rc or err.exit_code
+            continue
+        except (PrivacyPolicyError, ShardVerificationError) as err:
+            audit(args.workdir, "export_refused", by="coordinator", reason=getattr(err, "reason", type(err).__name__),
+                  detail=str(err), **common)
+            print(f"REFUSED by the coordinator {sid}: {err}", file=sys.stderr)
+            rc = rc or err.exit_code
+            continue
+        if result.state != "accepted" or result.shard_sha256 != manifest.tar_sha256:
+            reason = result.reason if result.state != "accepted" else "accepted_sha256_differs"
+            audit(args.workdir, "export_refused", by="coordinator", reason=reason, upload_id=result.upload_id, **common)
+            print(f"REFUSED by the coordinator {sid}: {reason}", file=sys.stderr)
+            rc = rc or ShardVerificationError.exit_code
+            continue
+        SiteState(args.workdir).mark_exported(sid, destination=cfg.site.coordinator_url, upload_id=result.upload_id)
+        audit(args.workdir, "exported", tar_sha256=manifest.tar_sha256,
+              manifest_sha256=sha256_path(src / MANIFEST), bytes=manifest.tar_size, bytes_sent=result.bytes_sent,
+              upload_id=result.upload_id, duplicate=result.duplicate, sample_count=manifest.sample_count, **common)
+        print(f"exported {sid}: {manifest.sample_count} samples, {manifest.tar_size} bytes -> {cfg.site.coordinator_url}"
+              f"{' (already there)' if result.duplicate else ''}")
+    return rc
+
+
+def _audit_log(args: argparse.Namespace) -> int:
+    from site_agent.audit import format_table, read_audit
+
+    _check_optional_config(args)
+    records = read_audit(args.workdir)
+    if args.json:
+        for r in records:
+            print(json.dumps(r, sort_keys=True))
+    else:
+        print(format_table(records) if records else "no audit records yet")
+    return 0
+
+
+def _evaluate_student(args: argparse.Namespace) -> int:
+    from site_agent.config import load_site_config
+    from site_agent.student_eval import REPORT_DIR, evaluate_student
+
+    rep = evaluate_student(load_site_config(args.config), args.workdir, args.model_dir)
+
+    def fmt(v: object) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else "n/a"
+
+    for who in ("teacher", "student"):
+        m = rep[who]
+        if m is not None:
+            print(f"{who} on site {rep['site_id']}: memorization_rate {fmt(m['memorization_rate'])}, reid_rate "
+                  f"{fmt(m['reid_rate'])}, tstr_accuracy {fmt(m['tstr_accuracy'])} ({m['n_samples']} samples)")
+    print(f"report: {args.workdir / REPORT_DIR / 'report.json'}")
+    return 0
+
+
+COMMANDS = {"init": _init, "run": _run, "status": _status, "shards": _shards, "approve": _approve,
+            "reject": _reject, "export": _export, "audit-log": _audit_log, "evaluate-student": _evaluate_student}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from privdistill.logs import configure_logging
+
+    args = _parser().parse_args(argv)
+    configure_logging(args.log_format, args.log_level)
+    try:
+        return COMMANDS[args.command](args)
+    except PrivdistillError as err:
+        log.error("failed", command=args.command, error_type=type(err).__name__, exit_code=err.exit_code)
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

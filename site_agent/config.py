@@ -1,0 +1,242 @@
+"""Site configuration: the run configuration plus a `site:` section (identity, connection, approval, export policy)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import structlog
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from privdistill.config import FilterConfig, RunConfig, Strict, _format_pydantic, config_hash, parse_config
+from privdistill.errors import ConfigError
+from privdistill.shard import ID_PATTERN, prompt_vocabulary, tokens
+
+log = structlog.get_logger(__name__)
+
+# site fields that say how to reach the coordinator or how strict to be, not what is in a shard:
+# changing them neither re-packages nor renames a shard
+CONNECTION_FIELDS = ("coordinator_url", "ca_file", "key_file", "approval", "production")
+
+
+class PolicyConfig(Strict):
+    """What a shard's aggregate privacy numbers must show before it may leave the site."""
+
+    # share of the KEPT synthetic images that copy a training image (pixel memorization, privdistill.metrics)
+    max_kept_memorization_rate: float = Field(0.0, ge=0, le=1)
+    # the same for ALL teacher samples before filtering; null = not a criterion
+    max_teacher_memorization_rate: float | None = Field(None, ge=0, le=1)
+    # the filter's recall on planted copies of training images (worst kind: exact, shift, noise, contrast)
+    min_planted_recall: float = Field(1.0, ge=0, le=1)
+    # the re-identification filter must have been enabled for the kept set
+    require_filter: bool = True
+    # fewest kept images a shard may hold
+    min_kept: int = Field(1, ge=1)
+
+
+class SiteSection(Strict):
+    """Who this site is, where it sends shards, and who must approve them."""
+
+    id: str = Field(pattern=ID_PATTERN)  # the site name the coordinator registered (site-connection.yaml: site_id)
+    coordinator_url: str  # https://HOST:PORT
+    ca_file: Path  # CA certificate that signed the coordinator's TLS certificate (relative to this yaml)
+    key_file: Path  # the site's Ed25519 private key, mode 0600 (relative to this yaml)
+    approval: Literal["manual", "auto"] = "manual"  # auto: a shard that passes the policy is approved at once
+    production: bool = True  # production: a disabled filter or a missing key/CA file is an error, not a warning
+    vocabulary_extra: list[str] = Field(default_factory=list)  # extra allow-listed prompt words (lowercase)
+    policy: PolicyConfig = PolicyConfig()
+
+    @field_validator("coordinator_url")
+    @classmethod
+    def _https(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme != "https" or not parts.hostname:
+            raise ValueError("must be an https://HOST:PORT URL (shards are never sent in clear)")
+        if parts.query or parts.fragment or parts.username:
+            raise ValueError("must not carry a query, fragment or user name")
+        return v.rstrip("/")
+
+    @field_validator("vocabulary_extra")
+    @classmethod
+    def _words(cls, v: list[str]) -> list[str]:
+        bad = [w for w in v if tokens(w) != [w]]
+        if bad:
+            raise ValueError(f"{bad}: each entry must be one lowercase word of letters/digits (no spaces)")
+        return v
+
+
+class SiteConfig(RunConfig):
+    """The run configuration of a site agent: every privdistill section plus `site:`."""
+
+    site: SiteSection
+
+
+def _resolve(value: Any, base_dir: Path) -> Any:
+    if isinstance(value, str) and value and not Path(value).is_absolute():
+        return str(base_dir / value)
+    return value
+
+
+def _site_checks(site: SiteSection, filter_enabled: bool) -> tuple[list[str], list[str]]:
+    """(problems, warnings) that need more than the schema: files, key mode, production rules."""
+    from privdistill.identity import load_private_key
+
+    problems: list[str] = []
+    warnings: list[str] = []
+    strict = problems if site.production else warnings
+    for name in ("ca_file", "key_file"):
+        path: Path = getattr(site, name)
+        if not path.is_file():
+            strict.append(f"site.{name}: file not found: {path} (copy it from the site's provisioning bundle)")
+    if site.key_file.is_file():
+        try:
+            load_private_key(site.key_file)
+        except ConfigError as err:
+            problems.extend(f"site.key_file: {p}" for p in err.problems)
+    if not filter_enabled:
+        strict.append("filter.enabled: false lets unfiltered synthetic images leave the site; "
+                      "set it true (or site.production: false for a test site)")
+    if not site.policy.require_filter:
+        strict.append("site.policy.require_filter: false lets an unfiltered shard pass the export policy; "
+                      "set it true (or site.production: false for a test site)")
+    return problems, warnings
+
+
+def parse_site_config(raw: Any, source: str | None = None, base_dir: Path | None = None) -> SiteConfig:
+    """Validate a mapping into a SiteConfig, listing every problem of the run part and the site part at once."""
+    if not isinstance(raw, dict):
+        raise ConfigError(["<root>: the configuration must be a YAML mapping"], source)
+    if isinstance(raw.get("site"), dict) and base_dir is not None:
+        site_raw = dict(raw["site"])
+        for name in ("ca_file", "key_file"):
+            site_raw[name] = _resolve(site_raw.get(name), base_dir)
+        raw = {**raw, "site": site_raw}
+    problems: list[str] = []
+    run: RunConfig | None = None
+    try:  # the run part alone, so its path problems are listed even when the site part is wrong
+        run = parse_config({k: v for k, v in raw.items() if k != "site"}, source, base_dir)
+    except ConfigError as err:
+        problems.extend(err.problems)
+    warnings: list[str] = []
+    try:
+        site = _SiteOnly.model_validate({"site": raw.get("site")} if "site" in raw else {})
+    except ValidationError as err:
+        problems.extend(_format_pydantic(err))
+    else:
+        filt = run.filter if run is not None else _try(FilterConfig, raw.get("filter", {}))
+        more, warnings = _site_checks(site.site, True if filt is None else filt.enabled)
+        problems.extend(more)
+    if problems:
+        raise ConfigError(problems, source)
+    for w in warnings:
+        log.warning("site.config.unsafe_for_production", problem=w, production=False)
+    return parse_config(raw, source, base_dir, model=SiteConfig)  # type: ignore[return-value]
+
+
+class _SiteOnly(Strict):
+    site: SiteSection
+
+
+def _try(model: type[Strict], raw: Any) -> Any:
+    try:
+        return model.model_validate(raw)
+    except ValidationError:
+        return None
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Read and validate a site YAML file; relative paths resolve against the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file not found: {path} (create one with `privdistill-site init DIR`)"], str(path))
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError([f"YAML syntax error: {err}"], str(path)) from None
+    return parse_site_config(raw, source=str(path), base_dir=path.resolve().parent)
+
+
+def shard_config_hash(cfg: SiteConfig) -> str:
+    """sha256 of the resolved config minus the connection fields: what made the shard's content."""
+    dump = cfg.model_dump(mode="json")
+    dump["site"] = {k: v for k, v in dump["site"].items() if k not in CONNECTION_FIELDS}
+    return config_hash(dump)
+
+
+def vocabulary(cfg: SiteConfig, class_names: list[str]) -> list[str]:
+    """The allow-listed prompt words: the template's fixed words, the class names and site.vocabulary_extra."""
+    return prompt_vocabulary(cfg.data.prompt_template, class_names, cfg.site.vocabulary_extra)
+
+
+def read_connection(path: Path) -> dict[str, str]:
+    """The provisioned site-connection.yaml, with its file paths made absolute."""
+    raw = yaml.safe_load(Path(path).read_text())
+    need = ("site_id", "coordinator_url", "ca_file", "key_file")
+    if not isinstance(raw, dict) or any(k not in raw for k in need):
+        raise ConfigError([f"{path}: a site-connection.yaml needs the keys {', '.join(need)}"], str(path))
+    base = Path(path).resolve().parent
+    return {"id": str(raw["site_id"]), "coordinator_url": str(raw["coordinator_url"]),
+            "ca_file": str(_resolve(str(raw["ca_file"]), base)), "key_file": str(_resolve(str(raw["key_file"]), base))}
+
+
+TEMPLATE = """\
+# privdistill site agent configuration. Fill every CHANGE-ME, then check it with
+#   privdistill-site run site.yaml --workdir WORKDIR     (every problem is listed at once).
+# Relative paths resolve against this file's folder. The sections other than `site:` are the
+# privdistill run configuration (see examples/*.yaml in the privdistill repository).
+name: site-run
+seed: 0
+data:
+  source:                       # the real training images; they never leave this machine
+    type: idx                   # idx | npz | folder (+ manifest.csv) | dicom
+    images: CHANGE-ME/train-images-idx3-ubyte.gz
+    labels: CHANGE-ME/train-labels-idx1-ubyte.gz
+    class_names: [T-shirt, Trouser, Pullover, Dress, Coat, Sandal, Shirt, Sneaker, Bag, Ankle-boot]
+  test_source:                  # real held-out images for the filter audit and local evaluation
+    type: idx
+    images: CHANGE-ME/t10k-images-idx3-ubyte.gz
+    labels: CHANGE-ME/t10k-labels-idx1-ubyte.gz
+    class_names: [T-shirt, Trouser, Pullover, Dress, Coat, Sandal, Shirt, Sneaker, Bag, Ankle-boot]
+  classes: [1, 7, 8]
+  max_per_class: 40
+  max_test_per_class: 100
+  resolution: 16
+  visits: {count: 2, max_shift: 1}
+  # prompt_template: "an image of a {label}"   # text conditioning: prompts are built ONLY from this
+teacher:
+  model: {block_out_channels: [16, 32], norm_num_groups: 8}
+  train: {steps: 300, batch_size: 32, learning_rate: 1.0e-3, warmup_steps: 20, ema_decay: 0.99}
+reid: {steps: 120, batch_size: 48, width: 16, embedding_dim: 32}
+sample: {per_class: 30, steps: 20, batch_size: 90}
+filter:
+  enabled: true                 # production refuses false
+site:
+  # From the provisioning bundle's site-connection.yaml (`privdistill-site init --connection FILE` fills these):
+  id: CHANGE-ME                 # lowercase letters, digits, - and _ (the name the coordinator registered)
+  coordinator_url: https://CHANGE-ME:8443
+  ca_file: CHANGE-ME/ca.pem     # the coordinator's CA certificate
+  key_file: CHANGE-ME/site.key  # this site's private key (mode 0600); it signs every shard and request
+  approval: manual              # manual: a data steward runs `privdistill-site approve SHARD`; auto: policy decides
+  production: true              # true: a disabled filter or a missing key/CA file is an error
+  vocabulary_extra: []          # extra allow-listed prompt words; never names, dates or report text
+  policy:                       # a shard failing any criterion is never exported
+    max_kept_memorization_rate: 0.0       # kept synthetic images that copy a training image (fraction)
+    max_teacher_memorization_rate: null   # the same before filtering (null: not checked)
+    min_planted_recall: 1.0               # filter recall on planted copies of training images (worst kind)
+    require_filter: true                  # the re-identification filter must have run
+    min_kept: 1                           # fewest images a shard may hold
+"""
+
+
+def render_template(connection: dict[str, str] | None = None) -> str:
+    """The commented template, with the `site:` connection values filled when ``connection`` is given."""
+    text = TEMPLATE
+    if connection:
+        for key in ("id", "coordinator_url", "ca_file", "key_file"):
+            value = connection[key]
+            text = re.sub(rf"^(  {key}: )\S+", lambda m: m.group(1) + yaml.safe_dump(value).splitlines()[0], text,
+                          count=1, flags=re.M)
+    return text

@@ -1,0 +1,464 @@
+"""Coordinator upload API in-process: signed resumable uploads, exactly-once acceptance, every rejection path."""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from coordinator.api import create_app
+from coordinator.config import CoordinatorConfig
+from coordinator.store import shard_dir, staging_path
+from privdistill.data.types import ImageSet
+from privdistill.identity import generate_key, sign, sign_request
+from privdistill.shard import Conditioning, Manifest, encode_png, sha256_bytes, write_shard
+
+A, B = "site-a", "site-b"
+CHUNK = 4096
+
+
+# ----------------------------------------------------------------------------- helpers
+def make_app(tmp_path: Path, **limits: int):
+    cfg = CoordinatorConfig(tls={"cert": tmp_path / "x.pem", "key": tmp_path / "x.key"},
+                            state_dir=tmp_path / "state",
+                            limits={"max_chunk_bytes": CHUNK, "max_shard_bytes": 1 << 20, **limits})
+    return create_app(cfg)
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return {A: generate_key(), B: generate_key(), "other": generate_key()}
+
+
+@pytest.fixture()
+def env(tmp_path, keys):
+    from privdistill.identity import public_key_b64
+
+    app = make_app(tmp_path)
+    for site in (A, B):
+        app.state.ledger.add_site(site, public_key_b64(keys[site]))
+    with TestClient(app) as client:
+        yield app, client
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory, keys):
+    """A real 6-sample shard of site-a (~13 KiB tar: several 4 KiB chunks)."""
+    rng = np.random.default_rng(0)
+    kept = ImageSet(images=rng.uniform(-1, 1, (6, 1, 8, 8)).astype(np.float32),
+                    labels=np.array([0, 1, 0, 1, 0, 1]), class_names=["cat", "dog"])
+    out = tmp_path_factory.mktemp("shard") / "s1"
+    write_shard(kept, out, site_id=A, shard_id="s1", config_hash="0" * 64, privacy={"kept": 6}, key=keys[A])
+    return out
+
+
+def call(client, key, site, method, path, body=b"", headers=None, *, now=None):
+    h = sign_request(key, site, method, path, body, now=now)
+    h.update(headers or {})
+    return client.request(method, path, content=body, headers=h)
+
+
+def create_body(manifest: bytes, signature: str) -> bytes:
+    return json.dumps({"manifest": manifest.decode(), "signature": signature}).encode()
+
+
+def start(client, key, site, manifest: bytes, signature: str):
+    return call(client, key, site, "POST", "/v1/uploads", create_body(manifest, signature))
+
+
+def send_all(client, key, site, upload_id: str, data: bytes, chunk: int = CHUNK, start_at: int = 0):
+    """PATCH ``data`` (the shard's bytes from ``start_at`` on) in chunks; every answer must be 204."""
+    r = None
+    for off in range(0, len(data), chunk):
+        r = call(client, key, site, "PATCH", f"/v1/uploads/{upload_id}", data[off:off + chunk],
+                 {"Upload-Offset": str(start_at + off), "Content-Type": "application/offset+octet-stream"})
+        assert r.status_code == 204, r.text
+    return r
+
+
+def metric(app, name: str, reason: str | None = None) -> float:
+    return app.state.metrics.value(name, **({"reason": reason} if reason else {}))
+
+
+def count_rows(app, table: str) -> int:
+    with sqlite3.connect(app.state.config.ledger_path) as db:
+        return db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+
+def assert_nothing_stored(app) -> None:
+    state = app.state.config.state_dir
+    assert list((state / "store").rglob("*")) == []
+    assert list((state / "staging").iterdir()) == []
+    assert app.state.ledger.accepted_shards() == []
+    assert count_rows(app, "shards") == 0
+
+
+def shard_files(d: Path) -> tuple[bytes, bytes, str]:
+    return (d / "shard.tar").read_bytes(), (d / "manifest.json").read_bytes(), (d / "manifest.sig").read_text()
+
+
+# ----------------------------------------------------------------------------- happy path
+def test_upload_in_chunks_accepted_once_then_duplicate(env, keys, shard):
+    app, client = env
+    tar, manifest, sig = shard_files(shard)
+    assert len(tar) > 3 * CHUNK
+    r = start(client, keys[A], A, manifest, sig)
+    assert r.status_code == 201, r.text
+    up = r.json()
+    assert (up["state"], up["offset"], up["size"], up["duplicate"]) == ("receiving", 0, len(tar), False)
+    assert len(up["upload_id"]) == 32
+
+    last = send_all(client, keys[A], A, up["upload_id"], tar)
+    assert last.headers["Upload-State"] == "accepted"
+    assert last.headers["Upload-Offset"] == str(len(tar))
+
+    sha = sha256_bytes(tar)
+    rows = app.state.ledger.accepted_shards()
+    assert [(s.tar_sha256, s.site, s.shard_id, s.sample_count) for s in rows] == [(sha, A, "s1", 6)]
+    assert rows[0].dir == shard_dir(app.state.config.state_dir, sha)
+    assert shard_files(rows[0].dir) == (tar, manifest, sig.strip() + "\n")
+    assert list((app.state.config.state_dir / "staging").iterdir()) == []
+    got = call(client, keys[A], A, "GET", f"/v1/uploads/{up['upload_id']}").json()
+    assert got == {"upload_id": up["upload_id"], "state": "accepted", "offset": len(tar), "size": len(tar),
+                   "shard_sha256": sha, "reason": None, "duplicate": False}
+
+    again = start(client, keys[A], A, manifest, sig)
+    assert again.status_code == 200
+    assert again.json() | {} == {"upload_id": up["upload_id"], "state": "accepted", "offset": len(tar),
+                                 "size": len(tar), "shard_sha256": sha, "reason": None, "duplicate": True}
+    assert count_rows(app, "shards") == 1 and count_rows(app, "uploads") == 1
+    assert metric(app, "privdistill_shards_accepted_total") == 1
+    assert metric(app, "privdistill_uploads_created_total") == 1
+    assert metric(app, "privdistill_upload_bytes_total") == len(tar)
+    kinds = [json.loads(line)["event"] for line in (app.state.config.state_dir / "audit.log").read_text().splitlines()]
+    assert kinds == ["upload_created", "accepted", "duplicate"]
+
+
+def test_resume_returns_open_upload_and_head_truncates_unrecorded_bytes(env, keys, shard):
+    app, client = env
+    tar, manifest, sig = shard_files(shard)
+    first = start(client, keys[A], A, manifest, sig).json()
+    send_all(client, keys[A], A, first["upload_id"], tar[:CHUNK])
+    part = staging_path(app.state.config.state_dir, first["upload_id"])
+    with open(part, "ab") as fh:  # bytes written by a crash after the write but before the ledger update
+        fh.write(b"x" * 100)
+    resumed = start(client, keys[A], A, manifest, sig)
+    assert resumed.status_code == 200
+    assert resumed.json()["upload_id"] == first["upload_id"] and resumed.json()["offset"] == CHUNK
+    assert part.stat().st_size == CHUNK
+    with open(part, "ab") as fh:
+        fh.write(b"y" * 10)
+    head = call(client, keys[A], A, "HEAD", f"/v1/uploads/{first['upload_id']}")
+    assert head.status_code == 200
+    assert (head.headers["Upload-Offset"], head.headers["Upload-Length"], head.headers["Upload-State"]) == \
+        (str(CHUNK), str(len(tar)), "receiving")
+    assert part.stat().st_size == CHUNK
+    part.write_bytes(tar[:100])  # bytes lost (e.g. staging restored from an old backup): the ledger steps back
+    head = call(client, keys[A], A, "HEAD", f"/v1/uploads/{first['upload_id']}")
+    assert head.headers["Upload-Offset"] == "100" and app.state.ledger.upload(first["upload_id"]).offset == 100
+    send_all(client, keys[A], A, first["upload_id"], tar[100:], start_at=100)
+    assert (app.state.ledger.accepted_shards()[0].dir / "shard.tar").read_bytes() == tar
+
+
+def test_reconcile_drops_orphan_parts_and_finishes_complete_uploads(env, keys, shard):
+    app, client = env
+    tar, manifest, sig = shard_files(shard)
+    up = start(client, keys[A], A, manifest, sig).json()
+    part = staging_path(app.state.config.state_dir, up["upload_id"])
+    part.write_bytes(tar)  # all bytes on disk, ledger still at 0 (crash before the ledger update)
+    orphan = staging_path(app.state.config.state_dir, "deadbeef")
+    orphan.write_bytes(b"junk")
+    counts = app.state.uploads.reconcile()
+    assert counts["orphan_parts"] == 1 and counts["open"] == 1
+    assert not orphan.exists()
+    assert part.stat().st_size == 0  # never trust bytes the ledger did not record
+    assert app.state.ledger.upload(up["upload_id"]).offset == 0
+    # all bytes durably recorded but not yet verified (crash before accept): startup finishes the job
+    part.write_bytes(tar)
+    assert app.state.ledger.set_offset(up["upload_id"], 0, len(tar))
+    app.state.uploads.reconcile()
+    assert [s.tar_sha256 for s in app.state.ledger.accepted_shards()] == [sha256_bytes(tar)]
+    assert not part.exists()
+
+
+def test_concurrent_final_chunks_accept_exactly_once(env, keys, shard):
+    from concurrent.futures import ThreadPoolExecutor
+
+    app, client = env
+    tar, manifest, sig = shard_files(shard)
+    with ThreadPoolExecutor(4) as pool:  # concurrent create-or-resume: one upload
+        ids = {r.json()["upload_id"] for r in pool.map(lambda _: start(TestClient(app), keys[A], A, manifest, sig),
+                                                          range(4))}
+    assert len(ids) == 1
+    upload_id = ids.pop()
+    cut = len(tar) - 100
+    send_all(client, keys[A], A, upload_id, tar[:cut])
+
+    def last(_: int):
+        return call(TestClient(app), keys[A], A, "PATCH", f"/v1/uploads/{upload_id}", tar[cut:],
+                    {"Upload-Offset": str(cut)})
+
+    with ThreadPoolExecutor(4) as pool:
+        codes = sorted(r.status_code for r in pool.map(last, range(4)))
+    assert codes == [204, 409, 409, 409]
+    assert count_rows(app, "shards") == 1 and metric(app, "privdistill_shards_accepted_total") == 1
+
+
+def test_streamed_body_over_limit_refused_while_reading(env, keys, shard):
+    app, client = env
+    tar, manifest, sig = shard_files(shard)
+    up = start(client, keys[A], A, manifest, sig).json()
+    path = f"/v1/uploads/{up['upload_id']}"
+    body = tar[:CHUNK + 512]
+    sent: list[int] = []
+
+    def stream():  # chunked transfer: no Content-Length to refuse up front
+        for i in range(0, len(body), 512):
+            sent.append(i)
+            yield body[i:i + 512]
+
+    headers = {**sign_request(keys[A], A, "PATCH", path, body), "Upload-Offset": "0"}
+    r = client.patch(path, content=stream(), headers=headers)
+    assert (r.status_code, r.json()["error"]) == (413, "request_too_large")
+    assert app.state.ledger.upload(up["upload_id"]).offset == 0
+    assert not staging_path(app.state.config.state_dir, up["upload_id"]).exists()
+
+
+# ----------------------------------------------------------------------------- authentication
+def _assert_refused(app, r, status: int, reason: str, counter: str = "privdistill_requests_rejected_total") -> None:
+    assert r.status_code == status, r.text
+    assert r.json()["error"] == reason
+    assert r.json()["detail"]
+    assert metric(app, counter, reason) == 1
+    assert_nothing_stored(app)
+
+
+def test_unknown_site(env, keys, shard):
+    app, client = env
+    _, manifest, sig = shard_files(shard)
+    r = start(client, keys["other"], "site-z", manifest, sig)
+    _assert_refused(app, r, 401, "unknown_site")
+    assert count_rows(app, "uploads") == 0
+
+
+def test_revoked_site(env, keys, shard):
+    app, client = env
+    _, manifest, sig = shard_files(shard)
+    app.state.ledger.revoke_site(A)
+    _assert_refused(app, start(client, keys[A], A, manifest, sig), 403, "revoked_site")
+    assert count_rows(app, "uploads") == 0
+
+
+def test_bad_request_signature(env, keys, shard):
+    app, client = env
+    _, manifest, sig = shard_files(shard)
+    _assert_refused(app, start(client, keys[B], A, manifest, sig), 401, "bad_signature")
+
+
+def test_expired_timestamp(env, keys, shard):
+    app, client = env
+    _, manifest, sig = shard_files(shard)
+    r = call(client, keys[A], A, "POST", "/v1/uploads", create_body(manifest, sig), now=time.time() - 301 - 60)
+    _assert_refused(app, r, 401, "expired_timestamp")
+
+
+def test_body_tampered_after_signing(env, keys, shard):
+    app, client = env
+    _, manifest, sig = shard_files(shard)
+    body = create_body(manifest, sig)
+    h = sign_request(keys[A], A, "POST", "/v1/uploads", body)
+    r = client.post("/v1/uploads", content=body.replace(b"site-a", b"site-b", 1), headers=h)
+    _assert_refused(app, r, 401, "body_hash_mismatch")
+
+
+def test_missing_auth_headers(env):
+    app, client = env
+    _assert_refused(app, client.post("/v1/uploads", content=b"{}"), 401, "missing_auth_headers")
+
+
+# ----------------------------------------------------------------------------- manifest checks
+def test_manifest_signed_by_another_sites_key(env, keys, shard):
+    app, client = env
+    _, manifest, _ = shard_files(shard)
+    r = start(client, keys[A], A, manifest, sign(keys[B], manifest))
+    _assert_refused(app, r, 422, "bad_manifest_signature")
+    assert metric(app, "privdistill_shards_rejected_total", "bad_manifest_signature") == 1
+
+
+def test_manifest_for_another_site(env, keys, shard):
+    app, client = env
+    _, manifest, _ = shard_files(shard)
+    data = json.loads(manifest)
+    data["site_id"] = B
+    forged = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+    r = start(client, keys[A], A, forged, sign(keys[A], forged))
+    _assert_refused(app, r, 422, "site_mismatch")
+
+
+def test_malformed_manifest_json(env, keys):
+    app, client = env
+    bad = b'{"site_id": "site-a", '
+    _assert_refused(app, start(client, keys[A], A, bad, sign(keys[A], bad)), 422, "malformed_manifest")
+    assert count_rows(app, "uploads") == 0
+
+
+def test_shard_over_max_shard_bytes(tmp_path, keys, shard):
+    from privdistill.identity import public_key_b64
+
+    app = make_app(tmp_path, max_shard_bytes=4096)
+    app.state.ledger.add_site(A, public_key_b64(keys[A]))
+    _, manifest, sig = shard_files(shard)
+    with TestClient(app) as client:
+        r = start(client, keys[A], A, manifest, sig)
+    _assert_refused(app, r, 413, "shard_too_large")
+    assert count_rows(app, "uploads") == 0
+
+
+# ----------------------------------------------------------------------------- chunk checks
+def test_chunk_over_max_chunk_bytes(env, keys, shard):
+    app, client = env
+    tar, manifest, sig = shard_files(shard)
+    up = start(client, keys[A], A, manifest, sig).json()
+    r = call(client, keys[A], A, "PATCH", f"/v1/uploads/{up['upload_id']}", tar[:CHUNK + 1], {"Upload-Offset": "0"})
+    _assert_refused(app, r, 413, "request_too_large")
+    assert app.state.ledger.upload(up["upload_id"]).offset == 0
+
+
+def test_chunk_past_declared_size(env, keys, shard):
+    app, client = env
+    tar, manifest, sig = shard_files(shard)
+    up = start(client, keys[A], A, manifest, sig).json()
+    send_all(client, keys[A], A, up["upload_id"], tar[:-10])
+    r = call(client, keys[A], A, "PATCH", f"/v1/uploads/{up['upload_id']}", tar[-10:] + b"extra",
+             {"Upload-Offset": str(len(tar) - 10)})
+    assert (r.status_code, r.json()["error"]) == (413, "request_too_large")
+    assert staging_path(app.state.config.state_dir, up["upload_id"]).stat().st_size == len(tar) - 10
+    assert app.state.ledger.accepted_shards() == []
+
+
+def test_wrong_offset_409_returns_current(env, keys, shard):
+    app, client = env
+    tar, manifest, sig = shard_files(shard)
+    up = start(client, keys[A], A, manifest, sig).json()
+    send_all(client, keys[A], A, up["upload_id"], tar[:CHUNK])
+    r = call(client, keys[A], A, "PATCH", f"/v1/uploads/{up['upload_id']}", tar[:CHUNK], {"Upload-Offset": "0"})
+    assert r.status_code == 409
+    assert r.json()["error"] == "offset_mismatch" and r.json()["offset"] == CHUNK
+    assert r.headers["Upload-Offset"] == str(CHUNK)
+    assert metric(app, "privdistill_requests_rejected_total", "offset_mismatch") == 1
+    assert staging_path(app.state.config.state_dir, up["upload_id"]).stat().st_size == CHUNK
+    assert app.state.ledger.upload(up["upload_id"]).offset == CHUNK
+    assert app.state.ledger.accepted_shards() == []
+
+
+def test_missing_upload_offset_header_is_400(env, keys, shard):
+    app, client = env
+    tar, manifest, sig = shard_files(shard)
+    up = start(client, keys[A], A, manifest, sig).json()
+    r = call(client, keys[A], A, "PATCH", f"/v1/uploads/{up['upload_id']}", tar[:10])
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_request")
+
+
+def test_other_site_cannot_see_or_patch_an_upload(env, keys, shard):
+    app, client = env
+    tar, manifest, sig = shard_files(shard)
+    up = start(client, keys[A], A, manifest, sig).json()
+    path = f"/v1/uploads/{up['upload_id']}"
+    for method, body, headers in (("GET", b"", {}), ("HEAD", b"", {}), ("PATCH", tar[:100], {"Upload-Offset": "0"})):
+        r = call(client, keys[B], B, method, path, body, headers)
+        assert r.status_code == 404, method
+        if method != "HEAD":
+            assert r.json()["error"] == "unknown_upload"
+    assert not staging_path(app.state.config.state_dir, up["upload_id"]).exists()
+    assert call(client, keys[A], A, "GET", "/v1/uploads/" + "0" * 32).status_code == 404
+
+
+# ----------------------------------------------------------------------------- tar content checks
+def _sample(i: int) -> list[tuple[str, bytes]]:
+    key = f"t_{i:06d}"
+    png = encode_png(np.full((1, 4, 4), 0.5 * (i % 2), np.float32))
+    meta = {"sample_id": key, "label": 0, "class_name": "cat", "prompt": None}
+    return [(f"{key}.png", png), (f"{key}.json", json.dumps(meta, sort_keys=True).encode())]
+
+
+def _tar(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 0
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _crafted(key, tar_members, manifest_members, sample_count: int) -> tuple[bytes, bytes, str]:
+    """A tar with exactly ``tar_members`` and a correctly signed manifest whose size/sha match that tar."""
+    tar = _tar(tar_members)
+    m = Manifest(site_id=A, shard_id="t", created="2025-01-01T00:00:00+00:00", software_version="test",
+                 config_hash="0" * 64, sample_count=sample_count, tar_sha256=sha256_bytes(tar), tar_size=len(tar),
+                 members={n: sha256_bytes(d) for n, d in manifest_members},
+                 conditioning=Conditioning(type="class", class_names=["cat"]), privacy={})
+    body = m.to_bytes()
+    return tar, body, sign(key, body)
+
+
+def _cases():
+    good = _sample(0) + _sample(1)
+    png0, json0 = good[0], good[1]
+    text_png = ("t_000000.png", b"this is really text")
+    tampered = ("t_000000.png", png0[1][:-4] + b"\0\0\0\0")
+    return {
+        "absolute_path": ([("/t_000000.png", png0[1])] + good[1:], good, 2, "unsafe_member_name"),
+        "dotdot": ([("../t_000000.png", png0[1])] + good[1:], good, 2, "unsafe_member_name"),
+        "duplicate": ([png0, png0, json0], [png0, json0], 1, "duplicate_member"),
+        "txt_member": ([("t_000000.txt", b"hello")] + good[1:], good, 2, "non_png_member"),
+        "png_that_is_text": ([text_png, json0], [text_png, json0], 1, "non_png_member"),
+        "member_hash_differs": ([tampered, json0], [png0, json0], 1, "hash_mismatch"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_cases()))
+def test_tar_content_rejected_after_last_chunk(env, keys, case):
+    app, client = env
+    tar_members, manifest_members, n, reason = _cases()[case]
+    tar, manifest, sig = _crafted(keys[A], tar_members, manifest_members, n)
+    r = start(client, keys[A], A, manifest, sig)
+    assert r.status_code == 201, r.text  # the manifest itself is fine: only the tar check may fail
+    up = r.json()
+    last = send_all(client, keys[A], A, up["upload_id"], tar, chunk=1024)
+    assert last.status_code == 204
+    assert (last.headers["Upload-State"], last.headers["Upload-Reason"]) == ("rejected", reason)
+    got = call(client, keys[A], A, "GET", f"/v1/uploads/{up['upload_id']}").json()
+    assert (got["state"], got["reason"]) == ("rejected", reason)
+    assert metric(app, "privdistill_shards_rejected_total", reason) == 1
+    assert metric(app, "privdistill_shards_accepted_total") == 0
+    assert_nothing_stored(app)
+    audit = [json.loads(x) for x in (app.state.config.state_dir / "audit.log").read_text().splitlines()]
+    assert (audit[-1]["event"], audit[-1]["reason"]) == ("rejected", reason)
+
+
+# ----------------------------------------------------------------------------- ops endpoints
+def test_healthz_metrics_openapi(env, keys, shard):
+    app, client = env
+    r = client.get("/healthz")
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["version"]
+    start(client, keys["other"], "nobody", b"{}", "x")
+    text = client.get("/metrics").text
+    assert 'privdistill_requests_rejected_total{reason="unknown_site"} 1.0' in text
+    for name in ("privdistill_uploads_created_total", "privdistill_upload_bytes_total",
+                 "privdistill_shards_accepted_total"):
+        assert f"{name} 0.0" in text
+    spec = client.get("/openapi.json").json()
+    assert set(spec["paths"]["/v1/uploads"]) == {"post"}
+    assert set(spec["paths"]["/v1/uploads/{upload_id}"]) == {"head", "get", "patch"}
+    post = spec["paths"]["/v1/uploads"]["post"]["responses"]
+    assert {"200", "201", "400", "401", "403", "413", "422"} <= set(post)
+    assert "409" in spec["paths"]["/v1/uploads/{upload_id}"]["patch"]["responses"]
+    assert client.get("/nope").json()["error"] == "not_found"
