@@ -164,6 +164,7 @@ class FilterConfig(Strict):
     # a synthetic image is a pixel near-duplicate when its (smoothed) L2 distance to a training image
     # is below this fraction of the median nearest-neighbour distance between training images
     pixel_ratio: float = Field(1 / 3, gt=0, lt=1)
+    pixel_max_shift: int = Field(1, ge=0, le=4)  # also match copies displaced by up to this many pixels
     chunk_size: int = Field(4096, ge=16)
     review_grid_max: int = Field(32, ge=0)
 

@@ -133,10 +133,9 @@ def filter_synthetic(
     pix_d = pix_i = pix_thr = None
     pixel_match = np.zeros(len(synthetic), bool)
     if cfg.pixel_near_duplicate and len(real_train) and len(synthetic):
-        f_real = pixel.pixel_features(real_train.images)
+        # shift-tolerant: a copy displaced by a pixel or two is as identifying as an exact one
+        pix_d, pix_i, f_real = pixel.nearest_over_shifts(synthetic.images, real_train.images, cfg.pixel_max_shift)
         pix_thr = pixel_threshold(real_train, cfg.pixel_ratio, features=f_real)
-        d, i = pixel.knn(pixel.pixel_features(synthetic.images), f_real, k=1)
-        pix_d, pix_i = d[:, 0], i[:, 0]
         if pix_thr is None:
             log.warning("filter.pixel_check_skipped", reason="fewer than two patients in the training set")
         else:

@@ -51,20 +51,15 @@ def _noise_gain(shape: tuple[int, ...], sigma: float, pool: int) -> float:
     return float((feats.astype(np.float64) ** 2).sum(1).mean())
 
 
-def _crop(images: np.ndarray, dy: int, dx: int, s: int) -> np.ndarray:
-    h, w = images.shape[-2:]
-    return np.ascontiguousarray(images[:, :, s + dy : h - s + dy, s + dx : w - s + dx])
-
-
 def copy_distances(
     samples: np.ndarray, ref: ImageSet, *, max_shift: int = MAX_SHIFT
 ) -> dict[str, np.ndarray]:
     """Noise-debiased, shift-tolerant L2 distances from each sample to its nearest reference image
     and to the nearest reference image of any other patient (see `memorization`)."""
-    s = max_shift if min(samples.shape[-2:]) > 4 * max_shift else 0
+    s = pixel.usable_shift(samples.shape, max_shift)
     pids = ref.patient_ids if ref.patient_ids is not None else np.arange(len(ref)).astype(str)
     pids = np.asarray(pids)
-    ref_feats = pixel.pixel_features(_crop(ref.images, 0, 0, s), sigma=MEMO_SIGMA, pool=MEMO_POOL)
+    ref_feats = pixel.pixel_features(pixel.shifted_crop(ref.images, 0, 0, s), sigma=MEMO_SIGMA, pool=MEMO_POOL)
     _, counts = np.unique(pids, return_counts=True)
     k = min(len(ref), int(counts.max()) + 1)
     # per shift, the k nearest always hold the nearest image of a patient other than any one
@@ -72,7 +67,7 @@ def copy_distances(
     dists, idxs = [], []
     for dy in range(-s, s + 1):
         for dx in range(-s, s + 1):
-            q = pixel.pixel_features(_crop(samples, dy, dx, s), sigma=MEMO_SIGMA, pool=MEMO_POOL)
+            q = pixel.pixel_features(pixel.shifted_crop(samples, dy, dx, s), sigma=MEMO_SIGMA, pool=MEMO_POOL)
             d, i = pixel.knn(q, ref_feats, k=k)
             dists.append(d)
             idxs.append(i)
@@ -85,7 +80,7 @@ def copy_distances(
     first_other = (pids[idx] != nearest_pid[:, None]).argmax(1)
     d_other = np.where(len(counts) > 1, d[rows, first_other], np.inf)
     sig = noise_sigma(samples).astype(np.float64)
-    noise2 = sig**2 * _noise_gain(_crop(samples[:1], 0, 0, s).shape[1:], MEMO_SIGMA, MEMO_POOL)
+    noise2 = sig**2 * _noise_gain(pixel.shifted_crop(samples[:1], 0, 0, s).shape[1:], MEMO_SIGMA, MEMO_POOL)
     return {
         "nearest_distance": np.sqrt(np.maximum(d[:, 0] ** 2 - noise2, 0.0)),
         "other_distance": np.sqrt(np.maximum(d_other**2 - noise2, 0.0)),

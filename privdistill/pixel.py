@@ -42,6 +42,34 @@ def pixel_features(
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
+def shifted_crop(images: np.ndarray, dy: int, dx: int, s: int) -> np.ndarray:
+    """The interior of NCHW ``images`` (an ``s``-pixel border removed), displaced by (dy, dx), |d| <= s."""
+    h, w = images.shape[-2:]
+    return np.ascontiguousarray(images[:, :, s + dy : h - s + dy, s + dx : w - s + dx])
+
+
+def usable_shift(shape: tuple[int, ...], max_shift: int) -> int:
+    """``max_shift``, or 0 when the images are too small to crop a border of that width."""
+    return max_shift if min(shape[-2:]) > 4 * max_shift else 0
+
+
+def nearest_over_shifts(
+    query: np.ndarray, ref: np.ndarray, max_shift: int, **feature_kw: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Nearest reference (in ``pixel_features`` space) of each query image, minimised over integer
+    shifts of the query by up to ``max_shift`` px: (distance [N], index [N], reference features)."""
+    s = usable_shift(query.shape, max_shift)
+    ref_feats = pixel_features(shifted_crop(ref, 0, 0, s), **feature_kw)
+    best_d = np.full(len(query), np.inf, np.float32)
+    best_i = np.zeros(len(query), np.int64)
+    for dy in range(-s, s + 1):
+        for dx in range(-s, s + 1):
+            d, i = knn(pixel_features(shifted_crop(query, dy, dx, s), **feature_kw), ref_feats, k=1)
+            better = d[:, 0] < best_d
+            best_d[better], best_i[better] = d[better, 0], i[better, 0]
+    return best_d, best_i, ref_feats
+
+
 @torch.no_grad()
 def knn(
     query: np.ndarray, ref: np.ndarray, k: int = 1, chunk_bytes: int = CHUNK_BYTES

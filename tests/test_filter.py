@@ -134,6 +134,19 @@ def test_pixel_check_alone_catches_exact_copies(world: dict) -> None:
     assert np.isin(np.flatnonzero(world["kinds"] == "exact"), res.dropped).all()
 
 
+def test_pixel_check_is_shift_tolerant(world: dict) -> None:
+    shifted = np.flatnonzero(world["kinds"] == "shift")
+    kw = {"embed": world["embed"], "threshold": 1.5}  # re-id off: the pixel check alone
+
+    tolerant = filter_synthetic(world["synthetic"], world["real"], cfg=FilterConfig(), **kw)
+    rigid = filter_synthetic(world["synthetic"], world["real"], cfg=FilterConfig(pixel_max_shift=0), **kw)
+
+    assert np.isin(shifted, tolerant.dropped).all()  # every 1-px shifted copy
+    assert np.isin(shifted, rigid.dropped).mean() < 0.5  # what a shift-blind check misses
+    heldout = world["kinds"] == "heldout"
+    assert tolerant.pixel_match[heldout].mean() <= 0.05  # fresh images of other patients stay
+
+
 def test_pixel_threshold_uses_nearest_other_patient() -> None:
     # patient a: two images 0.1 apart; patient b: one image 1.0 from the first; patient c far away
     imgs = np.zeros((4, 1, 1, 2), np.float32)
