@@ -12,19 +12,17 @@ import structlog
 from privdistill import __version__
 from privdistill.errors import PrivdistillError
 
-try:
-    from coordinator import student_cli
-except ModuleNotFoundError as _err:  # the student commands are optional until that module exists
-    if _err.name != "coordinator.student_cli":
-        raise
-    student_cli = None  # type: ignore[assignment]
+from coordinator import student_cli
 
 EXIT_CODES = {
     0: "success",
     1: "unexpected internal error (a bug: please report it with the log)",
     2: "configuration invalid (every problem is listed; nothing was written)",
+    3: "input data unusable (e.g. the public reference set for evaluation is missing)",
+    4: "privacy policy refused the action (e.g. the release gate failed; the criteria are listed)",
     5: "hash or signature verification failed",
     6: "the server could not start (port in use?) or a service is unavailable",
+    7: "a stage could not run (train-student / evaluate missing or stale, no accepted shard)",
     130: "interrupted (Ctrl-C)",
 }
 
@@ -74,8 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--json", action="store_true")
     _with_config(sl)
 
-    if student_cli is not None:
-        student_cli.add_commands(sub)
+    student_cli.add_commands(sub)
     return p
 
 
@@ -132,8 +129,6 @@ def _dispatch(args: argparse.Namespace) -> int:
                 print(f"{r.tar_sha256[:16]}  {r.site:<16} {r.shard_id:<24} {r.sample_count:>7} samples  "
                       f"{r.accepted_at}")
         return 0
-    if student_cli is not None and hasattr(student_cli, "dispatch"):
-        return int(student_cli.dispatch(args))
     raise SystemExit(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
 
 

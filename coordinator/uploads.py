@@ -7,6 +7,7 @@ import hashlib
 import os
 import secrets
 import threading
+import zlib
 from pathlib import Path
 
 import structlog
@@ -22,6 +23,8 @@ from coordinator.ledger import Ledger, UploadRow
 from coordinator.metrics import Metrics
 from coordinator.schemas import ApiError, CreateUploadRequest, UploadInfo
 
+LOCK_STRIPES = 64
+
 log = structlog.get_logger("coordinator.uploads")
 
 
@@ -36,12 +39,11 @@ class Uploads:
     def __init__(self, config: CoordinatorConfig, ledger: Ledger, audit: AuditLog, metrics: Metrics) -> None:
         self.config, self.ledger, self.audit, self.metrics = config, ledger, audit, metrics
         self.state_dir = config.state_dir
-        self._locks: dict[str, threading.Lock] = {}
-        self._guard = threading.Lock()
+        # striped: a bounded set of locks however many uploads a long-running coordinator sees
+        self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
 
     def _lock(self, upload_id: str) -> threading.Lock:
-        with self._guard:
-            return self._locks.setdefault(upload_id, threading.Lock())
+        return self._locks[zlib.crc32(upload_id.encode()) % LOCK_STRIPES]
 
     def _refuse_shard(self, site: str, sha: str | None, status: int, err: ShardVerificationError) -> ApiError:
         self.metrics.shards_rejected.labels(reason=err.reason).inc()

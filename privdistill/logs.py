@@ -42,16 +42,16 @@ class _StderrLogger:
 
 
 def quiet_third_party() -> None:
-    """Hospitals are offline: keep the HF libraries from hub look-ups and progress-bar noise."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    try:
-        import diffusers.utils.logging as dlog
-        import transformers.utils.logging as tlog
+    """Hospitals are offline: keep the HF libraries from hub look-ups and progress-bar noise.
 
-        for mod in (dlog, tlog):
+    Environment variables only (read when those libraries are first imported), so a command that
+    never needs torch (e.g. the coordinator's `sites list`) does not pay for importing it."""
+    for var, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_HUB_DISABLE_TELEMETRY", "1"),
+                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("DIFFUSERS_VERBOSITY", "error"),
+                       ("TRANSFORMERS_VERBOSITY", "error"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
+        os.environ.setdefault(var, value)
+    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
+        mod = sys.modules.get(name)  # already imported: its verbosity was read before we set the variables
+        if mod is not None:
             mod.set_verbosity_error()
             mod.disable_progress_bar()
-    except ImportError:  # pragma: no cover - both are hard dependencies
-        pass

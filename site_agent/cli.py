@@ -196,12 +196,9 @@ def _reject(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from privdistill.identity import load_private_key
-    from privdistill.shard import MANIFEST, sha256_path
-    from site_agent import upload
-    from site_agent.audit import audit
     from site_agent.config import load_site_config
-    from site_agent.gate import check_export, exportable, shard_dir
-    from site_agent.state import SiteState
+    from site_agent.export import export_shard
+    from site_agent.gate import exportable
 
     cfg = load_site_config(args.config)
     targets = [args.shard] if args.shard else exportable(args.workdir)
@@ -212,39 +209,18 @@ def _export(args: argparse.Namespace) -> int:
     rc = 0
     for ref in targets:
         try:
-            manifest = check_export(args.workdir, ref, cfg)
+            done = export_shard(args.workdir, ref, cfg, key)
+        except RetryableNetworkError as err:
+            print(f"NOT SENT {ref}: {err}; run export again later (the upload resumes)", file=sys.stderr)
+            rc = rc or err.exit_code
+            continue
         except (PrivacyPolicyError, ShardVerificationError) as err:
             print(f"REFUSED {ref}: {err}", file=sys.stderr)
             rc = rc or err.exit_code
             continue
-        sid, src = manifest.shard_id, shard_dir(args.workdir, manifest.shard_id)
-        common = {"shard_id": sid, "site_id": cfg.site.id, "destination": cfg.site.coordinator_url}
-        try:
-            result = upload.upload_shard(src, url=cfg.site.coordinator_url, ca_file=cfg.site.ca_file,
-                                         site_id=cfg.site.id, key=key)
-        except RetryableNetworkError as err:
-            audit(args.workdir, "export_failed", reason="network", detail=str(err), **common)
-            print(f"NOT SENT {sid}: {err}; run export again later (the upload resumes)", file=sys.stderr)
-            rc = rc or err.exit_code
-            continue
-        except (PrivacyPolicyError, ShardVerificationError) as err:
-            audit(args.workdir, "export_refused", by="coordinator", reason=getattr(err, "reason", type(err).__name__),
-                  detail=str(err), **common)
-            print(f"REFUSED by the coordinator {sid}: {err}", file=sys.stderr)
-            rc = rc or err.exit_code
-            continue
-        if result.state != "accepted" or result.shard_sha256 != manifest.tar_sha256:
-            reason = result.reason if result.state != "accepted" else "accepted_sha256_differs"
-            audit(args.workdir, "export_refused", by="coordinator", reason=reason, upload_id=result.upload_id, **common)
-            print(f"REFUSED by the coordinator {sid}: {reason}", file=sys.stderr)
-            rc = rc or ShardVerificationError.exit_code
-            continue
-        SiteState(args.workdir).mark_exported(sid, destination=cfg.site.coordinator_url, upload_id=result.upload_id)
-        audit(args.workdir, "exported", tar_sha256=manifest.tar_sha256,
-              manifest_sha256=sha256_path(src / MANIFEST), bytes=manifest.tar_size, bytes_sent=result.bytes_sent,
-              upload_id=result.upload_id, duplicate=result.duplicate, sample_count=manifest.sample_count, **common)
-        print(f"exported {sid}: {manifest.sample_count} samples, {manifest.tar_size} bytes -> {cfg.site.coordinator_url}"
-              f"{' (already there)' if result.duplicate else ''}")
+        m = done.manifest
+        print(f"exported {done.shard_id}: {m.sample_count} samples, {m.tar_size} bytes -> {cfg.site.coordinator_url}"
+              f"{' (already there)' if done.duplicate else ''}")
     return rc
 
 

@@ -41,6 +41,7 @@ class FakeUpload:
 
     def __call__(self, shard_dir: Path, **kw: Any) -> upload.UploadResult:
         self.calls.append((Path(shard_dir), kw))
+        self.seen = {p.name: sha256_path(p) for p in Path(shard_dir).iterdir()}  # what was there to send
         if isinstance(self.outcome, Exception):
             raise self.outcome
         m = json.loads((Path(shard_dir) / MANIFEST).read_text())
@@ -100,9 +101,12 @@ def test_export_uploads_exactly_the_approved_shard_once(site: Site, monkeypatch:
     assert run("approve", sid, "--workdir", w) == 0
     assert run("export", site.config_path, "--workdir", w) == 0
     assert len(fake.calls) == 1
-    shard_dir, kw = fake.calls[0]
-    assert shard_dir == w / "shards" / sid
-    assert sorted(p.name for p in shard_dir.iterdir()) == ["manifest.json", "manifest.sig", "shard.tar"]
+    sent_from, kw = fake.calls[0]
+    shard_dir = w / "shards" / sid
+    # the upload reads a private snapshot of exactly the verified files, removed afterwards
+    assert sent_from.parent == w / ".export" and sent_from.name.startswith(sid) and not sent_from.exists()
+    assert fake.seen == {p.name: sha256_path(p) for p in shard_dir.iterdir()}
+    assert sorted(fake.seen) == ["manifest.json", "manifest.sig", "shard.tar"]
     assert kw["url"] == "https://127.0.0.1:9" and kw["site_id"] == "site-a" and kw["ca_file"] == site.root / "ca.pem"
     assert kw["key"].public_key().public_bytes_raw() == site.key.public_key().public_bytes_raw()
     row = SiteState(w).require(sid)
@@ -240,5 +244,28 @@ def test_run_trains_filters_and_packages_for_real_then_skips_when_unchanged(
     fake = FakeUpload()
     monkeypatch.setattr(upload, "upload_shard", fake)
     assert run("--log-format", "json", "export", tmp_path / "site.yaml", "--workdir", w) == 0
-    assert [c[0] for c in fake.calls] == [w / "shards" / row.shard_id]
+    assert [c[0].parent for c in fake.calls] == [w / ".export"] and fake.calls[0][0].name.startswith(row.shard_id)
     assert SiteState(w).require(row.shard_id).state == "exported"
+
+
+def test_a_shard_swapped_between_gate_and_upload_is_never_sent(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from site_agent import export
+
+    fake = FakeUpload()
+    monkeypatch.setattr(upload, "upload_shard", fake)
+    sid = packaged(site)
+    assert run("approve", sid, "--workdir", site.workdir) == 0
+    real_copy = shutil.copyfile
+
+    def swap_then_copy(src: Any, dst: Any) -> Any:  # another process rewrites the tar right after the gate
+        if Path(src).name == "shard.tar":
+            Path(src).write_bytes(Path(src).read_bytes()[:-512] + b"\0" * 512 + b"x")
+        return real_copy(src, dst)
+
+    monkeypatch.setattr(export.shutil, "copyfile", swap_then_copy)
+    assert run("export", site.config_path, "--workdir", site.workdir) == 5
+    assert fake.calls == [] and not list((site.workdir / ".export").iterdir())
+    assert SiteState(site.workdir).require(sid).state == "approved"
+    assert read_audit(site.workdir)[-1]["reason"] == "changed_during_export"
