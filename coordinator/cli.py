@@ -10,7 +10,7 @@ from pathlib import Path
 import structlog
 
 from privdistill import __version__
-from privdistill.errors import PrivdistillError
+from privdistill.cli import run_guarded
 
 from coordinator import student_cli
 
@@ -138,17 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_format, args.log_level)
     log = structlog.get_logger("coordinator.cli")
-    try:
-        if hasattr(args, "func"):
-            return int(args.func(args))
-        return _dispatch(args)
-    except PrivdistillError as err:
-        log.debug("failed", error_type=type(err).__name__, exit_code=err.exit_code)
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_guarded(lambda: args.func(args) if hasattr(args, "func") else _dispatch(args), log,
+                       command=args.command)
 
 
 if __name__ == "__main__":

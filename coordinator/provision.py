@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import re
 import shutil
 import tempfile
@@ -18,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from privdistill.errors import ConfigError
-from privdistill.identity import generate_key, public_key_b64, save_private_key
+from privdistill.identity import generate_key, public_key_b64, save_private_key, write_private_file
 from privdistill.shard import ID_PATTERN
 
 from coordinator.audit import AuditLog
@@ -34,19 +33,6 @@ class Provisioned:
     server_cert: Path
     config: Path
     site_dirs: dict[str, Path]
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Atomic write readable by the owner only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o600)
-    tmp.replace(path)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -151,13 +137,13 @@ def _build(root: Path, sites: list[str], *, host: str, port: int, days: int) -> 
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
     (root / "ca").mkdir(mode=0o700)
     (root / "ca" / "ca.pem").write_bytes(ca_pem)
-    _write_private(root / "ca" / "ca.key", _pem_key(ca_key))
+    write_private_file(root / "ca" / "ca.key", _pem_key(ca_key))
 
     coord = root / "coordinator"
     coord.mkdir(mode=0o700)
     srv_key, srv_cert = make_server_cert(ca_key, ca_cert, host, days)
     (coord / "server.pem").write_bytes(srv_cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(coord / "server.key", _pem_key(srv_key))
+    write_private_file(coord / "server.key", _pem_key(srv_key))
     (coord / "ca.pem").write_bytes(ca_pem)
     listen = "127.0.0.1" if host in ("127.0.0.1", "localhost") else "0.0.0.0"
     cfg = {"listen": {"host": listen, "port": port},

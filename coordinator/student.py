@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import structlog
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError

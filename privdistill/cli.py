@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -100,12 +102,17 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     configure_logging(args.log_format, args.log_level)
-    log = structlog.get_logger("privdistill.cli")
+    return run_guarded(lambda: _dispatch(args), structlog.get_logger("privdistill.cli"))
+
+
+def run_guarded(body: Callable[[], int], log: Any, **context: Any) -> int:
+    """Run one CLI command: a PrivdistillError becomes its one-line message and exit code, Ctrl-C 130.
+    Shared by the privdistill, privdistill-site and privdistill-coordinator commands."""
     try:
-        return _dispatch(args)
+        return int(body())
     except PrivdistillError as err:
-        log.error("failed", error_type=type(err).__name__, exit_code=err.exit_code)
-        print(f"error: {err}", file=sys.stderr)
+        log.error("failed", error_type=type(err).__name__, exit_code=err.exit_code, **context)
+        print(f"error: {err}", file=sys.stderr)  # the message says what is wrong and who must act
         return err.exit_code
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)

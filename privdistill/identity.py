@@ -30,9 +30,13 @@ def generate_key() -> Ed25519PrivateKey:
 
 def save_private_key(key: Ed25519PrivateKey, path: Path) -> None:
     """PEM (PKCS8, unencrypted: the file mode is the protection) written atomically with mode 0600."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    write_private_file(Path(path), data)
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Atomic write of a file only its owner can read (mode 0600 from creation on)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as fh:

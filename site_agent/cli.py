@@ -11,9 +11,9 @@ from typing import Any
 import structlog
 
 from privdistill import __version__
-from privdistill.cli import EXIT_CODES
+from privdistill.cli import EXIT_CODES, run_guarded
 from privdistill.errors import (
-    ConfigError, PrivacyPolicyError, PrivdistillError, RetryableNetworkError, ShardVerificationError,
+    ConfigError, PrivacyPolicyError, RetryableNetworkError, ShardVerificationError,
 )
 
 SITE_STAGES = ("ingest", "train-teacher", "train-reid", "sample", "filter")
@@ -264,15 +264,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     configure_logging(args.log_format, args.log_level)
-    try:
-        return COMMANDS[args.command](args)
-    except PrivdistillError as err:
-        log.error("failed", command=args.command, error_type=type(err).__name__, exit_code=err.exit_code)
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
-        return 130
+    return run_guarded(lambda: COMMANDS[args.command](args), log, command=args.command)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from structlog.testing import capture_logs
 
 from privdistill import pixel
@@ -22,7 +21,7 @@ from privdistill.filter import (
     pixel_threshold,
     write_filter_outputs,
 )
-from privdistill.reid import OnnxEmbedder, ReidModel, export_onnx, train_reid
+from privdistill.reid import OnnxEmbedder, export_onnx, train_reid
 
 pytestmark = [
     pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed"),

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from privdistill.classifier import accuracy, features, train_classifier
 from privdistill.data.types import ImageSet

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from privdistill.config import ModelConfig, SampleConfig, TrainConfig
