@@ -5,22 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from privdistill.config import read_yaml
 from privdistill.errors import ConfigError
 
 MiB = 1 << 20
 
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
 
 class ListenConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8443, ge=0, le=65535)
-
 
 class TLSConfig(_Strict):
     """Server certificate, its key and the CA that signed it (relative paths resolve against the yaml)."""
@@ -29,13 +26,11 @@ class TLSConfig(_Strict):
     key: Path
     ca: Path | None = None
 
-
 class LimitsConfig(_Strict):
     max_chunk_bytes: int = Field(8 * MiB, ge=1, le=1 << 30)
     max_shard_bytes: int = Field(2 << 30, ge=1)
     max_manifest_bytes: int = Field(16 * MiB, ge=1024, le=64 * MiB)
     max_clock_skew_s: int = Field(300, ge=1, le=3600)
-
 
 class CoordinatorConfig(_Strict):
     listen: ListenConfig = ListenConfig()
@@ -47,7 +42,6 @@ class CoordinatorConfig(_Strict):
     def ledger_path(self) -> Path:
         return self.state_dir / "ledger.sqlite"
 
-
 def _problems(err: ValidationError) -> list[str]:
     problems = []
     for e in err.errors():
@@ -55,7 +49,6 @@ def _problems(err: ValidationError) -> list[str]:
         msg = "unknown key (check spelling)" if e["type"] == "extra_forbidden" else e["msg"]
         problems.append(f"{loc or '<root>'}: {msg}")
     return problems
-
 
 def parse_coordinator_config(raw: Any, *, base_dir: Path, source: str | None = None) -> CoordinatorConfig:
     """Validate ``raw`` (parsed YAML) and resolve relative paths against ``base_dir``."""
@@ -73,19 +66,11 @@ def parse_coordinator_config(raw: Any, *, base_dir: Path, source: str | None = N
                     ca=None if cfg.tls.ca is None else resolve(cfg.tls.ca))
     return cfg.model_copy(update={"tls": tls, "state_dir": resolve(cfg.state_dir)})
 
-
 def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
     """Read coordinator.yaml; raise ConfigError listing every problem."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"coordinator config not found: {path} (run `privdistill-coordinator provision` first)"],
-                          str(path))
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError([f"YAML syntax error: {err}"], str(path)) from None
+    raw = read_yaml(path, missing_hint=" (run `privdistill-coordinator provision` first)")
     return parse_coordinator_config(raw, base_dir=path.resolve().parent, source=str(path))
-
 
 def check_tls_files(cfg: CoordinatorConfig) -> None:
     """Serving needs the certificate and key on disk; list every missing file."""

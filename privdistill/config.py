@@ -269,16 +269,21 @@ def parse_config(
     return model.model_validate(resolved)
 
 
+def read_yaml(path: str | Path, *, missing_hint: str = "") -> Any:
+    """A config file's parsed YAML; a missing file or a syntax error is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file not found: {path}{missing_hint}"], str(path))
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError([f"YAML syntax error: {err}"], str(path)) from None
+
+
 def load_config(path: str | Path, *, model: type[RunConfig] = RunConfig) -> RunConfig:
     """Read and validate a YAML config file; raise ConfigError listing every problem."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"config file not found: {path}"], str(path))
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError([f"YAML syntax error: {err}"], str(path)) from None
-    return parse_config(raw, source=str(path), base_dir=path.resolve().parent, model=model)
+    return parse_config(read_yaml(path), source=str(path), base_dir=path.resolve().parent, model=model)
 
 
 def config_hash(data: Any) -> str:

@@ -11,7 +11,7 @@ import structlog
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from privdistill.config import FilterConfig, RunConfig, Strict, _format_pydantic, config_hash, parse_config
+from privdistill.config import FilterConfig, RunConfig, Strict, _format_pydantic, config_hash, parse_config, read_yaml
 from privdistill.errors import ConfigError
 from privdistill.shard import ID_PATTERN, prompt_vocabulary, tokens
 
@@ -150,12 +150,7 @@ def _try(model: type[Strict], raw: Any) -> Any:
 def load_site_config(path: str | Path) -> SiteConfig:
     """Read and validate a site YAML file; relative paths resolve against the file's folder."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"config file not found: {path} (create one with `privdistill-site init DIR`)"], str(path))
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError([f"YAML syntax error: {err}"], str(path)) from None
+    raw = read_yaml(path, missing_hint=" (create one with `privdistill-site init DIR`)")
     return parse_site_config(raw, source=str(path), base_dir=path.resolve().parent)
 
 
