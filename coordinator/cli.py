@@ -72,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--json", action="store_true")
     _with_config(sl)
 
+    fd = sub.add_parser("federate", help="federated mode: train the student with Flower FedAvg across the sites "
+                                         "(each trains only on its own approved shard)")
+    _with_config(fd)
+    fd.add_argument("--training", type=Path, required=True, help="training config (with a federated: section)")
+    fd.add_argument("--out", type=Path, required=True, help="new (or empty) directory for model/ and federated.json")
+    fd.add_argument("--superlink", help="target a running SuperLink HOST:PORT instead of starting one")
+    fd.add_argument("--port", type=int, default=9092, help="port of the SuperLink this command starts")
+    fd.add_argument("--timeout", type=float, default=3600, help="seconds before the run is stopped")
+
     student_cli.add_commands(sub)
     return p
 
@@ -120,6 +129,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         from coordinator.serve import serve
 
         return serve(load_coordinator_config(args.config), host=args.host, port=args.port)
+    if args.command == "federate":
+        from coordinator.federate import federate
+
+        def ready(address: str) -> None:
+            print(f"SuperLink ready at {address} (TLS, SuperNode authentication on); sites may now run "
+                  "`privdistill-site join SITE_CONFIG --workdir WORKDIR`", flush=True)
+
+        res = federate(args.config, args.training, args.out, superlink=args.superlink, port=args.port,
+                       timeout=args.timeout, on_ready=ready)
+        print(f"federated student: {args.out / 'model'}; {res['rounds_completed']} round(s) with sites "
+              f"{', '.join(res['participating_sites'])}; {len(res['refusals'])} refusal(s); see "
+              f"{args.out / 'federated.json'}")
+        return 0
     if args.command == "shards":
         rows = _ledger(args.config).accepted_shards()
         if args.json:

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from privdistill.errors import ConfigError
+from privdistill.federated import DEFAULT_SUPERLINK_PORT, NODE_KEY_FILE, NODE_PUB_FILE, NODE_PUBS_DIR
 from privdistill.identity import generate_key, public_key_b64, save_private_key, write_private_file
 from privdistill.shard import ID_PATTERN
 
@@ -88,6 +89,18 @@ def make_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certifica
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
             .sign(ca_key, hashes.SHA256()))
     return key, cert
+
+
+def write_flower_node_key(site_dir: Path, pubs_dir: Path, site: str) -> None:
+    """The site's Flower SuperNode key pair (ECDSA P-256, OpenSSH format): private key only in the site's
+    bundle (0600); the public key also beside the coordinator, for `flwr supernode register`."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    write_private_file(site_dir / NODE_KEY_FILE, key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    (site_dir / NODE_PUB_FILE).write_bytes(pub + b"\n")
+    pubs_dir.mkdir(mode=0o700, exist_ok=True)
+    (pubs_dir / f"{site}.pub").write_bytes(pub + b"\n")
 
 
 def _check(sites: list[str], host: str, port: int, days: int, out: Path) -> None:
@@ -163,8 +176,10 @@ def _build(root: Path, sites: list[str], *, host: str, port: int, days: int) -> 
         pub = public_key_b64(key)
         (d / "site.pub").write_text(pub + "\n")
         (d / "ca.pem").write_bytes(ca_pem)
+        write_flower_node_key(d, coord / NODE_PUBS_DIR, site)
         (d / "site-connection.yaml").write_text(yaml.safe_dump(
-            {"site_id": site, "coordinator_url": url, "ca_file": "ca.pem", "key_file": "site.key"}, sort_keys=False))
+            {"site_id": site, "coordinator_url": url, "ca_file": "ca.pem", "key_file": "site.key",
+             "superlink": f"{host}:{DEFAULT_SUPERLINK_PORT}", "flower_node_key": NODE_KEY_FILE}, sort_keys=False))
         (d / "README.txt").write_text(_SITE_README.format(site=site, url=url))
         ledger.add_site(site, pub)
         audit.event("site_added", site=site)
@@ -177,6 +192,8 @@ Copy this whole folder to the site's agent machine (and nowhere else):
   site.pub              its public key, registered with the coordinator
   ca.pem                the coordinator's CA: the agent trusts only certificates it signed
   site-connection.yaml  site_id, coordinator_url ({url}), ca_file and key_file for the uploader
+  flower-node.key       federated mode only: this site's Flower SuperNode key (ECDSA P-256, mode 0600;
+                        `privdistill-site join` uses it; the coordinator registered its flower-node.pub)
 
 If the key leaks, ask the coordinator operator to run
   privdistill-coordinator sites revoke {site} --config coordinator/coordinator.yaml

@@ -59,6 +59,18 @@ class ReleasePolicy(_Strict):
     max_site_kept_memorization_rate: float = Field(0.0, ge=0, le=1)
     require_filter_enabled: bool = True
 
+class FederatedConfig(_Strict):
+    """Federated mode (Flower FedAvg over the student's UNet weights): each site trains locally on its own
+    approved shard for ``local_steps`` per round; ``class_names`` fixes the student's classes (default: those
+    of the coordinator's accepted shards)."""
+
+    rounds: int = Field(3, ge=1)
+    local_steps: int = Field(50, ge=1)
+    min_nodes: int = Field(2, ge=1)
+    fraction: float = Field(1.0, gt=0, le=1)
+    class_names: list[str] | None = None
+    round_timeout_s: float = Field(600, gt=0)
+
 class TrainingConfig(_Strict):
     """What the coordinator trains, how it evaluates it and when it may release it."""
 
@@ -70,6 +82,7 @@ class TrainingConfig(_Strict):
     sample: SampleConfig = SampleConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     release: ReleasePolicy = ReleasePolicy()
+    federated: FederatedConfig = FederatedConfig()
 
     def reference_data(self) -> DataConfig | None:
         ref = self.evaluation.reference

@@ -93,22 +93,25 @@ def wait_healthy(url: str, ca: Path, proc: subprocess.Popen, timeout_s: float = 
     raise DemoError(f"coordinator not healthy at {url} within {timeout_s:.0f} s")
 
 
-def run_sites(configs: dict[str, Path], work: Path, logs: Path, parallel: bool) -> None:
-    """`privdistill-site run` for every site (in parallel, one torch thread each, when asked)."""
+def run_per_site(verb: str, args_for: dict[str, list[str]], logs: Path, parallel: bool) -> None:
+    """`privdistill-site VERB ...` for every site: in parallel with one torch thread each, or one by one."""
     procs = {}
-    for site, cfg in configs.items():
-        cmd = [tool("privdistill-site"), "run", str(cfg), "--workdir", str(work / site / "work")]
-        print(f"$ privdistill-site run {cfg} --workdir {work / site / 'work'}", flush=True)
+    for site, args in args_for.items():
+        cmd = [tool("privdistill-site"), verb, *args]
+        print(f"$ privdistill-site {verb} {' '.join(args)}", flush=True)
         fh = open(logs / f"{site}.log", "a")  # noqa: SIM115 - closed below
         procs[site] = (subprocess.Popen(cmd, stdout=fh, stderr=fh, env=site_env(1 if parallel else 2), cwd=ROOT), fh)
         if not parallel:
             procs[site][0].wait()
+    failed = []
     for site, (proc, fh) in procs.items():
         rc = proc.wait()
         fh.close()
         if rc != 0:
             tail = "".join((logs / f"{site}.log").read_text().splitlines(keepends=True)[-25:])
-            raise DemoError(f"privdistill-site run for {site} exited with {rc}\n{tail}")
+            failed.append(f"privdistill-site {verb} for {site} exited with {rc}\n{tail}")
+    if failed:
+        raise DemoError("\n".join(failed))
 
 
 def summarise(work: Path, release_dir: Path) -> dict[str, Any]:
@@ -177,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
                                str(coord_cfg)], stdout=serve_log, stderr=serve_log, cwd=ROOT)
     try:
         wait_healthy(url, prov / "ca" / "ca.pem", server)
-        run_sites(configs, work, logs, parallel=not args.sequential)
+        parallel = not args.sequential
+        run_per_site("run", {site: [str(cfg), "--workdir", str(work / site / "work")] for site, cfg in configs.items()},
+                     logs, parallel)
         for site, cfg in configs.items():
             run([tool("privdistill-site"), "export", str(cfg), "--workdir", str(work / site / "work")],
                 logs / f"{site}.log")
@@ -190,9 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         out = run([tool("privdistill-coordinator"), "release", *common, "--out", str(work / "release")],
                   logs / "coordinator.log")
         release_dir = Path(out.strip().splitlines()[-1]) if out.strip() else work / "release"
-        for site, cfg in configs.items():
-            run([tool("privdistill-site"), "evaluate-student", str(cfg), "--workdir", str(work / site / "work"),
-                 str(release_dir)], logs / f"{site}.log", env=site_env(2))
+        run_per_site("evaluate-student", {site: [str(cfg), str(release_dir), "--workdir", str(work / site / "work")]
+                                          for site, cfg in configs.items()}, logs, parallel)
     except DemoError as err:
         print(f"demo failed: {err}", file=sys.stderr)
         return 1

@@ -14,7 +14,8 @@ from typing import Any
 import structlog
 
 AUDIT_FILE = "audit.log"
-EVENTS = ("packaged", "approved", "rejected", "export_refused", "export_failed", "exported")
+EVENTS = ("packaged", "approved", "rejected", "export_refused", "export_failed", "exported",
+          "federated_round", "federated_refused")
 
 
 def operator() -> str:

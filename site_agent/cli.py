@@ -63,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     sp = wd(sub.add_parser("evaluate-student", help="measure a released student on this site's own data"))
     sp.add_argument("config", type=Path)
     sp.add_argument("model_dir", type=Path)
+    sp = wd(sub.add_parser("join", help="federated mode: run this site's Flower SuperNode (trains only on the "
+                                       "approved shard, behind the export gate)"))
+    sp.add_argument("config", type=Path)
+    sp.add_argument("--superlink", help="SuperLink HOST:PORT (default: the coordinator's host, port 9092)")
+    sp.add_argument("--node-key", type=Path, help="Flower node key (default: flower-node.key beside site.key)")
+    sp.add_argument("--runtime-port", type=int, help="local port of the SuperNode's runtime API (default: free port)")
     return p
 
 
@@ -255,8 +261,20 @@ def _evaluate_student(args: argparse.Namespace) -> int:
     return 0
 
 
+def _join(args: argparse.Namespace) -> int:
+    from site_agent.config import load_site_config
+    from site_agent.join import default_superlink, join
+
+    cfg = load_site_config(args.config)
+    print(f"site {cfg.site.id} joining the federation at {args.superlink or default_superlink(cfg)} (Ctrl-C leaves)",
+          flush=True)
+    return join(cfg, args.config, args.workdir, superlink=args.superlink, node_key=args.node_key,
+                runtime_port=args.runtime_port)
+
+
 COMMANDS = {"init": _init, "run": _run, "status": _status, "shards": _shards, "approve": _approve,
-            "reject": _reject, "export": _export, "audit-log": _audit_log, "evaluate-student": _evaluate_student}
+            "reject": _reject, "export": _export, "audit-log": _audit_log, "evaluate-student": _evaluate_student,
+            "join": _join}
 
 
 def main(argv: list[str] | None = None) -> int:

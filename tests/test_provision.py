@@ -72,17 +72,35 @@ def test_sites_registered_and_bundles_hold_only_their_own_key(prov):
         assert public_key_b64(key) == sites[site].public_key == (d / "site.pub").read_text().strip()
         conn = yaml.safe_load((d / "site-connection.yaml").read_text())
         assert conn == {"site_id": site, "coordinator_url": "https://coord.example:9443", "ca_file": "ca.pem",
-                        "key_file": "site.key"}
+                        "key_file": "site.key", "superlink": "coord.example:9092", "flower_node_key": "flower-node.key"}
         blob = b"".join(p.read_bytes() for p in d.iterdir())
         assert ca_key not in blob and server_key not in blob
         assert b"PRIVATE KEY" in (d / "site.key").read_bytes()
-        assert all(b"PRIVATE KEY" not in p.read_bytes() for p in d.iterdir() if p.name != "site.key")
+        assert all(b"PRIVATE KEY" not in p.read_bytes() for p in d.iterdir()
+                   if p.name not in ("site.key", "flower-node.key"))
         for other, other_key in keys.items():
             if other != site:
                 assert other_key not in blob
                 assert sites[other].public_key.encode() not in blob
     coord_blob = b"".join(p.read_bytes() for p in (prov.root / "coordinator").iterdir() if p.is_file())
     assert ca_key not in coord_blob and all(k not in coord_blob for k in keys.values())
+
+
+def test_flower_node_keys_are_ec_private_to_their_site_and_registered_beside_the_coordinator(prov):
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    privates = {}
+    for site, d in prov.site_dirs.items():
+        assert _mode(d / "flower-node.key") == 0o600
+        key = load_ssh_private_key((d / "flower-node.key").read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1"
+        pub = load_ssh_public_key((prov.root / "coordinator" / "flower-nodes" / f"{site}.pub").read_bytes())
+        assert pub.public_numbers() == key.public_key().public_numbers()
+        assert (d / "flower-node.pub").read_bytes() == (prov.root / "coordinator" / "flower-nodes" / f"{site}.pub").read_bytes()
+        privates[site] = (d / "flower-node.key").read_bytes()
+    everything_else = b"".join(p.read_bytes() for p in prov.root.rglob("*") if p.is_file() and p.name != "flower-node.key")
+    assert all(k not in everything_else for k in privates.values())
+    assert privates["hospital-a"] not in b"".join(p.read_bytes() for p in prov.site_dirs["hospital-b"].iterdir())
 
 
 def test_provision_refuses_bad_input_listing_every_problem(tmp_path, prov):
