@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 DEMO_WORKDIR ?= demo-work
 
-.PHONY: venv data demo demo-single test test-slow bench clean
+.PHONY: venv data demo demo-single demo-federated test test-slow bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,11 @@ data:
 demo: venv data
 	$(VPY) examples/two_site_demo.py --workdir $(DEMO_WORKDIR)
 
+# The same two sites training the student together through Flower (SuperLink + 2 SuperNodes, TLS,
+# node authentication), then a side-by-side of the centralized and the federated student.
+demo-federated: venv data
+	$(VPY) examples/federated_demo.py --workdir $(DEMO_WORKDIR)-federated
+
 # The method alone on one machine (no network): every stage including the student, one report.
 demo-single: venv data
 	$(VENV)/bin/privdistill run examples/fashion-mnist.yaml --workdir $(DEMO_WORKDIR)-single
@@ -46,4 +51,4 @@ test-slow: venv data
 	$(VPY) -m pytest -q -m slow
 
 clean:
-	rm -rf $(DEMO_WORKDIR) $(DEMO_WORKDIR)-single .pytest_cache
+	rm -rf $(DEMO_WORKDIR) $(DEMO_WORKDIR)-single $(DEMO_WORKDIR)-federated .pytest_cache

@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         (work / "federated-site-evals.json").write_text(json.dumps(fed_sites, indent=2))
         if demo.main(["--workdir", str(work), "--size", args.size]) != 0:  # export + centralized student
             raise demo.DemoError("the centralized part failed (see above)")
+        from privdistill.logs import configure_logging
+
+        configure_logging("console", "warning")  # the in-process evaluation below logs at debug otherwise
         fed_coord = coordinator_utility(training, coord_cfg, out / "model")
     except demo.DemoError as err:
         print(f"demo failed: {err}", file=sys.stderr)
