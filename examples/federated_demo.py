@@ -40,10 +40,9 @@ def federated_training(size: dict[str, Path], class_names: list[str], out: Path,
 def approved_class_names(cfg: Path, workdir: Path, log: Path) -> list[str]:
     shards = json.loads(demo.run([tool("privdistill-site"), "shards", str(cfg), "--workdir", str(workdir), "--json"],
                                  log))
-    approved = [s for s in shards if s["state"] == "approved"]
+    approved = [s for s in shards if s["state"] in ("approved", "exported")]
     if not approved:
-        raise demo.DemoError(f"{workdir}: no approved shard (federation needs one per site; an exported shard is "
-                             "no longer offered): use a fresh --workdir")
+        raise demo.DemoError(f"{workdir}: no approved shard (federation needs one per site)")
     return json.loads((Path(approved[-1]["dir"]) / "manifest.json").read_text())["conditioning"]["class_names"]
 
 

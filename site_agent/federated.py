@@ -68,12 +68,12 @@ def gated_shard(site: _Site) -> tuple[Manifest, Path]:
     """The newest approved shard, through the export gate, copied to a private snapshot the gate verified."""
     from site_agent.export import _snapshot
 
-    candidates = exportable(site.workdir)
+    candidates = exportable(site.workdir, for_federation=True)
     if not candidates:
-        raise Refusal("no_approved_shard", "this site has no approved, not yet exported shard: run `privdistill-site "
-                                           "run` and have a data steward `privdistill-site approve` the shard")
+        raise Refusal("no_approved_shard", "this site has no approved shard: run `privdistill-site run` and have a "
+                                           "data steward `privdistill-site approve` the shard")
     try:
-        manifest = check_export(site.workdir, candidates[-1], site.cfg)  # audits its own refusals
+        manifest = check_export(site.workdir, candidates[-1], site.cfg, for_federation=True)  # audits refusals
         snap = _snapshot(shard_dir(site.workdir, manifest.shard_id), site.workdir, manifest)
     except (PrivacyPolicyError, ShardVerificationError) as err:
         raise Refusal(getattr(err, "reason", type(err).__name__), str(err)) from None

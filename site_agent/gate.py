@@ -33,13 +33,14 @@ class _Target:
     shard_id: str | None = None
 
 
-def check_export(workdir: Path, shard_id_or_path: str | Path, cfg: SiteConfig) -> Manifest:
+def check_export(workdir: Path, shard_id_or_path: str | Path, cfg: SiteConfig, *,
+                 for_federation: bool = False) -> Manifest:
     """Return the verified manifest of an exportable shard, or raise ExportRefused (PrivacyPolicyError)
     or ShardVerificationError with a reason; every refusal is appended to the audit log."""
     workdir = Path(workdir)
     target = _Target()
     try:
-        return _check(workdir, shard_id_or_path, cfg, target)
+        return _check(workdir, shard_id_or_path, cfg, target, for_federation)
     except (PrivacyPolicyError, ShardVerificationError) as err:
         audit(workdir, "export_refused", shard_id=target.shard_id, site_id=cfg.site.id,
               reason=getattr(err, "reason", type(err).__name__), detail=str(err))
@@ -66,7 +67,7 @@ def _locate(workdir: Path, ref: str | Path) -> str:
     return path.name
 
 
-def _check(workdir: Path, ref: str | Path, cfg: SiteConfig, target: _Target) -> Manifest:
+def _check(workdir: Path, ref: str | Path, cfg: SiteConfig, target: _Target, for_federation: bool) -> Manifest:
     shard_id = _locate(workdir, ref)
     target.shard_id = shard_id
     row = SiteState(workdir).get(shard_id)
@@ -79,7 +80,7 @@ def _check(workdir: Path, ref: str | Path, cfg: SiteConfig, target: _Target) -> 
         raise _refuse("registered_path_mismatch",
                       f"{shard_id} is registered at a location other than this work directory's shards/{shard_id}; "
                       "the register was edited or copied: re-package with `privdistill-site run`")
-    _check_state(row, cfg)
+    _check_state(row, cfg, for_federation)
     _check_provenance(workdir, row)
     manifest = _check_files(shard_dir, row, cfg)
     _check_content(workdir, shard_id, manifest, cfg)
@@ -90,16 +91,17 @@ def _check(workdir: Path, ref: str | Path, cfg: SiteConfig, target: _Target) -> 
     return manifest
 
 
-def _check_state(row: ShardRow, cfg: SiteConfig) -> None:
+def _check_state(row: ShardRow, cfg: SiteConfig, for_federation: bool = False) -> None:
+    """Approved (manual, or auto when allowed); an exported shard may still train the federated student."""
     sid = row.shard_id
     if row.state == "rejected":
         raise _refuse("rejected_shard", f"{sid} was rejected ({row.reason}); package a new shard instead")
-    if row.state == "exported":
+    if row.state == "exported" and not for_federation:
         raise _refuse("already_exported", f"{sid} was already exported on {row.exported_at}")
     if not row.policy_passed or not row.policy.get("passed"):
         raise _refuse("policy_failed", f"{sid} fails the export policy ({', '.join(row.policy.get('failed', []))}); "
                                        "it can never be exported: change the settings and re-run")
-    if row.state != "approved":
+    if row.state not in (("approved", "exported") if for_federation else ("approved",)):
         raise _refuse("not_approved", f"{sid} is {row.state}, not approved: a data steward reviews it and runs "
                                       f"`privdistill-site approve {sid} --workdir WORKDIR`")
     if cfg.site.approval == "manual" and row.approved_by == "auto-policy":
@@ -153,9 +155,10 @@ def _check_content(workdir: Path, shard_id: str, manifest: Manifest, cfg: SiteCo
             "names, site.vocabulary_extra); prompts must never carry report text or names", "prompt_outside_vocabulary")
 
 
-def exportable(workdir: Path) -> list[str]:
-    """Ids of approved shards not yet exported, oldest first."""
-    return [r.shard_id for r in SiteState(workdir).list() if r.state == "approved"]
+def exportable(workdir: Path, *, for_federation: bool = False) -> list[str]:
+    """Ids of approved shards not yet exported (federation: approved or exported), oldest first."""
+    states = ("approved", "exported") if for_federation else ("approved",)
+    return [r.shard_id for r in SiteState(workdir).list() if r.state in states]
 
 
 def shard_dir(workdir: Path, shard_id: str) -> Path:

@@ -132,13 +132,22 @@ def test_refuses_when_the_approved_shard_fails_the_gate(site: Site, monkeypatch:
     assert events(site, "export_refused")[-1]["reason"] == "hash_mismatch", "the gate audits its own refusal"
 
 
-def test_refuses_an_already_exported_shard_as_the_gate_does(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_exported_shard_still_trains_but_a_rejected_one_never(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
     from site_agent.state import SiteState
 
-    no_training(monkeypatch)
+    calls: list[int] = []
+    monkeypatch.setattr(federated, "train_local", lambda *a, **k: calls.append(1) or (_ for _ in ()).throw(
+        federated.Refusal("stop_here", "training reached", code=FAILED_CODE)))
     sid = approved_shard(site)
     SiteState(site.workdir).mark_exported(sid, destination="https://127.0.0.1:9", upload_id="u1")
+    # already shared with the coordinator, so the gate lets it train the federated student too
+    assert_refused(federated.handle_train(train_message(global_arrays()), context(site)), site, "stop_here",
+                   code=FAILED_CODE)
+    assert calls == [1]
+    with SiteState(site.workdir)._db() as db:  # noqa: SLF001 - force a final state the CLI cannot reach
+        db.execute("UPDATE shards SET state = 'rejected', reason = 'steward said no' WHERE shard_id = ?", (sid,))
     assert_refused(federated.handle_train(train_message(global_arrays()), context(site)), site, "no_approved_shard")
+    assert calls == [1]
 
 
 def test_refuses_classes_the_federation_does_not_have(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
