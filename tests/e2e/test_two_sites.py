@@ -60,7 +60,7 @@ def test_both_sites_exported_and_the_coordinator_accepted_each_shard_once(demo: 
         s = summary["sites"][site]
         assert s["shard"] is not None and s["shard"].startswith(site)
         assert s["privacy"]["kept"] > 0 and s["privacy"]["kept_memorization_rate"] == 0.0
-        assert s["privacy"]["audit"]["planted_recall"] == 1.0
+        assert set(s["privacy"]["audit"]["planted_recall"].values()) == {1.0}  # every kind of planted copy
         exported = [json.loads(x) for x in (demo / site / "work" / "audit.log").read_text().splitlines()]
         assert [e["event"] for e in exported].count("exported") == 1
         ev = s["student_eval"]["student"]
@@ -96,10 +96,11 @@ def test_no_real_data_reached_the_coordinator(demo: Path) -> None:
         # 1. no patient id, in any file the coordinator holds
         for pid in sorted(set(train.patient_ids.tolist()))[:200]:
             assert pid.encode() not in blob, f"patient id {pid} of {site} found on the coordinator"
-        # 2. no byte-identical copy of the site's teacher, re-identification model or ingested data
-        private = [p for d in ("ingest", "train-teacher", "train-reid") for p in (w / d).rglob("*") if p.is_file()]
-        private = [p for p in private if p.stat().st_size > 64]  # skip tiny generic files (e.g. '{}')
-        assert private and not ({_sha(p) for p in private} & coord_hashes)
+        # 2. no byte-identical copy of the site's teacher weights, re-identification model or ingested data
+        #    (config files such as the DDPM scheduler's are the same everywhere and carry nothing private)
+        private = [p for d in ("ingest", "train-teacher", "train-reid") for p in (w / d).rglob("*")
+                   if p.suffix in {".npz", ".safetensors", ".onnx", ".pt", ".bin"}]
+        assert len(private) >= 4 and not ({_sha(p) for p in private} & coord_hashes)
         # 3. no stored shard image equals a real training image (within 8-bit rounding)
         stored = sorted((demo / "provision" / "coordinator" / "state" / "store").rglob("shard.tar"))
         assert len(stored) == 2
