@@ -127,16 +127,6 @@ def make_site(root: Path, reid_src: Path, *, approval: str = "manual", prompts: 
     return Site(root, config_path, workdir, cfg, key, train)
 
 
-@pytest.fixture(scope="module")
-def reid_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_reid(tmp_path_factory.mktemp("reid"))
-
-
-@pytest.fixture
-def site(tmp_path: Path, reid_src: Path) -> Site:
-    return make_site(tmp_path / "site", reid_src)
-
-
 def approved_shard(site: Site) -> str:
     sid = site.package()["shard_id"]
     SiteState(site.workdir).approve(sid, by="steward")

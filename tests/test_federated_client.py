@@ -4,7 +4,6 @@ record) when there is none or the gate fails."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +18,7 @@ from privdistill.federated import FAILED_CODE, REFUSED_CODE, StudentSpec, parse_
 from privdistill.models import DiffusionModel
 from site_agent import federated
 from site_agent.audit import read_audit
-from test_export_gate import CLASSES, Site, approved_shard, build_reid, flip_png_byte, make_site, rewrite_tar
+from test_export_gate import CLASSES, Site, approved_shard, flip_png_byte, rewrite_tar
 
 pytestmark = [pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed"),
               pytest.mark.usefixtures("one_thread")]
@@ -28,16 +27,6 @@ SPEC = StudentSpec(model=ModelConfig(block_out_channels=[8, 16], norm_num_groups
                    train=TrainConfig(steps=2, batch_size=4, warmup_steps=0, learning_rate=1e-3, log_every=1,
                                      checkpoint_every=100, mixed_precision="no"),
                    resolution=28, channels=1, class_names=list(CLASSES), seed=3)
-
-
-@pytest.fixture(scope="module")
-def reid_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_reid(tmp_path_factory.mktemp("reid"))
-
-
-@pytest.fixture
-def site(tmp_path: Path, reid_src: Path) -> Site:
-    return make_site(tmp_path / "site", reid_src)
 
 
 def global_arrays(spec: StudentSpec = SPEC) -> ArrayRecord:

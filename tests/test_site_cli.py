@@ -17,19 +17,9 @@ from site_agent import upload
 from site_agent.audit import read_audit
 from site_agent.cli import main
 from site_agent.state import SiteState
-from test_export_gate import CLASSES, Site, build_reid, make_site
+from test_export_gate import CLASSES, Site
 
 pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed")
-
-
-@pytest.fixture(scope="module")
-def reid_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_reid(tmp_path_factory.mktemp("reid"))
-
-
-@pytest.fixture
-def site(tmp_path: Path, reid_src: Path) -> Site:
-    return make_site(tmp_path / "site", reid_src)
 
 
 class FakeUpload:
