@@ -7,17 +7,20 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from privdistill.config import read_yaml
+from privdistill.config import _format_pydantic, read_yaml
 from privdistill.errors import ConfigError
 
 MiB = 1 << 20
 
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
 
 class ListenConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8443, ge=0, le=65535)
+
 
 class TLSConfig(_Strict):
     """Server certificate, its key and the CA that signed it (relative paths resolve against the yaml)."""
@@ -26,11 +29,13 @@ class TLSConfig(_Strict):
     key: Path
     ca: Path | None = None
 
+
 class LimitsConfig(_Strict):
     max_chunk_bytes: int = Field(8 * MiB, ge=1, le=1 << 30)
     max_shard_bytes: int = Field(2 << 30, ge=1)
     max_manifest_bytes: int = Field(16 * MiB, ge=1024, le=64 * MiB)
     max_clock_skew_s: int = Field(300, ge=1, le=3600)
+
 
 class CoordinatorConfig(_Strict):
     listen: ListenConfig = ListenConfig()
@@ -42,13 +47,6 @@ class CoordinatorConfig(_Strict):
     def ledger_path(self) -> Path:
         return self.state_dir / "ledger.sqlite"
 
-def _problems(err: ValidationError) -> list[str]:
-    problems = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        msg = "unknown key (check spelling)" if e["type"] == "extra_forbidden" else e["msg"]
-        problems.append(f"{loc or '<root>'}: {msg}")
-    return problems
 
 def parse_coordinator_config(raw: Any, *, base_dir: Path, source: str | None = None) -> CoordinatorConfig:
     """Validate ``raw`` (parsed YAML) and resolve relative paths against ``base_dir``."""
@@ -57,7 +55,7 @@ def parse_coordinator_config(raw: Any, *, base_dir: Path, source: str | None = N
     try:
         cfg = CoordinatorConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_problems(err), source) from None
+        raise ConfigError(_format_pydantic(err), source) from None
 
     def resolve(p: Path) -> Path:
         return p if p.is_absolute() else (base_dir / p).resolve()
@@ -66,11 +64,13 @@ def parse_coordinator_config(raw: Any, *, base_dir: Path, source: str | None = N
                     ca=None if cfg.tls.ca is None else resolve(cfg.tls.ca))
     return cfg.model_copy(update={"tls": tls, "state_dir": resolve(cfg.state_dir)})
 
+
 def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
     """Read coordinator.yaml; raise ConfigError listing every problem."""
     path = Path(path)
     raw = read_yaml(path, missing_hint=" (run `privdistill-coordinator provision` first)")
     return parse_coordinator_config(raw, base_dir=path.resolve().parent, source=str(path))
+
 
 def check_tls_files(cfg: CoordinatorConfig) -> None:
     """Serving needs the certificate and key on disk; list every missing file."""

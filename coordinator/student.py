@@ -31,9 +31,11 @@ NO_PATIENT_DATA = (
     "their teacher and of the filtered shard they exported, copied from the signed shard manifests."
 )
 
+
 # ----------------------------------------------------------------------------- configuration
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
 
 class ReferenceConfig(_Strict):
     """A PUBLIC labelled image set the coordinator owns (never patient data), for utility metrics.
@@ -47,17 +49,20 @@ class ReferenceConfig(_Strict):
     max_per_class: int | None = Field(None, ge=1)
     max_test_per_class: int | None = Field(None, ge=1)
 
+
 class EvaluationConfig(_Strict):
     reference: ReferenceConfig | None = None
     classifier_steps: int = Field(600, ge=1)
     classifier_batch_size: int = Field(128, ge=1)
     memorization_ratio: float = Field(1 / 3, gt=0, lt=1)  # student copies of training-shard images
 
+
 class ReleasePolicy(_Strict):
     min_shards: int = Field(1, ge=1)
     min_sites: int = Field(1, ge=1)
     max_site_kept_memorization_rate: float = Field(0.0, ge=0, le=1)
     require_filter_enabled: bool = True
+
 
 class FederatedConfig(_Strict):
     """Federated mode (Flower FedAvg over the student's UNet weights): each site trains locally on its own
@@ -70,6 +75,7 @@ class FederatedConfig(_Strict):
     fraction: float = Field(1.0, gt=0, le=1)
     class_names: list[str] | None = None
     round_timeout_s: float = Field(600, gt=0)
+
 
 class TrainingConfig(_Strict):
     """What the coordinator trains, how it evaluates it and when it may release it."""
@@ -93,6 +99,7 @@ class TrainingConfig(_Strict):
             resolution=self.resolution, channels=self.channels, classes=ref.classes,
             max_per_class=ref.max_per_class, max_test_per_class=ref.max_test_per_class,
         )
+
 
 def parse_training_config(raw: Any, source: str | None = None, base_dir: Path | None = None) -> TrainingConfig:
     """Validate a mapping; relative reference paths resolve against ``base_dir``; every problem listed."""
@@ -128,9 +135,11 @@ def parse_training_config(raw: Any, source: str | None = None, base_dir: Path | 
         raise ConfigError(problems, source)
     return TrainingConfig.model_validate(resolved)
 
+
 def load_training_config(path: str | Path) -> TrainingConfig:
     path = Path(path)
     return parse_training_config(read_yaml(path), source=str(path), base_dir=path.resolve().parent)
+
 
 # ----------------------------------------------------------------------------- reading shards
 def read_manifest(shard_dir: Path) -> Manifest:
@@ -138,6 +147,7 @@ def read_manifest(shard_dir: Path) -> Manifest:
     if not path.is_file() or not (Path(shard_dir) / SHARD_TAR).is_file():
         raise ShardVerificationError(f"{shard_dir} has no {MANIFEST} and {SHARD_TAR}: not a stored shard", "not_a_shard")
     return parse_manifest(path.read_bytes())
+
 
 def _first_png_size(tar: Path) -> tuple[int, int] | None:
     from PIL import Image
@@ -147,6 +157,7 @@ def _first_png_size(tar: Path) -> tuple[int, int] | None:
             return im.size
     return None
 
+
 @dataclass(frozen=True)
 class ShardRef:
     """A stored shard and, when the ledger knows them, the hashes it accepted (checked again on read)."""
@@ -155,8 +166,10 @@ class ShardRef:
     tar_sha256: str | None = None
     manifest_sha256: str | None = None
 
+
 def as_ref(shard: Path | str | ShardRef) -> ShardRef:
     return shard if isinstance(shard, ShardRef) else ShardRef(Path(shard))
+
 
 def _verified(ref: ShardRef) -> Manifest:
     d = Path(ref.dir)
@@ -173,6 +186,7 @@ def _verified(ref: ShardRef) -> Manifest:
     except ShardVerificationError as err:
         raise ShardVerificationError(f"{where} failed re-verification on read: {err}", err.reason) from None
     return manifest
+
 
 def load_accepted(
     shards: Sequence[Path | ShardRef], *, resolution: int | None = None, channels: int = 1,
@@ -205,6 +219,7 @@ def load_accepted(
         raise ShardVerificationError(f"a shard holds images of different sizes ({err})", "resolution_mismatch") from None
     return data, [m for _, m in entries]
 
+
 # ----------------------------------------------------------------------------- privacy numbers from manifests
 # where each number sits in a manifest's privacy section (written by site_agent.package.privacy_aggregate)
 PRIVACY_FIELDS: dict[str, tuple[str, ...]] = {
@@ -225,6 +240,7 @@ PRIVACY_FIELDS: dict[str, tuple[str, ...]] = {
     "site_policy_passed": ("policy", "passed"),
 }
 
+
 def privacy_summary(privacy: dict[str, Any]) -> dict[str, Any]:
     """The aggregate numbers a site put in its manifest's privacy section (None where it reported none)."""
     out: dict[str, Any] = {}
@@ -235,17 +251,21 @@ def privacy_summary(privacy: dict[str, Any]) -> dict[str, Any]:
         out[name] = node
     return out
 
+
 def shard_record(m: Manifest) -> dict[str, Any]:
     return {"tar_sha256": m.tar_sha256, "site": m.site_id, "shard_id": m.shard_id, "sample_count": m.sample_count,
             "created": m.created, "software_version": m.software_version, "config_hash": m.config_hash,
             "conditioning": m.conditioning.type, "class_names": list(m.conditioning.class_names),
             "privacy": privacy_summary(m.privacy)}
 
+
 # ----------------------------------------------------------------------------- stages
 Shards = Sequence[Path | ShardRef]
 
+
 def _shard_hashes(shards: Shards) -> list[str]:
     return sorted(read_manifest(as_ref(s).dir).tar_sha256 for s in shards)
+
 
 def _reference_fingerprint(cfg: TrainingConfig) -> str | None:
     from privdistill.config import RunConfig
@@ -254,19 +274,23 @@ def _reference_fingerprint(cfg: TrainingConfig) -> str | None:
     data = cfg.reference_data()
     return None if data is None else source_fingerprint(RunConfig(data=data))
 
+
 def _training_section(cfg: TrainingConfig) -> dict[str, Any]:
     return {"seed": cfg.seed, "resolution": cfg.resolution, "channels": cfg.channels,
             "student": cfg.student.model_dump(mode="json")}
+
 
 def train_stage(shards: Shards, cfg: TrainingConfig) -> Stage:
     """The stage's fingerprint covers the set of shard hashes: a new accepted shard re-trains, none is a no-op."""
     config = {"shards": _shard_hashes(shards), **_training_section(cfg)}
     return Stage(TRAIN_STAGE, lambda ctx: _train(list(shards), cfg, ctx), (), config)
 
+
 def evaluate_stage(shards: Shards, cfg: TrainingConfig) -> Stage:
     config = {"seed": cfg.seed, "sample": cfg.sample.model_dump(mode="json"),
               "evaluation": cfg.evaluation.model_dump(mode="json"), "reference_files": _reference_fingerprint(cfg)}
     return Stage(EVAL_STAGE, lambda ctx: _evaluate(list(shards), cfg, ctx), (TRAIN_STAGE,), config)
+
 
 def train_student(shards: Shards, cfg: TrainingConfig, work_dir: Path, *, force: bool = False) -> dict[str, Any]:
     """Train (or skip, when the set of shards and the config are unchanged) into ``work_dir/train-student``:
@@ -276,11 +300,13 @@ def train_student(shards: Shards, cfg: TrainingConfig, work_dir: Path, *, force:
     with workdir_lock(work_dir):
         return run_stage(train_stage(shards, cfg), work_dir, force=force)
 
+
 def evaluate_student(shards: Shards, cfg: TrainingConfig, work_dir: Path, *, force: bool = False) -> dict[str, Any]:
     """Sample the trained student and measure utility into ``work_dir/evaluate`` (report.json, sample grid)."""
     work_dir = Path(work_dir)
     with workdir_lock(work_dir):
         return run_stage(evaluate_stage(shards, cfg), work_dir, force=force)
+
 
 def stage_state(shards: Shards, cfg: TrainingConfig, work_dir: Path) -> dict[str, str]:
     """'missing' | 'stale' | 'current' for train-student and evaluate against the accepted shards now."""
@@ -289,6 +315,7 @@ def stage_state(shards: Shards, cfg: TrainingConfig, work_dir: Path) -> dict[str
         rec = read_record(Path(work_dir), stage.name)
         out[stage.name] = "missing" if rec is None else ("current" if is_current(stage, Path(work_dir)) else "stale")
     return out
+
 
 def _train(shards: list[Path | ShardRef], cfg: TrainingConfig, ctx: StageContext) -> dict[str, Any]:
     from privdistill.models import DiffusionModel
@@ -315,6 +342,7 @@ def _train(shards: list[Path | ShardRef], cfg: TrainingConfig, ctx: StageContext
     atomic_write_json(ctx.out / TRAINING_FILE, training)
     log.info("student.trained", shards=len(shards), samples=len(data), final_loss=report.get("final_loss"))
     return {k: v for k, v in report.items() if k != "loss_curve"} | {"n_shards": len(shards), "n_samples": len(data)}
+
 
 def _evaluate(shards: list[Path | ShardRef], cfg: TrainingConfig, ctx: StageContext) -> dict[str, Any]:
     from coordinator.student_eval import utility_report
