@@ -69,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--superlink", help="SuperLink HOST:PORT (default: the coordinator's host, port 9092)")
     sp.add_argument("--node-key", type=Path, help="Flower node key (default: flower-node.key beside site.key)")
     sp.add_argument("--runtime-port", type=int, help="local port of the SuperNode's runtime API (default: free port)")
+    sp = wd(sub.add_parser("doctor", help="preflight: config, keys, certificates, coordinator, data source, disk, GPU",
+                           description="Checks a site install before its first run. Exit codes: 0 every check passed "
+                           "(warnings allowed), 1 at least one check failed, 2 the config does not validate."))
+    sp.add_argument("config", type=Path)
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--offline", action="store_true", help="skip the coordinator and PACS checks")
+    sp.add_argument("--timeout", type=float, default=10.0, help="seconds per network check")
     return p
 
 
@@ -272,7 +279,15 @@ def _join(args: argparse.Namespace) -> int:
                 runtime_port=args.runtime_port)
 
 
-COMMANDS = {"init": _init, "run": _run, "status": _status, "shards": _shards, "approve": _approve,
+def _doctor(args: argparse.Namespace) -> int:
+    from site_agent.doctor import format_report, run_doctor
+
+    report = run_doctor(args.config, args.workdir, timeout_s=args.timeout, network=not args.offline)
+    print(json.dumps(report.public(), indent=2) if args.json else format_report(report))
+    return report.exit_code
+
+
+COMMANDS = {"doctor": _doctor, "init": _init, "run": _run, "status": _status, "shards": _shards, "approve": _approve,
             "reject": _reject, "export": _export, "audit-log": _audit_log, "evaluate-student": _evaluate_student,
             "join": _join}
 
