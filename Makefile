@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 DEMO_WORKDIR ?= demo-work
 
-.PHONY: venv data demo demo-single demo-federated test test-slow bench clean
+.PHONY: venv data sysdeps compose-venv demo demo-single demo-federated demo-pacs test test-slow bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,31 @@ data:
 	  fi; \
 	fi
 
+# What the integration tests run against: a real PACS (Orthanc + its DICOMweb plugin) and a real browser
+# (Chromium). Installed when missing and run as root; otherwise the hint says what to install.
+SYSDEPS_BIN := /usr/sbin/Orthanc /usr/bin/chromium
+sysdeps:
+	@missing=""; for b in $(SYSDEPS_BIN); do [ -x $$b ] || missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    (apt-get install -y -qq orthanc orthanc-dicomweb chromium chromium-driver >/dev/null || \
+	     (apt-get update -qq && apt-get install -y -qq orthanc orthanc-dicomweb chromium chromium-driver >/dev/null)); \
+	  else \
+	    echo "missing:$$missing; run 'sudo apt-get install orthanc orthanc-dicomweb chromium chromium-driver' (Debian)" >&2; \
+	  fi; \
+	fi
+
+# Compose v1 in its own venv, only to validate deploy/compose/*.yaml offline (`docker-compose config`).
+COMPOSE_VENV := .venv-compose
+$(COMPOSE_VENV)/.installed:
+	$(PY) -m venv $(COMPOSE_VENV)
+	$(COMPOSE_VENV)/bin/pip install -q "cython<3" wheel setuptools
+	$(COMPOSE_VENV)/bin/pip install -q --no-build-isolation pyyaml==5.4.1
+	$(COMPOSE_VENV)/bin/pip install -q docker-compose
+	touch $@
+
+compose-venv: $(COMPOSE_VENV)/.installed
+
 # Two hospitals and a coordinator on loopback (real TLS, real processes): provision, serve, two site
 # agents, export, train + evaluate + release the student, per-site check of the student, summary.
 demo: venv data
@@ -44,7 +69,7 @@ demo-federated: venv data
 demo-single: venv data
 	$(VENV)/bin/privdistill run examples/fashion-mnist.yaml --workdir $(DEMO_WORKDIR)-single
 
-test: venv data
+test: venv data sysdeps compose-venv
 	$(VPY) -m pytest -q
 
 test-slow: venv data
