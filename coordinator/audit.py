@@ -10,7 +10,8 @@ from typing import Any
 import structlog
 
 AUDIT_FILE = "audit.log"
-KINDS = frozenset({"upload_created", "duplicate", "accepted", "rejected", "site_added", "site_revoked", "released"})
+KINDS = frozenset({"upload_created", "duplicate", "accepted", "rejected", "site_added", "site_revoked",
+                   "site_key_rotated", "released"})
 
 
 class _AppendLogger:

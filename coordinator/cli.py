@@ -1,4 +1,4 @@
-"""`privdistill-coordinator` command line: provision, sites, serve, shards (student commands plug in)."""
+"""`privdistill-coordinator` command line: provision, sites, renew-cert, serve, shards (student commands plug in)."""
 
 from __future__ import annotations
 
@@ -60,6 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     rv = st_sub.add_parser("revoke", help="refuse every further request signed by this site")
     rv.add_argument("name")
     _with_config(rv)
+    ro = st_sub.add_parser("rotate", help="new key pair and kit for a site; the old key is refused from now on, the "
+                                          "site's shards and history stay under its name")
+    ro.add_argument("name")
+    _with_config(ro)
+    ro.add_argument("--out", type=Path, required=True, help="new (or empty) directory for the site's new kit")
+    ro.add_argument("--host", help="coordinator host name for the kit (default: from the server certificate)")
+    ro.add_argument("--port", type=int, help="coordinator port for the kit (default: listen.port)")
+
+    rc = sub.add_parser("renew-cert", help="re-issue the coordinator's TLS certificate from the kit's CA")
+    rc.add_argument("--kit", type=Path, required=True, help="the provisioning folder (holds ca/ca.key)")
+    rc.add_argument("--host", help="host name for the certificate (default: the current certificate's)")
+    rc.add_argument("--days", type=int, help="validity (default: 397, at most until the CA expires)")
 
     sv = sub.add_parser("serve", help="run the HTTPS upload service")
     _with_config(sv)
@@ -112,6 +124,16 @@ def _dispatch(args: argparse.Namespace) -> int:
             row = ledger.add_site(args.name, args.pubkey)
             AuditLog(ledger.state_dir).event("site_added", site=row.name)
             print(f"site {row.name} registered")
+        elif args.sites_command == "rotate":
+            from coordinator.provision import rotate_site
+
+            done = rotate_site(args.config, args.name, args.out, host=args.host, port=args.port)
+            print(f"site {done.site}: new key (old key sha256 {done.old_key_sha256[:16]}... refused from now on)"
+                  f"{'; it was revoked and is active again' if done.was_revoked else ''}")
+            print(f"  hand {done.kit}/ to the site (it holds the new private keys), then delete your copy")
+            if done.node_pub is None:
+                print(f"  federated mode: copy {done.kit}/flower-node.pub to the coordinator's flower-nodes/"
+                      f"{done.site}.pub (its folder was not writable here)")
         elif args.sites_command == "revoke":
             row = ledger.revoke_site(args.name)
             AuditLog(ledger.state_dir).event("site_revoked", site=row.name)
@@ -123,6 +145,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             for r in rows if not args.json else []:
                 print(f"{r.name:<24} {'revoked' if r.revoked else 'active':<8} added {r.added_at}  "
                       f"last seen {r.last_seen_at or 'never'}")
+        return 0
+    if args.command == "renew-cert":
+        from coordinator.provision import renew_server_cert
+
+        pem = renew_server_cert(args.kit, host=args.host, days=args.days)
+        print(f"renewed {pem} (and server.key beside it); restart the coordinator (and SuperLink) to use it")
         return 0
     if args.command == "serve":
         from coordinator.config import load_coordinator_config

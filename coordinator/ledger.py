@@ -183,6 +183,19 @@ class Ledger:
         assert site is not None
         return site
 
+    def rotate_site_key(self, name: str, public_key_b64: str, *, reason: str | None = None) -> SiteRow:
+        """Replace a registered site's public key (its name, shards and events stay); a revoked site is active again."""
+        parse_public_key(public_key_b64)
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM sites WHERE name = ?", (name,)).fetchone() is None:
+                raise ConfigError([f"site {name!r} is not registered (see `sites list`)"])
+            db.execute("UPDATE sites SET public_key = ?, revoked_at = NULL WHERE name = ?",
+                       (public_key_b64.strip(), name))
+            self._event(db, "site_key_rotated", name, None, reason)
+        site = self.site(name)
+        assert site is not None
+        return site
+
     def site(self, name: str) -> SiteRow | None:
         rows = self._query("SELECT name, public_key, added_at, revoked_at, last_seen_at FROM sites WHERE name = ?",
                            (name,))
@@ -221,6 +234,13 @@ class Ledger:
     def upload(self, upload_id: str) -> UploadRow | None:
         rows = self._query(f"SELECT {_UPLOAD_COLS} FROM uploads WHERE id = ?", (upload_id,))
         return UploadRow(*rows[0]) if rows else None
+
+    def uploads(self, state: str | None = None) -> list[UploadRow]:
+        """Every upload (or those in ``state``), oldest first."""
+        sql = f"SELECT {_UPLOAD_COLS} FROM uploads"
+        rows = self._query(sql + " WHERE state = ? ORDER BY created_at", (state,)) if state else \
+            self._query(sql + " ORDER BY created_at")
+        return [UploadRow(*r) for r in rows]
 
     def open_uploads(self) -> list[UploadRow]:
         return [UploadRow(*r) for r in self._query(

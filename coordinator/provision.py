@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 import re
 import shutil
@@ -25,6 +26,9 @@ from coordinator.audit import AuditLog
 from coordinator.ledger import Ledger
 
 RESERVED = {"ca", "coordinator"}
+# a site kit: what a site's install needs (deploy/compose/site.yaml mounts the first four as secrets)
+SITE_KEY_FILE, CA_FILE, CONNECTION_FILE, KIT_README = "site.key", "ca.pem", "site-connection.yaml", "README.md"
+KIT_FILES = (SITE_KEY_FILE, NODE_KEY_FILE, CA_FILE, CONNECTION_FILE, "site.pub", NODE_PUB_FILE, KIT_README)
 
 
 @dataclass(frozen=True)
@@ -169,32 +173,182 @@ def _build(root: Path, sites: list[str], *, host: str, port: int, days: int) -> 
     audit = AuditLog(coord / "state")
     url = f"https://{host}:{port}"
     for site in sites:
-        d = root / site
-        d.mkdir(mode=0o700)
-        key = generate_key()
-        save_private_key(key, d / "site.key")
-        pub = public_key_b64(key)
-        (d / "site.pub").write_text(pub + "\n")
-        (d / "ca.pem").write_bytes(ca_pem)
-        write_flower_node_key(d, coord / NODE_PUBS_DIR, site)
-        (d / "site-connection.yaml").write_text(yaml.safe_dump(
-            {"site_id": site, "coordinator_url": url, "ca_file": "ca.pem", "key_file": "site.key",
-             "superlink": f"{host}:{DEFAULT_SUPERLINK_PORT}", "flower_node_key": NODE_KEY_FILE}, sort_keys=False))
-        (d / "README.txt").write_text(_SITE_README.format(site=site, url=url))
+        pub = write_site_bundle(root / site, site, ca_pem=ca_pem, url=url, host=host, pubs_dir=coord / NODE_PUBS_DIR)
         ledger.add_site(site, pub)
         audit.event("site_added", site=site)
 
 
-_SITE_README = """privdistill site bundle for site '{site}'
+def write_site_bundle(d: Path, site: str, *, ca_pem: bytes, url: str, host: str, pubs_dir: Path) -> str:
+    """One site's kit in the new directory ``d`` (fresh Ed25519 and Flower node keys); returns the public key."""
+    d.mkdir(mode=0o700)
+    key = generate_key()
+    save_private_key(key, d / SITE_KEY_FILE)
+    pub = public_key_b64(key)
+    (d / "site.pub").write_text(pub + "\n")
+    (d / CA_FILE).write_bytes(ca_pem)
+    write_flower_node_key(d, pubs_dir, site)
+    (d / CONNECTION_FILE).write_text(yaml.safe_dump(
+        {"site_id": site, "coordinator_url": url, "ca_file": CA_FILE, "key_file": SITE_KEY_FILE,
+         "superlink": f"{host}:{DEFAULT_SUPERLINK_PORT}", "flower_node_key": NODE_KEY_FILE}, sort_keys=False))
+    (d / KIT_README).write_text(_SITE_README.format(site=site, url=url, host=host))
+    return pub
 
-Copy this whole folder to the site's agent machine (and nowhere else):
-  site.key              the site's Ed25519 private key (mode 0600; never share it)
-  site.pub              its public key, registered with the coordinator
-  ca.pem                the coordinator's CA: the agent trusts only certificates it signed
-  site-connection.yaml  site_id, coordinator_url ({url}), ca_file and key_file for the uploader
-  flower-node.key       federated mode only: this site's Flower SuperNode key (ECDSA P-256, mode 0600;
-                        `privdistill-site join` uses it; the coordinator registered its flower-node.pub)
 
-If the key leaks, ask the coordinator operator to run
-  privdistill-coordinator sites revoke {site} --config coordinator/coordinator.yaml
+@dataclass(frozen=True)
+class Rotated:
+    site: str
+    kit: Path
+    old_key_sha256: str
+    was_revoked: bool
+    node_pub: Path | None  # where the new Flower node public key was registered; None: copy it by hand
+
+
+def _fingerprint(pub_b64: str) -> str:
+    return hashlib.sha256(pub_b64.strip().encode()).hexdigest()
+
+
+def _cert_host(cert_path: Path) -> str:
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+
+
+def rotate_site(config_path: Path, site: str, out: Path, *, host: str | None = None,
+                port: int | None = None) -> Rotated:
+    """New key pair and kit for a registered site; the ledger keeps the name, its shards and its history, and
+    refuses the old key from now on (a revoked site is active again with the new key)."""
+    from coordinator.config import load_coordinator_config
+
+    cfg = load_coordinator_config(config_path)
+    ledger = Ledger(cfg.ledger_path)
+    row = ledger.site(site)
+    out = Path(out).absolute()
+    problems = []
+    if row is None:
+        problems.append(f"site {site!r} is not registered (see `sites list`); new sites: `sites add` or provision")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        problems.append(f"--out {out} exists and is not empty; a kit is never written over (choose a new dir)")
+    if cfg.tls.ca is None or not cfg.tls.ca.is_file():
+        problems.append("tls.ca: the kit needs the CA certificate (ca.pem) and the coordinator config names none")
+    if not cfg.tls.cert.is_file():
+        problems.append(f"tls.cert: {cfg.tls.cert} does not exist (the coordinator's host name is read from it)")
+    if problems:
+        raise ConfigError(problems, str(config_path))
+    assert row is not None and cfg.tls.ca is not None
+    host = host or _cert_host(cfg.tls.cert)
+    url = f"https://{host}:{port or cfg.listen.port}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    pubs = Path(tempfile.mkdtemp(prefix=".flower-nodes.", dir=out.parent))
+    try:
+        kit = tmp / "kit"
+        pub = write_site_bundle(kit, site, ca_pem=cfg.tls.ca.read_bytes(), url=url, host=host, pubs_dir=pubs)
+        if out.exists():
+            out.rmdir()
+        kit.rename(out)
+        try:
+            ledger.rotate_site_key(site, pub, reason=f"previous_key_sha256={_fingerprint(row.public_key)}")
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)  # a kit whose key the coordinator does not know is useless
+            raise
+        AuditLog(cfg.state_dir).event("site_key_rotated", site=site, old_key_sha256=_fingerprint(row.public_key),
+                                      new_key_sha256=_fingerprint(pub), was_revoked=row.revoked)
+        node_pub = _register_node_pub(pubs / f"{site}.pub", Path(config_path).resolve().parent / NODE_PUBS_DIR)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(pubs, ignore_errors=True)
+    return Rotated(site=site, kit=out, old_key_sha256=_fingerprint(row.public_key), was_revoked=row.revoked,
+                   node_pub=node_pub)
+
+
+def _register_node_pub(new: Path, pubs_dir: Path) -> Path | None:
+    """Replace the site's Flower node public key beside the coordinator config; None where that folder is
+    read-only (a compose install mounts it so: the operator copies the kit's flower-node.pub there)."""
+    target = pubs_dir / new.name
+    try:
+        pubs_dir.mkdir(mode=0o700, exist_ok=True)
+        tmp = pubs_dir / f".{new.name}.tmp"
+        shutil.copyfile(new, tmp)
+        tmp.replace(target)
+    except OSError:
+        return None
+    return target
+
+
+def renew_server_cert(kit: Path, *, host: str | None = None, days: int | None = None) -> Path:
+    """Re-issue the coordinator's TLS certificate and key from the kit's CA (sites need nothing new); the
+    new certificate may not outlive the CA. Returns the new server.pem; restart the coordinator to use it."""
+    kit = Path(kit)
+    ca_key_path, ca_path = kit / "ca" / "ca.key", kit / "ca" / "ca.pem"
+    coord = kit / "coordinator"
+    problems = [f"{p}: not found (run this on the operator's provisioning folder, which holds the CA key)"
+                for p in (ca_key_path, ca_path, coord / "server.pem") if not p.is_file()]
+    if problems:
+        raise ConfigError(problems)
+    ca_cert = x509.load_pem_x509_certificate(ca_path.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+    left = (ca_cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)).days
+    days = min(397, left) if days is None else days
+    if left < 1:
+        problems.append(f"the CA expired on {ca_cert.not_valid_after_utc:%Y-%m-%d}: provision a new kit "
+                        "(every site needs the new ca.pem)")
+    elif not 1 <= days <= left:
+        problems.append(f"--days {days}: must be 1..{left} (the CA expires on {ca_cert.not_valid_after_utc:%Y-%m-%d})")
+    if problems:
+        raise ConfigError(problems)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key, cert = make_server_cert(ca_key, ca_cert, host or _cert_host(coord / "server.pem"), days)
+    write_private_file(coord / "server.key.new", _pem_key(key))
+    (coord / ".server.pem.tmp").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (coord / "server.key.new").replace(coord / "server.key")
+    (coord / ".server.pem.tmp").replace(coord / "server.pem")
+    return coord / "server.pem"
+
+
+_SITE_README = """# privdistill site kit for site `{site}`
+
+Made by the coordinator operator with `privdistill-coordinator provision` (or `sites rotate`). Carry this
+folder to site `{site}`'s agent machine on removable media or another channel you trust, and nowhere else.
+
+| file | what it is | where it goes (docker compose install, `deploy/compose/site.yaml`) |
+|---|---|---|
+| `site.key` | the site's Ed25519 **private** key: signs every shard and every upload request | secret `site_key` -> `/run/secrets/site.key` |
+| `flower-node.key` | federated mode only: the site's Flower SuperNode **private** key (ECDSA P-256) | secret `flower_node_key` -> `/run/secrets/flower-node.key` |
+| `ca.pem` | the coordinator's CA certificate: the agent trusts only servers it signed | secret `ca` -> `/run/secrets/ca.pem` |
+| `site-connection.yaml` | site id `{site}`, coordinator URL {url}, SuperLink `{host}:9092`, file names above | secret `site_connection` -> `/run/secrets/site-connection.yaml` |
+| `site.pub`, `flower-node.pub` | the public halves (the coordinator registered them); not mounted | keep for reference |
+| `README.md` | this file | |
+
+Set `SITE_KIT_DIR` in the compose `.env` to this folder. The container runs as uid 10001 and the keys
+must stay mode 0600, so on the site's host:
+
+    sudo chown -R 10001:10001 KIT_FOLDER && sudo chmod 600 KIT_FOLDER/site.key KIT_FOLDER/flower-node.key
+
+Then write the site config (`SITE_CONFIG`, e.g. config/site.yaml beside the compose file site.yaml) from
+this kit; the key and CA paths in it point at /run/secrets/:
+
+    mkdir -p config && touch config/site.yaml
+    docker compose -f site.yaml run --rm -T site-agent sh -c \\
+      'privdistill-site init /tmp/cfg --connection /run/secrets/site-connection.yaml >/dev/null && cat /tmp/cfg/site.yaml' > config/site.new
+    mv config/site.new config/site.yaml
+
+Without docker: `privdistill-site init DIR --connection site-connection.yaml`.
+
+## Who holds what
+
+- `site.key` and `flower-node.key` were generated on the coordinator operator's machine. The operator
+  deletes their copy of this folder once the site has it; from then on only this site holds them.
+  They never leave the site again: not in e-mail, tickets, backups kept off-site or container images.
+- The coordinator keeps only the public keys (its ledger and `flower-nodes/{site}.pub`) and the CA key.
+- The site never needs the CA key or any other site's files.
+
+## If a key leaks, or to replace it routinely
+
+Ask the coordinator operator to run
+
+    privdistill-coordinator sites revoke {site} --config coordinator.yaml     # at once: refuse the old key
+    privdistill-coordinator sites rotate {site} --config coordinator.yaml --out NEW_KIT
+
+`rotate` makes a new kit like this one (new keys, same site name: the coordinator keeps every shard and
+ledger record of `{site}`); the old key is refused from then on. Replace the three secrets with the new
+kit's files and restart the site's services.
 """

@@ -1,4 +1,4 @@
-"""Source readers (IDX, MedMNIST .npz, folder + CSV, DICOM tree): raw records plus per-file errors."""
+"""Source readers (IDX, MedMNIST .npz, folder + CSV, DICOM tree; PACS in pacs.py): raw records plus per-file errors."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pydicom import Dataset, dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 
-from privdistill.config import DicomSource, FolderSource, IdxSource, NpzSource
+from privdistill.config import DicomSource, FolderSource, IdxSource, NpzSource, PacsSource
 from privdistill.errors import DataError
 
 log = structlog.get_logger(__name__)
@@ -307,34 +307,33 @@ def read_dicom(src: DicomSource) -> RawSource:
             log.debug("data.dicom.malformed", file=str(path), error=str(err))
             out.skipped.append(Skipped(ref, "malformed_dicom", f"malformed DICOM ({type(err).__name__})"))
             continue
-        if "PixelData" not in ds:
-            out.skipped.append(Skipped(ref, "no_pixel_data", "DICOM file without pixel data"))
-            continue
-        try:
-            pixels = _dicom_pixels(ds)
-        except Exception as err:  # missing decoder plugin, corrupt fragments, odd shapes
-            log.debug("data.dicom.pixels", file=str(path), error=str(err))
-            ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-            if ts is not None and ts.is_compressed:
-                out.skipped.append(
-                    Skipped(
-                        ref,
-                        "undecodable_compressed",
-                        f"compressed pixel data ({ts.name}) could not be decoded; "
-                        "install a pydicom decoder (pylibjpeg, gdcm) or export uncompressed",
-                    )
-                )
-            else:
-                out.skipped.append(
-                    Skipped(ref, "bad_pixel_data", f"pixel data cannot be used ({type(err).__name__})")
-                )
-            continue
-        label = _dicom_value(ds, src.label_tag) if src.label_tag else None
-        out.records.append(RawRecord(pixels, label, None, _dicom_value(ds, src.patient_id_tag), ref))
+        item = dicom_record(ds, ref, label_tag=src.label_tag, patient_id_tag=src.patient_id_tag)
+        (out.skipped if isinstance(item, Skipped) else out.records).append(item)  # type: ignore[arg-type]
     return out
 
 
-def read_source(src: IdxSource | NpzSource | FolderSource | DicomSource) -> RawSource:
+def dicom_record(ds: Dataset, ref: str, *, label_tag: str | None, patient_id_tag: str) -> RawRecord | Skipped:
+    """One parsed DICOM dataset as a record holding only its pixels, ``label_tag`` and ``patient_id_tag``."""
+    if "PixelData" not in ds:
+        return Skipped(ref, "no_pixel_data", "DICOM file without pixel data")
+    try:
+        pixels = _dicom_pixels(ds)
+    except Exception as err:  # missing decoder plugin, corrupt fragments, odd shapes
+        log.debug("data.dicom.pixels", ref=ref, error=str(err))
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if ts is not None and ts.is_compressed:
+            return Skipped(
+                ref,
+                "undecodable_compressed",
+                f"compressed pixel data ({ts.name}) could not be decoded; "
+                "install a pydicom decoder (pylibjpeg, gdcm) or export uncompressed",
+            )
+        return Skipped(ref, "bad_pixel_data", f"pixel data cannot be used ({type(err).__name__})")
+    label = _dicom_value(ds, label_tag) if label_tag else None
+    return RawRecord(pixels, label, None, _dicom_value(ds, patient_id_tag), ref)
+
+
+def read_source(src: IdxSource | NpzSource | FolderSource | DicomSource | PacsSource) -> RawSource:
     """Dispatch on ``src.type``; log counts (never file names) at info level."""
     if isinstance(src, IdxSource):
         raw = read_idx(src)
@@ -342,6 +341,10 @@ def read_source(src: IdxSource | NpzSource | FolderSource | DicomSource) -> RawS
         raw = read_npz(src)
     elif isinstance(src, FolderSource):
         raw = read_folder(src)
+    elif isinstance(src, PacsSource):
+        from privdistill.data.pacs import read_pacs
+
+        raw = read_pacs(src)
     else:
         raw = read_dicom(src)
     for s in raw.skipped:
