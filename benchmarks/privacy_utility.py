@@ -83,7 +83,28 @@ def summary_row(res: dict) -> dict:
         "teacher_tstr": r["teacher"]["tstr_accuracy"], "student_tstr": r["student"]["tstr_accuracy"],
         "trtr": r["real"]["trtr_accuracy"], "kept": r["filter"]["kept"], "dropped": r["filter"]["dropped"],
         "copies_leaked": fc.get("memorized_in_kept"), "copies": fc.get("teacher_memorized"),
+        "teacher_mia": r["teacher"].get("mia_auc"), "student_mia": r["student"].get("mia_auc"),
+        "teacher_fid": r["teacher"].get("fid_domain"), "student_fid": r["student"].get("fid_domain"),
+        "epsilon": (r.get("teacher_dp") or {}).get("epsilon"), "delta": (r.get("teacher_dp") or {}).get("delta"),
+        "noise_multiplier": (r.get("teacher_dp") or {}).get("noise_multiplier"),
     }
+
+
+def render_dp_table(rows: list[dict]) -> list[str]:
+    """Teacher and distilled student of each run side by side: the privacy evidence next to the utility."""
+    lines = [
+        "| run | model | DP ε (δ) | memorization_rate | MIA AUC | tstr_accuracy | fid_domain |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for o in rows:
+        eps = "no DP" if o.get("epsilon") is None else f"{o['epsilon']:.2f} ({o['delta']:.1e}), σ {o['noise_multiplier']:.2f}"
+        for who in ("teacher", "student"):
+            lines.append(
+                f"| `{o['config']}` | {who if who == 'teacher' else 'student (distilled)'} | "
+                f"{eps if who == 'teacher' else '-'} | {_fmt(o[who + '_mem'])} | {_fmt(o.get(who + '_mia'))} | "
+                f"{_fmt(o[who + '_tstr'])} | {_fmt(o.get(who + '_fid'), 1)} |"
+            )
+    return lines
 
 
 def render_md(res: dict) -> str:
@@ -99,13 +120,14 @@ def render_md(res: dict) -> str:
         f"workdir are skipped) on {res['environment']['cpu_count_visible']} CPU cores shared with other jobs "
         f"(torch threads={res['environment']['torch_threads']}).",
         "",
-        "| | memorization_rate | reid_rate | tstr_accuracy | fid_domain | n_samples |",
-        "|---|---:|---:|---:|---:|---:|",
-        f"| teacher | {_fmt(t['memorization_rate'])} | {_fmt(t['reid_rate'])} | {_fmt(t['tstr_accuracy'])} | "
-        f"{_fmt(t['fid_domain'], 2)} | {t.get('n_samples')} |",
-        f"| student | {_fmt(s['memorization_rate'])} | {_fmt(s['reid_rate'])} | {_fmt(s['tstr_accuracy'])} | "
-        f"{_fmt(s['fid_domain'], 2)} | {s.get('n_samples')} |",
-        f"| real (TRTR) | | | {_fmt(r['real']['trtr_accuracy'])} | | n_train {r['real']['n_train']}, n_test {r['real']['n_test']} |",
+        "| | memorization_rate | reid_rate | MIA AUC | tstr_accuracy | fid_domain | n_samples |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| teacher | {_fmt(t['memorization_rate'])} | {_fmt(t['reid_rate'])} | {_fmt(t.get('mia_auc'))} | "
+        f"{_fmt(t['tstr_accuracy'])} | {_fmt(t['fid_domain'], 2)} | {t.get('n_samples')} |",
+        f"| student | {_fmt(s['memorization_rate'])} | {_fmt(s['reid_rate'])} | {_fmt(s.get('mia_auc'))} | "
+        f"{_fmt(s['tstr_accuracy'])} | {_fmt(s['fid_domain'], 2)} | {s.get('n_samples')} |",
+        f"| real (TRTR) | | | | {_fmt(r['real']['trtr_accuracy'])} | | n_train {r['real']['n_train']}, "
+        f"n_test {r['real']['n_test']} |",
         "",
         f"Filter: kept **{r['filter']['kept']}**, dropped **{r['filter']['dropped']}** "
         f"(by reason: {json.dumps(r['filter'].get('dropped_by_reason', {}))}; threshold {_fmt(r['filter']['threshold'])}, "
@@ -132,6 +154,16 @@ def render_md(res: dict) -> str:
         "",
     ]
     others = res.get("other_runs") or []
+    dp_runs = [o for o in others if o.get("epsilon") is not None]
+    if dp_runs:
+        lines += [
+            "DP-SGD teacher vs non-DP teacher vs distilled student (MIA AUC: loss-based membership inference, "
+            "120 training images vs 120 held-out real images, 0.5 = no leak):",
+            "",
+            *render_dp_table([summary_row(res)] + dp_runs),
+            "",
+        ]
+        others = [o for o in others if o.get("epsilon") is None]
     if others:
         lines += [
             "Other runs of this benchmark (same script, other configs; each reproducible the same way with `--config`):",
@@ -246,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         "data_summary": data_summary,
         "command": cmd,
         "workdir": str(workdir),
-        "report": {k: report[k] for k in ("teacher", "student", "real", "filter", "independent_reid") if k in report},
+        "report": {k: report[k] for k in ("teacher", "student", "real", "filter", "independent_reid",
+                                          "membership_inference", "teacher_dp") if k in report},
         "filter_check": check,
         "goals": goals,
         "stage_seconds": {k: r.get("seconds") for k, r in records.items()},

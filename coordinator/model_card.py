@@ -31,9 +31,17 @@ def _recall(recall: Any) -> str:
     return ", ".join(f"{k} {_f(v, 2)}" for k, v in sorted(recall.items()))
 
 
+def _dp(p: dict[str, Any]) -> str:
+    """The shard's teacher DP-SGD guarantee as reported in its signed manifest, or "no DP"."""
+    eps, delta = p.get("teacher_dp_epsilon"), p.get("teacher_dp_delta")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+        return "no DP"
+    return f"ε = {eps:.2f}, δ = {delta:.1e}" if isinstance(delta, (int, float)) else f"ε = {eps:.2f}, δ = n/a"
+
+
 def _shard_table(shards: list[dict[str, Any]]) -> list[str]:
     head = ("| site | shard | tar sha256 | samples | filter | threshold | calib. TPR / FPR | kept / dropped "
-            "| planted-copy recall | teacher memorization | kept memorization | teacher / kept re-id |")
+            "| planted-copy recall | teacher memorization | kept memorization | teacher / kept re-id | teacher DP-SGD |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for s in shards:
         p = s["privacy"]
@@ -43,7 +51,7 @@ def _shard_table(shards: list[dict[str, Any]]) -> list[str]:
             f"{_f(p.get('threshold'))} | {_f(p.get('calibration_tpr'))} / {_f(p.get('calibration_fpr'))} | "
             f"{_f(p.get('kept'))} / {_f(p.get('dropped'))} | {_recall(p.get('planted_recall'))} | "
             f"{_f(p.get('teacher_memorization_rate'), 4)} | {_f(p.get('kept_memorization_rate'), 4)} | "
-            f"{_f(p.get('teacher_reid_rate'), 4)} / {_f(p.get('kept_reid_rate'), 4)} |")
+            f"{_f(p.get('teacher_reid_rate'), 4)} / {_f(p.get('kept_reid_rate'), 4)} | {_dp(p)} |")
     return rows
 
 
@@ -78,6 +86,11 @@ def render_model_card(rec: dict[str, Any]) -> str:
         "privacy numbers are the sites' own aggregate measurements, copied from the signed manifests.",
         "",
         *_shard_table(data["shards"]),
+        "",
+        "Teacher DP-SGD: the (ε, δ) a site's accountant spent training its teacher (RDP, Poisson sampling, "
+        "per-patient clipping). It covers the teacher and its raw samples; the filter then consulted real "
+        "images to drop samples, so the kept shard — and this student — carry no formal DP guarantee "
+        "beyond that empirical filter. \"no DP\": the site trained its teacher without DP-SGD.",
         "",
         "## Training configuration",
         "",

@@ -38,8 +38,70 @@ class ReleaseRefused(PrivacyPolicyError):
         super().__init__(f"release refused, {len(self.failures)} criterion/criteria failed:\n{lines}")
 
 
-def check_policy(training: dict[str, Any], policy: ReleasePolicy) -> list[str]:
-    """Every release-policy criterion the trained student fails (empty when it may be released)."""
+def load_attestations(paths: list[Path], site_keys: dict[str, str]) -> tuple[list[dict[str, Any]], list[str]]:
+    """(verified attestations, problems): each path is a student-eval folder or its attestation.json, with
+    attestation.sig beside it, signed by an allow-listed (``site_keys``: site -> public key) site."""
+    from privdistill.audit.attestation import ATTESTATION, ATTESTATION_SIG, verify_attestation
+    from privdistill.errors import ShardVerificationError
+
+    good, problems = [], []
+    for p in map(Path, paths):
+        doc = p / ATTESTATION if p.is_dir() else p
+        sig = doc.with_name(ATTESTATION_SIG)
+        if not doc.is_file() or not sig.is_file():
+            problems.append(f"site evidence {p}: needs {ATTESTATION} and {ATTESTATION_SIG}")
+            continue
+        data = doc.read_bytes()
+        try:
+            site = json.loads(data).get("site_id")
+        except (json.JSONDecodeError, AttributeError):
+            site = None
+        if site not in site_keys:
+            problems.append(f"site evidence {p}: site {site!r} is not an allow-listed (non-revoked) site")
+            continue
+        try:
+            good.append(verify_attestation(data, sig.read_text(), site_keys[site]))
+        except ShardVerificationError as err:
+            problems.append(f"site evidence {p}: {err} ({err.reason})")
+    return good, problems
+
+
+def _attested(training: dict[str, Any], policy: ReleasePolicy, attestations: list[dict[str, Any]],
+              model_digest: str | None) -> list[str]:
+    """Student criteria measured by the sites: every contributing site must attest this very model."""
+    limits = {"max_student_mia_auc": ("mia_auc", policy.max_student_mia_auc),
+              "max_student_memorization_rate": ("memorization_rate", policy.max_student_memorization_rate)}
+    limits = {k: v for k, v in limits.items() if v[1] is not None}
+    failures: list[str] = []
+    if not limits:
+        return failures
+    mine = {a["site_id"]: a for a in attestations
+            if model_digest is not None and a.get("model_digest") == model_digest}
+    for site in sorted({s["site"] for s in training["shards"]}):
+        a = mine.get(site)
+        for name, (key, limit) in limits.items():
+            value = None if a is None else a["student"].get(key)
+            if a is None:
+                failures.append(f"{name}: site {site} has not attested this student (model "
+                                f"{str(model_digest)[:12]}); it runs `privdistill-site evaluate-student` on it "
+                                "and sends student-eval/attestation.*")
+            elif not isinstance(value, (int, float)) or isinstance(value, bool):
+                failures.append(f"{name}: site {site}'s attestation reports no {key}")
+            elif value > limit:
+                failures.append(f"{name}: site {site} measured {key} {value:.4f} > {limit}")
+    return failures
+
+
+def _worst_recall(recall: Any) -> float | None:
+    vals = list(recall.values()) if isinstance(recall, dict) else []
+    ok = vals and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals)
+    return float(min(vals)) if ok else None
+
+
+def check_policy(training: dict[str, Any], policy: ReleasePolicy, *, attestations: list[dict[str, Any]] | None = None,
+                 model_digest: str | None = None) -> list[str]:
+    """Every release-policy criterion the trained student fails (empty when it may be released).
+    ``attestations``: verified site attestations (see load_attestations) of the model with ``model_digest``."""
     shards = training["shards"]
     sites = sorted({s["site"] for s in shards})
     failures = []
@@ -62,6 +124,21 @@ def check_policy(training: dict[str, Any], policy: ReleasePolicy) -> list[str]:
             state = "was filtered with the filter disabled" if p.get("filter_enabled") is False \
                 else "does not state that its re-identification filter was enabled"
             failures.append(f"require_filter_enabled: {who} {state}")
+        if policy.min_planted_recall is not None:
+            worst = _worst_recall(p.get("planted_recall"))
+            if worst is None:
+                failures.append(f"min_planted_recall: {who} reports no planted-copy recall of its filter")
+            elif worst < policy.min_planted_recall:
+                failures.append(f"min_planted_recall: {who} reports a worst-kind recall {worst:.4f} < "
+                                f"{policy.min_planted_recall}")
+        if policy.max_epsilon is not None:
+            eps = p.get("teacher_dp_epsilon")
+            if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+                failures.append(f"max_epsilon: {who}'s teacher was not trained with DP-SGD (no epsilon in its "
+                                f"manifest); the policy needs epsilon <= {policy.max_epsilon}")
+            elif eps > policy.max_epsilon:
+                failures.append(f"max_epsilon: {who}'s teacher spent epsilon {eps:.4g} > {policy.max_epsilon}")
+    failures += _attested(training, policy, attestations or [], model_digest)
     return failures
 
 
@@ -115,15 +192,23 @@ def _release_record(training: dict[str, Any], evaluation: dict[str, Any], cfg: T
     }
 
 
-def release(work_dir: Path, out_dir: Path, cfg: TrainingConfig, *, shards: Shards) -> Path:
+def release(work_dir: Path, out_dir: Path, cfg: TrainingConfig, *, shards: Shards,
+            site_evidence: list[Path] | None = None, site_keys: dict[str, str] | None = None) -> Path:
     """Write ``out_dir/<name>-v<N>`` (N one above the highest present; nothing is ever overwritten) and
-    return it. Refuses (ReleaseRefused, a PrivacyPolicyError) listing every failing criterion."""
+    return it. Refuses (ReleaseRefused, a PrivacyPolicyError) listing every failing criterion.
+    ``site_evidence``: sites' signed student attestations, checked against ``site_keys`` (site -> public key)."""
+    from privdistill.audit.attestation import model_digest
+
     work_dir, out_dir = Path(work_dir), Path(out_dir)
     with workdir_lock(work_dir):
         failures = _evidence(shards, cfg, work_dir)
         tdir, edir = stage_dir(work_dir, TRAIN_STAGE), stage_dir(work_dir, EVAL_STAGE)
+        attestations, problems = load_attestations(list(site_evidence or []), site_keys or {})
+        failures += problems
         if (tdir / TRAINING_FILE).is_file():
-            failures += check_policy(json.loads((tdir / TRAINING_FILE).read_text()), cfg.release)
+            digest = model_digest(tdir / "model") if (tdir / "model").is_dir() else None
+            failures += check_policy(json.loads((tdir / TRAINING_FILE).read_text()), cfg.release,
+                                     attestations=attestations, model_digest=digest)
         if failures:
             log.warning("release.refused", failures=len(failures))
             raise ReleaseRefused(failures)
@@ -139,6 +224,7 @@ def release(work_dir: Path, out_dir: Path, cfg: TrainingConfig, *, shards: Shard
                     shutil.copyfile(src, tmp / name)
             version = _next_version(out_dir, cfg.name)
             record = _release_record(training, evaluation, cfg, version, work_dir)
+            record["site_attestations"] = attestations  # aggregate numbers the sites signed for this model
             (tmp / CARD_FILE).write_text(render_model_card(record))
             record["files"] = hash_tree(tmp)
             (tmp / RELEASE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

@@ -62,6 +62,14 @@ class ReleasePolicy(_Strict):
     min_sites: int = Field(1, ge=1)
     max_site_kept_memorization_rate: float = Field(0.0, ge=0, le=1)
     require_filter_enabled: bool = True
+    # the filter's worst per-kind recall on planted copies, from every shard manifest; null = not a criterion
+    min_planted_recall: float | None = Field(None, ge=0, le=1)
+    # the teachers' DP-SGD epsilon (manifest privacy.teacher_dp.epsilon); set = every shard's teacher needs DP
+    max_epsilon: float | None = Field(None, gt=0)
+    # measured by every contributing site against its own patients and sent as a signed attestation
+    # (`privdistill-site evaluate-student` -> student-eval/attestation.json + .sig); null = not a criterion
+    max_student_mia_auc: float | None = Field(None, ge=0.5, le=1)
+    max_student_memorization_rate: float | None = Field(None, ge=0, le=1)
 
 
 class FederatedConfig(_Strict):
@@ -238,6 +246,9 @@ PRIVACY_FIELDS: dict[str, tuple[str, ...]] = {
     "teacher_reid_rate": ("teacher_reid_rate",),
     "kept_reid_rate": ("kept_reid_rate",),
     "site_policy_passed": ("policy", "passed"),
+    "teacher_mia_auc": ("mia", "teacher", "auc"),
+    "teacher_dp_epsilon": ("teacher_dp", "epsilon"),
+    "teacher_dp_delta": ("teacher_dp", "delta"),
 }
 
 

@@ -72,13 +72,23 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _site_keys(config_path: Path) -> dict[str, str]:
+    """Public keys of the allow-listed, non-revoked sites (they sign student attestations)."""
+    from coordinator.config import load_coordinator_config
+    from coordinator.ledger import Ledger
+
+    return {s.name: s.public_key for s in Ledger(load_coordinator_config(config_path).ledger_path).sites()
+            if not s.revoked}
+
+
 def _release(args: argparse.Namespace) -> int:
     from coordinator.release import RELEASE_FILE, release
     from coordinator.student import load_training_config
 
     cfg = load_training_config(args.training)
     state_dir, shards = _accepted(args.config)
-    path = release(args.workdir, args.out, cfg, shards=shards)
+    path = release(args.workdir, args.out, cfg, shards=shards, site_evidence=args.site_evidence,
+                   site_keys=_site_keys(args.config))
     rec = json.loads((path / RELEASE_FILE).read_text())
     try:
         from coordinator.audit import AuditLog
@@ -119,8 +129,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--force", action="store_true", help="re-train even if nothing changed")
     common("evaluate", _evaluate, "sample the student; utility on the public reference set").add_argument(
         "--force", action="store_true", help="re-evaluate even if nothing changed")
-    common("release", _release, "release the student with a model card (refused if the policy fails)").add_argument(
-        "--out", type=Path, required=True, help="releases directory; a new <name>-v<N> is created in it")
+    rel = common("release", _release, "release the student with a model card (refused if the policy fails)")
+    rel.add_argument("--out", type=Path, required=True, help="releases directory; a new <name>-v<N> is created in it")
+    rel.add_argument("--site-evidence", type=Path, action="append", default=[], metavar="PATH",
+                     help="a site's signed student attestation (its student-eval/ folder or attestation.json with "
+                          "attestation.sig beside it); repeat per site; needed by max_student_mia_auc / "
+                          "max_student_memorization_rate")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,6 +53,19 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--workdir", type=Path, required=True)
     va = sub.add_parser("validate", help="check a config file and print the resolved config")
     va.add_argument("config", type=Path)
+    au = sub.add_parser(
+        "audit", help="fingerprint audit: plant K fingerprints, train a teacher, measure t', check the filter",
+        description="Plants K fingerprints into copies of K patients' training images (the run's ingest split), "
+                    "trains a teacher on that data, estimates t' per fingerprint, counts fingerprinted free samples "
+                    "and checks that the run's filter drops every one. Writes report.json/report.md (LOCAL ONLY: "
+                    "they name patients). Exit 4 when a fingerprinted sample survives the filter.")
+    au.add_argument("config", type=Path, help="YAML run configuration")
+    au.add_argument("--workdir", type=Path, required=True, help="the run's work directory (ingest, train-reid)")
+    au.add_argument("--fingerprints", type=int, default=4, metavar="K", help="fingerprints to plant (default 4)")
+    au.add_argument("--out", type=Path, default=None, help="output directory (default WORKDIR/audit)")
+    au.add_argument("--steps", type=int, default=None, help="teacher training steps (default: teacher.train.steps)")
+    au.add_argument("--samples", type=int, default=200, help="free samples to check (default 200)")
+    au.add_argument("--seeds", type=int, default=4, help="noise seeds per t' level (default 4)")
     return p
 
 
@@ -69,11 +82,33 @@ def _dispatch(args: argparse.Namespace) -> int:
             state = "up to date" if row["current"] else ("stale" if row["done"] else "not run")
             print(f"{row['stage']:<14} {state}")
         return 0
+    if args.command == "audit":
+        return _audit(cfg, args)
     stages = list(STAGES) if args.command == "run" else [args.command]
     run_pipeline(cfg, args.workdir, stages=stages, force=args.force)
     if args.command in ("run", "evaluate"):
         print(summary(args.workdir / "report.json"))
         print(f"report: {args.workdir / 'report.json'}  {args.workdir / 'report.html'}")
+    return 0
+
+
+def _audit(cfg: Any, args: argparse.Namespace) -> int:
+    from privdistill.audit.fingerprint import run_fingerprint_audit
+    from privdistill.errors import ConfigError
+
+    bad = [f"--{n}: must be at least 1 (got {v})" for n, v in
+           (("fingerprints", args.fingerprints), ("samples", args.samples), ("seeds", args.seeds),
+            ("steps", 1 if args.steps is None else args.steps)) if v < 1]
+    if bad:
+        raise ConfigError(bad)
+    out = args.out if args.out is not None else args.workdir / "audit"
+    r = run_fingerprint_audit(cfg, args.workdir, fingerprints=args.fingerprints, out_dir=out, steps=args.steps,
+                              n_samples=args.samples, seeds=args.seeds)
+    t, fs = r["t_prime"], r["free_samples"]
+    print(f"t' median {t['median']:.0f} (control {t['control_median']}), max {t['max']} of "
+          f"{r['settings']['num_train_timesteps']}; fingerprinted free samples {fs['carrying_fingerprint']}/{fs['n']}, "
+          f"all dropped by the filter")
+    print(f"report: {out / 'report.json'}  {out / 'report.md'}")
     return 0
 
 

@@ -6,9 +6,10 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from privdistill.errors import ConfigError
 
@@ -55,7 +56,85 @@ class DicomSource(Strict):
     class_names: list[str] | None = None
 
 
-Source = Annotated[IdxSource | NpzSource | FolderSource | DicomSource, Field(discriminator="type")]
+def _not_keywords(names: list[str]) -> list[str]:
+    from pydicom.datadict import tag_for_keyword
+
+    return [n for n in names if tag_for_keyword(n) is None]
+
+
+def _dicom_keyword(value: str) -> str:
+    if _not_keywords([value]):
+        raise ValueError(f"{value!r} is not a DICOM keyword (e.g. 'PatientID', 'StudyDescription', 'Modality')")
+    return value
+
+
+class PacsCredentials(Strict):
+    """HTTP basic credentials for a PACS; the password is read from a file (mode 0600), never written inline."""
+
+    username: str = Field(min_length=1)
+    password_file: Path
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_password(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "password" in data:
+            raise ValueError(
+                "an inline 'password' is refused (configs get copied, logged and committed): write the password "
+                "to a file readable only by the site agent's user (chmod 600) and set password_file to its path"
+            )
+        return data
+
+
+class PacsSource(Strict):
+    """A DICOM server (Orthanc REST or DICOMweb QIDO-RS/WADO-RS); label and patient id come from named tags only."""
+
+    type: Literal["pacs"]
+    url: str  # http(s)://HOST:PORT[/prefix] of the server
+    api: Literal["orthanc", "dicomweb"] = "orthanc"
+    dicomweb_root: str = "/dicom-web"  # api: dicomweb only; path of the DICOMweb service under url
+    ca_file: Path | None = None  # https: CA bundle that signed the server's certificate (default: system CAs)
+    credentials: PacsCredentials | None = None
+    query: dict[str, str] = Field(default_factory=dict)  # DICOM keyword -> matching value (wildcards * ?)
+    label_tag: str | None = None
+    patient_id_tag: str = "PatientID"
+    class_names: list[str] | None = None
+    timeout_s: float = Field(30.0, gt=0, le=600)
+    max_instances: int | None = Field(None, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s)://HOST:PORT URL of the PACS (e.g. http://127.0.0.1:8042)")
+        if parts.username or parts.password:
+            raise ValueError("must not carry a user name or password; use data.source.credentials")
+        if parts.query or parts.fragment:
+            raise ValueError("must not carry a query or fragment; matching keys go in data.source.query")
+        return v.rstrip("/")
+
+    @field_validator("dicomweb_root")
+    @classmethod
+    def _root(cls, v: str) -> str:
+        if not v.startswith("/") or "?" in v or "#" in v:
+            raise ValueError("must be a path starting with '/' (e.g. /dicom-web)")
+        return v.rstrip("/") or "/"
+
+    @field_validator("label_tag", "patient_id_tag")
+    @classmethod
+    def _tag(cls, v: str | None) -> str | None:
+        return v if v is None else _dicom_keyword(v)
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = _not_keywords(list(v))
+        if bad:
+            raise ValueError(f"{bad}: not DICOM keywords (e.g. Modality, StudyDescription, BodyPartExamined)")
+        return v
+
+
+Source = Annotated[IdxSource | NpzSource | FolderSource | DicomSource | PacsSource, Field(discriminator="type")]
 
 
 class VisitsConfig(Strict):
@@ -179,6 +258,61 @@ class EvaluateConfig(Strict):
     reid_target_tpr: float = Field(0.95, gt=0, le=1)
 
 
+# --------------------------------------------------------------------------- differential privacy
+class PublicPretrainingConfig(Strict):
+    """PrivImage-style pretraining: a classifier trained on a PUBLIC labelled set votes, for each
+    sensitive class, for its top-k public classes (one vote vector per privacy unit; L2 sensitivity
+    sqrt(classes_k)); Gaussian noise of std ``query_sigma`` on the counts; the ``n_classes_selected``
+    top public classes per sensitive class pretrain the teacher non-privately for ``steps`` steps."""
+
+    source: Source
+    classes_k: int = Field(1, ge=1)
+    query_sigma: float = Field(gt=0)
+    n_classes_selected: int = Field(1, ge=1)
+    steps: int = Field(200, ge=1)
+    max_per_class: int | None = Field(None, ge=1)  # public images kept per public class
+    classifier_steps: int = Field(300, ge=1)
+
+
+class DPConfig(Strict):
+    """DP-SGD for the teacher (Opacus, RDP accountant, Poisson sampling of privacy units).
+
+    ``epsilon`` is the total budget (semantic query + training); ``delta`` defaults to 1/(10 N), N =
+    number of privacy units (patients), and a delta >= 1/N is refused. Without ``noise_multiplier``
+    the smallest noise that keeps the planned run within ``epsilon`` is computed; with it, a run whose
+    planned epsilon exceeds the budget is refused. ``teacher.train.batch_size`` is the expected logical
+    batch (sample rate = batch_size / N); ``physical_batch_size`` bounds memory."""
+
+    epsilon: float = Field(gt=0)
+    delta: float | None = Field(None, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    noise_multiplier: float | None = Field(None, gt=0)
+    physical_batch_size: int | None = Field(None, ge=1)
+    accountant: Literal["rdp"] = "rdp"
+    poisson_sampling: bool = True
+    augment_multiplicity: int = Field(1, ge=1, le=64)  # (t, noise) draws averaged inside one per-unit gradient
+    privacy_unit: Literal["patient", "image"] = "patient"
+    grad_sample_mode: Literal["hooks", "functorch"] = "hooks"
+    public_pretraining: PublicPretrainingConfig | None = None
+    init_from: Path | None = None  # a local, non-sensitive model directory (DiffusionModel.save layout)
+
+    @model_validator(mode="after")
+    def _sound(self) -> "DPConfig":
+        problems = []
+        if not self.poisson_sampling:
+            problems.append("poisson_sampling: false is not supported: the RDP accountant's epsilon only holds "
+                            "for Poisson-sampled batches")
+        if self.public_pretraining is not None and self.init_from is not None:
+            problems.append("set either public_pretraining or init_from, not both")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class PrivacyConfig(Strict):
+    dp: DPConfig | None = None
+
+
 class RunConfig(Strict):
     """The whole pipeline's configuration."""
 
@@ -191,6 +325,7 @@ class RunConfig(Strict):
     sample: SampleConfig = SampleConfig()
     filter: FilterConfig = FilterConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    privacy: PrivacyConfig | None = None  # absent: no formal guarantee (filter only)
 
     @property
     def student_config(self) -> DiffusionConfig:
@@ -216,8 +351,53 @@ def _format_pydantic(err: ValidationError) -> list[str]:
 
 
 def _source_paths(src: BaseModel) -> list[tuple[str, Path]]:
-    names = {"idx": ["images", "labels"], "npz": ["path"], "folder": ["root", "manifest"], "dicom": ["root"]}
+    names = {"idx": ["images", "labels"], "npz": ["path"], "folder": ["root", "manifest"], "dicom": ["root"],
+             "pacs": ["ca_file"]}
     return [(n, getattr(src, n)) for n in names[src.type] if getattr(src, n) is not None]
+
+
+def _password_file_problems(key: str, src: BaseModel, base_dir: Path | None, resolved: dict[str, Any]) -> list[str]:
+    """A PACS source's password_file must exist and be readable by its owner only; resolves it against base_dir."""
+    creds = getattr(src, "credentials", None)
+    if creds is None:
+        return []
+    path = creds.password_file
+    full = path if path.is_absolute() or base_dir is None else (base_dir / path)
+    resolved["data"][key]["credentials"]["password_file"] = full
+    where = f"data.{key}.credentials.password_file"
+    if not full.is_file():
+        return [f"{where}: file not found: {full} (write the PACS password there, then chmod 600 it)"]
+    mode = full.stat().st_mode & 0o777
+    if mode & 0o077:
+        return [f"{where}: {full} is readable by group or others (mode {mode:04o}); run `chmod 600 {full}`"]
+    return []
+
+
+def _dp_problems(cfg: RunConfig, base_dir: Path | None, resolved: dict[str, Any]) -> list[str]:
+    """Cross-section checks of privacy.dp; resolves its paths against base_dir."""
+    dp = cfg.privacy.dp if cfg.privacy is not None else None
+    if dp is None:
+        return []
+    problems, where, out = [], "privacy.dp", resolved["privacy"]["dp"]
+    if cfg.teacher.model.conditioning != "class":
+        problems.append(f"{where}: DP-SGD supports class conditioning only (the text encoder and its tokenizer "
+                        "would be trained on real prompts outside the guarantee); set teacher.model.conditioning: class")
+    if dp.physical_batch_size is not None and dp.physical_batch_size > cfg.teacher.train.batch_size:
+        problems.append(f"{where}.physical_batch_size: {dp.physical_batch_size} exceeds the logical batch "
+                        f"teacher.train.batch_size={cfg.teacher.train.batch_size}")
+    if dp.init_from is not None:
+        full = dp.init_from if dp.init_from.is_absolute() or base_dir is None else base_dir / dp.init_from
+        out["init_from"] = full
+        if not full.is_dir():
+            problems.append(f"{where}.init_from: not a directory: {full}")
+    if dp.public_pretraining is not None:
+        src = dp.public_pretraining.source
+        for name, path in _source_paths(src):
+            full = path if path.is_absolute() or base_dir is None else (base_dir / path)
+            out["public_pretraining"]["source"][name] = full
+            if not full.exists():
+                problems.append(f"{where}.public_pretraining.source.{name}: path does not exist: {full}")
+    return problems
 
 
 def parse_config(
@@ -241,6 +421,7 @@ def parse_config(
             resolved["data"][key][name] = full
             if not full.exists():
                 problems.append(f"data.{key}.{name}: path does not exist: {full}")
+        problems.extend(_password_file_problems(key, src, base_dir, resolved))
     for sec in ("teacher", "student"):
         m = getattr(cfg, sec)
         if m is not None and m.model.text_encoder_path is not None:
@@ -264,6 +445,7 @@ def parse_config(
                 )
     if cfg.data.classes is not None and len(set(cfg.data.classes)) != len(cfg.data.classes):
         problems.append("data.classes: duplicate class values")
+    problems.extend(_dp_problems(cfg, base_dir, resolved))
     if problems:
         raise ConfigError(problems, source)
     return model.model_validate(resolved)

@@ -84,6 +84,7 @@ def evaluate_run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
             "dropped_by_reason": filter_report.get("dropped_by_reason", {}),
             "audit": filter_report.get("audit", {}),
         },
+        **({"teacher_dp": filter_report["teacher_dp"]} if "teacher_dp" in filter_report else {}),
         "independent_reid": {"arch": "resnet", "seed": seed_ind, "threshold": reid.threshold, "calibration": reid.calibration},
     }
     for name, samples, seed in (("teacher", teacher_samples, cfg.seed + 12), ("student", student_samples, cfg.seed + 13)):
@@ -93,6 +94,15 @@ def evaluate_run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
         }
         log.info("evaluate.result", model=name, memorization_rate=report[name]["memorization_rate"],
                  reid_rate=report[name]["reid_rate"], tstr_accuracy=report[name]["tstr_accuracy"])
+    # membership inference: the teacher's AUC was measured at the sample stage; the student's here, on the
+    # same real members (the teacher's training split) and held-out non-members. Headline: student vs teacher.
+    from privdistill.audit.mia import run_membership_audit
+
+    teacher_mia = (filter_report.get("mia") or {}).get("teacher") or {}
+    student_mia = run_membership_audit(student, ctx.input("ingest"), cfg.data, seed=cfg.seed)
+    report["teacher"]["mia_auc"] = teacher_mia.get("auc")
+    report["student"]["mia_auc"] = student_mia.get("auc")
+    report["membership_inference"] = {"teacher": teacher_mia, "student": student_mia}
     student_samples.save(ctx.out / "student_samples.npz")
     write_report(
         report, ctx.out,

@@ -29,15 +29,23 @@ UPSTREAM = {
     "evaluate": ("ingest", "sample", "filter", "train-student"),
 }
 KEPT_FILE = "kept.npz"
+MIA_FILE = "mia_report.json"  # the teacher's membership-inference AUC (aggregate); sample -> filter -> report/shard
+DP_FILE = "dp_report.json"  # the teacher's DP-SGD accounting; travels teacher -> sample -> filter -> report/shard
 
 
 # ----------------------------------------------------------------------------- helpers
 def source_fingerprint(cfg: RunConfig) -> str:
-    """Cheap fingerprint of the data files (path, size, mtime): edited data re-runs ingest."""
-    entries = []
+    """Cheap fingerprint of the data (files: path, size, mtime; a PACS: the matching-instance list):
+    edited data, or new studies on the PACS, re-run ingest."""
+    entries: list = []
     for key in ("source", "test_source"):
         src = getattr(cfg.data, key)
         if src is None:
+            continue
+        if src.type == "pacs":
+            from privdistill.data.pacs import listing_digest
+
+            entries.append((key, "pacs", src.url, listing_digest(src)))
             continue
         for name in ("images", "labels", "path", "root", "manifest"):
             p = getattr(src, name, None)
@@ -104,7 +112,15 @@ def _train_diffusion_stage(cfg: RunConfig, ctx: StageContext, which: str, data: 
         dcfg.model, resolution=cfg.data.resolution, channels=cfg.data.channels,
         class_names=data.class_names, prompts=data.prompts, seed=seed,
     )
-    report = train_diffusion(model, data, dcfg.train, seed=seed, checkpoint_dir=ctx.checkpoint_dir)
+    dp = cfg.privacy.dp if cfg.privacy is not None and which == "teacher" else None
+    if dp is None:
+        report = train_diffusion(model, data, dcfg.train, seed=seed, checkpoint_dir=ctx.checkpoint_dir)
+    else:
+        from privdistill.dp import train_teacher_dp
+
+        report = train_teacher_dp(model, data, dcfg.train, dp, seed=seed, resolution=cfg.data.resolution,
+                                  channels=cfg.data.channels, checkpoint_dir=ctx.checkpoint_dir)
+        atomic_write_json(ctx.out / DP_FILE, report["dp"])
     model.save(ctx.out / "model")
     if data.prompts is not None:
         from privdistill.sample import prompt_label_map
@@ -148,6 +164,13 @@ def _sample(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     samples = sample_dataset(model, cfg.sample, seed=cfg.seed + 2, prompt_labels=_prompt_labels(ctx.input("train-teacher")))
     samples.save(ctx.out / "samples.npz")
     save_grid(samples.images[:64], ctx.out / "samples_grid.png")
+    if (ctx.input("train-teacher") / DP_FILE).is_file():
+        shutil.copyfile(ctx.input("train-teacher") / DP_FILE, ctx.out / DP_FILE)
+    # membership inference on the teacher (first stage with both the teacher and the real split); the
+    # filter stage carries its aggregate into the privacy report
+    from privdistill.audit.mia import run_membership_audit
+
+    atomic_write_json(ctx.out / MIA_FILE, run_membership_audit(model, ctx.input("ingest"), cfg.data, seed=cfg.seed))
     return {"n_samples": len(samples), "ddim_steps": cfg.sample.steps}
 
 
@@ -166,8 +189,14 @@ def _filter(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
                               real_embeddings=real_emb)
     audit = audit_filter(train, heldout, embed=embedder.embed, threshold=reid.threshold,
                          cfg=cfg.filter, real_embeddings=real_emb, seed=cfg.seed)
-    return write_filter_outputs(result, samples, train, ctx.out, calibration=reid.calibration,
-                                extra={"audit": audit})
+    extra: dict[str, Any] = {"audit": audit}
+    if (ctx.input("sample") / MIA_FILE).is_file():
+        extra["mia"] = {"teacher": _load_json(ctx.input("sample") / MIA_FILE)}
+    if (ctx.input("sample") / DP_FILE).is_file():
+        from privdistill.dp import dp_summary
+
+        extra["teacher_dp"] = dp_summary(_load_json(ctx.input("sample") / DP_FILE))
+    return write_filter_outputs(result, samples, train, ctx.out, calibration=reid.calibration, extra=extra)
 
 
 def _evaluate(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
@@ -191,7 +220,8 @@ def stage_config(cfg: RunConfig, name: str) -> dict[str, Any]:
     """The resolved config sections a stage depends on (its fingerprint's config part)."""
     sections = {
         "ingest": {"data": cfg.section("data"), "files": source_fingerprint(cfg)},
-        "train-teacher": {"teacher": cfg.section("teacher")},
+        "train-teacher": {"teacher": cfg.section("teacher"),
+                          **({"privacy": cfg.section("privacy")} if cfg.privacy is not None else {})},
         "train-reid": {"reid": cfg.section("reid")},
         "sample": {"sample": cfg.section("sample")},
         "filter": {"filter": cfg.section("filter")},

@@ -149,7 +149,15 @@ class Trainer:
         self.ema.to(self.device)
         self.step = int(state["step"])
         self.history = [tuple(h) for h in state.get("history", [])]
+        self._load_extra_state(state)
         log.info("train.resumed", step=self.step)
+
+    def _extra_state(self) -> dict[str, Any]:
+        """Subclass state saved in the checkpoint beside the model's (DP: the privacy accountant)."""
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``_extra_state`` saved."""
 
     def save_checkpoint(self) -> None:
         path = self._ckpt_path()
@@ -163,6 +171,7 @@ class Trainer:
             "ema": self.ema.state_dict(),
             "step": self.step,
             "history": self.history,
+            **self._extra_state(),
         }
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)

@@ -35,6 +35,10 @@ class PolicyConfig(Strict):
     require_filter: bool = True
     # fewest kept images a shard may hold
     min_kept: int = Field(1, ge=1)
+    # the teacher's membership-inference ROC AUC (privdistill.audit.mia; 0.5 = no leak); null = not a criterion
+    max_teacher_mia_auc: float | None = Field(None, ge=0.5, le=1)
+    # the teacher's DP-SGD epsilon; null = not a criterion; when set, a teacher trained without DP fails
+    max_epsilon: float | None = Field(None, gt=0)
 
 
 class SiteSection(Strict):
@@ -223,6 +227,8 @@ site:
     min_planted_recall: 1.0               # filter recall on planted copies of training images (worst kind)
     require_filter: true                  # the re-identification filter must have run
     min_kept: 1                           # fewest images a shard may hold
+    max_teacher_mia_auc: null             # teacher membership-inference AUC (0.5 = no leak; null: not checked)
+    max_epsilon: null                     # teacher DP-SGD epsilon (null: not checked; set: DP is required)
 """
 
 

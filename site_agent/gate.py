@@ -86,9 +86,17 @@ def _check(workdir: Path, ref: str | Path, cfg: SiteConfig, target: _Target, for
     _check_content(workdir, shard_id, manifest, cfg)
     verdict = evaluate_policy(manifest.privacy, cfg.site.policy)
     if not verdict["passed"]:
-        raise _refuse("policy_failed", f"{shard_id} fails the export policy ({', '.join(verdict['failed'])}); "
-                                       "it can never be exported")
+        raise _refuse("policy_failed", f"{shard_id} fails the export policy, {len(verdict['failed'])} criterion/"
+                                       f"criteria: {describe_failures(verdict)}; it can never be exported")
     return manifest
+
+
+def describe_failures(verdict: dict) -> str:
+    """Every failing criterion of a policy verdict with its value and limit, e.g. 'max_epsilon: None (limit 8)'."""
+    rows = [c for c in verdict.get("criteria", []) if not c.get("passed")]
+    if not rows:  # an older verdict without criteria: the names alone
+        return ", ".join(verdict.get("failed", [])) or "unknown criteria"
+    return "; ".join(f"{c['name']}: {c['value']!r} (limit {c['limit']!r})" for c in rows)
 
 
 def _check_state(row: ShardRow, cfg: SiteConfig, for_federation: bool = False) -> None:
@@ -99,7 +107,7 @@ def _check_state(row: ShardRow, cfg: SiteConfig, for_federation: bool = False) -
     if row.state == "exported" and not for_federation:
         raise _refuse("already_exported", f"{sid} was already exported on {row.exported_at}")
     if not row.policy_passed or not row.policy.get("passed"):
-        raise _refuse("policy_failed", f"{sid} fails the export policy ({', '.join(row.policy.get('failed', []))}); "
+        raise _refuse("policy_failed", f"{sid} fails the export policy: {describe_failures(row.policy)}; "
                                        "it can never be exported: change the settings and re-run")
     if row.state not in (("approved", "exported") if for_federation else ("approved",)):
         raise _refuse("not_approved", f"{sid} is {row.state}, not approved: a data steward reviews it and runs "

@@ -60,6 +60,12 @@ def evaluate_policy(privacy: dict[str, Any], policy: PolicyConfig) -> dict[str, 
     kept = privacy.get("kept")
     ok = isinstance(kept, int) and not isinstance(kept, bool) and kept >= policy.min_kept
     check("min_kept", kept, policy.min_kept, ok)
+    if policy.max_teacher_mia_auc is not None:
+        v = _num(((privacy.get("mia") or {}).get("teacher") or {}).get("auc"))
+        check("max_teacher_mia_auc", v, policy.max_teacher_mia_auc, v is not None and v <= policy.max_teacher_mia_auc)
+    if policy.max_epsilon is not None:  # no DP section: the teacher was trained without DP, epsilon is unbounded
+        v = _num((privacy.get("teacher_dp") or {}).get("epsilon"))
+        check("max_epsilon", v, policy.max_epsilon, v is not None and v <= policy.max_epsilon)
     failed = [c["name"] for c in criteria if not c["passed"]]
     return {"passed": not failed, "failed": failed, "criteria": criteria}
 
@@ -93,6 +99,11 @@ def privacy_aggregate(cfg: SiteConfig, *, filter_report: dict[str, Any], train: 
         "kept_memorization_rate": memorization(kept.images, train, ratio=ratio)["rate"] if len(kept) else 0.0,
         "teacher_reid_rate": reid_rate(samples.images, real_emb, embed=embedder.embed, threshold=threshold),
         "kept_reid_rate": reid_rate(kept.images, real_emb, embed=embedder.embed, threshold=threshold),
+        # the teacher's membership-inference AUC (privdistill.audit.mia; aggregate only)
+        "mia": {"teacher": {k: ((filter_report.get("mia") or {}).get("teacher") or {}).get(k)
+                            for k in ("auc", "n_members", "n_nonmembers")}},
+        # the teacher's DP-SGD guarantee (privdistill.dp.dp_summary), only when it was trained with DP
+        **({"teacher_dp": filter_report["teacher_dp"]} if filter_report.get("teacher_dp") else {}),
     }
 
 

@@ -78,6 +78,14 @@ def evaluate_student(cfg: SiteConfig, workdir: Path, model_dir: Path) -> dict[st
     threshold = float(reid_meta["threshold"])
     train_emb = embedder.embed(train.images)
 
+    from privdistill.audit.mia import comparable_nonmembers, ingest_visits, membership_auc
+
+    nonmembers = comparable_nonmembers(test, ingest_visits(cfg.data, workdir / "ingest"), seed=cfg.seed)
+
+    def mia(m: DiffusionModel) -> dict[str, Any]:
+        """Membership inference against this site's training patients (members) vs its held-out ones."""
+        return membership_auc(m, train, nonmembers, seed=cfg.seed) if len(test) else {"auc": None}
+
     def measure(synthetic: ImageSet, seed: int) -> dict[str, Any]:
         tstr, aligned = None, _align_labels(synthetic, test)
         if aligned is not None:
@@ -92,6 +100,9 @@ def evaluate_student(cfg: SiteConfig, workdir: Path, model_dir: Path) -> dict[st
             "tstr_classes": None if aligned is None else sorted({test.class_names[int(i)] for i in aligned[1].labels}),
         }
 
+    student_mia = mia(model)
+    teacher_dir = workdir / "train-teacher" / "model"
+    teacher_mia = mia(DiffusionModel.load(teacher_dir)) if read_record(workdir, "train-teacher") else None
     report = {
         "model_sha256": hash_tree(model_path),
         "site_id": cfg.site.id,
@@ -103,7 +114,28 @@ def evaluate_student(cfg: SiteConfig, workdir: Path, model_dir: Path) -> dict[st
         # the same measurements of this site's own teacher samples, for comparison (both stay local)
         "teacher": None if teacher_samples is None else measure(teacher_samples, cfg.seed + 22),
     }
+    report["student"]["mia_auc"] = student_mia.get("auc")
+    if report["teacher"] is not None and teacher_mia is not None:
+        report["teacher"]["mia_auc"] = teacher_mia.get("auc")
+    report["membership_inference"] = {"student": student_mia, "teacher": teacher_mia}
     atomic_write_json(workdir / REPORT_DIR / "report.json", report)
+    _attest(cfg, workdir, model_path, report["student"], student_mia)
     log.info("student_eval.done", memorization_rate=report["student"]["memorization_rate"],
              reid_rate=report["student"]["reid_rate"], tstr_accuracy=report["student"]["tstr_accuracy"])
     return report
+
+
+def _attest(cfg: SiteConfig, workdir: Path, model_path: Path, student: dict[str, Any], mia: dict[str, Any]) -> None:
+    """student-eval/attestation.json + .sig: the aggregate numbers, signed with this site's key, that the
+    coordinator's release policy may require (nothing per image, nothing that names a patient)."""
+    from privdistill.audit.attestation import ATTESTATION, ATTESTATION_SIG, make_attestation
+    from privdistill.identity import load_private_key
+    from privdistill.stages import atomic_write_text
+
+    if not cfg.site.key_file.is_file():  # only a non-production site gets this far without a key
+        log.warning("student_eval.not_attested", reason="site.key_file missing: no signed attestation written")
+        return
+    numbers = {**student, "mia_n_members": mia.get("n_members"), "mia_n_nonmembers": mia.get("n_nonmembers")}
+    data, sig = make_attestation(cfg.site.id, model_path, numbers, load_private_key(cfg.site.key_file))
+    atomic_write_text(workdir / REPORT_DIR / ATTESTATION, data.decode())
+    atomic_write_text(workdir / REPORT_DIR / ATTESTATION_SIG, sig + "\n")

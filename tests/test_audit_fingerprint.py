@@ -1,0 +1,185 @@
+"""Fingerprint audit: planting, the detector, the t' search (stub denoiser and real tiny teachers), the
+filter on fingerprinted copies, and the `privdistill audit` command on the tiny config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from privdistill.audit.detector import detector_accuracy, train_detector
+from privdistill.audit.fingerprint import raise_if_survivors, survivors
+from privdistill.audit.fingerprints import Fingerprint, make_fingerprints, plant
+from privdistill.audit.tprime import estimate_tprime, model_tprime
+from privdistill.config import FilterConfig, ModelConfig, TrainConfig
+from privdistill.data.types import ImageSet
+from privdistill.errors import DataError, PrivacyPolicyError
+from privdistill.filter import filter_synthetic
+from privdistill.models import DiffusionModel
+from privdistill.train import Trainer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _fixtures import fashion, with_visits  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _small(split: str, start: int, n: int) -> np.ndarray:
+    """n Fashion-MNIST images at 16x16 (area-averaged), NCHW in [-1, 1]."""
+    x = torch.from_numpy(fashion(split, start, n))
+    return F.interpolate(x, size=16, mode="area").numpy()
+
+
+def _pixel_embed(images: np.ndarray) -> np.ndarray:
+    flat = images.reshape(len(images), -1).astype(np.float32)
+    return flat - flat.mean(1, keepdims=True)
+
+
+# ----------------------------------------------------------------------------- planting
+def test_plant_marks_copies_of_k_distinct_patients_and_leaves_the_source_alone() -> None:
+    train = with_visits(_small("train", 0, 12), visits=2, seed=0)
+    before = train.images.copy()
+    planted = plant(train, 4, seed=3)
+
+    assert np.array_equal(train.images, before)  # the run's own training set is untouched
+    assert len(set(train.patient_ids[planted.indices])) == 4
+    changed = np.flatnonzero(np.abs(planted.data.images - before).reshape(len(before), -1).max(1) > 0)
+    assert sorted(changed) == sorted(planted.indices)
+    assert [fp.kind for fp in planted.fingerprints] == ["circle", "patch", "circle", "patch"]
+    assert planted.fingerprints == make_fingerprints(4, height=16, width=16, seed=3)  # seeded
+    with pytest.raises(DataError, match="distinct patients"):
+        plant(train, 13, seed=0)
+
+
+# ----------------------------------------------------------------------------- t' search on a stub
+def test_tprime_search_finds_the_last_level_a_stub_denoiser_still_reproduces() -> None:
+    # Prepare: a stub denoiser that brings the fingerprint back below t=420 for every seed, between
+    # 420 and 700 for only one seed in four (no majority), and never above
+    fp = Fingerprint("circle", 5, 5, 3)
+    clean = _small("t10k", 0, 3)
+    marked = fp.apply(clean)
+
+    def reconstruct(images: np.ndarray, t: int, seed: int) -> np.ndarray:
+        if t < 420 or (t < 700 and seed == 0):
+            return marked
+        return clean
+
+    def detect(images: np.ndarray) -> np.ndarray:
+        return np.abs(images - marked).reshape(len(images), -1).max(1) < 1e-6
+
+    # Execute
+    out = estimate_tprime(marked, reconstruct=reconstruct, detect=detect, grid=[900, 100, 300, 400, 500, 600],
+                          seeds=4)
+
+    # Assert
+    assert out["grid"] == [100, 300, 400, 500, 600, 900]
+    assert out["t_prime"] == [400, 400, 400]
+    assert out["returned"][0] == [1.0, 1.0, 1.0, 0.25, 0.25, 0.0]
+
+
+def test_tprime_is_zero_when_nothing_comes_back() -> None:
+    x = _small("t10k", 0, 2)
+    out = estimate_tprime(x, reconstruct=lambda im, t, s: im, detect=lambda im: np.zeros(len(im), bool),
+                          grid=[50, 100], seeds=3)
+    assert out["t_prime"] == [0, 0]
+
+
+# ----------------------------------------------------------------------------- detector
+def test_detector_separates_held_out_fingerprinted_and_clean_images(one_thread) -> None:
+    fps = make_fingerprints(4, height=16, width=16, seed=1)
+    det = train_detector(_small("train", 0, 300), fps, steps=250, seed=0)
+    acc = detector_accuracy(det, _small("t10k", 0, 200), fps, seed=0)  # images the detector never saw
+    assert acc["n"] == 400
+    assert acc["true_positive_rate"] >= 0.95 and acc["true_negative_rate"] >= 0.95
+
+
+# ----------------------------------------------------------------------------- t' on real tiny teachers
+def _teacher(data: ImageSet) -> DiffusionModel:
+    model = DiffusionModel.from_config(ModelConfig(block_out_channels=[16, 32], norm_num_groups=8), resolution=16,
+                                       channels=1, class_names=["item"], seed=0)
+    Trainer(model, data, TrainConfig(steps=400, batch_size=16, learning_rate=2e-3, warmup_steps=10, ema_decay=0.9,
+                                     log_every=200), seed=0).fit()
+    return model
+
+
+@pytest.mark.slow  # two 400-step teachers: ~90 s on an idle core (~200 s on a loaded one)
+def test_tprime_is_larger_for_a_teacher_that_saw_the_fingerprinted_image_many_times(one_thread) -> None:
+    # Prepare: 48 images; image 0 carries a fingerprint. Teacher "once" sees it once, teacher "many"
+    # sees 48 extra copies of it (half its data).
+    base = _small("train", 0, 48)
+    fp = make_fingerprints(1, height=16, width=16, seed=0)[0]
+    base[0] = fp.apply(base[:1])[0]
+    once = ImageSet(images=base, labels=np.zeros(48, np.int64), class_names=["item"])
+    many_imgs = np.concatenate([base, np.repeat(base[:1], 48, 0)])
+    many = ImageSet(images=many_imgs, labels=np.zeros(96, np.int64), class_names=["item"])
+    det = train_detector(_small("train", 100, 300), [fp], steps=250, seed=0)
+    target = once.subset([0])
+
+    # Execute
+    grid = [50, 150, 300, 450, 600, 750, 900]
+    t_once = model_tprime(_teacher(once), target, det.detect, grid=grid, seeds=4, full_steps=20)
+    t_many = model_tprime(_teacher(many), target, det.detect, grid=grid, seeds=4, full_steps=20)
+
+    # Assert
+    assert t_many["t_prime"][0] > t_once["t_prime"][0], (t_once["returned"], t_many["returned"])
+    assert t_many["t_prime"][0] >= 450
+
+
+# ----------------------------------------------------------------------------- the filter on fingerprinted copies
+def test_the_filter_drops_every_planted_exact_duplicate() -> None:
+    train = with_visits(_small("train", 0, 40), visits=2, seed=0)
+    planted = plant(train, 6, seed=0)
+    copies = ImageSet(images=planted.images.copy())
+    emb = _pixel_embed(planted.data.images)
+    result = filter_synthetic(copies, planted.data, embed=_pixel_embed, threshold=0.999, cfg=FilterConfig(),
+                              real_embeddings=emb)
+    assert len(result.dropped) == 6 and len(result.kept) == 0
+    assert result.pixel_match.all()
+
+
+def test_survivors_are_listed_and_make_the_audit_fail(tmp_path: Path) -> None:
+    train = with_visits(_small("train", 0, 20), visits=2, seed=0)
+    planted = plant(train, 2, seed=0)
+    fresh = _small("t10k", 0, 3)
+    samples = ImageSet(images=np.concatenate([planted.images, fresh]))  # 2 copies + 3 unrelated images
+    off = FilterConfig(enabled=False)  # a filter that keeps everything
+    result = filter_synthetic(samples, planted.data, embed=_pixel_embed, threshold=0.999, cfg=off)
+    carrier = np.array([True, True, False, False, False])
+
+    kept = survivors(carrier, result)
+
+    assert kept.tolist() == [0, 1]
+    report = {"filter": {"survivors": kept.tolist(), "fingerprinted_samples": 2}}
+    with pytest.raises(PrivacyPolicyError, match=r"2 of 2 fingerprinted free samples survived.*\[0, 1\]") as err:
+        raise_if_survivors(report, tmp_path)
+    assert err.value.exit_code == 4
+    raise_if_survivors({"filter": {"survivors": [], "fingerprinted_samples": 3}}, tmp_path)  # passes
+
+
+# ----------------------------------------------------------------------------- the command
+@pytest.mark.slow  # the whole audit on the tiny config: ingest, re-id, a 150-step teacher, detector, t', samples
+def test_audit_command_on_the_tiny_config_writes_its_report(tmp_path: Path) -> None:
+    out = tmp_path / "audit-out"
+    cmd = [sys.executable, "-m", "privdistill.cli", "--log-format", "json", "audit", str(ROOT / "examples/tiny.yaml"),
+           "--fingerprints", "4", "--workdir", str(tmp_path / "w"), "--out", str(out), "--steps", "150",
+           "--samples", "60", "--seeds", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    report = json.loads((out / "report.json").read_text())
+
+    assert proc.returncode == (0 if report["passed"] else 4), proc.stderr[-2000:]
+    assert len(report["fingerprints"]) == 4
+    assert report["settings"]["teacher_steps"] == 150 and report["free_samples"]["n"] >= 60
+    assert report["detector"]["heldout"]["accuracy"] >= 0.95
+    assert all(0 <= f["t_prime"] <= 1000 for f in report["fingerprints"])
+    assert report["filter"]["exact_copies_recall"] == 1.0
+    assert "Fingerprint audit: tiny" in (out / "report.md").read_text()
+    assert (out / "fingerprinted_training.png").is_file()
+    if report["passed"]:
+        assert "all dropped by the filter" in proc.stdout

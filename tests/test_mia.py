@@ -1,0 +1,115 @@
+"""Membership inference: the ROC AUC against known cases, ~0.5 when members and non-members come from one
+distribution, high for a model overfit to a few images; the same noise for every image; class balancing."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from privdistill.audit.mia import balanced, comparable_nonmembers, denoising_losses, membership_auc
+from privdistill.audit.roc import roc_auc
+from privdistill.config import ModelConfig, TrainConfig, VisitsConfig
+from privdistill.data.types import ImageSet
+from privdistill.errors import DataError
+from privdistill.models import DiffusionModel
+from privdistill.train import Trainer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _fixtures import fashion  # noqa: E402
+
+
+def _small(start: int, n: int) -> ImageSet:
+    x = F.interpolate(torch.from_numpy(fashion("train", start, n)), size=16, mode="area").numpy()
+    return ImageSet(images=x, labels=np.zeros(n, np.int64), class_names=["item"])
+
+
+def _model() -> DiffusionModel:
+    return DiffusionModel.from_config(ModelConfig(block_out_channels=[16, 32], norm_num_groups=8), resolution=16,
+                                      channels=1, class_names=["item"], seed=0)
+
+
+# ----------------------------------------------------------------------------- ROC AUC
+def test_auc_of_a_known_score_split() -> None:
+    # pairs (pos > neg): 0.9 beats both, 0.8 both, 0.7 only 0.1 -> 5 of 6
+    assert roc_auc([0.9, 0.8, 0.7], [0.1, 0.75]) == pytest.approx(5 / 6)
+    assert roc_auc([2, 3], [0, 1]) == 1.0 and roc_auc([0, 1], [2, 3]) == 0.0
+    # ties count one half: (1 vs 1) 0.5 + (1 vs 0) 1, twice -> 3/4
+    assert roc_auc([1, 1], [1, 0]) == pytest.approx(0.75)
+    assert roc_auc([5, 5, 5], [5, 5]) == 0.5
+
+
+def test_auc_matches_pairwise_counting_with_many_ties() -> None:
+    rng = np.random.default_rng(0)
+    pos, neg = rng.integers(0, 5, 40), rng.integers(0, 4, 30)
+    brute = np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg)])
+    assert roc_auc(pos, neg) == pytest.approx(brute, abs=1e-12)
+
+
+def test_auc_refuses_empty_or_non_finite_scores() -> None:
+    with pytest.raises(DataError, match="positives and negatives"):
+        roc_auc([], [1.0])
+    with pytest.raises(DataError, match="finite"):
+        roc_auc([np.nan], [1.0])
+
+
+def test_auc_is_one_half_for_scores_from_one_distribution() -> None:
+    rng = np.random.default_rng(1)
+    assert abs(roc_auc(rng.normal(size=4000), rng.normal(size=4000)) - 0.5) < 0.02
+
+
+# ----------------------------------------------------------------------------- the attack on tiny models
+def test_same_noise_for_every_image() -> None:
+    # two identical images get identical losses: the noise depends on (level, seed) only, not on the image
+    data = _small(0, 3)
+    data.images[2] = data.images[0]
+    losses = denoising_losses(_model(), data, levels=(0.1, 0.3), seeds=(0, 1))
+    assert losses.shape == (3, 4)
+    np.testing.assert_array_equal(losses[0], losses[2])
+    assert not np.allclose(losses[0], losses[1])
+
+
+def test_auc_near_one_half_when_neither_set_was_trained_on(one_thread) -> None:
+    # a model trained on other images: members and non-members are equally unseen
+    model = _model()
+    Trainer(model, _small(200, 64), TrainConfig(steps=30, batch_size=16, learning_rate=2e-3, warmup_steps=5,
+                                                log_every=60), seed=0).fit()
+    out = membership_auc(model, _small(0, 80), _small(100, 80))
+    assert out["n_members"] == out["n_nonmembers"] == 80
+    assert abs(out["auc"] - 0.5) < 0.12
+
+
+def test_auc_high_for_a_model_overfit_to_a_few_images(one_thread) -> None:
+    members, nonmembers = _small(0, 8), _small(8, 8)
+    model = _model()
+    Trainer(model, members, TrainConfig(steps=250, batch_size=8, learning_rate=2e-3, warmup_steps=10, ema_decay=0.9,
+                                        log_every=250), seed=0).fit()
+    out = membership_auc(model, members, nonmembers)
+    assert out["auc"] >= 0.9
+    assert out["member_loss_mean"] < out["nonmember_loss_mean"]
+    assert set(out) >= {"auc", "n_members", "n_nonmembers", "timesteps"}
+    assert not any(isinstance(v, (list, np.ndarray)) and len(v) == 8 for v in out.values())  # no per-image scores
+
+
+# ----------------------------------------------------------------------------- fair comparison
+def test_balanced_takes_equal_numbers_per_class() -> None:
+    x = np.zeros((10, 1, 4, 4), np.float32)
+    a = ImageSet(images=x, labels=np.array([0] * 7 + [1] * 3), class_names=["a", "b"])
+    b = ImageSet(images=x[:6], labels=np.array([1] * 4 + [0] * 2), class_names=["b", "a"])  # 4 "a", 2 "b"
+    m, n = balanced(a, b, seed=0)
+    names_m = sorted(np.asarray(m.class_names)[m.labels].tolist())
+    names_n = sorted(np.asarray(n.class_names)[n.labels].tolist())
+    assert names_m == names_n == ["a"] * 4 + ["b"] * 2  # a: min(7, 4), b: min(3, 2)
+
+
+def test_nonmembers_get_the_training_splits_simulated_visit() -> None:
+    test = _small(0, 5)
+    same = comparable_nonmembers(test, None, seed=0)
+    moved = comparable_nonmembers(test, VisitsConfig(count=3, max_shift=1), seed=0)
+    assert same is test
+    assert len(moved) == 5 and not np.allclose(moved.images, test.images)  # one perturbed visit each

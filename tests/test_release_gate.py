@@ -1,0 +1,180 @@
+"""Release gates: the coordinator's release policy (shard manifests' privacy aggregates and the sites' signed
+student attestations) and the site's export policy each refuse listing EVERY failing criterion, and pass
+a good case."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coordinator.release import ReleaseRefused, check_policy, load_attestations
+from coordinator.student import ReleasePolicy
+from privdistill import identity
+from privdistill.audit.attestation import ATTESTATION, ATTESTATION_SIG, make_attestation, model_digest
+from privdistill.data.types import ImageSet
+from privdistill.errors import PrivacyPolicyError
+from privdistill.stages import atomic_write_json
+from site_agent.config import PolicyConfig
+from site_agent.gate import ExportRefused, check_export
+from site_agent.package import evaluate_policy
+from site_agent.state import SiteState
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_export_gate import _stage, filter_report, force_db, make_site  # noqa: E402
+
+STRICT = ReleasePolicy(min_planted_recall=1.0, max_epsilon=8.0, max_student_mia_auc=0.6,
+                       max_student_memorization_rate=0.0)
+
+
+def _shard(site: str, *, recall: float = 1.0, epsilon: float | None = 4.0, kept_mem: float = 0.0) -> dict[str, Any]:
+    return {"site": site, "shard_id": f"{site}-abc", "tar_sha256": "ab" * 32, "privacy": {
+        "filter_enabled": True, "kept_memorization_rate": kept_mem,
+        "planted_recall": {"exact": 1.0, "shift_1px": recall, "noise_0.1": 1.0, "contrast_0.9": 1.0},
+        "teacher_dp_epsilon": epsilon, "teacher_mia_auc": 0.7}}
+
+
+def _model(tmp: Path) -> Path:
+    d = tmp / "model"
+    (d / "unet").mkdir(parents=True)
+    (d / "unet" / "weights.bin").write_bytes(b"student weights")
+    (d / "privdistill_model.json").write_text("{}")
+    return d
+
+
+def _attest(tmp: Path, site: str, key: Any, model: Path, **numbers: Any) -> Path:
+    out = tmp / f"evidence-{site}"
+    out.mkdir()
+    data, sig = make_attestation(site, model, {"mia_auc": 0.52, "memorization_rate": 0.0, **numbers}, key)
+    (out / ATTESTATION).write_bytes(data)
+    (out / ATTESTATION_SIG).write_text(sig + "\n")
+    return out
+
+
+# ----------------------------------------------------------------------------- coordinator release policy
+def test_release_policy_lists_every_failing_criterion(tmp_path: Path) -> None:
+    # Prepare: site-a's filter missed a shifted copy and spent too much epsilon; site-b trained without DP;
+    # site-a attests a leaky student, site-b attests nothing
+    key_a = identity.generate_key()
+    model = _model(tmp_path)
+    training = {"shards": [_shard("site-a", recall=0.9, epsilon=12.0, kept_mem=0.1), _shard("site-b", epsilon=None)]}
+    evidence = _attest(tmp_path, "site-a", key_a, model, mia_auc=0.81, memorization_rate=0.05)
+    attestations, problems = load_attestations([evidence], {"site-a": identity.public_key_b64(key_a)})
+
+    # Execute
+    failures = check_policy(training, STRICT, attestations=attestations, model_digest=model_digest(model))
+
+    # Assert
+    assert problems == []
+    names = [f.split(":")[0] for f in failures]
+    assert sorted(names) == sorted([
+        "max_site_kept_memorization_rate",  # site-a 0.1 > 0.0
+        "min_planted_recall",  # site-a 0.9 < 1.0
+        "max_epsilon", "max_epsilon",  # site-a 12 > 8; site-b no DP
+        "max_student_mia_auc", "max_student_memorization_rate",  # site-a measured too high
+        "max_student_mia_auc", "max_student_memorization_rate",  # site-b did not attest
+    ]), failures
+    text = "\n".join(failures)
+    assert "worst-kind recall 0.9000 < 1.0" in text and "epsilon 12 > 8.0" in text
+    assert "site site-a measured mia_auc 0.8100 > 0.6" in text and "site site-b has not attested" in text
+    assert "not trained with DP-SGD" in text
+    err = ReleaseRefused(failures)
+    assert isinstance(err, PrivacyPolicyError) and err.exit_code == 4 and "8 criterion/criteria failed" in str(err)
+
+
+def test_release_policy_passes_with_good_numbers_and_every_site_attesting(tmp_path: Path) -> None:
+    keys = {s: identity.generate_key() for s in ("site-a", "site-b")}
+    model = _model(tmp_path)
+    training = {"shards": [_shard("site-a"), _shard("site-b", epsilon=7.9)]}
+    evidence = [_attest(tmp_path, s, k, model) for s, k in keys.items()]
+    attestations, problems = load_attestations(evidence, {s: identity.public_key_b64(k) for s, k in keys.items()})
+    assert problems == [] and len(attestations) == 2
+    assert check_policy(training, STRICT, attestations=attestations, model_digest=model_digest(model)) == []
+    # the default policy asks for none of the new criteria
+    assert check_policy({"shards": [_shard("site-a", recall=0.5, epsilon=None)]}, ReleasePolicy()) == []
+
+
+def test_attestations_bind_to_the_model_and_the_sites_key(tmp_path: Path) -> None:
+    key, other = identity.generate_key(), identity.generate_key()
+    model = _model(tmp_path)
+    evidence = _attest(tmp_path, "site-a", key, model)
+    keys = {"site-a": identity.public_key_b64(key)}
+
+    # another model (one byte changed) is not attested by this document
+    attestations, _ = load_attestations([evidence], keys)
+    (model / "unet" / "weights.bin").write_bytes(b"student weightz")
+    failures = check_policy({"shards": [_shard("site-a")]}, ReleasePolicy(max_student_mia_auc=0.6),
+                            attestations=attestations, model_digest=model_digest(model))
+    assert len(failures) == 1 and "site site-a has not attested this student" in failures[0]
+
+    # a tampered number, a foreign key and an unknown site are each reported
+    doc = json.loads((evidence / ATTESTATION).read_text())
+    doc["student"]["mia_auc"] = 0.5
+    (evidence / ATTESTATION).write_text(json.dumps(doc))
+    _, problems = load_attestations([evidence], keys)
+    assert len(problems) == 1 and "bad_signature" in problems[0]
+    (tmp_path / "other").mkdir()
+    _, problems = load_attestations([_attest(tmp_path / "other", "site-a", other, model)], keys)
+    assert len(problems) == 1 and "bad_signature" in problems[0]
+    _, problems = load_attestations([evidence], {})
+    assert "not an allow-listed" in problems[0]
+
+
+# ----------------------------------------------------------------------------- the site's export policy
+def test_site_policy_checks_teacher_mia_and_epsilon() -> None:
+    policy = PolicyConfig(max_teacher_mia_auc=0.6, max_epsilon=8.0)
+    good = {"filter_enabled": True, "kept_memorization_rate": 0.0, "kept": 5,
+            "audit": {"planted_recall": {"exact": 1.0, "shift_1px": 1.0}},
+            "mia": {"teacher": {"auc": 0.55}}, "teacher_dp": {"epsilon": 7.5, "delta": 1e-5}}
+    assert evaluate_policy(good, policy)["passed"] is True
+    bad = {**good, "mia": {"teacher": {"auc": 0.9}}, "teacher_dp": {"epsilon": 9.0},
+           "audit": {"planted_recall": {"exact": 1.0, "shift_1px": 0.8}}}
+    verdict = evaluate_policy(bad, policy)
+    assert verdict["failed"] == ["min_planted_recall", "max_teacher_mia_auc", "max_epsilon"]
+    no_dp = {k: v for k, v in good.items() if k != "teacher_dp"}
+    assert evaluate_policy(no_dp, policy)["failed"] == ["max_epsilon"]  # epsilon required once it is a criterion
+    assert evaluate_policy(no_dp, PolicyConfig())["passed"] is True  # not a criterion by default
+
+
+def test_export_gate_refuses_listing_every_failing_criterion(tmp_path: Path, reid_src: Path) -> None:
+    # Prepare: a policy with limits the shard misses three ways (weak planted recall, leaky teacher, no DP)
+    s = make_site(tmp_path / "s", reid_src, extra={"policy": {"max_teacher_mia_auc": 0.6, "max_epsilon": 8.0}})
+    report = filter_report(5, 12, recall=0.75) | {"mia": {"teacher": {"auc": 0.83, "n_members": 24,
+                                                                        "n_nonmembers": 24}}}
+    _stage(s.workdir, "filter", {"kept.npz": ImageSet.load(s.workdir / "filter" / "kept.npz"),
+                                 "privacy_report.json": report}, force=True)
+
+    # Execute
+    pkg = s.package()
+    sid = pkg["shard_id"]
+    state = SiteState(s.workdir)
+    with pytest.raises(PrivacyPolicyError, match="can never be approved"):
+        state.approve(sid, by="steward")
+    # a register forced to "approved" is still refused from the signed manifest's numbers
+    force_db(s, "UPDATE shards SET state = 'approved', approved_by = 'x', policy_passed = 1, "
+                "policy_json = '{\"passed\": true, \"failed\": []}' WHERE shard_id = ?", sid)
+    with pytest.raises(ExportRefused) as err:
+        check_export(s.workdir, sid, s.cfg)
+
+    # Assert
+    assert pkg["policy"]["failed"] == ["min_planted_recall", "max_teacher_mia_auc", "max_epsilon"]
+    assert pkg["privacy"]["mia"]["teacher"] == {"auc": 0.83, "n_members": 24, "n_nonmembers": 24}
+    msg = str(err.value)
+    assert err.value.reason == "policy_failed" and "3 criterion/criteria" in msg
+    assert "min_planted_recall: 0.75 (limit 1.0)" in msg
+    assert "max_teacher_mia_auc: 0.83 (limit 0.6)" in msg and "max_epsilon: None (limit 8.0)" in msg
+
+
+def test_export_gate_passes_a_shard_within_the_policy(tmp_path: Path, reid_src: Path) -> None:
+    s = make_site(tmp_path / "s", reid_src, approval="auto", extra={"policy": {"max_teacher_mia_auc": 0.6}})
+    report = filter_report(5, 12) | {"mia": {"teacher": {"auc": 0.54, "n_members": 24, "n_nonmembers": 24}}}
+    _stage(s.workdir, "filter", {"kept.npz": ImageSet.load(s.workdir / "filter" / "kept.npz"),
+                                 "privacy_report.json": report}, force=True)
+    pkg = s.package()
+    assert pkg["policy"]["passed"] is True
+    manifest = check_export(s.workdir, pkg["shard_id"], s.cfg)
+    assert manifest.privacy["mia"]["teacher"]["auc"] == 0.54
+    atomic_write_json(tmp_path / "seen.json", manifest.privacy)  # JSON-safe aggregate
