@@ -22,6 +22,7 @@ from coordinator.metrics import CONTENT_TYPE_LATEST, Metrics
 from coordinator.schemas import (AUTH_ERRORS, E404, E409, E422, ApiError, CreateUploadRequest, ErrorResponse,
                                  HealthResponse, UploadInfo)
 from coordinator.uploads import Uploads
+from coordinator.web.routes import mount_admin
 
 OFFSET_STREAM = "application/offset+octet-stream"
 _STATUS_REASON = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
@@ -124,6 +125,7 @@ def create_app(config: CoordinatorConfig) -> FastAPI:
         headers.pop("Upload-Length")
         return Response(status_code=204, headers=headers)
 
+    mount_admin(app, config, ledger)  # /admin when config.admin_token_file is set; never in the OpenAPI schema
     app.openapi_tags = [{"name": "uploads", "description": "signed (X-Privdistill-* headers), resumable uploads"}]
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -42,6 +42,12 @@ class CoordinatorConfig(_Strict):
     tls: TLSConfig
     state_dir: Path
     limits: LimitsConfig = LimitsConfig()
+    # the monitoring page under /admin (absent: /admin answers 404). A file holding the admin token, mode 0600.
+    admin_token_file: Path | None = None
+    # what the monitoring page reads (each optional): `train-student --workdir`, `release --out`, `--training`
+    student_workdir: Path | None = None
+    releases_dir: Path | None = None
+    training_config: Path | None = None
 
     @property
     def ledger_path(self) -> Path:
@@ -62,7 +68,9 @@ def parse_coordinator_config(raw: Any, *, base_dir: Path, source: str | None = N
 
     tls = TLSConfig(cert=resolve(cfg.tls.cert), key=resolve(cfg.tls.key),
                     ca=None if cfg.tls.ca is None else resolve(cfg.tls.ca))
-    return cfg.model_copy(update={"tls": tls, "state_dir": resolve(cfg.state_dir)})
+    optional = {k: resolve(getattr(cfg, k)) for k in ("admin_token_file", "student_workdir", "releases_dir",
+                                                       "training_config") if getattr(cfg, k) is not None}
+    return cfg.model_copy(update={"tls": tls, "state_dir": resolve(cfg.state_dir), **optional})
 
 
 def load_coordinator_config(path: str | Path) -> CoordinatorConfig:

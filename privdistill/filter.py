@@ -29,7 +29,10 @@ REVIEW_README = """LOCAL REVIEW ONLY - NEVER EXPORT THIS FOLDER.
 dropped_review.png shows synthetic images the privacy filter dropped, each beside the REAL training
 image it matched (left: synthetic, right: real). It contains real patient images: it exists so a
 person inside the site can check the filter's decisions, and must not leave the site.
+decisions.npz holds each synthetic image's similarity to, and index of, its nearest real training
+image (what the site's review page shows); it links synthetic images to real ones and stays here too.
 """
+DECISIONS_FILE = "decisions.npz"
 
 
 @dataclass
@@ -210,6 +213,18 @@ def _histogram(similarity: np.ndarray, threshold: float, path: Path) -> None:
     fig.savefig(path)
 
 
+def write_decisions(result: FilterResult, path: Path) -> None:
+    """Per-synthetic-image decisions for the local review page (index -1: no pixel check ran)."""
+    n = len(result.best_similarity)
+    pix_i = np.full(n, -1, np.int64) if result.pixel_real_index is None else result.pixel_real_index
+    pix_d = np.full(n, np.nan, np.float32) if result.pixel_distance is None else result.pixel_distance
+    with open(path, "wb") as fh:
+        np.savez(fh, best_similarity=result.best_similarity, best_real_index=result.best_real_index,
+                 reid_match=result.reid_match, pixel_match=result.pixel_match, pixel_real_index=pix_i,
+                 pixel_distance=pix_d.astype(np.float32), dropped=result.dropped,
+                 threshold=np.float64(result.threshold), enabled=np.bool_(result.enabled))
+
+
 def write_filter_outputs(
     result: FilterResult, synthetic: ImageSet, real_train: ImageSet, out_dir: Path, *, calibration: dict[str, Any],
     extra: dict[str, Any] | None = None,
@@ -228,6 +243,7 @@ def write_filter_outputs(
     review = out_dir / "review"
     review.mkdir(exist_ok=True)
     (review / "README.txt").write_text(REVIEW_README)
+    write_decisions(result, review / DECISIONS_FILE)
     flagged = result.dropped if result.enabled else np.flatnonzero(result.reid_match | result.pixel_match)
     shown = flagged[: result.review_grid_max]
     if len(shown):

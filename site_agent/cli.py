@@ -76,6 +76,15 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--offline", action="store_true", help="skip the coordinator and PACS checks")
     sp.add_argument("--timeout", type=float, default=10.0, help="seconds per network check")
+    sp = wd(sub.add_parser("ui", help="the data steward's review page (shards, images, privacy report, approve/reject)",
+                           description="Serve the review page on HOST:PORT. Log in with the access token (from "
+                           "--token-file, or generated and printed once on stderr). Approvals and rejections made "
+                           "there are audited as by 'ui:NAME' (NAME: the name given at login, else the OS user)."))
+    sp.add_argument("config", type=Path)
+    sp.add_argument("--host", default="127.0.0.1", help="listen address (default loopback; anything else is warned "
+                                                        "about: the page shows real images)")
+    sp.add_argument("--port", type=int, default=8765)
+    sp.add_argument("--token-file", type=Path, help="file holding the access token (mode 0600); default: generate one")
     return p
 
 
@@ -127,7 +136,8 @@ def _run(args: argparse.Namespace) -> int:
         print("  this shard can never be exported; change the training/filter settings and run again", file=sys.stderr)
         return PrivacyPolicyError.exit_code
     if rep["state"] == "packaged":
-        print(f"  review {args.workdir / 'filter' / 'review'} and {args.workdir / 'shards' / sid}, then:\n"
+        print(f"  review it on the review page (`privdistill-site ui {args.config} --workdir {args.workdir}`), or "
+              f"look at {args.workdir / 'filter' / 'review'} and {args.workdir / 'shards' / sid}, then:\n"
               f"  privdistill-site approve {sid} --workdir {args.workdir}")
     return 0
 
@@ -184,26 +194,19 @@ def _shards(args: argparse.Namespace) -> int:
 
 
 def _approve(args: argparse.Namespace) -> int:
-    from site_agent.audit import audit, operator
-    from site_agent.state import SiteState
+    from site_agent.approval import approve_shard
 
-    by = args.by or operator()
-    row = SiteState(args.workdir).approve(args.shard, by=by)
-    audit(args.workdir, "approved", shard_id=row.shard_id, site_id=row.site_id, by=by,
-          manifest_sha256=row.manifest_sha256)
-    print(f"approved {row.shard_id} ({row.sample_count} samples) by {by}; export with "
+    row = approve_shard(args.workdir, args.shard, by=args.by)
+    print(f"approved {row.shard_id} ({row.sample_count} samples) by {row.approved_by}; export with "
           f"`privdistill-site export CONFIG {row.shard_id} --workdir {args.workdir}`")
     return 0
 
 
 def _reject(args: argparse.Namespace) -> int:
-    from site_agent.audit import audit, operator
-    from site_agent.state import SiteState
+    from site_agent.approval import reject_shard
 
-    by = args.by or operator()
-    row = SiteState(args.workdir).reject(args.shard, reason=args.reason, by=by)
-    audit(args.workdir, "rejected", shard_id=row.shard_id, site_id=row.site_id, by=by, reason=args.reason)
-    print(f"rejected {row.shard_id}: {args.reason}")
+    row = reject_shard(args.workdir, args.shard, reason=args.reason, by=args.by)
+    print(f"rejected {row.shard_id}: {row.reason}")
     return 0
 
 
@@ -263,7 +266,8 @@ def _evaluate_student(args: argparse.Namespace) -> int:
         m = rep[who]
         if m is not None:
             print(f"{who} on site {rep['site_id']}: memorization_rate {fmt(m['memorization_rate'])}, reid_rate "
-                  f"{fmt(m['reid_rate'])}, tstr_accuracy {fmt(m['tstr_accuracy'])} ({m['n_samples']} samples)")
+                  f"{fmt(m['reid_rate'])}, tstr_accuracy {fmt(m['tstr_accuracy'])}, mia_auc {fmt(m.get('mia_auc'))} "
+                  f"({m['n_samples']} samples)")
     print(f"report: {args.workdir / REPORT_DIR / 'report.json'}")
     return 0
 
@@ -279,6 +283,14 @@ def _join(args: argparse.Namespace) -> int:
                 runtime_port=args.runtime_port)
 
 
+def _ui(args: argparse.Namespace) -> int:
+    from site_agent.config import load_site_config
+    from site_agent.ui.server import serve_ui
+
+    return serve_ui(load_site_config(args.config), args.workdir, host=args.host, port=args.port,
+                    token_file=args.token_file)
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from site_agent.doctor import format_report, run_doctor
 
@@ -289,7 +301,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
 COMMANDS = {"doctor": _doctor, "init": _init, "run": _run, "status": _status, "shards": _shards, "approve": _approve,
             "reject": _reject, "export": _export, "audit-log": _audit_log, "evaluate-student": _evaluate_student,
-            "join": _join}
+            "join": _join, "ui": _ui}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,58 @@
+"""`privdistill-site ui`: serve the review page with uvicorn; the access token comes from a 0600 file or is made now."""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from pathlib import Path
+
+import structlog
+import uvicorn
+
+from privdistill.errors import RetryableNetworkError
+from privdistill.websession import new_token, read_token_file
+from site_agent.config import SiteConfig
+from site_agent.ui.app import create_app
+
+log = structlog.get_logger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_server(cfg: SiteConfig, workdir: Path, *, host: str = "127.0.0.1", port: int = 8765,
+                 token: str) -> uvicorn.Server:
+    """The uvicorn server of the review app (warns when it listens beyond loopback)."""
+    if not is_loopback(host):
+        log.warning("ui.listening_beyond_loopback", host=host,
+                    hint="the review page shows real patient images; publish it only on the host's loopback "
+                         "(compose: 127.0.0.1:PORT:8765) or behind the hospital's TLS proxy")
+    config = uvicorn.Config(create_app(cfg, workdir, token=token), host=host, port=port, log_config=None,
+                            access_log=False, server_header=False, timeout_graceful_shutdown=5, lifespan="off")
+    return uvicorn.Server(config)
+
+
+def serve_ui(cfg: SiteConfig, workdir: Path, *, host: str = "127.0.0.1", port: int = 8765,
+             token_file: Path | None = None) -> int:
+    """Serve until SIGINT/SIGTERM; returns the exit code."""
+    token = read_token_file(token_file) if token_file is not None else new_token()
+    server = build_server(cfg, workdir, host=host, port=port, token=token)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"privdistill review page for site {cfg.site.id}: http://{shown}:{port}/login", file=sys.stderr, flush=True)
+    if token_file is None:
+        print(f"access token (shown once; --token-file FILE to set one): {token}", file=sys.stderr, flush=True)
+    else:
+        print(f"access token: the one in {token_file}", file=sys.stderr, flush=True)
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits when it cannot bind
+        server.started = False
+    if not server.started:
+        raise RetryableNetworkError(f"could not serve the review page on {host}:{port} (port in use?); pass --port")
+    return 0
