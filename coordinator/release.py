@@ -4,6 +4,7 @@ save_pretrained layout), MODEL_CARD.md, release.json and the sha256 of every fil
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -85,16 +86,21 @@ def _attested(training: dict[str, Any], policy: ReleasePolicy, attestations: lis
                 failures.append(f"{name}: site {site} has not attested this student (model "
                                 f"{str(model_digest)[:12]}); it runs `privdistill-site evaluate-student` on it "
                                 "and sends student-eval/attestation.*")
-            elif not isinstance(value, (int, float)) or isinstance(value, bool):
+            elif not _number(value):
                 failures.append(f"{name}: site {site}'s attestation reports no {key}")
             elif value > limit:
                 failures.append(f"{name}: site {site} measured {key} {value:.4f} > {limit}")
     return failures
 
 
+def _number(v: Any) -> bool:
+    """A finite int/float (not a bool): NaN or inf compares False against every limit, so it never passes."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _worst_recall(recall: Any) -> float | None:
     vals = list(recall.values()) if isinstance(recall, dict) else []
-    ok = vals and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals)
+    ok = vals and all(_number(v) for v in vals)
     return float(min(vals)) if ok else None
 
 
@@ -115,7 +121,7 @@ def check_policy(training: dict[str, Any], policy: ReleasePolicy, *, attestation
     for s in shards:
         who, p = f"shard {s['site']}/{s['shard_id']} ({s['tar_sha256'][:12]})", s["privacy"]
         rate = p.get("kept_memorization_rate")
-        if not isinstance(rate, (int, float)):
+        if not _number(rate):
             failures.append(f"max_site_kept_memorization_rate: {who} reports no kept-set memorization rate in its "
                             "manifest; the site must measure it before exporting")
         elif rate > limit:
@@ -133,7 +139,7 @@ def check_policy(training: dict[str, Any], policy: ReleasePolicy, *, attestation
                                 f"{policy.min_planted_recall}")
         if policy.max_epsilon is not None:
             eps = p.get("teacher_dp_epsilon")
-            if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+            if not _number(eps):
                 failures.append(f"max_epsilon: {who}'s teacher was not trained with DP-SGD (no epsilon in its "
                                 f"manifest); the policy needs epsilon <= {policy.max_epsilon}")
             elif eps > policy.max_epsilon:

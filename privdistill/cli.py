@@ -105,9 +105,12 @@ def _audit(cfg: Any, args: argparse.Namespace) -> int:
     r = run_fingerprint_audit(cfg, args.workdir, fingerprints=args.fingerprints, out_dir=out, steps=args.steps,
                               n_samples=args.samples, seeds=args.seeds)
     t, fs = r["t_prime"], r["free_samples"]
+    flt = r["filter"]
+    carriers = (f"all {fs['carrying_fingerprint']} dropped by the filter" if fs["carrying_fingerprint"] else
+                "none, so this run does not measure the filter's recall on free carriers")
     print(f"t' median {t['median']:.0f} (control {t['control_median']}), max {t['max']} of "
-          f"{r['settings']['num_train_timesteps']}; fingerprinted free samples {fs['carrying_fingerprint']}/{fs['n']}, "
-          f"all dropped by the filter")
+          f"{r['settings']['num_train_timesteps']}; fingerprinted free samples {fs['carrying_fingerprint']}/{fs['n']}: "
+          f"{carriers}; planted exact copies dropped {flt['exact_copies_of_fingerprinted_images_dropped']}")
     print(f"report: {out / 'report.json'}  {out / 'report.md'}")
     return 0
 

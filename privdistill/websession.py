@@ -71,7 +71,7 @@ class SessionStore:
         self._token = token
         self.ttl_s, self.max_sessions = ttl_s, max_sessions
         self._sessions: dict[str, Session] = {}
-        self._failures: deque[float] = deque()
+        self._failures: dict[str, deque[float]] = {}  # wrong tokens per client address
         self._lock = threading.Lock()
 
     def check_token(self, candidate: str | None) -> bool:
@@ -117,17 +117,24 @@ class SessionStore:
     def csrf_ok(session: Session | None, submitted: str | None) -> bool:
         return session is not None and same(submitted, session.csrf)
 
-    def login_allowed(self) -> bool:
-        """False after too many wrong tokens in the last minute (guessing a 256-bit token is hopeless anyway)."""
+    def login_allowed(self, client: str) -> bool:
+        """False after too many wrong tokens from this client address in the last minute (guessing a 256-bit
+        token is hopeless anyway); per address, so one noisy client cannot lock the operator out."""
         with self._lock:
             cutoff = time.monotonic() - 60
-            while self._failures and self._failures[0] < cutoff:
-                self._failures.popleft()
-            return len(self._failures) < LOGIN_FAILURES_PER_MINUTE
+            for addr in list(self._failures):
+                q = self._failures[addr]
+                while q and q[0] < cutoff:
+                    q.popleft()
+                if not q:
+                    del self._failures[addr]
+            return len(self._failures.get(client, ())) < LOGIN_FAILURES_PER_MINUTE
 
-    def login_failed(self) -> None:
+    def login_failed(self, client: str) -> None:
         with self._lock:
-            self._failures.append(time.monotonic())
+            if client not in self._failures and len(self._failures) >= self.max_sessions:
+                self._failures.pop(next(iter(self._failures)))  # bounded memory: forget the oldest address
+            self._failures.setdefault(client, deque()).append(time.monotonic())
 
 
 # headers for every page that shows images or forms: nothing from elsewhere, nothing cached, no framing
@@ -225,10 +232,11 @@ class WebLogin:
         if not SessionStore.csrf_ok(s, form.get("csrf")):
             raise CsrfRejected()
         assert s is not None
-        if not self.store.login_allowed():
+        client = request.client.host if request.client is not None else "?"
+        if not self.store.login_allowed(client):
             return None, form, "too many wrong tokens in the last minute; wait a minute", 429
         if not self.store.check_token(form.get("token", "").strip()):
-            self.store.login_failed()
+            self.store.login_failed(client)
             return None, form, "wrong access token", 401
         name = form.get("name", "").strip() or default_name
         if not valid_name(name):

@@ -224,8 +224,13 @@ def check_data_source(src: Any, timeout_s: float) -> Check:
         from privdistill.data.pacs import probe
 
         info = probe(src)
-        return Check("data_source", "ok", f"PACS {src.url} answered ({info.get('server', 'server')})",
-                     {k: v for k, v in info.items() if isinstance(v, (int, float, str))})
+        details = {k: v for k, v in info.items() if isinstance(v, (int, float, str))}
+        if not info.get("matching_instances"):
+            return Check("data_source", "fail", f"PACS {src.url} answered, but no instance matches data.source.query "
+                         f"(keys {sorted(src.query)}); check the query values", details)
+        return Check("data_source", "ok", f"PACS {src.url} answered ({info.get('server', 'server')}); "
+                     f"{info['matching_instances']}{'+' if info.get('matching_capped') else ''} matching instances",
+                     details)
     paths = {"idx": [src.images] + ([src.labels] if getattr(src, "labels", None) else []),
              "npz": [getattr(src, "path", None)],
              "folder": [getattr(src, "root", None)], "dicom": [getattr(src, "root", None)]}[kind]

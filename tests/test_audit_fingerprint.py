@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from privdistill.audit.detector import detector_accuracy, train_detector
-from privdistill.audit.fingerprint import raise_if_survivors, survivors
+from privdistill.audit.fingerprint import audit_failures, raise_if_survivors, survivors
 from privdistill.audit.fingerprints import Fingerprint, make_fingerprints, plant
 from privdistill.audit.tprime import estimate_tprime, model_tprime
 from privdistill.config import FilterConfig, ModelConfig, TrainConfig
@@ -155,11 +155,28 @@ def test_survivors_are_listed_and_make_the_audit_fail(tmp_path: Path) -> None:
     kept = survivors(carrier, result)
 
     assert kept.tolist() == [0, 1]
-    report = {"filter": {"survivors": kept.tolist(), "fingerprinted_samples": 2}}
+    good_detector = {"heldout": {"true_positive_rate": 0.97}}
+    report = {"filter": {"survivors": kept.tolist(), "fingerprinted_samples": 2, "exact_copies_recall": 1.0},
+              "detector": good_detector}
+    report["failures"] = audit_failures(report)
     with pytest.raises(PrivacyPolicyError, match=r"2 of 2 fingerprinted free samples survived.*\[0, 1\]") as err:
         raise_if_survivors(report, tmp_path)
     assert err.value.exit_code == 4
-    raise_if_survivors({"filter": {"survivors": [], "fingerprinted_samples": 3}}, tmp_path)  # passes
+    clean = {"filter": {"survivors": [], "fingerprinted_samples": 3, "exact_copies_recall": 1.0},
+             "detector": good_detector}
+    assert audit_failures(clean) == []
+
+
+def test_no_carrier_found_is_not_a_pass_when_the_detector_is_weak_or_exact_copies_were_kept() -> None:
+    weak = {"filter": {"survivors": [], "fingerprinted_samples": 0, "exact_copies_recall": 1.0},
+            "detector": {"heldout": {"true_positive_rate": 0.4}}}
+    kept_copy = {"filter": {"survivors": [], "fingerprinted_samples": 0, "exact_copies_recall": 0.75},
+                 "detector": {"heldout": {"true_positive_rate": 1.0}}}
+
+    weak_failures, copy_failures = audit_failures(weak), audit_failures(kept_copy)
+
+    assert len(weak_failures) == 1 and "detector finds only 0.400" in weak_failures[0]
+    assert len(copy_failures) == 1 and "kept exact copies" in copy_failures[0] and "0.750" in copy_failures[0]
 
 
 # ----------------------------------------------------------------------------- the command
@@ -181,5 +198,7 @@ def test_audit_command_on_the_tiny_config_writes_its_report(tmp_path: Path) -> N
     assert report["filter"]["exact_copies_recall"] == 1.0
     assert "Fingerprint audit: tiny" in (out / "report.md").read_text()
     assert (out / "fingerprinted_training.png").is_file()
-    if report["passed"]:
-        assert "all dropped by the filter" in proc.stdout
+    if report["passed"] and report["free_samples"]["carrying_fingerprint"]:
+        assert "dropped by the filter" in proc.stdout
+    elif report["passed"]:
+        assert "does not measure the filter's recall on free carriers" in proc.stdout

@@ -163,8 +163,10 @@ def test_instance_without_pixels_or_with_corrupt_pixels_is_skipped(tmp_path: Pat
 class FakeOrthanc:
     """Orthanc's /system, /tools/find and /instances/{id}/file, plus DICOMweb QIDO/WADO, with injectable faults."""
 
-    def __init__(self, instances: dict[str, bytes], *, fail: dict[str, list[int]] | None = None) -> None:
+    def __init__(self, instances: dict[str, bytes], *, fail: dict[str, list[int]] | None = None,
+                 server_limit: int | None = None) -> None:
         self.instances = instances
+        self.server_limit = server_limit  # like Orthanc's LimitFindInstances: answers capped below the asked Limit
         self.fail = fail or {}  # path prefix -> status codes to answer first, in order
         self.calls: list[str] = []
 
@@ -180,7 +182,8 @@ class FakeOrthanc:
             return httpx.Response(200, json={"Version": "9.9.9", "Name": "fake"})
         if path == "/tools/find":
             q = json.loads(request.content)
-            ids = sorted(self.instances)[q["Since"]: q["Since"] + q["Limit"]]
+            limit = min(q["Limit"], self.server_limit or q["Limit"])
+            ids = sorted(self.instances)[q["Since"]: q["Since"] + limit]
             return httpx.Response(200, json=ids)
         m = re.fullmatch(r"/instances/([^/]+)/file", path)
         if m:
@@ -237,14 +240,39 @@ def test_transient_errors_are_retried_then_succeed(tmp_path: Path) -> None:
     fake = FakeOrthanc({"a1": _instance(1)}, fail={"/instances/a1": [503, 502], "/tools/find": [500]})
     raw = read_pacs(_src(tmp_path), transport=httpx.MockTransport(fake))
     assert len(raw.records) == 1
-    assert fake.calls.count("/instances/a1/file") == 3 and fake.calls.count("/tools/find") == 2
+    # the failed search, its retry, and the empty page that ends the listing
+    assert fake.calls.count("/instances/a1/file") == 3 and fake.calls.count("/tools/find") == 3
 
 
-def test_persistent_5xx_gives_up_after_three_tries(tmp_path: Path) -> None:
-    fake = FakeOrthanc({"a1": _instance(1)}, fail={"/instances/a1": [503] * 5})
+def test_a_server_capping_its_answers_below_the_page_size_is_paged_to_the_end(tmp_path: Path) -> None:
+    fake = FakeOrthanc({f"i{n:02d}": _instance(n) for n in range(7)}, server_limit=3)
+
+    raw = read_pacs(_src(tmp_path), transport=httpx.MockTransport(fake))
+
+    assert len(raw.records) == 7 and fake.calls.count("/tools/find") == 4  # 3 + 3 + 1, then an empty page
+
+
+def test_one_instance_failing_persistently_is_skipped_after_three_tries(tmp_path: Path) -> None:
+    fake = FakeOrthanc({"a1": _instance(1), "b2": _instance(2), "c3": _instance(3)},
+                       fail={"/instances/b2": [503] * 5, "/instances/c3": [406]})
+
+    raw = read_pacs(_src(tmp_path), transport=httpx.MockTransport(fake))
+
+    assert len(raw.records) == 1
+    assert sorted(k.reason for k in raw.skipped) == ["download_failed", "download_refused"]
+    assert fake.calls.count("/instances/b2/file") == pacs.TRIES == 3
+
+
+def test_a_server_failing_every_download_stops_the_run_with_a_retryable_error(tmp_path: Path) -> None:
+    ids = [f"i{n}" for n in range(8)]
+    fake = FakeOrthanc({i: _instance(n) for n, i in enumerate(ids)}, fail={f"/instances/{i}": [503] * 5 for i in ids})
+
     with pytest.raises(RetryableNetworkError, match=r"http://pacs.test:8042 answered HTTP 503.*injected"):
         read_pacs(_src(tmp_path), transport=httpx.MockTransport(fake))
-    assert fake.calls.count("/instances/a1/file") == pacs.TRIES == 3
+
+    # it stops after MAX_CONSECUTIVE_FAILURES instances instead of trying all eight
+    tried = {c for c in fake.calls if c.endswith("/file")}
+    assert len(tried) == pacs.MAX_CONSECUTIVE_FAILURES == 5
 
 
 def test_instance_deleted_after_the_search_is_skipped(tmp_path: Path) -> None:

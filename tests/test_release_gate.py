@@ -85,6 +85,17 @@ def test_release_policy_lists_every_failing_criterion(tmp_path: Path) -> None:
     assert isinstance(err, PrivacyPolicyError) and err.exit_code == 4 and "8 criterion/criteria failed" in str(err)
 
 
+def test_non_finite_numbers_in_a_manifest_never_pass(tmp_path: Path) -> None:
+    nan, inf = float("nan"), float("inf")
+    shard = _shard("site-a", recall=nan, epsilon=nan, kept_mem=nan)
+
+    failures = check_policy({"shards": [shard]}, ReleasePolicy(min_planted_recall=1.0, max_epsilon=8.0))
+
+    names = sorted(f.split(":")[0] for f in failures)
+    assert names == ["max_epsilon", "max_site_kept_memorization_rate", "min_planted_recall"], failures
+    assert check_policy({"shards": [_shard("site-a", epsilon=inf)]}, ReleasePolicy(max_epsilon=8.0))
+
+
 def test_release_policy_passes_with_good_numbers_and_every_site_attesting(tmp_path: Path) -> None:
     keys = {s: identity.generate_key() for s in ("site-a", "site-b")}
     model = _model(tmp_path)
@@ -95,6 +106,20 @@ def test_release_policy_passes_with_good_numbers_and_every_site_attesting(tmp_pa
     assert check_policy(training, STRICT, attestations=attestations, model_digest=model_digest(model)) == []
     # the default policy asks for none of the new criteria
     assert check_policy({"shards": [_shard("site-a", recall=0.5, epsilon=None)]}, ReleasePolicy()) == []
+
+
+def test_the_digest_covers_the_model_files_only_so_a_released_folder_matches_its_candidate(tmp_path: Path) -> None:
+    import shutil
+
+    candidate = _model(tmp_path)
+    released = tmp_path / "release-v1"
+    shutil.copytree(candidate, released)
+    for extra in ("MODEL_CARD.md", "release.json", "SHA256SUMS", "training.json", "samples_grid.png"):
+        (released / extra).write_text("added by release")
+
+    assert model_digest(released) == model_digest(candidate)
+    (released / "unet" / "weights.bin").write_bytes(b"other weights")
+    assert model_digest(released) != model_digest(candidate)
 
 
 def test_attestations_bind_to_the_model_and_the_sites_key(tmp_path: Path) -> None:

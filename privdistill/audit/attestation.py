@@ -21,9 +21,18 @@ ATTESTATION, ATTESTATION_SIG = "attestation.json", "attestation.sig"
 FIELDS = ("mia_auc", "memorization_rate", "reid_rate", "n_samples", "mia_n_members", "mia_n_nonmembers")
 
 
+MODEL_PARTS = ("unet", "scheduler", "text_encoder", "tokenizer")
+
+
 def model_digest(model_dir: Path) -> str:
-    """sha256 over the model folder's relative paths and file hashes (the same files give the same digest)."""
-    return config_hash(hash_tree(Path(model_dir)))
+    """sha256 over the model's own files (relative paths and hashes): the weights folders and the model's
+    metadata file, not what a release adds beside them (model card, release.json, SHA256SUMS, grids). So a
+    site can attest the trained candidate (CW/train-student/model) or the released folder: same digest."""
+    from privdistill.models import META_FILE
+
+    root = Path(model_dir)
+    tree = {k: v for k, v in hash_tree(root).items() if k.split("/", 1)[0] in MODEL_PARTS or k == META_FILE}
+    return config_hash(tree)
 
 
 def make_attestation(site_id: str, model_dir: Path, student: dict[str, Any],

@@ -150,8 +150,9 @@ def run_fingerprint_audit(
             "exact_copies_recall": len(exact.dropped) / len(fp_set),
             "dropped_all_samples": int(len(result.dropped)),
         },
-        "passed": len(kept_carriers) == 0,
     }
+    report["failures"] = audit_failures(report)
+    report["passed"] = not report["failures"]
     write_audit_report(report, out_dir, samples=samples.images[carrier], matched=planted.images[nearest[carrier]],
                        fingerprinted=planted.images)
     log.info("fingerprint_audit.done", k=fingerprints, median_t_prime=report["t_prime"]["median"],
@@ -160,12 +161,31 @@ def run_fingerprint_audit(
     return report
 
 
-def raise_if_survivors(report: dict[str, Any], out_dir: Path) -> None:
-    """PrivacyPolicyError (exit 4) listing every fingerprinted free sample the filter kept."""
-    flt = report["filter"]
+MIN_DETECTOR_TPR = 0.9
+
+
+def audit_failures(report: dict[str, Any]) -> list[str]:
+    """Every reason the audit does not pass: a fingerprinted sample or an exact fingerprinted copy kept by the
+    filter, or a detector too weak for "no carrier found" to mean anything."""
+    flt, det = report["filter"], report["detector"]["heldout"]
+    failures = []
     if flt["survivors"]:
+        failures.append(f"{len(flt['survivors'])} of {flt['fingerprinted_samples']} fingerprinted free samples "
+                        f"survived the filter (samples {flt['survivors']})")
+    if flt["exact_copies_recall"] < 1.0:
+        failures.append(f"the filter kept exact copies of fingerprinted training images (recall "
+                        f"{flt['exact_copies_recall']:.3f})")
+    if det["true_positive_rate"] < MIN_DETECTOR_TPR:
+        failures.append(f"the fingerprint detector finds only {det['true_positive_rate']:.3f} of held-out "
+                        f"fingerprinted images (< {MIN_DETECTOR_TPR}): 'no carrier found' would mean nothing; "
+                        "train it longer (detector_steps) or use larger fingerprints")
+    return failures
+
+
+def raise_if_survivors(report: dict[str, Any], out_dir: Path) -> None:
+    """PrivacyPolicyError (exit 4) listing every reason the audit failed (after the report was written)."""
+    if report["failures"]:
         raise PrivacyPolicyError(
-            f"fingerprint audit: {len(flt['survivors'])} of {flt['fingerprinted_samples']} fingerprinted free samples "
-            f"survived the filter (samples {flt['survivors']}); the filter misses identifiable images: raise "
-            "reid.target_tpr (a lower re-identification threshold) or filter.pixel_ratio and re-run "
-            f"(report: {out_dir})")
+            "fingerprint audit FAILED: " + "; ".join(report["failures"]) + ". If the filter kept fingerprinted "
+            "images it misses identifiable ones: raise reid.target_tpr (a lower re-identification threshold) or "
+            f"filter.pixel_ratio and re-run (report: {out_dir})")

@@ -29,8 +29,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines = [
         f"# Fingerprint audit: {r['name']}", "", f"> {LOCAL_ONLY}", "",
         f"**Result: {'PASSED' if r['passed'] else 'FAILED'}** - "
-        + ("every fingerprinted free sample was dropped by the filter." if r["passed"] else
-           f"{len(flt['survivors'])} fingerprinted free sample(s) survived the filter: {flt['survivors']}."),
+        + ("no fingerprinted free sample and no planted exact copy got through the filter, and the detector "
+           "finds held-out fingerprints." if r["passed"] else "; ".join(r["failures"]) + "."),
         "",
         f"{s['k']} fingerprints planted into copies of {s['k']} training images of distinct patients; teacher "
         f"trained {s['teacher_steps']} steps on that data; detector accuracy on held-out images "

@@ -44,6 +44,13 @@ class _Gone(Exception):
     """The server no longer has an instance the find listed (HTTP 404 on download)."""
 
 
+class _Refused(Exception):
+    """The server refused one instance's download (HTTP 4xx other than auth / 404): that instance is skipped."""
+
+
+MAX_CONSECUTIVE_FAILURES = 5  # instance downloads failing in a row: the server, not an instance, is the problem
+
+
 class PacsClient:
     """HTTP access to one PACS: find matching instances, download one instance's DICOM bytes, describe the server."""
 
@@ -140,8 +147,9 @@ class PacsClient:
             page = self._retrying(lambda: self._find_page(len(found)), "the instance search")
             before = len(found)
             found.update(dict.fromkeys(page))
-            # a short page ends the listing; so does a server that ignores paging (nothing new, or too much)
-            if len(page) < PAGE_SIZE or len(page) > PAGE_SIZE or len(found) == before:
+            # only an empty page, or one that adds nothing new (a server that ignores paging), ends the listing:
+            # a server may cap its answers below PAGE_SIZE (Orthanc LimitFindInstances, QIDO maximum results)
+            if not page or len(found) == before:
                 break
             if cap is not None and len(found) >= cap:
                 break
@@ -200,8 +208,7 @@ class PacsClient:
         if r.status_code == 404:
             raise _Gone()
         if r.status_code >= 400:
-            raise DataError(f"the PACS at {self.src.url} refused an instance download (HTTP {r.status_code}"
-                            f"{_server_message(r)})")
+            raise _Refused(f"HTTP {r.status_code}{_server_message(r)}")
         if self.src.api == "orthanc":
             return r.content
         parts = parse_multipart_related(r.content, r.headers.get("content-type", ""))
@@ -324,6 +331,7 @@ def read_pacs(src: PacsSource, *, transport: httpx.BaseTransport | None = None) 
         refs = client.find(cap=src.max_instances)[: src.max_instances]
         out.seen = len(refs)
         log.info("data.pacs.found", api=src.api, instances=len(refs), query_keys=sorted(src.query))
+        failing = 0
         for n, ref in enumerate(refs, start=1):
             name = f"pacs instance {n}/{len(refs)}"  # position in the sorted search result, not an id
             try:
@@ -331,9 +339,19 @@ def read_pacs(src: PacsSource, *, transport: httpx.BaseTransport | None = None) 
             except _Gone:
                 out.skipped.append(Skipped(name, "instance_gone", "deleted on the PACS after the search"))
                 continue
+            except _Refused as err:
+                out.skipped.append(Skipped(name, "download_refused", f"the PACS refused this instance ({err})"))
+                continue
+            except RetryableNetworkError:
+                failing += 1
+                if failing >= MAX_CONSECUTIVE_FAILURES:
+                    raise  # the server, not one instance, is failing: the run stops with a retryable error
+                out.skipped.append(Skipped(name, "download_failed", f"failed {TRIES} times (server error)"))
+                continue
             except ValueError as err:
                 out.skipped.append(Skipped(name, "bad_multipart", f"unreadable WADO-RS answer ({err})"))
                 continue
+            failing = 0
             item = parse_instance(blob, name, src)
             (out.skipped if isinstance(item, Skipped) else out.records).append(item)
     return out

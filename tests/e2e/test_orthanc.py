@@ -158,6 +158,17 @@ def test_ingest_stage_keeps_phi_out_of_the_workdir_and_logs(server: Server, tmp_
     assert server.orthanc.password not in "".join(b.decode("latin-1") for b in blobs.values())
 
 
+def test_doctor_checks_the_pacs_and_fails_a_query_that_matches_nothing(server: Server) -> None:
+    from site_agent.doctor import check_data_source
+
+    ok = check_data_source(server.source(), 5.0)
+    none = check_data_source(server.source(query={"Modality": "MRR"}), 5.0)
+
+    seeded_ot = sum(m == "OT" for m in server.seeded.modalities)
+    assert ok.status == "ok" and ok.details["matching_instances"] == seeded_ot + 2  # + the two pixel-less instances
+    assert none.status == "fail" and "no instance matches" in none.message and "Modality" in none.message
+
+
 def test_new_studies_on_the_pacs_change_the_ingest_fingerprint(server: Server) -> None:
     from privdistill.config import parse_config
     from privdistill.pipeline import source_fingerprint
