@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -330,6 +331,10 @@ def train_teacher_dp(
         raise ConfigError(["privacy.dp: DP-SGD runs in one process; launch the teacher without torchrun"])
     units = privacy_units(data, dp.privacy_unit)
     resolve_delta(dp, len(units))  # refuse a bad delta before spending anything
+    pp = dp.public_pretraining if dp.init_from is None else None
+    # refuse an impossible budget (batch >= N, the query alone over epsilon) before the query sees real images
+    plan_dp(dp, cfg, len(units),
+            prior=[gaussian_query_entry(pp.query_sigma, math.sqrt(pp.classes_k))] if pp is not None else [])
     secret = _secret_generator()
     prior, start = prepare_start(model, data, units, dp, cfg, resolution=resolution, channels=channels, seed=seed,
                                  checkpoint_dir=checkpoint_dir, secret=secret)

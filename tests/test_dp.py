@@ -105,6 +105,22 @@ def test_semantic_query_cost_is_composed_into_the_same_accountant() -> None:
         noise_for_budget(0.1, delta, sample_rate=q, steps=steps, prior=[gaussian_query_entry(1.0, 1.0)])
 
 
+def test_an_impossible_budget_is_refused_before_the_query_touches_real_images(monkeypatch) -> None:
+    import privdistill.dp_pretrain as pretrain
+    from privdistill.dp import train_teacher_dp
+
+    touched = []
+    monkeypatch.setattr(pretrain, "prepare_start", lambda *a, **k: touched.append(1) or ([], None))
+    public = PublicPretrainingConfig(source={"type": "idx", "images": str(FMNIST / "t10k-images-idx3-ubyte.gz")},
+                                     classes_k=1, query_sigma=0.5)  # the query alone spends far more than eps 1
+    dp = DPConfig(epsilon=1.0, delta=1e-3, public_pretraining=public)
+
+    with pytest.raises(ConfigError, match="semantic query alone"):
+        train_teacher_dp(_model(), _data(), TrainConfig(steps=5, batch_size=8), dp, seed=0, resolution=16, channels=1)
+
+    assert touched == []
+
+
 def test_plan_delta_rule_and_refusals() -> None:
     train = TrainConfig(steps=100, batch_size=10)
     plan = plan_dp(DPConfig(epsilon=5), train, 200)
