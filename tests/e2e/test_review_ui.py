@@ -18,7 +18,7 @@ import pytest
 from _fixtures import FMNIST
 from test_ui import N_DROPPED, TOKEN, review_site
 
-from ._browser import WAIT_MS, browser, free_port, screenshot, server
+from ._browser import WAIT_MS, browser, free_port, screenshot, server, stop
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed")]
 
@@ -129,12 +129,7 @@ def test_generated_token_is_printed_once_and_logs_in(tmp_path: Path, reid_src: P
                 assert (r.status_code, r.headers["location"]) == (303, "/")
                 assert c.get("/").status_code == 200
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+            stop(proc)
     text = err_path.read_text()
     assert text.count(token) == 1, "the token is printed exactly once"
     assert f"http://127.0.0.1:{port}/login" in text
