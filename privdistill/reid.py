@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from privdistill.audit.roc import roc_auc
 from privdistill.config import ReidConfig
 from privdistill.data.types import ImageSet
 from privdistill.errors import DataError
@@ -187,17 +188,6 @@ def train_reid(train: ImageSet, cfg: ReidConfig, *, seed: int, arch: str = "conv
     return model
 
 
-def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """Mann-Whitney AUC (ties count one half)."""
-    scores = np.concatenate([pos, neg])
-    order = np.argsort(scores, kind="stable")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)
-    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
-
-
 @torch.no_grad()
 def calibrate(model: ReidModel, data: ImageSet, groups: list[np.ndarray], *, seed: int) -> dict[str, float]:
     """Threshold at which ``target_tpr`` of held-out same-patient pairs match; TPR/FPR/AUC on those pairs."""
@@ -226,7 +216,7 @@ def calibrate(model: ReidModel, data: ImageSet, groups: list[np.ndarray], *, see
         "threshold": threshold,
         "tpr": float((pos_arr >= threshold).mean()),
         "fpr": float((neg_arr >= threshold).mean()) if len(neg_arr) else float("nan"),
-        "auc": _auc(pos_arr, neg_arr) if len(neg_arr) else float("nan"),
+        "auc": roc_auc(pos_arr, neg_arr) if len(neg_arr) else float("nan"),
         "n_pos": int(len(pos_arr)),
         "n_neg": int(len(neg_arr)),
     }
