@@ -1,11 +1,17 @@
-"""Image helpers shared by stages: [-1, 1] float arrays to uint8, PNG grids."""
+"""Image helpers shared by stages and pages: [-1, 1] float arrays to uint8, PNG grids, PNG data: URIs."""
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+
+def png_data_uri(png: bytes) -> str:
+    """PNG bytes as a data: URI, for pages that must not load anything from elsewhere."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

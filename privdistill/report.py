@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import html
 import io
 import json
@@ -13,7 +12,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from privdistill.imaging import grid
+from privdistill.imaging import grid, png_data_uri
 
 log = structlog.get_logger(__name__)
 
@@ -109,7 +108,7 @@ def _headline(report: dict) -> str:
 def _png_data_uri(images: np.ndarray) -> str:
     buf = io.BytesIO()
     grid(images[:64], ncols=8, scale=2).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return png_data_uri(buf.getvalue())
 
 
 def render_html(report: dict, grids: dict[str, np.ndarray]) -> str:

@@ -3,7 +3,6 @@ the student's training and loss curve, its evaluation, the latest release with i
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from typing import Any
 import structlog
 
 from privdistill.errors import PrivdistillError
+from privdistill.imaging import png_data_uri
 from privdistill.svgplot import line_svg
 
 from coordinator.config import CoordinatorConfig
@@ -49,7 +49,7 @@ def _json(path: Path) -> dict[str, Any] | None:
 
 
 def _png_uri(path: Path) -> str | None:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode() if path.is_file() else None
+    return png_data_uri(path.read_bytes()) if path.is_file() else None
 
 
 def _manifest_shard_id(text: str) -> str | None:

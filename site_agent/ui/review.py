@@ -3,7 +3,6 @@ images beside their nearest real image (read inside the site only), the privacy 
 
 from __future__ import annotations
 
-import base64
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ from privdistill.data.types import ImageSet
 from privdistill.errors import ConfigError, PrivdistillError, ShardVerificationError
 from privdistill.filter import DECISIONS_FILE
 from privdistill.identity import load_private_key, public_key_b64
-from privdistill.imaging import to_uint8
+from privdistill.imaging import png_data_uri, to_uint8
 from privdistill.shard import SHARD_TAR, Manifest, iter_samples, verify_shard_dir
 from privdistill.stages import STAGE_FILE, read_record, sha256_file
 from privdistill.svgplot import histogram_svg
@@ -76,17 +75,13 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
-def png_uri(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-
-
 def array_uri(image: np.ndarray) -> str:
     """A CHW [-1, 1] image as a PNG data: URI."""
     from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(to_uint8(image[None])[0]).save(buf, format="PNG")
-    return png_uri(buf.getvalue())
+    return png_data_uri(buf.getvalue())
 
 
 def list_shards(workdir: Path) -> list[ShardRow]:
@@ -122,7 +117,7 @@ def _grid(tar: Path, page: int) -> list[Sample]:
         if i >= stop:
             break
         if i >= start:
-            out.append(Sample(key=key, src=png_uri(png), caption=str(meta.get("prompt") or meta.get("class_name") or "")))
+            out.append(Sample(key=key, src=png_data_uri(png), caption=str(meta.get("prompt") or meta.get("class_name") or "")))
     return out
 
 
