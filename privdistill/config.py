@@ -367,8 +367,9 @@ def _password_file_problems(key: str, src: BaseModel, base_dir: Path | None, res
     where = f"data.{key}.credentials.password_file"
     if not full.is_file():
         return [f"{where}: file not found: {full} (write the PACS password there, then chmod 600 it)"]
-    mode = full.stat().st_mode & 0o777
-    if mode & 0o077:
+    from privdistill.identity import loose_mode
+
+    if (mode := loose_mode(full)) is not None:
         return [f"{where}: {full} is readable by group or others (mode {mode:04o}); run `chmod 600 {full}`"]
     return []
 

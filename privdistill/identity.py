@@ -47,13 +47,19 @@ def write_private_file(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
+def loose_mode(path: Path) -> int | None:
+    """The file's permission bits when group or others have any access to it (a secret must be 0600), else None.
+    The one check behind every secret file: site and node keys, access tokens, the PACS password."""
+    mode = stat.S_IMODE(Path(path).stat().st_mode)
+    return mode if mode & 0o077 else None
+
+
 def load_private_key(path: Path, *, require_private: bool = True) -> Ed25519PrivateKey:
     """Load a site key; refuses a key file that group or others can read (fix: chmod 600 FILE)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"site key {path} does not exist (provision the site first)"])
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if require_private and mode & 0o077:
+    if require_private and (mode := loose_mode(path)) is not None:
         raise ConfigError([f"site key {path} has mode {mode:o}: others can read it; run `chmod 600 {path}`"])
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hmac
 import re
 import secrets
-import stat
 import threading
 import time
 from collections import deque
@@ -16,6 +15,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from privdistill.errors import ConfigError
+from privdistill.identity import loose_mode
 
 MIN_TOKEN_CHARS = 16
 SESSION_TTL_S = 8 * 3600
@@ -33,8 +33,7 @@ def read_token_file(path: Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"token file {path} does not exist (write a long random token into it, mode 0600)"])
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
+    if (mode := loose_mode(path)) is not None:
         raise ConfigError([f"token file {path} has mode {mode:o}: others can read it; run `chmod 600 {path}`"])
     token = path.read_text(encoding="utf-8", errors="replace").strip()
     if len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token):

@@ -21,6 +21,7 @@ import structlog
 from cryptography import x509
 
 from privdistill.errors import ConfigError, PrivdistillError
+from privdistill.identity import loose_mode
 
 log = structlog.get_logger(__name__)
 
@@ -72,10 +73,10 @@ def check_private_file(name: str, path: Path, loader: Callable[[Path], Any], *, 
         if optional:
             return Check(name, "skip", f"{path.name} not present (only federated mode needs it)")
         return Check(name, "fail", f"{path} not found: copy it from the site's provisioning kit")
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
+    if (mode := loose_mode(path)) is not None:
         return Check(name, "fail", f"{path} has mode {mode:o}; run `chmod 600 {path}` (a private key must be "
                      "readable by its owner only)")
+    mode = stat.S_IMODE(path.stat().st_mode)
     try:
         loader(path)
     except ConfigError as err:
@@ -158,6 +159,7 @@ def check_coordinator_tls(url: str, ca_file: Path, now: dt.datetime, timeout_s: 
 def check_coordinator_api(url: str, ca_file: Path, site_id: str, key: Any, timeout_s: float) -> list[Check]:
     """/healthz answers; a signed request is accepted (the site is registered, its key and clock are right)."""
     from privdistill.identity import sign_request
+    from site_agent.upload import error_code
 
     base = url.rstrip("/")
     prefix = urlsplit(base).path
@@ -174,7 +176,7 @@ def check_coordinator_api(url: str, ca_file: Path, site_id: str, key: Any, timeo
               if health.status_code == 200 else
               Check("coordinator_health", "fail", f"{base}/healthz answered HTTP {health.status_code}; is "
                     "coordinator_url the privdistill coordinator?")]
-    code = _error_code(signed)
+    code = error_code(signed)
     if signed.status_code == 404 and code == "unknown_upload":
         checks.append(Check("site_registered", "ok", f"the coordinator accepts requests signed by site {site_id!r}"))
     elif code in ("unknown_site", "revoked_site"):
@@ -193,15 +195,6 @@ def check_coordinator_api(url: str, ca_file: Path, site_id: str, key: Any, timeo
         checks.append(Check("clock", "warn", f"this machine's clock differs from the coordinator's by {skew:+.0f} s "
                             "(requests fail beyond 300 s); check NTP", {"skew_s": round(skew, 1)}))
     return checks
-
-
-def _error_code(resp: httpx.Response) -> str:
-    try:
-        data = resp.json()
-    except ValueError:
-        return f"http_{resp.status_code}"
-    fallback = f"http_{resp.status_code}"
-    return str(data.get("error") or fallback) if isinstance(data, dict) else fallback
 
 
 def _clock_skew(resp: httpx.Response) -> float | None:

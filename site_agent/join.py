@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from privdistill.errors import ConfigError
+from privdistill.identity import loose_mode
 from privdistill.federated import DEFAULT_SUPERLINK_PORT, NODE_KEY_FILE, NODE_SITE_CONFIG, NODE_WORKDIR
 from site_agent.config import SiteConfig
 
@@ -35,7 +36,7 @@ def supernode_command(cfg: SiteConfig, config_path: Path, workdir: Path, *, supe
     if not key.is_file():
         problems.append(f"--node-key: {key} not found (the site bundle's {NODE_KEY_FILE}, written by "
                         "`privdistill-coordinator provision`)")
-    elif os.stat(key).st_mode & 0o077:
+    elif loose_mode(key) is not None:
         problems.append(f"--node-key: {key} is readable by group/others; chmod 600 it")
     if not cfg.site.ca_file.is_file():
         problems.append(f"site.ca_file: {cfg.site.ca_file} not found")

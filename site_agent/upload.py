@@ -291,13 +291,13 @@ class _Uploader:
         log.debug("upload_attempt", method=method, upload_id=self.upload_id, offset=self.offset, size=len(body),
                   status=resp.status_code, seconds=round(time.monotonic() - t0, 3))
         if resp.status_code in RETRYABLE_STATUS:
-            raise _Retry(f"{method} {path}: HTTP {resp.status_code} {_error_code(resp)}",
+            raise _Retry(f"{method} {path}: HTTP {resp.status_code} {error_code(resp)}",
                          _retry_after(resp.headers.get("Retry-After")))
         return resp
 
     def _refuse(self, resp: httpx.Response) -> None:
         """Turn a definitive refusal into the error the operator acts on (or a resync)."""
-        code = _error_code(resp)
+        code = error_code(resp)
         data = _json(resp) if resp.content else {}
         detail = str(data.get("detail") or resp.reason_phrase or "")
         if resp.status_code == 409 and "offset" in data:
@@ -320,7 +320,8 @@ def _json(resp: httpx.Response) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _error_code(resp: httpx.Response) -> str:
+def error_code(resp: httpx.Response) -> str:
+    """The coordinator's machine-readable error code of a response (its JSON `error`), else http_NNN."""
     code = _json(resp).get("error") if resp.content else None
     return str(code) if code else f"http_{resp.status_code}"
 
