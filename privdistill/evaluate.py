@@ -35,7 +35,8 @@ def _privacy(samples: ImageSet, train: ImageSet, reid_embed, train_emb: np.ndarr
              cfg: RunConfig, fresh: np.ndarray) -> dict[str, Any]:
     from privdistill.metrics import memorization, reid_rate
 
-    mem = memorization(samples.images, train, ratio=cfg.evaluate.memorization_ratio)
+    # second detector: the same ratio test in the independent re-identification model's feature space
+    mem = memorization(samples.images, train, ratio=cfg.evaluate.memorization_ratio, embed=reid_embed)
     return {
         "memorization_rate": mem["rate"],
         **_memorization_extra(mem),
