@@ -1,5 +1,6 @@
-"""Memorization on real Fashion-MNIST (noisy, shifted and multi-visit copies vs fresh images),
-re-identification rate, classifier determinism and the domain Fréchet distance."""
+"""Memorization on real Fashion-MNIST, validated at 16x16 and 28x28 against realistic copies (noisy,
+blurred, correlated-noise, teacher-like, shifted; a homogeneous class; a shared texture) and fresh
+images, with Wilson intervals; the data-copying AUC; re-identification rate, classifier determinism and the domain Fréchet distance."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import pytest
 
 from privdistill.classifier import accuracy, features, train_classifier
 from privdistill.data.types import ImageSet
-from privdistill.metrics import fid_domain, frechet_distance, memorization, noise_sigma, reid_rate
+from privdistill.metrics import (
+    binomial_ci, data_copying, fid_domain, frechet_distance, memorization, noise_sigma, reid_rate,
+)
 from privdistill.pixel import pixel_features
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -62,42 +65,186 @@ def data() -> dict:
     return {"train": train, "fresh": fresh, "probe": probe, "multi": multi, "rng": rng}
 
 
-# measured with these seeds: σ 0/0.05/0.1 -> 1.0, σ 0.2 -> 0.993 (raw L2 without debiasing: ~0.1)
-@pytest.mark.parametrize("sigma,low", [(0.0, 1.0), (0.05, 1.0), (0.1, 1.0), (0.2, 0.97)])
-def test_noisy_copies_are_memorized(data: dict, sigma: float, low: float) -> None:
-    train = data["train"]
-    copies = _noisy(train.images[data["probe"]], sigma, data["rng"])
-    res = memorization(copies, train)
-    assert res["rate"] >= low
+# ---------------------------------------------------------------- validation against realistic copies
+# The requirement, fixed before measuring (README, "Evaluation"): the metric catches at least 90% of
+# each realistic kind of copy and flags at most 1% of fresh real images, each *supported by its 95%
+# Wilson interval* (lower bound >= 0.90, upper bound <= 0.02 for fresh images at n = 600). Kinds where
+# it is not met are strict xfails carrying the measured rate, so a fix shows up as an XPASS.
+RECALL_MIN, FRESH_MAX = 0.90, 0.02
+N_PROBE, N_FRESH = 200, 600
+
+
+def _blur(images: np.ndarray, sigma: float) -> np.ndarray:
+    return pixel_features(images, sigma=sigma, pool=1).reshape(images.shape)
+
+
+def _correlated(images: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Additive Gaussian noise smoothed by a 1-px Gaussian (spatially correlated), per-pixel std sigma."""
+    field = _blur(rng.normal(0, 1, images.shape).astype(np.float32), 1.0)
+    return np.clip(images + field / field.std() * sigma, -1, 1).astype(np.float32)
+
+
+COPIES = {  # kind -> how a copy of a training image is made
+    "exact": lambda x, rng: x.copy(),
+    "noise 0.1": lambda x, rng: _noisy(x, 0.1, rng),
+    "noise 0.2": lambda x, rng: _noisy(x, 0.2, rng),
+    "blur 0.5 px": lambda x, rng: _blur(x, 0.5),
+    "blur 0.7 px": lambda x, rng: _blur(x, 0.7),
+    "blur 1 px": lambda x, rng: _blur(x, 1.0),
+    "correlated noise 0.1": lambda x, rng: _correlated(x, 0.1, rng),
+    # a denoiser's reconstruction: smoothed, with a little correlated and white error
+    "teacher-like": lambda x, rng: _noisy(_correlated(_blur(x, 0.7), 0.05, rng), 0.05, rng),
+    "1-px shift + noise 0.1": lambda x, rng: _noisy(_shift1(x, rng), 0.1, rng),
+}
+# (scenario, kind) -> measured rate where the requirement is NOT met (seeds below; README table)
+UNMET = {
+    ("diverse 16", "noise 0.2"): 0.810, ("diverse 16", "correlated noise 0.1"): 0.550,
+    ("diverse 16", "teacher-like"): 0.845,
+    ("homogeneous 16", "noise 0.1"): 0.810, ("homogeneous 16", "noise 0.2"): 0.390,
+    ("homogeneous 16", "correlated noise 0.1"): 0.105, ("homogeneous 16", "teacher-like"): 0.295,
+    ("homogeneous 16", "1-px shift + noise 0.1"): 0.870,
+}
+SCENARIOS = {"diverse 28": (28, CLASSES), "diverse 16": (16, CLASSES), "homogeneous 16": (16, [1])}  # 1: trousers
+
+
+def _resize(images: np.ndarray, res: int) -> np.ndarray:
+    from privdistill.data.preprocess import preprocess_images
+
+    if images.shape[-1] == res:
+        return images
+    return preprocess_images([((x[0] + 1) * 127.5).round().astype(np.uint8) for x in images], resolution=res, channels=1)
+
+
+_CACHE: dict = {}
+
+
+def _scenario(name: str) -> dict:
+    """A training set of 400 patients (50 with 3 visits, the others 1) of the scenario's classes at
+    its resolution, the probes (training images to copy) and fresh test images of the same classes."""
+    if name not in _CACHE:
+        if not FMNIST.is_dir():
+            pytest.skip("Fashion-MNIST not installed")
+        res, classes = SCENARIOS[name]
+        rng = np.random.default_rng(7)
+        xtr, ytr = _idx("train")
+        xte, yte = _idx("t10k")
+        pick = rng.choice(np.flatnonzero(np.isin(ytr, classes)), N_PATIENTS, replace=False)
+        base = _resize(xtr[pick], res)
+        images, pids = [base], [np.array([f"p{i}" for i in range(N_PATIENTS)])]
+        for _ in range(2):
+            images.append(_shift1(base[:N_MULTI], rng))
+            pids.append(np.array([f"p{i}" for i in range(N_MULTI)]))
+        train = ImageSet(images=np.concatenate(images), labels=None, patient_ids=np.concatenate(pids))
+        fresh = _resize(xte[rng.choice(np.flatnonzero(np.isin(yte, classes)), N_FRESH, replace=False)], res)
+        _CACHE[name] = {"train": train, "fresh": fresh, "probe": rng.choice(len(train), N_PROBE, replace=False)}
+    return _CACHE[name]
+
+
+def _rate_row(name: str, kind: str, res: dict) -> str:
+    lo, hi = binomial_ci(res["count"], res["n"], k_high=res["count"] + res["undecidable"])
+    return f"{name:15s} {kind:24s} {res['rate']:.3f} [{lo:.3f}, {hi:.3f}] n={res['n']} undecidable={res['undecidable']}"
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+@pytest.mark.parametrize("kind", list(COPIES))
+def test_realistic_copies_are_memorized(name: str, kind: str) -> None:
+    sc = _scenario(name)
+    rng = np.random.default_rng([list(SCENARIOS).index(name), list(COPIES).index(kind)])
+    copies = COPIES[kind](sc["train"].images[sc["probe"]], rng)
+    res = memorization(copies, sc["train"])
+    print(_rate_row(name, kind, res))
+    lo = binomial_ci(res["count"], res["n"])[0]
+    if (name, kind) in UNMET:  # a strict xfail: fails once the requirement is met, to update README and UNMET
+        assert lo < RECALL_MIN, f"requirement now met ({_rate_row(name, kind, res)}): remove it from UNMET"
+        pytest.xfail(f"requirement not met: measured {res['rate']:.3f} (lower bound {lo:.3f}) < {RECALL_MIN}")
+    assert lo >= RECALL_MIN, _rate_row(name, kind, res)
+    # a copy is attributed to its source patient
     hit = res["memorized"]
-    same_patient = train.patient_ids[res["nearest_index"][hit]] == train.patient_ids[data["probe"][hit]]
-    assert same_patient.all()
+    src = sc["train"].patient_ids[sc["probe"]]
+    assert (sc["train"].patient_ids[res["nearest_index"][hit]] == src[hit]).mean() >= 0.99
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_fresh_real_images_are_not_memorized(name: str) -> None:
+    sc = _scenario(name)
+    res = memorization(sc["fresh"], sc["train"])
+    print(_rate_row(name, "fresh (false positives)", res))
+    assert res["ci"][1] <= FRESH_MAX  # undecidable samples count as memorized in the upper bound
+    assert np.nanmedian(res["ratio"]) > 0.5
+
+
+def test_shared_texture_neither_hides_copies_nor_makes_them_undecidable() -> None:
+    """A texture every image shares (a scanner pattern) reads as noise in a sample on its own; the
+    noise estimate must not let it swallow the distance to other patients."""
+    sc = _scenario("diverse 16")
+    texture = np.random.default_rng(99).normal(0, 0.3, sc["train"].images.shape[1:]).astype(np.float32)
+    train = ImageSet(np.clip(sc["train"].images + texture, -1, 1), patient_ids=sc["train"].patient_ids)
+    exact = memorization(train.images[sc["probe"]], train)
+    print(_rate_row("texture 16", "exact", exact))
+    assert exact["undecidable"] == 0 and binomial_ci(exact["count"], exact["n"])[0] >= RECALL_MIN
+    fresh = memorization(np.clip(sc["fresh"] + texture, -1, 1), train)
+    print(_rate_row("texture 16", "fresh (false positives)", fresh))
+    assert fresh["ci"][1] <= FRESH_MAX
 
 
 def test_noisy_copies_of_multi_visit_patients_are_memorized(data: dict) -> None:
     train = data["train"]
-    copies = _noisy(train.images[data["multi"]], 0.2, data["rng"])
-    assert memorization(copies, train)["rate"] >= 0.97
+    res = memorization(_noisy(train.images[data["multi"]], 0.1, data["rng"]), train)
+    assert binomial_ci(res["count"], res["n"])[0] >= RECALL_MIN
 
 
-def test_shifted_copies_are_memorized(data: dict) -> None:
-    train, rng = data["train"], data["rng"]
-    shifted = _shift1(train.images[data["probe"]], rng)
-    assert memorization(shifted, train)["rate"] == 1.0
-    assert memorization(_noisy(shifted, 0.2, rng), train)["rate"] >= 0.97
+def test_undecidable_samples_are_counted_not_passed() -> None:
+    """Two patients with the same image: a copy of it cannot be told from the other patient's image,
+    so it is undecidable — reported, and counted as memorized in the interval's upper end."""
+    rng = np.random.default_rng(3)
+    imgs = rng.uniform(-1, 1, (6, 1, 16, 16)).astype(np.float32)
+    imgs[1] = imgs[0]
+    train = ImageSet(imgs, patient_ids=np.array(["a", "b", "c", "d", "e", "f"]))
+    res = memorization(np.stack([imgs[0], imgs[2]]), train)
+    assert res["memorized"].tolist() == [False, True]
+    assert res["undecidable_mask"].tolist() == [True, False]
+    assert res["undecidable"] == 1 and res["count"] == 1 and res["rate"] == 0.5
+    lo, hi = res["ci"]
+    assert hi == pytest.approx(binomial_ci(2, 2)[1]) and lo == pytest.approx(binomial_ci(1, 2)[0])
 
 
-def test_fresh_real_images_are_not_memorized(data: dict) -> None:
-    res = memorization(data["fresh"], data["train"])
-    assert res["rate"] <= 0.01
-    assert np.median(res["ratio"]) > 0.8
+def test_degenerate_reference_is_refused() -> None:
+    from privdistill.errors import DataError
+
+    rng = np.random.default_rng(0)
+    imgs = rng.uniform(-1, 1, (4, 1, 16, 16)).astype(np.float32)
+    with pytest.raises(DataError, match="1 patient"):
+        memorization(imgs[:1], ImageSet(imgs, patient_ids=np.array(["a"] * 4)))
+    with pytest.raises(DataError, match="at least 2 patients"):
+        memorization(imgs[:1], ImageSet(imgs[:1]))
+    same = np.repeat(imgs[:1], 4, axis=0)
+    with pytest.raises(DataError, match="identical"):
+        memorization(imgs[:1], ImageSet(same, patient_ids=np.array(["a", "b", "c", "d"])))
+
+
+def test_feature_detector_runs_the_ratio_test_in_feature_space(data: dict) -> None:
+    """With ``embed``, a copy the pixel detectors miss (no blur matches, heavy noise) is caught when its
+    feature is close to its source's: here a stand-in embedding that ignores the noise entirely."""
+    train = data["train"]
+    idx = data["probe"][:40]
+    noisy = _noisy(train.images[idx], 0.6, np.random.default_rng(2))
+    lookup = {noisy[i].tobytes(): train.images[j] for i, j in enumerate(idx)}
+
+    def embed(images: np.ndarray) -> np.ndarray:
+        clean = np.stack([lookup.get(x.tobytes(), x) for x in images])
+        return clean.reshape(len(images), -1) + 2.0  # positive offset: cosine geometry keeps images apart
+
+    pixel_only = memorization(noisy, train)
+    both = memorization(noisy, train, embed=embed)
+    assert pixel_only["rate"] < 0.5  # σ = 0.6 drowns the pixel detectors
+    assert both["rate"] == 1.0 and both["by_detector"]["feature"] == 40
 
 
 def test_ratio_is_configurable_and_monotone(data: dict) -> None:
     copies = _noisy(data["train"].images[data["probe"]], 0.3, data["rng"])
     rates = [memorization(copies, data["train"], ratio=r)["rate"] for r in (0.1, 1 / 3, 0.6)]
     assert rates[0] <= rates[1] <= rates[2]
-    assert rates[2] == 1.0
+    assert rates[2] >= RECALL_MIN
 
 
 def test_noise_sigma_estimates_added_noise(data: dict) -> None:
@@ -107,6 +254,18 @@ def test_noise_sigma_estimates_added_noise(data: dict) -> None:
     assert abs(float(np.median(est)) - 0.2) < 0.03
     # texture and edges read as a little noise on clean images (measured median 0.059)
     assert float(np.median(noise_sigma(clean))) < 0.08
+
+
+def test_data_copying_auc_separates_copies_from_fresh(data: dict) -> None:
+    """0.5 for samples from the same distribution as fresh images, ~1 for copies; its interval and n."""
+    train, fresh = data["train"], data["fresh"]
+    same = data_copying(fresh[:300], train.images, fresh[300:600], n_boot=200)
+    assert same["n_samples"] == 300 and same["n_fresh"] == 300
+    assert same["ci"][0] <= 0.5 <= same["ci"][1]
+    copies = _noisy(train.images[data["probe"]], 0.1, data["rng"])
+    copied = data_copying(copies, train.images, fresh[:300], n_boot=200)
+    assert copied["ci"][0] > 0.9 and copied["ci"][0] <= copied["auc"] <= copied["ci"][1]
+    assert data_copying(copies[:0], train.images, fresh)["auc"] is None
 
 
 def test_reid_rate_counts_threshold_crossings(data: dict) -> None:
@@ -122,10 +281,12 @@ def test_reid_rate_counts_threshold_crossings(data: dict) -> None:
     samples = np.concatenate([copies, data["fresh"][:100]])
     assert reid_rate(samples, train_emb, embed=embed, threshold=1.0 + 1e-6) == 0.0
     assert reid_rate(samples, train_emb, embed=embed, threshold=-1.0) == 1.0
-    # small chunks give the same answer as one pass
-    r1 = reid_rate(samples, train_emb, embed=embed, threshold=0.97)
-    assert r1 == reid_rate(samples, train_emb, embed=embed, threshold=0.97, chunk=37)
-    assert 0.45 <= r1 <= 0.75  # copies cross, most fresh images do not
+    # exactly the share of samples whose best cosine similarity reaches the threshold
+    best = (embed(samples) @ train_emb.T).max(1)
+    for threshold in (0.9, 0.97, float(np.median(best))):
+        r = reid_rate(samples, train_emb, embed=embed, threshold=threshold)
+        assert r == pytest.approx(float((best >= threshold).mean()), abs=1 / len(samples) + 1e-9)
+        assert r == reid_rate(samples, train_emb, embed=embed, threshold=threshold, chunk=37)
 
 
 def test_classifier_is_deterministic_and_learns(data: dict, one_thread: None) -> None:
