@@ -82,6 +82,9 @@ def _attested(training: dict[str, Any], policy: ReleasePolicy, attestations: lis
         a = mine.get(site)
         for name, (key, limit) in limits.items():
             value = None if a is None else a["student"].get(key)
+            if key == "memorization_rate" and _number(value) and a["student"].get("memorization_undecidable"):
+                # samples the metric could not decide count as memorized
+                value += a["student"]["memorization_undecidable"] / max(int(a["student"].get("n_samples") or 1), 1)
             if a is None:
                 failures.append(f"{name}: site {site} has not attested this student (model "
                                 f"{str(model_digest)[:12]}); it runs `privdistill-site evaluate-student` on it "
@@ -121,6 +124,8 @@ def check_policy(training: dict[str, Any], policy: ReleasePolicy, *, attestation
     for s in shards:
         who, p = f"shard {s['site']}/{s['shard_id']} ({s['tar_sha256'][:12]})", s["privacy"]
         rate = p.get("kept_memorization_rate")
+        if _number(rate) and p.get("kept_memorization_undecidable"):  # undecidable samples count as memorized
+            rate += p["kept_memorization_undecidable"] / max(int(p.get("kept") or 1), 1)
         if not _number(rate):
             failures.append(f"max_site_kept_memorization_rate: {who} reports no kept-set memorization rate in its "
                             "manifest; the site must measure it before exporting")

@@ -37,6 +37,16 @@ def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
+def _with_undecidable(privacy: dict[str, Any], who: str, n: Any) -> float | None:
+    """``{who}_memorization_rate`` with the samples the metric could not decide counted as memorized
+    (``{who}_memorization_undecidable`` of n), so an undecidable sample never passes a gate silently."""
+    v = _num(privacy.get(f"{who}_memorization_rate"))
+    und = privacy.get(f"{who}_memorization_undecidable") or 0
+    if v is not None and und:
+        v = v + und / n if isinstance(n, int) and n > 0 else None
+    return v
+
+
 def evaluate_policy(privacy: dict[str, Any], policy: PolicyConfig) -> dict[str, Any]:
     """Each criterion with its value, limit and result; ``passed`` only if all pass (missing numbers fail)."""
     criteria: list[dict[str, Any]] = []
@@ -46,11 +56,11 @@ def evaluate_policy(privacy: dict[str, Any], policy: PolicyConfig) -> dict[str, 
 
     if policy.require_filter:
         check("require_filter", privacy.get("filter_enabled"), True, privacy.get("filter_enabled") is True)
-    v = _num(privacy.get("kept_memorization_rate"))
+    v = _with_undecidable(privacy, "kept", privacy.get("kept"))
     check("max_kept_memorization_rate", v, policy.max_kept_memorization_rate,
           v is not None and v <= policy.max_kept_memorization_rate)
     if policy.max_teacher_memorization_rate is not None:
-        v = _num(privacy.get("teacher_memorization_rate"))
+        v = _with_undecidable(privacy, "teacher", privacy.get("n_synthetic"))
         check("max_teacher_memorization_rate", v, policy.max_teacher_memorization_rate,
               v is not None and v <= policy.max_teacher_memorization_rate)
     recall = (privacy.get("audit") or {}).get("planted_recall") or {}
@@ -75,7 +85,7 @@ def privacy_aggregate(cfg: SiteConfig, *, filter_report: dict[str, Any], train: 
                       kept: ImageSet, reid_onnx: Path) -> dict[str, Any]:
     """Aggregate numbers only (what the manifest carries): memorization and re-identification rates of
     all teacher samples and of the kept ones, and the filter's own report and audit."""
-    from privdistill.metrics import memorization, reid_rate
+    from privdistill.metrics import reid_rate
     from privdistill.reid import OnnxEmbedder
 
     ratio = cfg.evaluate.memorization_ratio
@@ -95,8 +105,7 @@ def privacy_aggregate(cfg: SiteConfig, *, filter_report: dict[str, Any], train: 
         "audit": {k: audit_rep.get(k) for k in ("planted_recall", "planted_per_kind", "heldout_real_dropped_rate",
                                                  "heldout_real_n")},
         "memorization_ratio": ratio,
-        "teacher_memorization_rate": memorization(samples.images, train, ratio=ratio)["rate"],
-        "kept_memorization_rate": memorization(kept.images, train, ratio=ratio)["rate"] if len(kept) else 0.0,
+        **_memorization_numbers(samples, kept, train, ratio),
         "teacher_reid_rate": reid_rate(samples.images, real_emb, embed=embedder.embed, threshold=threshold),
         "kept_reid_rate": reid_rate(kept.images, real_emb, embed=embedder.embed, threshold=threshold),
         # the teacher's membership-inference AUC (privdistill.audit.mia; aggregate only)
@@ -105,6 +114,18 @@ def privacy_aggregate(cfg: SiteConfig, *, filter_report: dict[str, Any], train: 
         # the teacher's DP-SGD guarantee (privdistill.dp.dp_summary), only when it was trained with DP
         **({"teacher_dp": filter_report["teacher_dp"]} if filter_report.get("teacher_dp") else {}),
     }
+
+
+def _memorization_numbers(samples: ImageSet, kept: ImageSet, train: ImageSet, ratio: float) -> dict[str, Any]:
+    """Memorization rate, undecidable count and 95% interval of all teacher samples and of the kept ones."""
+    from privdistill.metrics import memorization
+
+    out: dict[str, Any] = {}
+    for who, images in (("teacher", samples.images), ("kept", kept.images)):
+        m = memorization(images, train, ratio=ratio) if len(images) else {"rate": 0.0, "undecidable": 0, "ci": None}
+        out |= {f"{who}_memorization_rate": m["rate"], f"{who}_memorization_undecidable": m["undecidable"],
+                f"{who}_memorization_ci": m["ci"]}
+    return out
 
 
 # ----------------------------------------------------------------------------- the stage

@@ -86,6 +86,10 @@ def evaluate_student(cfg: SiteConfig, workdir: Path, model_dir: Path) -> dict[st
         """Membership inference against this site's training patients (members) vs its held-out ones."""
         return membership_auc(m, train, nonmembers, seed=cfg.seed) if len(test) else {"auc": None}
 
+    def _memorization(m: dict[str, Any]) -> dict[str, Any]:
+        # undecidable samples are reported, and the release gate counts them as memorized
+        return {"memorization_rate": m["rate"], "memorization_undecidable": m["undecidable"], "memorization_ci": m["ci"]}
+
     def measure(synthetic: ImageSet, seed: int) -> dict[str, Any]:
         tstr, aligned = None, _align_labels(synthetic, test)
         if aligned is not None:
@@ -94,7 +98,7 @@ def evaluate_student(cfg: SiteConfig, workdir: Path, model_dir: Path) -> dict[st
                                  batch_size=cfg.evaluate.classifier_batch_size, seed=seed)
         return {
             "n_samples": len(synthetic),
-            "memorization_rate": memorization(synthetic.images, train, ratio=cfg.evaluate.memorization_ratio)["rate"],
+            **_memorization(memorization(synthetic.images, train, ratio=cfg.evaluate.memorization_ratio)),
             "reid_rate": reid_rate(synthetic.images, train_emb, embed=embedder.embed, threshold=threshold),
             "tstr_accuracy": tstr,
             "tstr_classes": None if aligned is None else sorted({test.class_names[int(i)] for i in aligned[1].labels}),

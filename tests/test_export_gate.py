@@ -209,6 +209,7 @@ def test_packaging_computes_aggregate_privacy_numbers_and_registers_the_shard(si
     assert report["state"] == "packaged" and report["policy"]["passed"] is True
     assert pv["kept"] == 5 and pv["n_synthetic"] == 12 and pv["threshold"] == 0.9
     assert pv["kept_memorization_rate"] == 0.0 and pv["teacher_memorization_rate"] == 0.0
+    assert pv["kept_memorization_undecidable"] == 0 and pv["kept_memorization_ci"][0] == 0.0
     assert 0.0 <= pv["teacher_reid_rate"] <= 1.0 and pv["audit"]["planted_recall"]["exact"] == 1.0
     row = SiteState(site.workdir).require(sid)
     assert row.state == "packaged" and row.sample_count == 5
@@ -386,3 +387,17 @@ def test_refuses_a_shard_whose_signature_is_not_this_sites_key(site: Site) -> No
     other = identity.generate_key()
     identity.save_private_key(other, site.cfg.site.key_file)
     assert_refused(site, sid, ShardVerificationError, "bad_manifest_signature")
+
+
+def test_undecidable_kept_samples_count_as_memorized_at_the_gate() -> None:
+    """The memorization metric may be unable to decide a sample (issue 12): the gate never lets one through."""
+    from site_agent.config import PolicyConfig
+    from site_agent.package import evaluate_policy
+
+    privacy = {"filter_enabled": True, "kept": 5, "n_synthetic": 12, "kept_memorization_rate": 0.0,
+               "audit": {"planted_recall": {"exact": 1.0}}}
+    assert "max_kept_memorization_rate" not in evaluate_policy(privacy, PolicyConfig())["failed"]
+    res = evaluate_policy(privacy | {"kept_memorization_undecidable": 1}, PolicyConfig())
+    assert "max_kept_memorization_rate" in res["failed"]
+    crit = next(c for c in res["criteria"] if c["name"] == "max_kept_memorization_rate")
+    assert crit["value"] == pytest.approx(1 / 5)

@@ -82,6 +82,14 @@ def test_kill_resume_report_and_noop_rerun(tmp_path: Path) -> None:
                 "student.reid_rate", "teacher.tstr_accuracy", "student.tstr_accuracy", "real.trtr_accuracy"):
         assert 0.0 <= _get(report, key) <= 1.0, key
     assert report["filter"]["kept"] + report["filter"]["dropped"] == 90
+    # the memorization rate's interval and undecidable count, and the data-copying AUC (issue 12)
+    for who in ("teacher", "student"):
+        lo, hi = report[who]["memorization_ci"]
+        assert 0.0 <= lo <= report[who]["memorization_rate"] <= hi <= 1.0, who
+        assert report[who]["memorization_n"] == 90 and 0 <= report[who]["memorization_undecidable"] <= 90
+    for key in ("teacher.data_copying", "filter.kept_data_copying", "student.data_copying"):
+        auc, (lo, hi) = _get(report, key + "_auc"), _get(report, key + "_ci")
+        assert 0.0 <= lo <= auc <= hi <= 1.0, key
     assert report["filter"]["audit"]["planted_recall"]["exact"] == 1.0  # every planted copy dropped
     assert report["real"]["trtr_accuracy"] > 0.8  # 3 easy Fashion-MNIST classes
     html = (workdir / "report.html").read_text()
