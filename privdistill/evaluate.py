@@ -68,6 +68,7 @@ def _copying(images: np.ndarray, train: ImageSet, fresh: np.ndarray, prefix: str
 def evaluate_run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     from privdistill.classifier import accuracy, train_classifier
     from privdistill.models import DiffusionModel
+    from privdistill.pipeline import KEPT_FILE
     from privdistill.reid import train_reid
     from privdistill.report import write_report
     from privdistill.sample import sample_dataset
@@ -107,7 +108,7 @@ def evaluate_run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
             "dropped_by_reason": filter_report.get("dropped_by_reason", {}),
             "audit": filter_report.get("audit", {}),
             # fresh real images: the held-out test set (patients disjoint from training)
-            **_copying(ImageSet.load(ctx.input("filter") / "kept.npz").images, train, test.images, prefix="kept_"),
+            **_copying(ImageSet.load(ctx.input("filter") / KEPT_FILE).images, train, test.images, prefix="kept_"),
         },
         **({"teacher_dp": filter_report["teacher_dp"]} if "teacher_dp" in filter_report else {}),
         "independent_reid": {"arch": "resnet", "seed": seed_ind, "threshold": reid.threshold, "calibration": reid.calibration},

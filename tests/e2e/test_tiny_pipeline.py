@@ -87,7 +87,7 @@ def test_kill_resume_report_and_noop_rerun(tmp_path: Path) -> None:
         lo, hi = report[who]["memorization_ci"]
         assert 0.0 <= lo <= report[who]["memorization_rate"] <= hi <= 1.0, who
         assert report[who]["memorization_n"] == 90 and 0 <= report[who]["memorization_undecidable"] <= 90
-    for key in ("teacher.data_copying", "filter.kept_data_copying", "student.data_copying"):
+    for key in ("teacher.data_copying", "student.data_copying") + (("filter.kept_data_copying",) * (report["filter"]["kept"] > 0)):
         auc, (lo, hi) = _get(report, key + "_auc"), _get(report, key + "_ci")
         assert 0.0 <= lo <= auc <= hi <= 1.0, key
     assert report["filter"]["audit"]["planted_recall"]["exact"] == 1.0  # every planted copy dropped
