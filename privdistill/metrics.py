@@ -195,8 +195,9 @@ def memorization(
         names.append("feature")
     memorized = hits.any(1)
     undecidable = ~memorized & undecided.any(1)
-    r_min = np.where(np.isnan(r).all(1), np.nan, np.nanmin(np.where(np.isnan(r), np.inf, r), 1))
-    best = np.argmin(np.where(np.isnan(r), np.inf, r), 1)
+    r_or_inf = np.where(np.isnan(r), np.inf, r)
+    best = np.argmin(r_or_inf, 1)
+    r_min = np.where(np.isinf(r_or_inf.min(1)), np.nan, r_or_inf.min(1))
     count, n_und = int(memorized.sum()), int(undecidable.sum())
     rate = count / n
     by_detector = {name: int(hits[:, j].sum()) for j, name in enumerate(names)}

@@ -325,3 +325,23 @@ def test_fid_domain_identical_vs_shifted() -> None:
     assert same < 0.05
     assert shifted == pytest.approx(8.0 + same, abs=0.1)  # ‖Δμ‖² = 8
     assert fid_domain(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["diverse 16", "homogeneous 16"])
+def test_feature_detector_with_a_trained_reid_model(name: str, one_thread: None) -> None:
+    """The evaluation's second detector, in a trained re-identification model's feature space (the
+    independent ResNet-style model of `evaluate`): fresh images stay within the false-positive bound
+    and it adds, never removes, recall (minutes on 2 cores: slow tier)."""
+    from privdistill.config import ReidConfig
+    from privdistill.reid import train_reid
+
+    sc = _scenario(name)
+    reid = train_reid(sc["train"], ReidConfig(steps=200, batch_size=64, width=16, embedding_dim=32), seed=1000, arch="resnet")
+    fresh = memorization(sc["fresh"], sc["train"], embed=reid.embed)
+    print(_rate_row(name, "fresh, with features", fresh), fresh["by_detector"])
+    assert fresh["ci"][1] <= FRESH_MAX
+    copies = COPIES["teacher-like"](sc["train"].images[sc["probe"]], np.random.default_rng(5))
+    both = memorization(copies, sc["train"], embed=reid.embed)
+    print(_rate_row(name, "teacher-like, with features", both), both["by_detector"])
+    assert both["memorized"].sum() >= memorization(copies, sc["train"])["memorized"].sum()
