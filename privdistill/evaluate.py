@@ -60,8 +60,9 @@ def _copying(images: np.ndarray, train: ImageSet, fresh: np.ndarray, prefix: str
     bootstrap interval and n, under ``{prefix}data_copying_*`` keys."""
     from privdistill.metrics import data_copying
 
-    dc = data_copying(images, train.images, fresh)
+    dc = data_copying(images, train, fresh)
     return {f"{prefix}data_copying_auc": dc["auc"], f"{prefix}data_copying_ci": dc["ci"],
+            f"{prefix}data_copying_distance_auc": dc["distance_auc"],
             f"{prefix}data_copying_n": {"samples": dc["n_samples"], "fresh": dc["n_fresh"]}}
 
 

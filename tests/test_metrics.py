@@ -257,15 +257,19 @@ def test_noise_sigma_estimates_added_noise(data: dict) -> None:
 
 
 def test_data_copying_auc_separates_copies_from_fresh(data: dict) -> None:
-    """0.5 for samples from the same distribution as fresh images, ~1 for copies; its interval and n."""
+    """0.5 for samples from the same distribution as fresh images, ~1 for copies; its interval and n.
+    Samples of worse quality that copy nothing (heavy noise) stay near 0.5 on the scale-free statistic
+    while the plain nearest distance calls them far from copying."""
     train, fresh = data["train"], data["fresh"]
-    same = data_copying(fresh[:300], train.images, fresh[300:600], n_boot=200)
+    same = data_copying(fresh[:300], train, fresh[300:600], n_boot=200)
     assert same["n_samples"] == 300 and same["n_fresh"] == 300
     assert same["ci"][0] <= 0.5 <= same["ci"][1]
     copies = _noisy(train.images[data["probe"]], 0.1, data["rng"])
-    copied = data_copying(copies, train.images, fresh[:300], n_boot=200)
+    copied = data_copying(copies, train, fresh[:300], n_boot=200)
     assert copied["ci"][0] > 0.9 and copied["ci"][0] <= copied["auc"] <= copied["ci"][1]
-    assert data_copying(copies[:0], train.images, fresh)["auc"] is None
+    poor = data_copying(_noisy(fresh[:300], 0.3, data["rng"]), train, fresh[300:600], n_boot=200)
+    assert abs(poor["auc"] - 0.5) < abs(poor["distance_auc"] - 0.5)
+    assert data_copying(copies[:0], train, fresh)["auc"] is None
 
 
 def test_reid_rate_counts_threshold_crossings(data: dict) -> None:
