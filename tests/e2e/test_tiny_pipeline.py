@@ -89,7 +89,7 @@ def test_kill_resume_report_and_noop_rerun(tmp_path: Path) -> None:
         assert report[who]["memorization_n"] == 90 and 0 <= report[who]["memorization_undecidable"] <= 90
     for key in ("teacher.data_copying", "student.data_copying") + (("filter.kept_data_copying",) * (report["filter"]["kept"] > 0)):
         auc, (lo, hi) = _get(report, key + "_auc"), _get(report, key + "_ci")
-        assert 0.0 <= lo <= auc <= hi <= 1.0, key
+        assert 0.0 <= auc <= 1.0 and 0.0 <= lo <= hi <= 1.0, key  # a percentile interval need not hold the estimate
     assert report["filter"]["audit"]["planted_recall"]["exact"] == 1.0  # every planted copy dropped
     assert report["real"]["trtr_accuracy"] > 0.8  # 3 easy Fashion-MNIST classes
     html = (workdir / "report.html").read_text()
