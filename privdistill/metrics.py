@@ -97,6 +97,8 @@ def copy_distances(
     """Noise-debiased, shift-tolerant L2 distances from each sample to its nearest reference image
     and to the nearest reference image of any other patient, once per reference blur in ``blurs``
     (arrays [N, len(blurs)]; see `memorization`)."""
+    if not blurs or blurs[0] != 0:
+        raise ValueError(f"blurs must start with 0, the raw comparison the noise estimate uses; got {blurs}")
     pids = check_reference(ref)
     _, counts = np.unique(pids, return_counts=True)
     k = min(len(ref), int(counts.max()) + 1)
