@@ -349,3 +349,17 @@ def test_feature_detector_with_a_trained_reid_model(name: str, one_thread: None)
     both = memorization(copies, sc["train"], embed=reid.embed)
     print(_rate_row(name, "teacher-like, with features", both), both["by_detector"])
     assert both["memorized"].sum() >= memorization(copies, sc["train"])["memorized"].sum()
+
+
+def test_blend_of_one_patients_two_visits_is_memorized_with_patient_ids(data: dict) -> None:
+    """A blend of one person's two images copies that person; with patient ids the other visit is not
+    "another patient". Requirement not met (measured 0.28 of 50, the two visits being 1-px shifts in
+    independent directions, so the blend is a ghosted double image): a strict xfail, as above."""
+    train = data["train"]
+    pairs = [np.flatnonzero(train.patient_ids == f"p{i}")[1:3] for i in range(N_MULTI)]
+    blends = np.stack([0.5 * (train.images[a] + train.images[b]) for a, b in pairs]).astype(np.float32)
+    res = memorization(blends, train)
+    print(_rate_row("diverse 28", "blend of 2 visits", res))
+    lo = binomial_ci(res["count"], res["n"])[0]
+    assert lo < RECALL_MIN, f"requirement now met ({res['rate']:.3f}): make this a plain assertion and update README"
+    pytest.xfail(f"requirement not met: measured {res['rate']:.3f} (lower bound {lo:.3f}) < {RECALL_MIN}")
