@@ -58,9 +58,9 @@ def test_calibration_meets_target_tpr_with_low_fpr(model: ReidModel) -> None:
 
 
 def test_distinct_pairs_are_drawn_without_replacement() -> None:
-    owner = np.repeat(np.arange(6), 3)  # 6 patients x 3 images: 15 same, 135 different pairs
+    owner = np.repeat(np.arange(6), 3)  # 6 patients x 3 images: 6 x 3 = 18 same, C(18, 2) - 18 = 135 different
     rng = np.random.default_rng(0)
-    for same, total in ((True, 15), (False, 135)):
+    for same, total in ((True, 18), (False, 135)):
         every = distinct_pairs(owner, same=same, limit=1000, rng=rng)
         assert len(every) == total and len({tuple(p) for p in every}) == total
         assert ((owner[every[:, 0]] == owner[every[:, 1]]) == same).all() and (every[:, 0] < every[:, 1]).all()
