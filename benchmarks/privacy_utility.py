@@ -133,7 +133,7 @@ def headline_goals(report: dict, check: dict, *, no_memorization: bool) -> list[
          report["real"].get("n_test"), None if ratio is None else ratio >= 0.9)
     kd = f.get("kept_data_copying_auc")
     kd_v = kd.get("auc") if isinstance(kd, dict) else kd
-    kd_ci = kd.get("ci") if isinstance(kd, dict) else f.get("kept_data_copying_auc_ci")
+    kd_ci = kd.get("ci") if isinstance(kd, dict) else f.get("kept_data_copying_ci")
     goal("kept-sample data-copying AUC", "<= 0.55", kd_v, kd_ci, f.get("kept"), None if kd_v is None else kd_v <= 0.55)
     mia = (report.get("membership_inference") or {}).get("student") or {}
     goal("student MIA AUC", "report (0.5 = no leak)", mia.get("auc"),
