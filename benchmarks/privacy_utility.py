@@ -124,9 +124,10 @@ def headline_goals(report: dict, check: dict, *, no_memorization: bool) -> list[
          audit.get("fresh_n"), None if fd is None else fd <= alpha)
     if not no_memorization:
         up = None if s_ci is None else s_ci[1]
+        t_rate = t["memorization_rate"] or 0.0
         goal("student memorization upper bound <= 1/10 of the teacher's rate",
-             f"upper bound <= {0.1 * t['memorization_rate']:.4f}", s["memorization_rate"], s_ci, s.get("n_samples"),
-             None if up is None else up <= 0.1 * t["memorization_rate"])
+             f"upper bound <= {0.1 * t_rate:.4f}", s["memorization_rate"], s_ci, s.get("n_samples"),
+             None if up is None else up <= 0.1 * t_rate)
     tt, st = t.get("tstr_accuracy"), s.get("tstr_accuracy")
     ratio = None if not tt or st is None else st / tt
     goal("student TSTR >= 0.9 x teacher's", ">= 0.9 (ratio of point estimates)", ratio, None,
@@ -146,6 +147,22 @@ def headline_goals(report: dict, check: dict, *, no_memorization: bool) -> list[
              clopper_pearson(f.get("kept") or 0, n_syn), n_syn, None if frac is None or need is None else frac >= need)
         goal("teacher memorization (expected ~0 here)", "report", t["memorization_rate"], t_ci, t.get("n_samples"), None)
     return goals
+
+
+def partial_report(workdir: Path, check: dict) -> dict:
+    """What a run stopped after the filter stage measured, shaped like report.json (the rest None)."""
+    fr = json.loads((workdir / "filter" / "privacy_report.json").read_text())
+    n = check["teacher_samples"]
+    rate = check["teacher_memorized"] / n if n else None
+    none = {"memorization_rate": None, "reid_rate": None, "tstr_accuracy": None, "fid_domain": None, "n_samples": None}
+    return {
+        "teacher": {**none, "memorization_rate": rate, "n_samples": n},
+        "student": dict(none),
+        "real": {"trtr_accuracy": None, "n_train": None, "n_test": None},
+        "filter": {k: fr.get(k) for k in ("kept", "dropped", "threshold", "calibration", "reid_pairs",
+                                          "dropped_by_reason", "audit")},
+        "partial": "pipeline stopped after the filter stage: student and evaluation numbers not measured",
+    }
 
 
 def _ci(ci) -> str:
@@ -318,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-memorization", action="store_true",
                     help="the config's teacher is not expected to memorize: the goal is that the filter keeps "
                          ">= 1 - alpha - 0.05 of the samples (privacy_utility_nomem.yaml)")
+    ap.add_argument("--until", default=None, metavar="STAGE",
+                    help="run the pipeline only up to STAGE (e.g. filter) and report what that measured (the "
+                         "filter's goals) when the whole run does not fit in the time at hand")
     ap.add_argument("--stem", default=None, help="results file name (default privacy_utility[_quick])")
     a = ap.parse_args(argv)
     if a.render is not None:
@@ -346,17 +366,22 @@ def main(argv: list[str] | None = None) -> int:
     workdir = a.workdir or Path("/tmp/privdistill-bench") / cfg.name
     out_dir = a.out_dir or (workdir if a.quick else RESULTS)
 
+    from privdistill.pipeline import STAGES
+
     t0 = time.time()
-    records = run_pipeline(cfg, workdir, force=a.force)
+    stages = None if a.until is None else list(STAGES[: STAGES.index(a.until) + 1])
+    records = run_pipeline(cfg, workdir, force=a.force, stages=stages)
     total = time.time() - t0
-    report = json.loads((workdir / "report.json").read_text())
     check = filter_recall(workdir, cfg.evaluate.memorization_ratio)
+    report = json.loads((workdir / "report.json").read_text()) if stages is None else partial_report(workdir, check)
 
     t, s = report["teacher"], report["student"]
-    mem_ratio = None if not t["memorization_rate"] else s["memorization_rate"] / t["memorization_rate"]
-    tstr_ratio = None if not t.get("tstr_accuracy") else (s.get("tstr_accuracy") or 0.0) / t["tstr_accuracy"]
+    mem_ratio = None if not t["memorization_rate"] or s["memorization_rate"] is None \
+        else s["memorization_rate"] / t["memorization_rate"]
+    tstr_ratio = None if not t.get("tstr_accuracy") or s.get("tstr_accuracy") is None \
+        else s["tstr_accuracy"] / t["tstr_accuracy"]
     goals = {
-        "teacher_memorizes": bool(t["memorization_rate"] > 0),
+        "teacher_memorizes": bool((t["memorization_rate"] or 0) > 0),
         "memorization_ratio_student_over_teacher": mem_ratio,
         "tstr_ratio_student_over_teacher": tstr_ratio,
         "table": headline_goals(report, check, no_memorization=a.no_memorization),
@@ -388,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": cmd,
         "workdir": str(workdir),
         "no_memorization_config": a.no_memorization,
-        "report": {k: report[k] for k in ("teacher", "student", "real", "filter", "independent_reid",
+        "report": {k: report[k] for k in ("teacher", "student", "real", "filter", "independent_reid", "partial",
                                           "membership_inference", "teacher_dp") if k in report},
         "filter_check": check,
         "goals": goals,
