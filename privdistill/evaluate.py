@@ -32,14 +32,37 @@ def _utility(samples: ImageSet, test: ImageSet, real_clf, cfg: RunConfig, seed: 
 
 
 def _privacy(samples: ImageSet, train: ImageSet, reid_embed, train_emb: np.ndarray, threshold: float,
-             cfg: RunConfig) -> dict[str, Any]:
+             cfg: RunConfig, fresh: np.ndarray) -> dict[str, Any]:
     from privdistill.metrics import memorization, reid_rate
 
-    mem = memorization(samples.images, train, ratio=cfg.evaluate.memorization_ratio)
+    # second detector: the same ratio test in the independent re-identification model's feature space
+    mem = memorization(samples.images, train, ratio=cfg.evaluate.memorization_ratio, embed=reid_embed)
     return {
         "memorization_rate": mem["rate"],
+        **_memorization_extra(mem),
+        **_copying(samples.images, train, fresh),
         "reid_rate": reid_rate(samples.images, train_emb, embed=reid_embed, threshold=threshold),
     }
+
+
+def _memorization_extra(mem: dict[str, Any]) -> dict[str, Any]:
+    """The memorization rate's 95% interval (undecidable samples in its upper end), n and detectors."""
+    return {
+        "memorization_ci": mem["ci"],
+        "memorization_n": mem["n"],
+        "memorization_undecidable": mem["undecidable"],
+        "memorization_by_detector": mem["by_detector"],
+    }
+
+
+def _copying(images: np.ndarray, train: ImageSet, fresh: np.ndarray, prefix: str = "") -> dict[str, Any]:
+    """Data-copying AUC (samples vs fresh real images to the training set; 0.5 = no copying), its 95%
+    bootstrap interval and n, under ``{prefix}data_copying_*`` keys."""
+    from privdistill.metrics import data_copying
+
+    dc = data_copying(images, train.images, fresh)
+    return {f"{prefix}data_copying_auc": dc["auc"], f"{prefix}data_copying_ci": dc["ci"],
+            f"{prefix}data_copying_n": {"samples": dc["n_samples"], "fresh": dc["n_fresh"]}}
 
 
 def evaluate_run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
@@ -82,13 +105,15 @@ def evaluate_run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
             "reid_pairs": filter_report.get("reid_pairs", {}),
             "dropped_by_reason": filter_report.get("dropped_by_reason", {}),
             "audit": filter_report.get("audit", {}),
+            # fresh real images: the held-out test set (patients disjoint from training)
+            **_copying(ImageSet.load(ctx.input("filter") / "kept.npz").images, train, test.images, prefix="kept_"),
         },
         **({"teacher_dp": filter_report["teacher_dp"]} if "teacher_dp" in filter_report else {}),
         "independent_reid": {"arch": "resnet", "seed": seed_ind, "threshold": reid.threshold, "calibration": reid.calibration},
     }
     for name, samples, seed in (("teacher", teacher_samples, cfg.seed + 12), ("student", student_samples, cfg.seed + 13)):
         report[name] = {
-            **_privacy(samples, train, reid.embed, train_emb, reid.threshold, cfg),
+            **_privacy(samples, train, reid.embed, train_emb, reid.threshold, cfg, test.images),
             **_utility(samples, test, real_clf, cfg, seed),
         }
         log.info("evaluate.result", model=name, memorization_rate=report[name]["memorization_rate"],

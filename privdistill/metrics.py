@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import numpy as np
 import scipy.linalg
+import scipy.stats
 import structlog
 import torch
 import torch.nn.functional as F
@@ -16,17 +17,23 @@ import torch.nn.functional as F
 from privdistill import pixel
 from privdistill.classifier import accuracy, train_classifier
 from privdistill.data.types import ImageSet
+from privdistill.errors import DataError
 
 log = structlog.get_logger(__name__)
 
-# Memorization is measured on raw pixels (no blur, no pooling): on Fashion-MNIST, Gaussian blur
-# and pooling shrink the distance between two different images about as fast as they shrink
-# sampler noise (best smoothing found: 46-69% of σ=0.2 noisy copies detected). Removing the
-# *expected noise energy* from squared distances instead (see `memorization`) keeps all the
-# discriminative detail and detects >98% of them.
+# Memorization is measured on raw pixels (no blur, no pooling of the *sample*): on Fashion-MNIST,
+# Gaussian blur and pooling shrink the distance between two different images about as fast as they
+# shrink sampler noise. Removing the *expected noise energy* from squared distances instead (see
+# `memorization`) keeps all the discriminative detail. A sample that is a *blurred* copy (what a
+# denoiser tends to give back) is far from its source in raw pixels, so the reference is also
+# compared blurred by each of MEMO_BLURS (px): a matched filter for the blur, one hypothesis each.
 MEMO_SIGMA = 0.0
 MEMO_POOL = 1
 MAX_SHIFT = 1
+MEMO_BLURS = (0.0, 0.5, 0.7, 1.0)
+# below this RMS per-pixel difference ([-1, 1] scale) beyond the noise, a sample's nearest image of
+# another patient is indistinguishable from its nearest image: the ratio test cannot decide
+UNDECIDABLE_RMS = 1e-3
 _LAPLACE = torch.tensor([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]]).view(1, 1, 3, 3)
 
 
@@ -41,84 +48,197 @@ def noise_sigma(images: np.ndarray) -> np.ndarray:
     return (r.mean(1) * math.sqrt(math.pi / 2) / 6.0).numpy()
 
 
-def _noise_gain(shape: tuple[int, ...], sigma: float, pool: int) -> float:
-    """E||f(n)||² for unit white noise n through `pixel_features` (Monte Carlo, fixed seed)."""
-    if sigma == 0 and pool == 1:
-        return float(np.prod(shape))
-    g = torch.Generator().manual_seed(0)
-    noise = torch.randn((64, *shape), generator=g).numpy()
-    feats = pixel.pixel_features(noise, sigma=sigma, pool=pool)
-    return float((feats.astype(np.float64) ** 2).sum(1).mean())
+def binomial_ci(k: int, n: int, *, k_high: int | None = None) -> list[float] | None:
+    """Wilson 95% interval of a rate k/n; with ``k_high``, the upper end is that of k_high/n (used to
+    count undecidable samples as positives in the upper bound). None when n is 0."""
+    if n <= 0:
+        return None
+    lo = scipy.stats.binomtest(int(k), int(n)).proportion_ci(0.95, method="wilson").low
+    hi = scipy.stats.binomtest(int(k if k_high is None else k_high), int(n)).proportion_ci(0.95, method="wilson").high
+    return [float(lo), float(hi)]
+
+
+def check_reference(ref: ImageSet) -> np.ndarray:
+    """The reference's patient ids (one patient per image when it has none), or a DataError naming why
+    the memorization test cannot be run against it."""
+    n = len(ref)
+    pids = np.asarray(ref.patient_ids if ref.patient_ids is not None else np.arange(n).astype(str))
+    if n < 2 or len(np.unique(pids)) < 2:
+        raise DataError(
+            f"the memorization reference has {n} image(s) of {len(np.unique(pids))} patient(s): a copy is judged "
+            "against the nearest image of another patient, so pass the whole training set (at least 2 patients)"
+        )
+    flat = np.asarray(ref.images, dtype=np.float32).reshape(n, -1)
+    if not np.isfinite(flat).all():
+        raise DataError("the memorization reference has NaN or infinite pixel values; re-run ingest")
+    if float(np.ptp(flat, axis=0).max()) == 0.0:
+        raise DataError(
+            f"the memorization reference is degenerate: all {n} images are identical, so no sample can be told "
+            "apart from a copy; check the ingest output"
+        )
+    return pids
+
+
+def _hypothesis(samples: np.ndarray, ref: np.ndarray, pids: np.ndarray, max_shift: int, k: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Shift-tolerant raw L2: (nearest distance, its index, its shift (dy, dx), nearest distance to
+    an image of any other patient than the nearest one's). Exact: each shift's k nearest hold at most
+    k − 1 images of one patient."""
+    d, idx, sh, _ = pixel.knn_over_shifts(samples, ref, max_shift, k=k, sigma=MEMO_SIGMA, pool=MEMO_POOL)
+    d = d.astype(np.float64)
+    other = pids[idx] != pids[idx[:, 0]][:, None]
+    d_other = d[np.arange(len(d)), other.argmax(1)]
+    return d[:, 0], idx[:, 0], sh[:, 0], d_other
 
 
 def copy_distances(
-    samples: np.ndarray, ref: ImageSet, *, max_shift: int = MAX_SHIFT
+    samples: np.ndarray, ref: ImageSet, *, max_shift: int = MAX_SHIFT, blurs: tuple[float, ...] = MEMO_BLURS
 ) -> dict[str, np.ndarray]:
     """Noise-debiased, shift-tolerant L2 distances from each sample to its nearest reference image
-    and to the nearest reference image of any other patient (see `memorization`)."""
-    s = pixel.usable_shift(samples.shape, max_shift)
-    pids = ref.patient_ids if ref.patient_ids is not None else np.arange(len(ref)).astype(str)
-    pids = np.asarray(pids)
-    ref_feats = pixel.pixel_features(pixel.shifted_crop(ref.images, 0, 0, s), sigma=MEMO_SIGMA, pool=MEMO_POOL)
+    and to the nearest reference image of any other patient, once per reference blur in ``blurs``
+    (arrays [N, len(blurs)]; see `memorization`)."""
+    pids = check_reference(ref)
     _, counts = np.unique(pids, return_counts=True)
     k = min(len(ref), int(counts.max()) + 1)
-    # per shift, the k nearest always hold the nearest image of a patient other than any one
-    # patient, so merging the candidate lists of all shifts gives exact minima over shifts
-    dists, idxs = [], []
-    for dy in range(-s, s + 1):
-        for dx in range(-s, s + 1):
-            q = pixel.pixel_features(pixel.shifted_crop(samples, dy, dx, s), sigma=MEMO_SIGMA, pool=MEMO_POOL)
-            d, i = pixel.knn(q, ref_feats, k=k)
-            dists.append(d)
-            idxs.append(i)
-    d = np.concatenate(dists, 1).astype(np.float64)
-    idx = np.concatenate(idxs, 1)
-    order = np.argsort(d, axis=1, kind="stable")
-    d, idx = np.take_along_axis(d, order, 1), np.take_along_axis(idx, order, 1)
-    rows = np.arange(len(d))
-    nearest_pid = pids[idx[:, 0]]
-    first_other = (pids[idx] != nearest_pid[:, None]).argmax(1)
-    d_other = np.where(len(counts) > 1, d[rows, first_other], np.inf)
-    sig = noise_sigma(samples).astype(np.float64)
-    noise2 = sig**2 * _noise_gain(pixel.shifted_crop(samples[:1], 0, 0, s).shape[1:], MEMO_SIGMA, MEMO_POOL)
+    s = pixel.usable_shift(samples.shape, max_shift)
+    near, index, other = [], [], []
+    sig = None
+    for b in blurs:
+        ref_b = ref.images if b == 0 else pixel.pixel_features(ref.images, sigma=b, pool=1).reshape(ref.images.shape)
+        d, i, sh, d_o = _hypothesis(samples, ref_b, pids, max_shift, k)
+        if sig is None:
+            # the noise level: the smaller of the sample's own estimate and that of its residual against
+            # its nearest image (content shared by all images, e.g. a texture, cancels in the residual
+            # and so cannot inflate it; a residual of different content reads as noise, the sample's own does not)
+            x = np.stack([pixel.shifted_crop(samples[j : j + 1], int(sh[j, 0]), int(sh[j, 1]), s)[0] for j in range(len(samples))])
+            a = pixel.shifted_crop(ref.images[i], 0, 0, s)
+            sig = np.minimum(noise_sigma(x), noise_sigma(x - a)).astype(np.float64)
+            noise2 = sig**2 * float(np.prod(x.shape[1:]))
+            floor2 = UNDECIDABLE_RMS**2 * float(np.prod(x.shape[1:]))
+        near.append(np.sqrt(np.maximum(d**2 - noise2, 0.0)))
+        other.append(np.sqrt(np.maximum(d_o**2 - noise2, 0.0)))
+        index.append(i)
     return {
-        "nearest_distance": np.sqrt(np.maximum(d[:, 0] ** 2 - noise2, 0.0)),
-        "other_distance": np.sqrt(np.maximum(d_other**2 - noise2, 0.0)),
-        "nearest_index": idx[:, 0].astype(np.int64),
+        "nearest_distance": np.stack(near, 1),
+        "other_distance": np.stack(other, 1),
+        "nearest_index": np.stack(index, 1).astype(np.int64),
         "noise_sigma": sig,
+        "decidable": np.stack(other, 1) ** 2 > floor2,
+        "blurs": np.asarray(blurs, np.float64),
     }
 
 
 def memorization(
-    samples: np.ndarray, train: ImageSet, *, ratio: float = 1 / 3, max_shift: int = MAX_SHIFT
+    samples: np.ndarray,
+    train: ImageSet,
+    *,
+    ratio: float = 1 / 3,
+    max_shift: int = MAX_SHIFT,
+    blurs: tuple[float, ...] = MEMO_BLURS,
+    embed: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict:
-    """Fraction of generated samples that copy a training image.
+    """Fraction of generated samples that copy a training image, with its 95% interval.
 
-    A sample x is **memorized** when d(x, a) < ratio · d(x, b), where a is its nearest training
-    image and b the nearest training image of any *other patient* than a's (so several visits
-    of one patient do not hide a copy). d is an L2 distance in raw pixel space ([-1, 1] scale)
-    made robust in two ways:
+    A sample x is **memorized** when d(x, a) < ratio · d(x, b) for some detector, where a is its
+    nearest training image and b the nearest training image of any *other patient* than a's (so
+    several visits of one patient do not hide a copy). The pixel detectors use L2 in raw pixel space
+    ([-1, 1] scale), made robust in three ways:
 
-    - **noise-debiased**: d² = max(‖x − y‖² − P·σ̂², 0), with σ̂ the sample's white-noise std
-      from Immerkær's estimator and P the number of pixels compared; this removes the expected
-      energy of the sampler's residual noise, which otherwise dominates L2 (a copy plus noise of
-      σ = 0.2 is closer to several other images than to a third of its distance to them);
+    - **noise-debiased**: d² = max(‖x − y‖² − P·σ̂², 0), with P the number of pixels compared and σ̂
+      the smaller of two white-noise estimates (Immerkær): of the sample, and of its residual against
+      its nearest image, so content all images share (a texture) cannot inflate it;
     - **shift-tolerant**: the minimum over integer shifts of x by up to ``max_shift`` pixels in
-      each direction, comparing the image interiors (a ``max_shift`` border is cropped).
+      each direction, comparing the image interiors (a ``max_shift`` border is cropped);
+    - **blur-matched**: one detector per reference blur in ``blurs`` (Gaussian σ in px; 0 = raw), so
+      a smoothed copy is compared with its smoothed source.
 
-    Images without patient ids count as one patient each. Returns ``rate`` (float), ``count``,
-    per-sample ``ratio`` (d(x, a)/d(x, b)), ``memorized`` (bool), ``nearest_index``,
-    ``nearest_distance``, ``other_distance`` and ``noise_sigma`` arrays.
+    With ``embed`` (images → feature vectors), a second detector runs the same ratio test on
+    L2-normalised features (no noise removal, no shifts).
+
+    A sample no detector calls memorized and for which some detector cannot tell the nearest image
+    from the nearest other-patient image (their distances, noise removed, both ~0: e.g. patients
+    sharing an image) is **undecidable**: counted, never silently "not memorized". ``ci`` is the
+    Wilson 95% interval with undecidable samples counted as memorized in its upper end.
+
+    Images without patient ids count as one patient each (then a blend of one person's two images
+    is not caught). Raises DataError for a reference of fewer than 2 patients or of identical images.
+    Returns ``rate``, ``count``, ``n``, ``undecidable`` (count), ``ci`` ([lo, hi] or None),
+    ``by_detector`` (counts), and per-sample arrays ``ratio`` (smallest over detectors; NaN when
+    none decides), ``memorized``, ``undecidable_mask``, ``nearest_index`` (of the detector with the
+    smallest ratio), ``nearest_distance``, ``other_distance`` (raw detector) and ``noise_sigma``.
     """
-    if len(samples) == 0:
-        return {"rate": 0.0, "count": 0, "ratio": np.zeros(0), "memorized": np.zeros(0, bool)}
-    dist = copy_distances(samples, train, max_shift=max_shift)
+    pids = check_reference(train)
+    n = len(samples)
+    if n == 0:
+        return {"rate": 0.0, "count": 0, "n": 0, "undecidable": 0, "ci": None, "by_detector": {},
+                "ratio": np.zeros(0), "memorized": np.zeros(0, bool), "undecidable_mask": np.zeros(0, bool),
+                "nearest_index": np.zeros(0, np.int64)}
+    dist = copy_distances(samples, train, max_shift=max_shift, blurs=blurs)
+    ok = dist["decidable"]
     with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.where(dist["other_distance"] > 0, dist["nearest_distance"] / dist["other_distance"], 1.0)
-    memorized = r < ratio
-    rate = float(memorized.mean())
-    log.info("memorization", n=len(samples), rate=rate, median_ratio=float(np.median(r)))
-    return {"rate": rate, "count": int(memorized.sum()), "ratio": r, "memorized": memorized, **dist}
+        r = np.where(ok, dist["nearest_distance"] / dist["other_distance"], np.nan)
+    names = [f"pixel_blur{b:g}" if b else "pixel" for b in blurs]
+    hits = r < ratio
+    undecided = ~ok
+    index = dist["nearest_index"]
+    if embed is not None:
+        e_s = F.normalize(torch.from_numpy(np.asarray(embed(samples), np.float32)), dim=1).numpy()
+        e_r = F.normalize(torch.from_numpy(np.asarray(embed(train.images), np.float32)), dim=1).numpy()
+        d_e, i_e, o_e = pixel.nearest_and_other_patient(e_s, e_r, pids)
+        ok_e = o_e > UNDECIDABLE_RMS
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r_e = np.where(ok_e, d_e / o_e, np.nan)
+        r = np.concatenate([r, r_e[:, None]], 1)
+        hits = np.concatenate([hits, (r_e < ratio)[:, None]], 1)
+        undecided = np.concatenate([undecided, ~ok_e[:, None]], 1)
+        index = np.concatenate([index, i_e[:, None]], 1)
+        names.append("feature")
+    memorized = hits.any(1)
+    undecidable = ~memorized & undecided.any(1)
+    r_min = np.where(np.isnan(r).all(1), np.nan, np.nanmin(np.where(np.isnan(r), np.inf, r), 1))
+    best = np.argmin(np.where(np.isnan(r), np.inf, r), 1)
+    count, n_und = int(memorized.sum()), int(undecidable.sum())
+    rate = count / n
+    by_detector = {name: int(hits[:, j].sum()) for j, name in enumerate(names)}
+    log.info("memorization", n=n, rate=rate, undecidable=n_und, by_detector=by_detector)
+    return {
+        "rate": rate, "count": count, "n": n, "undecidable": n_und,
+        "ci": binomial_ci(count, n, k_high=count + n_und), "by_detector": by_detector,
+        "ratio": r_min, "memorized": memorized, "undecidable_mask": undecidable,
+        "nearest_index": index[np.arange(n), best],
+        "nearest_distance": dist["nearest_distance"][:, 0], "other_distance": dist["other_distance"][:, 0],
+        "noise_sigma": dist["noise_sigma"],
+    }
+
+
+def data_copying(
+    samples: np.ndarray, train: np.ndarray, fresh: np.ndarray, *, max_shift: int = MAX_SHIFT,
+    n_boot: int = 1000, seed: int = 0,
+) -> dict:
+    """Data-copying test in the style of Meehan et al. (2020): the ROC AUC with which the distance of a
+    sample to its nearest training image is *smaller* than that of a fresh real image (same
+    distribution, never trained on) to its nearest training image. 0.5: samples sit no closer to the
+    training set than new data does (no copying); towards 1: samples copy. Distances are shift-tolerant
+    L2 after a 1-px Gaussian blur (sampler noise mostly removed). Returns ``auc``, ``ci`` (95%
+    percentile bootstrap, samples and fresh images resampled independently, ``n_boot`` resamples),
+    ``n_samples`` and ``n_fresh``; auc and ci are None when either set is empty."""
+    from privdistill.audit.roc import roc_auc
+
+    out: dict = {"auc": None, "ci": None, "n_samples": int(len(samples)), "n_fresh": int(len(fresh))}
+    if len(samples) == 0 or len(fresh) == 0 or len(train) == 0:
+        return out
+    d_s, _, _ = pixel.nearest_over_shifts(samples, train, max_shift, sigma=1.0, pool=1)
+    d_f, _, _ = pixel.nearest_over_shifts(fresh, train, max_shift, sigma=1.0, pool=1)
+    out["auc"] = roc_auc(-d_s.astype(np.float64), -d_f.astype(np.float64))
+    rng = np.random.default_rng(seed)
+    boots = [
+        roc_auc(-d_s[rng.integers(0, len(d_s), len(d_s))].astype(np.float64),
+                -d_f[rng.integers(0, len(d_f), len(d_f))].astype(np.float64))
+        for _ in range(n_boot)
+    ]
+    out["ci"] = [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))]
+    log.info("data_copying", n_samples=len(samples), n_fresh=len(fresh), auc=out["auc"])
+    return out
 
 
 def reid_rate(

@@ -58,16 +58,31 @@ def nearest_over_shifts(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Nearest reference (in ``pixel_features`` space) of each query image, minimised over integer
     shifts of the query by up to ``max_shift`` px: (distance [N], index [N], reference features)."""
+    d, i, _, ref_feats = knn_over_shifts(query, ref, max_shift, k=1, **feature_kw)
+    return d[:, 0], i[:, 0], ref_feats
+
+
+def knn_over_shifts(
+    query: np.ndarray, ref: np.ndarray, max_shift: int, k: int = 1, **feature_kw: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The ``k`` nearest references of each query image in ``pixel_features`` space for every
+    integer shift of the query by up to ``max_shift`` px (the interiors are compared, see
+    `shifted_crop`), merged and sorted: (distances [N, K] ascending, reference indices [N, K],
+    shifts [N, K, 2] as (dy, dx), reference features), K = k·(2s+1)². A reference may appear once
+    per shift; the minimum over shifts of any reference among the k nearest of some shift is exact."""
     s = usable_shift(query.shape, max_shift)
     ref_feats = pixel_features(shifted_crop(ref, 0, 0, s), **feature_kw)
-    best_d = np.full(len(query), np.inf, np.float32)
-    best_i = np.zeros(len(query), np.int64)
+    dists, idxs, shifts = [], [], []
     for dy in range(-s, s + 1):
         for dx in range(-s, s + 1):
-            d, i = knn(pixel_features(shifted_crop(query, dy, dx, s), **feature_kw), ref_feats, k=1)
-            better = d[:, 0] < best_d
-            best_d[better], best_i[better] = d[better, 0], i[better, 0]
-    return best_d, best_i, ref_feats
+            d, i = knn(pixel_features(shifted_crop(query, dy, dx, s), **feature_kw), ref_feats, k=k)
+            dists.append(d)
+            idxs.append(i)
+            shifts.append(np.broadcast_to(np.array([dy, dx], np.int64), (*i.shape, 2)))
+    d, i, sh = np.concatenate(dists, 1), np.concatenate(idxs, 1), np.concatenate(shifts, 1)
+    order = np.argsort(d, axis=1, kind="stable")
+    return (np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1),
+            np.take_along_axis(sh, order[..., None], 1), ref_feats)
 
 
 @torch.no_grad()
