@@ -439,7 +439,8 @@ def privacy_report(result: FilterResult, *, calibration: dict[str, Any]) -> dict
             "both": int((result.reid_match & result.pixel_match).sum()) if on else 0,
         },
         "would_drop_if_enabled": int(result.flagged.sum()),
-        "threshold": result.threshold,
+        # the re-id detector's threshold on the cosine scale (None: no plain best-match re-id detector)
+        "threshold": result.threshold if math.isfinite(result.threshold) else None,
         "calibration": cal,
         "reid_pairs": {k: calibration.get(k) for k in ("tpr", "fpr", "auc", "n_pos", "n_neg", "threshold")},
         "pixel_near_duplicate": result.pixel_threshold is not None,
