@@ -145,7 +145,7 @@ def headline_goals(report: dict, check: dict, *, no_memorization: bool) -> list[
         n_syn = (f.get("kept") or 0) + (f.get("dropped") or 0)
         frac = None if not n_syn else f["kept"] / n_syn
         need = None if alpha is None else 1 - alpha - 0.05
-        goal("filter keeps enough when the teacher does not memorize", f">= 1 - alpha - 0.05 = {need}", frac,
+        goal("filter keeps enough when the teacher does not memorize", f">= 1 - alpha - 0.05 = {need:.2f}", frac,
              clopper_pearson(f.get("kept") or 0, n_syn), n_syn, None if frac is None or need is None else frac >= need)
         goal("teacher memorization (expected ~0 here)", "report", t["memorization_rate"], t_ci, t.get("n_samples"), None)
     return goals
