@@ -47,29 +47,148 @@ def _fmt(v, nd=3) -> str:
 
 
 def filter_recall(workdir: Path, ratio: float) -> dict:
-    """Memorized teacher samples (pixel criterion) and how many of them survive the filter."""
+    """Memorized teacher samples (the independent pixel criterion) and how many of them the filter dropped,
+    with a patient-level bootstrap 95% interval (patient = the training image each copy is nearest to)."""
     import numpy as np
 
     from privdistill.data.types import ImageSet
+    from privdistill.filter_audit import patient_bootstrap
     from privdistill.metrics import memorization
 
     train = ImageSet.load(workdir / "ingest" / "train.npz")
     samples = ImageSet.load(workdir / "sample" / "samples.npz")
     kept = ImageSet.load(workdir / "filter" / "kept.npz")
+    dropped = np.load(workdir / "filter" / "review" / "decisions.npz")["dropped"]
     m_all = memorization(samples.images, train, ratio=ratio)
     m_kept = memorization(kept.images, train, ratio=ratio) if len(kept) else {"count": 0, "rate": 0.0}
-    n_mem, n_leak = int(m_all["count"]), int(m_kept["count"])
-    distinct = len(np.unique(train.patient_ids[m_all["nearest_index"][m_all["memorized"]]])) if n_mem else 0
+    memorized = np.flatnonzero(m_all["memorized"])
+    n_mem, n_leak = int(len(memorized)), int(m_kept["count"])
+    owners = train.patient_ids[m_all["nearest_index"][memorized]] if n_mem else np.zeros(0, str)
+    hits = np.isin(memorized, dropped)
     return {
         "teacher_samples": len(samples),
         "teacher_memorized": n_mem,
-        "teacher_memorized_distinct_patients": distinct,
+        "teacher_memorized_distinct_patients": int(len(np.unique(owners))),
         "train_patients": int(len(np.unique(train.patient_ids))) if train.patient_ids is not None else None,
         "kept": len(kept),
         "memorized_in_kept": n_leak,
         "memorization_rate_in_kept": float(m_kept["rate"]),
-        "filter_recall_on_memorized": None if n_mem == 0 else round(1 - n_leak / n_mem, 4),
+        "filter_recall_on_memorized": None if n_mem == 0 else round(float(hits.mean()), 4),
+        "filter_recall_on_memorized_ci": patient_bootstrap(hits, owners, seed=0) if n_mem else None,
     }
+
+
+def clopper_pearson(k: int, n: int) -> list[float] | None:
+    from privdistill.filter_audit import binomial_ci
+
+    return binomial_ci(k, n)
+
+
+def hanley_mcneil(auc: float | None, n1: int | None, n2: int | None) -> list[float] | None:
+    """95% interval of a ROC AUC (Hanley & McNeil 1982 standard error, normal approximation)."""
+    import math
+
+    if auc is None or not n1 or not n2:
+        return None
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    se = math.sqrt((auc * (1 - auc) + (n1 - 1) * (q1 - auc * auc) + (n2 - 1) * (q2 - auc * auc)) / (n1 * n2))
+    return [max(0.0, auc - 1.96 * se), min(1.0, auc + 1.96 * se)]
+
+
+def rate_ci(side: dict, key_ci: str = "memorization_ci") -> list[float] | None:
+    """The report's own interval (evaluate) if it has one, else Clopper-Pearson from the rate and n_samples."""
+    if isinstance(side.get(key_ci), list):
+        return side[key_ci]
+    rate, n = side.get("memorization_rate"), side.get("n_samples")
+    return None if rate is None or not n else clopper_pearson(round(rate * n), n)
+
+
+def headline_goals(report: dict, check: dict, *, no_memorization: bool) -> list[dict]:
+    """Each goal of issue 12 with its measured value, 95% interval and n, met or not (None: not measured)."""
+    t, s, f = report["teacher"], report["student"], report["filter"]
+    cal, audit = f.get("calibration") or {}, f.get("audit") or {}
+    alpha = cal.get("alpha")
+    goals = []
+
+    def goal(name: str, target: str, value, ci, n, met) -> None:
+        goals.append({"goal": name, "target": target, "value": value, "ci": ci, "n": n, "met": met})
+
+    t_ci, s_ci = rate_ci(t), rate_ci(s)
+    if not no_memorization:
+        goal("teacher memorizes", "memorization 95% lower bound > 0", t["memorization_rate"], t_ci,
+             t.get("n_samples"), None if t_ci is None else t_ci[0] > 0)
+        goal("filter recall on the teacher's copies (independent metric)", "report", check.get("filter_recall_on_memorized"),
+             check.get("filter_recall_on_memorized_ci"), check.get("teacher_memorized"), None)
+    fd, fd_ci = audit.get("fresh_drop_rate"), audit.get("fresh_drop_ci")
+    goal("fresh-drop rate (held-out new patients)", f"<= alpha {alpha} (point estimate)", fd, fd_ci,
+         audit.get("fresh_n"), None if fd is None else fd <= alpha)
+    goal("fresh-drop rate consistent with alpha", f"95% lower bound <= {alpha} (upper bound <= alpha would need a "
+         "larger held-out set)", fd, fd_ci, audit.get("fresh_n"), None if not fd_ci else fd_ci[0] <= alpha)
+    if not no_memorization:
+        up = None if s_ci is None else s_ci[1]
+        t_rate = t["memorization_rate"] or 0.0
+        goal("student memorization upper bound <= 1/10 of the teacher's rate",
+             f"upper bound <= {0.1 * t_rate:.4f}", s["memorization_rate"], s_ci, s.get("n_samples"),
+             None if up is None else up <= 0.1 * t_rate)
+    tt, st = t.get("tstr_accuracy"), s.get("tstr_accuracy")
+    ratio = None if not tt or st is None else st / tt
+    goal("student TSTR >= 0.9 x teacher's", ">= 0.9 (ratio of point estimates)", ratio, None,
+         report["real"].get("n_test"), None if ratio is None else ratio >= 0.9)
+    kd = f.get("kept_data_copying_auc")
+    kd_v = kd.get("auc") if isinstance(kd, dict) else kd
+    kd_ci = kd.get("ci") if isinstance(kd, dict) else f.get("kept_data_copying_ci")
+    goal("kept-sample data-copying AUC", "<= 0.55", kd_v, kd_ci, f.get("kept"), None if kd_v is None else kd_v <= 0.55)
+    mia = (report.get("membership_inference") or {}).get("student") or {}
+    goal("student MIA AUC", "report (0.5 = no leak)", mia.get("auc"),
+         hanley_mcneil(mia.get("auc"), mia.get("n_members"), mia.get("n_nonmembers")), mia.get("n_members"), None)
+    if no_memorization:
+        n_syn = (f.get("kept") or 0) + (f.get("dropped") or 0)
+        frac = None if not n_syn else f["kept"] / n_syn
+        need = None if alpha is None else 1 - alpha - 0.05
+        goal("filter keeps enough when the teacher does not memorize", f">= 1 - alpha - 0.05 = {need:.2f}", frac,
+             clopper_pearson(f.get("kept") or 0, n_syn), n_syn, None if frac is None or need is None else frac >= need)
+        goal("teacher memorization (expected ~0 here)", "report", t["memorization_rate"], t_ci, t.get("n_samples"), None)
+    return goals
+
+
+def partial_report(workdir: Path, check: dict) -> dict:
+    """What a run stopped after the filter stage measured, shaped like report.json (the rest None)."""
+    fr = json.loads((workdir / "filter" / "privacy_report.json").read_text())
+    n = check["teacher_samples"]
+    rate = check["teacher_memorized"] / n if n else None
+    none = {"memorization_rate": None, "reid_rate": None, "tstr_accuracy": None, "fid_domain": None, "n_samples": None}
+    return {
+        "teacher": {**none, "memorization_rate": rate, "n_samples": n},
+        "student": dict(none),
+        "real": {"trtr_accuracy": None, "n_train": None, "n_test": None},
+        "filter": {k: fr.get(k) for k in ("kept", "dropped", "threshold", "calibration", "reid_pairs",
+                                          "dropped_by_reason", "audit")},
+        "partial": "pipeline stopped after the filter stage: student and evaluation numbers not measured",
+    }
+
+
+def _ci(ci) -> str:
+    return "" if not ci else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def render_goals(goals: list[dict]) -> list[str]:
+    lines = ["| goal | target | measured [95% CI] | n | met |", "|---|---|---|---:|---|"]
+    for g in goals:
+        met = "n/a (not measured)" if g["value"] is None else ("—" if g["met"] is None else ("yes" if g["met"] else "**NO**"))
+        lines.append(f"| {g['goal']} | {g['target']} | {_fmt(g['value'])}{_ci(g['ci'])} | {_fmt(g['n'])} | {met} |")
+    return lines
+
+
+def render_recall(audit: dict) -> list[str]:
+    rec = audit.get("recall") or {}
+    if not rec:
+        return []
+    few = set(audit.get("too_few") or [])
+    lines = ["| kind of copy | recall [95% CI, patient bootstrap] | n (patients) | |", "|---|---|---:|---|"]
+    for k, r in rec.items():
+        lines.append(f"| {k} | {_fmt(r.get('value'))}{_ci(r.get('ci'))} | {r.get('n')} ({r.get('n_patients')}) | "
+                     f"{'too few cases' if k in few else ''} |")
+    return lines
 
 
 def summary_row(res: dict) -> dict:
@@ -77,7 +196,8 @@ def summary_row(res: dict) -> dict:
     r, fc = res["report"], res.get("filter_check") or {}
     return {
         "config": res["config_path"], "name": res["config_name"],
-        "target_tpr": res["config"]["reid"]["target_tpr"], "patients_per_class": res["config"]["data"]["max_per_class"],
+        "alpha": res["config"].get("filter", {}).get("max_fresh_drop"),
+        "patients_per_class": res["config"]["data"]["max_per_class"],
         "teacher_mem": r["teacher"]["memorization_rate"], "student_mem": r["student"]["memorization_rate"],
         "teacher_reid": r["teacher"]["reid_rate"], "student_reid": r["student"]["reid_rate"],
         "teacher_tstr": r["teacher"]["tstr_accuracy"], "student_tstr": r["student"]["tstr_accuracy"],
@@ -110,6 +230,7 @@ def render_dp_table(rows: list[dict]) -> list[str]:
 def render_md(res: dict) -> str:
     r, g = res["report"], res["goals"]
     t, s = r["teacher"], r["student"]
+    cal, aud = r["filter"].get("calibration") or {}, r["filter"].get("audit") or {}
     fr = res.get("filter_check") or {}
     lines = [
         f"# Privacy Distillation benchmark — `{res['config_name']}`",
@@ -130,8 +251,12 @@ def render_md(res: dict) -> str:
         f"n_test {r['real']['n_test']} |",
         "",
         f"Filter: kept **{r['filter']['kept']}**, dropped **{r['filter']['dropped']}** "
-        f"(by reason: {json.dumps(r['filter'].get('dropped_by_reason', {}))}; threshold {_fmt(r['filter']['threshold'])}, "
-        f"calibration TPR {_fmt(r['filter']['calibration']['tpr'])}, FPR {_fmt(r['filter']['calibration']['fpr'])}).",
+        f"(by reason: {json.dumps(r['filter'].get('dropped_by_reason', {}))}); calibrated on the decision it makes: "
+        f"alpha {cal.get('alpha')} split over {cal.get('detectors')} ({_fmt(cal.get('alpha_per_detector'), 4)} each), "
+        f"n_null {cal.get('n_null')} held-out images of new patients, thresholds "
+        f"{json.dumps({k: round(v, 4) for k, v in (cal.get('thresholds') or {}).items()})}. "
+        f"Fresh-drop rate on a separate held-out set: {_fmt(aud.get('fresh_drop_rate'))}{_ci(aud.get('fresh_drop_ci'))} "
+        f"(n {aud.get('fresh_n')}).",
     ]
     if fr:
         lines.append(
@@ -140,16 +265,12 @@ def render_md(res: dict) -> str:
             f"{fr['memorized_in_kept']} of them were kept by the filter (filter recall on copies: "
             f"{_fmt(fr['filter_recall_on_memorized'])})."
         )
+    lines += ["", "Goals (issue 12), every number with its 95% interval and n:", "", *render_goals(g["table"]), ""]
+    if aud.get("recall"):
+        lines += ["Filter recall per kind of copy (the filter was not built around these; "
+                  f"kinds with < {aud.get('min_cases', {}).get('n')} cases or < {aud.get('min_cases', {}).get('n_patients')} "
+                  "patients are marked too few):", "", *render_recall(aud), ""]
     lines += [
-        "",
-        "| goal | target | measured | met |",
-        "|---|---|---|---|",
-        f"| teacher memorizes | memorization_rate > 0 | {_fmt(t['memorization_rate'])} | {g['teacher_memorizes']} |",
-        f"| student memorization ≤ 1/10 teacher's | ratio ≤ 0.1 | {_fmt(g['memorization_ratio_student_over_teacher'])} | "
-        f"{g['student_memorization_le_tenth']} |",
-        f"| student TSTR ≥ 0.9 × teacher's | ratio ≥ 0.9 | {_fmt(g['tstr_ratio_student_over_teacher'])} | "
-        f"{g['student_tstr_ge_0.9']} |",
-        "",
         "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in res["stage_seconds"].items()),
         "",
     ]
@@ -168,13 +289,13 @@ def render_md(res: dict) -> str:
         lines += [
             "Other runs of this benchmark (same script, other configs; each reproducible the same way with `--config`):",
             "",
-            "| config | patients/class | reid target_tpr | teacher mem | student mem | teacher reid | student reid | "
+            "| config | patients/class | filter alpha | teacher mem | student mem | teacher reid | student reid | "
             "teacher TSTR | student TSTR | TRTR | kept/dropped | teacher copies kept by filter |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
         ]
         for o in [summary_row(res)] + others:
             lines.append(
-                f"| `{o['config']}` | {o['patients_per_class']} | {o['target_tpr']} | {_fmt(o['teacher_mem'])} | "
+                f"| `{o['config']}` | {o['patients_per_class']} | {o.get('alpha')} | {_fmt(o['teacher_mem'])} | "
                 f"{_fmt(o['student_mem'])} | {_fmt(o['teacher_reid'])} | {_fmt(o['student_reid'])} | "
                 f"{_fmt(o['teacher_tstr'])} | {_fmt(o['student_tstr'])} | {_fmt(o['trtr'])} | {o['kept']}/{o['dropped']} | "
                 f"{o['copies_leaked']} of {o['copies']} |"
@@ -213,6 +334,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare", type=Path, nargs="*", default=[], metavar="JSON",
                     help="results JSONs of other runs to summarise in a comparison table")
     ap.add_argument("--note", action="append", default=[], help="a note to print under the table (repeatable)")
+    ap.add_argument("--no-memorization", action="store_true",
+                    help="the config's teacher is not expected to memorize: the goal is that the filter keeps "
+                         ">= 1 - alpha - 0.05 of the samples (privacy_utility_nomem.yaml)")
+    ap.add_argument("--until", default=None, metavar="STAGE",
+                    help="run the pipeline only up to STAGE (e.g. filter) and report what that measured (the "
+                         "filter's goals) when the whole run does not fit in the time at hand")
+    ap.add_argument("--stem", default=None, help="results file name (default privacy_utility[_quick])")
     a = ap.parse_args(argv)
     if a.render is not None:
         res = json.loads(a.render.read_text())
@@ -240,26 +368,34 @@ def main(argv: list[str] | None = None) -> int:
     workdir = a.workdir or Path("/tmp/privdistill-bench") / cfg.name
     out_dir = a.out_dir or (workdir if a.quick else RESULTS)
 
+    from privdistill.pipeline import STAGES
+
     t0 = time.time()
-    records = run_pipeline(cfg, workdir, force=a.force)
+    stages = None if a.until is None else list(STAGES[: STAGES.index(a.until) + 1])
+    records = run_pipeline(cfg, workdir, force=a.force, stages=stages)
     total = time.time() - t0
-    report = json.loads((workdir / "report.json").read_text())
     check = filter_recall(workdir, cfg.evaluate.memorization_ratio)
+    report = json.loads((workdir / "report.json").read_text()) if stages is None else partial_report(workdir, check)
 
     t, s = report["teacher"], report["student"]
-    mem_ratio = None if not t["memorization_rate"] else s["memorization_rate"] / t["memorization_rate"]
-    tstr_ratio = None if not t.get("tstr_accuracy") else (s.get("tstr_accuracy") or 0.0) / t["tstr_accuracy"]
+    mem_ratio = None if not t["memorization_rate"] or s["memorization_rate"] is None \
+        else s["memorization_rate"] / t["memorization_rate"]
+    tstr_ratio = None if not t.get("tstr_accuracy") or s.get("tstr_accuracy") is None \
+        else s["tstr_accuracy"] / t["tstr_accuracy"]
     goals = {
-        "teacher_memorizes": bool(t["memorization_rate"] > 0),
+        "teacher_memorizes": bool((t["memorization_rate"] or 0) > 0),
         "memorization_ratio_student_over_teacher": mem_ratio,
-        "student_memorization_le_tenth": bool(mem_ratio is not None and mem_ratio <= 0.1),
         "tstr_ratio_student_over_teacher": tstr_ratio,
-        "student_tstr_ge_0.9": bool(tstr_ratio is not None and tstr_ratio >= 0.9),
+        "table": headline_goals(report, check, no_memorization=a.no_memorization),
         "targets": GOALS,
     }
     cmd_args = ["--quick"] if a.quick else []
     if a.config:
         cmd_args += ["--config", str(a.config)]
+    if a.no_memorization:
+        cmd_args += ["--no-memorization"]
+    if a.stem:
+        cmd_args += ["--stem", a.stem]
     cmd = ".venv/bin/python benchmarks/privacy_utility.py " + " ".join(
         cmd_args + ["--workdir", str(workdir), "--threads", str(a.threads), "--force"]
     )
@@ -278,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         "data_summary": data_summary,
         "command": cmd,
         "workdir": str(workdir),
-        "report": {k: report[k] for k in ("teacher", "student", "real", "filter", "independent_reid",
+        "no_memorization_config": a.no_memorization,
+        "report": {k: report[k] for k in ("teacher", "student", "real", "filter", "independent_reid", "partial",
                                           "membership_inference", "teacher_dp") if k in report},
         "filter_check": check,
         "goals": goals,
@@ -295,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.note:
         res["notes"] = a.note
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "privacy_utility_quick" if a.quick else "privacy_utility"
+    stem = a.stem or ("privacy_utility_quick" if a.quick else "privacy_utility")
     (out_dir / f"{stem}.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
     md = render_md(res)
     (out_dir / f"{stem}.md").write_text(md)

@@ -31,6 +31,29 @@ def _recall(recall: Any) -> str:
     return ", ".join(f"{k} {_f(v, 2)}" for k, v in sorted(recall.items()))
 
 
+def _fresh(p: dict[str, Any]) -> str:
+    """alpha, and the measured fresh-drop rate with its 95% interval and n."""
+    rate, ci, n = p.get("fresh_drop_rate"), p.get("fresh_drop_ci"), p.get("fresh_n")
+    out = f"α {_f(p.get('alpha'), 2)}; {_f(rate)}"
+    if isinstance(ci, list) and len(ci) == 2:
+        out += f" [{_f(ci[0])}, {_f(ci[1])}]"
+    return out + (f" (n {n})" if n is not None else "")
+
+
+def _audited(p: dict[str, Any]) -> str:
+    """Each audited kind's recall with its 95% interval and n; kinds with too few cases marked."""
+    rec = p.get("recall")
+    if not isinstance(rec, dict) or not rec:
+        return "n/a"
+    few = set(p.get("recall_too_few") or [])
+    parts = []
+    for k, r in sorted(rec.items()):
+        ci = r.get("ci") if isinstance(r, dict) else None
+        band = f" [{_f(ci[0], 2)}, {_f(ci[1], 2)}]" if isinstance(ci, list) and len(ci) == 2 else ""
+        parts.append(f"{k} {_f(r.get('value'), 2)}{band} n {r.get('n')}{' (too few)' if k in few else ''}")
+    return "; ".join(parts)
+
+
 def _dp(p: dict[str, Any]) -> str:
     """The shard's teacher DP-SGD guarantee as reported in its signed manifest, or "no DP"."""
     eps, delta = p.get("teacher_dp_epsilon"), p.get("teacher_dp_delta")
@@ -40,16 +63,17 @@ def _dp(p: dict[str, Any]) -> str:
 
 
 def _shard_table(shards: list[dict[str, Any]]) -> list[str]:
-    head = ("| site | shard | tar sha256 | samples | filter | threshold | calib. TPR / FPR | kept / dropped "
-            "| planted-copy recall | teacher memorization | kept memorization | teacher / kept re-id | teacher DP-SGD |")
+    head = ("| site | shard | tar sha256 | samples | filter | fresh-drop (95% CI) | kept / dropped "
+            "| planted-copy recall | audited recall (95% CI, n) | teacher memorization | kept memorization "
+            "| teacher / kept re-id | teacher DP-SGD |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for s in shards:
         p = s["privacy"]
         rows.append(
             f"| {s['site']} | {s['shard_id']} | `{s['tar_sha256']}` | {s['sample_count']} | "
             f"{'on' if p.get('filter_enabled') else ('OFF' if p.get('filter_enabled') is False else 'n/a')} | "
-            f"{_f(p.get('threshold'))} | {_f(p.get('calibration_tpr'))} / {_f(p.get('calibration_fpr'))} | "
-            f"{_f(p.get('kept'))} / {_f(p.get('dropped'))} | {_recall(p.get('planted_recall'))} | "
+            f"{_fresh(p)} | {_f(p.get('kept'))} / {_f(p.get('dropped'))} | {_recall(p.get('planted_recall'))} | "
+            f"{_audited(p)} | "
             f"{_f(p.get('teacher_memorization_rate'), 4)} | {_f(p.get('kept_memorization_rate'), 4)} | "
             f"{_f(p.get('teacher_reid_rate'), 4)} / {_f(p.get('kept_reid_rate'), 4)} | {_dp(p)} |")
     return rows

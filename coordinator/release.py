@@ -17,6 +17,7 @@ import structlog
 
 from privdistill import __version__
 from privdistill.errors import PrivacyPolicyError
+from privdistill.privacy_report import Limits, PrivacyReport, evaluate_criteria
 from privdistill.stages import hash_tree, read_record, stage_dir, workdir_lock
 
 from coordinator.model_card import NOT_MEASURED, render_model_card
@@ -101,10 +102,14 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _worst_recall(recall: Any) -> float | None:
-    vals = list(recall.values()) if isinstance(recall, dict) else []
-    ok = vals and all(_number(v) for v in vals)
-    return float(min(vals)) if ok else None
+def shard_limits(policy: ReleasePolicy) -> Limits:
+    """The release policy's per-shard criteria, in the terms privdistill.privacy_report evaluates for both gates."""
+    return Limits(require_filter=policy.require_filter, max_kept_memorization_rate=policy.max_site_kept_memorization_rate,
+                  min_planted_recall=policy.min_planted_recall, min_recall_lower_bound=policy.min_recall_lower_bound,
+                  max_fresh_drop_rate=policy.max_fresh_drop_rate, max_epsilon=policy.max_epsilon)
+
+
+POLICY_NAMES = {"max_kept_memorization_rate": "max_site_kept_memorization_rate"}  # criterion -> release policy key
 
 
 def check_policy(training: dict[str, Any], policy: ReleasePolicy, *, attestations: list[dict[str, Any]] | None = None,
@@ -120,35 +125,14 @@ def check_policy(training: dict[str, Any], policy: ReleasePolicy, *, attestation
     if len(sites) < policy.min_sites:
         failures.append(f"min_sites: the student was trained on shards of {len(sites)} site(s) {sites}; the policy "
                         f"needs {policy.min_sites}")
-    limit = policy.max_site_kept_memorization_rate
+    limits = shard_limits(policy)
     for s in shards:
-        who, p = f"shard {s['site']}/{s['shard_id']} ({s['tar_sha256'][:12]})", s["privacy"]
-        rate = p.get("kept_memorization_rate")
-        if _number(rate) and p.get("kept_memorization_undecidable"):  # undecidable samples count as memorized
-            rate += p["kept_memorization_undecidable"] / max(int(p.get("kept") or 1), 1)
-        if not _number(rate):
-            failures.append(f"max_site_kept_memorization_rate: {who} reports no kept-set memorization rate in its "
-                            "manifest; the site must measure it before exporting")
-        elif rate > limit:
-            failures.append(f"max_site_kept_memorization_rate: {who} reports {rate:.4f} > {limit}")
-        if policy.require_filter_enabled and p.get("filter_enabled") is not True:
-            state = "was filtered with the filter disabled" if p.get("filter_enabled") is False \
-                else "does not state that its re-identification filter was enabled"
-            failures.append(f"require_filter_enabled: {who} {state}")
-        if policy.min_planted_recall is not None:
-            worst = _worst_recall(p.get("planted_recall"))
-            if worst is None:
-                failures.append(f"min_planted_recall: {who} reports no planted-copy recall of its filter")
-            elif worst < policy.min_planted_recall:
-                failures.append(f"min_planted_recall: {who} reports a worst-kind recall {worst:.4f} < "
-                                f"{policy.min_planted_recall}")
-        if policy.max_epsilon is not None:
-            eps = p.get("teacher_dp_epsilon")
-            if not _number(eps):
-                failures.append(f"max_epsilon: {who}'s teacher was not trained with DP-SGD (no epsilon in its "
-                                f"manifest); the policy needs epsilon <= {policy.max_epsilon}")
-            elif eps > policy.max_epsilon:
-                failures.append(f"max_epsilon: {who}'s teacher spent epsilon {eps:.4g} > {policy.max_epsilon}")
+        who = f"shard {s['site']}/{s['shard_id']} ({s['tar_sha256'][:12]})"
+        report = PrivacyReport.parse(s.get("privacy_report"))
+        for c in evaluate_criteria(report, limits):
+            if not c.passed:
+                sep = "" if c.reason.startswith("'") else " "
+                failures.append(f"{POLICY_NAMES.get(c.name, c.name)}: {who}{sep}{c.reason}")
     failures += _attested(training, policy, attestations or [], model_digest)
     return failures
 

@@ -12,11 +12,12 @@ from typing import Any, Literal
 
 import structlog
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from privdistill.config import DataConfig, DiffusionConfig, SampleConfig, Source, _format_pydantic, _source_paths, read_yaml
 from privdistill.data.types import ImageSet
 from privdistill.errors import ConfigError, ShardVerificationError, StageError
+from privdistill.privacy_report import PrivacyReport, renamed_field
 from privdistill.shard import MANIFEST, SHARD_TAR, Manifest, iter_samples, load_shards, parse_manifest, sha256_path, verify_tar
 from privdistill.stages import Stage, StageContext, atomic_write_json, is_current, read_record, run_stage, workdir_lock
 
@@ -61,15 +62,24 @@ class ReleasePolicy(_Strict):
     min_shards: int = Field(1, ge=1)
     min_sites: int = Field(1, ge=1)
     max_site_kept_memorization_rate: float = Field(0.0, ge=0, le=1)
-    require_filter_enabled: bool = True
+    require_filter: bool = True
     # the filter's worst per-kind recall on planted copies, from every shard manifest; null = not a criterion
     min_planted_recall: float | None = Field(None, ge=0, le=1)
+    # the worst 95% lower bound of the filter's recall over the audited kinds (every shard); null = not a criterion
+    min_recall_lower_bound: float | None = Field(None, ge=0, le=1)
+    # the filter's measured drop rate of fresh images of new patients (every shard); null = not a criterion
+    max_fresh_drop_rate: float | None = Field(None, ge=0, le=1)
     # the teachers' DP-SGD epsilon (manifest privacy.teacher_dp.epsilon); set = every shard's teacher needs DP
     max_epsilon: float | None = Field(None, gt=0)
     # measured by every contributing site against its own patients and sent as a signed attestation
     # (`privdistill-site evaluate-student` -> student-eval/attestation.json + .sig); null = not a criterion
     max_student_mia_auc: float | None = Field(None, ge=0.5, le=1)
     max_student_memorization_rate: float | None = Field(None, ge=0, le=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        return renamed_field(data, "require_filter_enabled", "require_filter", "release")
 
 
 class FederatedConfig(_Strict):
@@ -229,45 +239,18 @@ def load_accepted(
 
 
 # ----------------------------------------------------------------------------- privacy numbers from manifests
-# where each number sits in a manifest's privacy section (written by site_agent.package.privacy_aggregate)
-PRIVACY_FIELDS: dict[str, tuple[str, ...]] = {
-    "filter_enabled": ("filter_enabled",),
-    "threshold": ("threshold",),
-    "calibration_tpr": ("calibration", "tpr"),
-    "calibration_fpr": ("calibration", "fpr"),
-    "n_synthetic": ("n_synthetic",),
-    "kept": ("kept",),
-    "dropped": ("dropped",),
-    "planted_recall": ("audit", "planted_recall"),
-    "heldout_real_dropped_rate": ("audit", "heldout_real_dropped_rate"),
-    "memorization_ratio": ("memorization_ratio",),
-    "teacher_memorization_rate": ("teacher_memorization_rate",),
-    "kept_memorization_rate": ("kept_memorization_rate",),
-    "teacher_reid_rate": ("teacher_reid_rate",),
-    "kept_reid_rate": ("kept_reid_rate",),
-    "site_policy_passed": ("policy", "passed"),
-    "teacher_mia_auc": ("mia", "teacher", "auc"),
-    "teacher_dp_epsilon": ("teacher_dp", "epsilon"),
-    "teacher_dp_delta": ("teacher_dp", "delta"),
-}
-
-
 def privacy_summary(privacy: dict[str, Any]) -> dict[str, Any]:
     """The aggregate numbers a site put in its manifest's privacy section (None where it reported none)."""
-    out: dict[str, Any] = {}
-    for name, path in PRIVACY_FIELDS.items():
-        node: Any = privacy
-        for part in path:
-            node = node.get(part) if isinstance(node, dict) else None
-        out[name] = node
-    return out
+    return PrivacyReport.parse(privacy).summary()
 
 
 def shard_record(m: Manifest) -> dict[str, Any]:
     return {"tar_sha256": m.tar_sha256, "site": m.site_id, "shard_id": m.shard_id, "sample_count": m.sample_count,
             "created": m.created, "software_version": m.software_version, "config_hash": m.config_hash,
             "conditioning": m.conditioning.type, "class_names": list(m.conditioning.class_names),
-            "privacy": privacy_summary(m.privacy)}
+            "privacy": privacy_summary(m.privacy),
+            # the whole typed privacy section: what the release policy's criteria (privdistill.privacy_report) read
+            "privacy_report": PrivacyReport.parse(m.privacy).model_dump(mode="json")}
 
 
 # ----------------------------------------------------------------------------- stages

@@ -129,9 +129,11 @@ def summary(report_path: Path) -> str:
     for who in ("teacher", "student"):
         lines.append(f"{who:<9}" + "".join(f"{fmt(r[who].get(k)):>19}" for k in keys))
     f = r["filter"]
+    cal, audit = f.get("calibration") or {}, f.get("audit") or {}
+    ci = audit.get("fresh_drop_ci") or [None, None]
     lines.append(f"real TRTR accuracy {fmt(r['real']['trtr_accuracy'])}; filter kept {f['kept']}, dropped {f['dropped']} "
-                 f"(threshold {fmt(f['threshold'])}, calibration TPR {fmt(f['calibration']['tpr'])}, "
-                 f"FPR {fmt(f['calibration']['fpr'])})")
+                 f"(alpha {fmt(cal.get('alpha'))} on {cal.get('n_null')} held-out images; fresh-drop rate "
+                 f"{fmt(audit.get('fresh_drop_rate'))} [{fmt(ci[0])}, {fmt(ci[1])}], n {audit.get('fresh_n')})")
     return "\n".join(lines)
 
 

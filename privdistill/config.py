@@ -233,12 +233,35 @@ class ReidConfig(Strict):
     batch_size: int = Field(64, ge=4)
     learning_rate: float = Field(1e-3, gt=0)
     temperature: float = Field(0.1, gt=0)
-    calibration_fraction: float = Field(0.2, gt=0, lt=1)  # patients held out for threshold calibration
-    target_tpr: float = Field(0.95, gt=0, le=1)
+    calibration_fraction: float = Field(0.2, gt=0, lt=1)  # patients held out for the pair diagnostics
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "target_tpr" in data:
+            raise ValueError(TARGET_TPR_MOVED.format(where="reid.target_tpr"))
+        return data
+
+
+TARGET_TPR_MOVED = (
+    "{where} was removed: the filter is now calibrated on the decision it makes (each fresh image's best match "
+    "against the training gallery); set filter.max_fresh_drop instead (alpha, the share of fresh images of new "
+    "patients the filter may drop; default 0.05) and delete {where}"
+)
 
 
 class FilterConfig(Strict):
     enabled: bool = True
+    # alpha: at most this share of fresh images of patients outside the training set is dropped (conformal
+    # calibration on held-out patients' best-match scores, split evenly between the detectors)
+    max_fresh_drop: float = Field(0.05, gt=0, le=0.5)
+    detectors: list[Literal["reid", "pixel", "local"]] = Field(default_factory=lambda: ["reid", "pixel", "local"],
+                                                              min_length=1)
+    # re-id score: "max" (best cosine similarity) or "cohort" (minus the next cohort_k patients' mean, over their spread)
+    reid_score: Literal["max", "cohort"] = "max"
+    cohort_k: int = Field(10, ge=2)
+    local_patch: int = Field(4, ge=2)  # side (px) of the local detector's patches (stride half of it)
+    null_fraction: float = Field(0.5, gt=0, lt=1)  # held-out patients for calibration; the rest audit it
     pixel_near_duplicate: bool = True
     # a synthetic image is a pixel near-duplicate when its (smoothed) L2 distance to a training image
     # is below this fraction of the median nearest-neighbour distance between training images
@@ -247,6 +270,13 @@ class FilterConfig(Strict):
     chunk_size: int = Field(4096, ge=16)
     review_grid_max: int = Field(32, ge=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "target_tpr" in data:
+            raise ValueError(TARGET_TPR_MOVED.format(where="filter.target_tpr"))
+        return data
+
 
 class EvaluateConfig(Strict):
     classifier_steps: int = Field(600, ge=1)
@@ -254,7 +284,7 @@ class EvaluateConfig(Strict):
     memorization_ratio: float = Field(1 / 3, gt=0, lt=1)
     independent_reid_seed_offset: int = 1000
     # the independent re-identification model's own operating point, fixed so that reid_rate does
-    # not move when the filter's reid.target_tpr is tuned
+    # not move when the filter's settings are tuned
     reid_target_tpr: float = Field(0.95, gt=0, le=1)
 
 

@@ -88,8 +88,7 @@ def evaluate_run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
 
     # An independent re-identification model: other architecture, other seed than the filter's.
     seed_ind = cfg.seed + cfg.evaluate.independent_reid_seed_offset
-    reid_cfg = cfg.reid.model_copy(update={"target_tpr": cfg.evaluate.reid_target_tpr})
-    reid = train_reid(train, reid_cfg, seed=seed_ind, arch="resnet")
+    reid = train_reid(train, cfg.reid, seed=seed_ind, arch="resnet", target_tpr=cfg.evaluate.reid_target_tpr)
     train_emb = reid.embed(train.images)
 
     real_clf = train_classifier(
@@ -102,10 +101,10 @@ def evaluate_run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
             "kept": filter_report["kept"],
             "dropped": filter_report["dropped"],
             "threshold": filter_report["threshold"],
-            "calibration": {
-                "tpr": filter_report["calibration"]["tpr"],
-                "fpr": filter_report["calibration"]["fpr"],
-            },
+            # the filter's own calibration (alpha, n_null, thresholds) and audit (fresh-drop rate with its
+            # interval on a separate held-out set; recall per kind of copy with n and interval)
+            "calibration": filter_report.get("calibration", {}),
+            "reid_pairs": filter_report.get("reid_pairs", {}),
             "dropped_by_reason": filter_report.get("dropped_by_reason", {}),
             "audit": filter_report.get("audit", {}),
             # fresh real images: the held-out test set (patients disjoint from training)

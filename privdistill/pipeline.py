@@ -24,7 +24,7 @@ UPSTREAM = {
     "train-teacher": ("ingest",),
     "train-reid": ("ingest",),
     "sample": ("ingest", "train-teacher"),
-    "filter": ("ingest", "sample", "train-reid"),
+    "filter": ("ingest", "train-teacher", "sample", "train-reid"),  # the teacher: its near-copies audit the filter
     "train-student": ("filter",),  # the student sees the filter's output and nothing else
     "evaluate": ("ingest", "sample", "filter", "train-student"),
 }
@@ -175,8 +175,9 @@ def _sample(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
 
 
 def _filter(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
-    from privdistill.filter import filter_synthetic, write_filter_outputs
+    from privdistill.filter import calibrate_filter, filter_synthetic, scorer_for, split_null, write_filter_outputs
     from privdistill.filter_audit import audit_filter
+    from privdistill.models import DiffusionModel
     from privdistill.reid import OnnxEmbedder, load_reid
 
     train = ImageSet.load(ctx.input("ingest") / "train.npz")
@@ -184,11 +185,15 @@ def _filter(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     samples = ImageSet.load(ctx.input("sample") / "samples.npz")
     reid = load_reid(ctx.input("train-reid") / "reid")
     embedder = OnnxEmbedder(ctx.input("train-reid") / "reid.onnx")
-    real_emb = embedder.embed(train.images)
-    result = filter_synthetic(samples, train, embed=embedder.embed, threshold=reid.threshold, cfg=cfg.filter,
-                              real_embeddings=real_emb)
-    audit = audit_filter(train, heldout, embed=embedder.embed, threshold=reid.threshold,
-                         cfg=cfg.filter, real_embeddings=real_emb, seed=cfg.seed)
+    scorer = scorer_for(train, embedder.embed, cfg.filter)
+    # held-out patients (outside the gallery and the re-id training): one part calibrates, the other audits
+    null_idx, audit_idx = split_null(heldout, cfg.filter.null_fraction, seed=cfg.seed + 5)
+    calibration = calibrate_filter(scorer, heldout.images[null_idx], cfg.filter)
+    result = filter_synthetic(samples, train, embed=embedder.embed, cfg=cfg.filter, calibration=calibration,
+                              scorer=scorer)
+    teacher = DiffusionModel.load(ctx.input("train-teacher") / "model")
+    audit = audit_filter(train, heldout.subset(audit_idx), scorer=scorer, calibration=calibration, seed=cfg.seed,
+                         teacher=teacher)
     extra: dict[str, Any] = {"audit": audit}
     if (ctx.input("sample") / MIA_FILE).is_file():
         extra["mia"] = {"teacher": _load_json(ctx.input("sample") / MIA_FILE)}

@@ -27,6 +27,7 @@ log = structlog.get_logger(__name__)
 ARCHS = ("convnet", "resnet")
 POOL = 2  # spatial grid kept before the embedding head (layout matters for "same patient")
 MAX_CAL_PAIRS = 4000
+PAIR_TARGET_TPR = 0.95
 WEIGHTS_FILE, CONFIG_FILE = "reid.pt", "reid.json"
 
 
@@ -150,8 +151,11 @@ def _split_patients(images: ImageSet, fraction: float, seed: int) -> tuple[list[
     return [groups[i] for i in order[n_cal:]], [groups[i] for i in order[:n_cal]]
 
 
-def train_reid(train: ImageSet, cfg: ReidConfig, *, seed: int, arch: str = "convnet") -> ReidModel:
-    """Train a patient re-identification embedding (SupCon on repeat visits / augmentations), then calibrate."""
+def train_reid(train: ImageSet, cfg: ReidConfig, *, seed: int, arch: str = "convnet",
+               target_tpr: float = PAIR_TARGET_TPR) -> ReidModel:
+    """Train a patient re-identification embedding (SupCon on repeat visits / augmentations), then calibrate
+    its pair threshold at ``target_tpr`` (a diagnostic and the independent evaluation's operating point; the
+    privacy filter calibrates its own thresholds on fresh images, privdistill.filter.calibrate_filter)."""
     fit_groups, cal_groups = _split_patients(train, cfg.calibration_fraction, seed)
     images = torch.from_numpy(np.ascontiguousarray(train.images, np.float32))
     gen = torch.Generator().manual_seed(seed)
@@ -182,43 +186,69 @@ def train_reid(train: ImageSet, cfg: ReidConfig, *, seed: int, arch: str = "conv
             log.info("reid.train.progress", step=step + 1, loss=round(loss.item(), 4))
     net.eval()
     model = ReidModel(net=net, cfg=cfg, threshold=1.0, seed=seed, resolution=int(images.shape[-1]))
-    model.calibration = calibrate(model, train, cal_groups, seed=seed)
+    model.calibration = calibrate(model, train, cal_groups, seed=seed, target_tpr=target_tpr)
     model.threshold = model.calibration["threshold"]
     log.info("reid.calibrated", arch=arch, **model.calibration)
     return model
 
 
+def distinct_pairs(owner: np.ndarray, *, same: bool, limit: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to ``limit`` distinct unordered pairs (i < j) of positions whose owners are equal (``same``) or
+    differ, drawn without replacement: [K, 2] int64."""
+    n = len(owner)
+    if n * (n - 1) // 2 > 50 * limit and not same:  # too many to list: distinct random pairs, deduplicated
+        found = np.zeros(0, np.int64)
+        for _ in range(100):
+            a, b = rng.integers(0, n, (2, 4 * limit))
+            ok = (a != b) & (owner[a] != owner[b])
+            lo, hi = np.minimum(a, b)[ok], np.maximum(a, b)[ok]
+            found = np.unique(np.concatenate([found, lo * n + hi]))
+            if len(found) >= limit:
+                break
+        found = rng.permutation(found)[:limit]
+        return np.stack([found // n, found % n], 1).astype(np.int64)
+    i, j = np.triu_indices(n, k=1)
+    keep = (owner[i] == owner[j]) if same else (owner[i] != owner[j])
+    pairs = np.stack([i[keep], j[keep]], 1).astype(np.int64)
+    if len(pairs) > limit:
+        pairs = pairs[np.sort(rng.choice(len(pairs), limit, replace=False))]
+    return pairs
+
+
 @torch.no_grad()
-def calibrate(model: ReidModel, data: ImageSet, groups: list[np.ndarray], *, seed: int) -> dict[str, float]:
-    """Threshold at which ``target_tpr`` of held-out same-patient pairs match; TPR/FPR/AUC on those pairs."""
+def calibrate(model: ReidModel, data: ImageSet, groups: list[np.ndarray], *, seed: int,
+              target_tpr: float = PAIR_TARGET_TPR) -> dict[str, float]:
+    """Threshold at which ``target_tpr`` of held-out same-patient pairs match; TPR/FPR/AUC on those pairs.
+
+    Pairs are distinct (no pair counted twice, drawn without replacement); n_pos / n_neg count them."""
     rng = np.random.default_rng(seed + 1)
     gen = torch.Generator().manual_seed(seed + 1)
     idx = np.concatenate(groups)
-    emb = {int(i): e for i, e in zip(idx, model.embed(data.images[idx]))}
-    pos: list[float] = []
-    singles = [int(g[0]) for g in groups if len(g) == 1]
-    for g in groups:
-        pos.extend(float(emb[int(a)] @ emb[int(b)]) for k, a in enumerate(g) for b in g[k + 1 :])
+    emb = model.embed(data.images[idx]).astype(np.float64)
+    owner = np.concatenate([np.full(len(g), k) for k, g in enumerate(groups)])
+    pp = distinct_pairs(owner, same=True, limit=MAX_CAL_PAIRS, rng=rng)
+    pos = list((emb[pp[:, 0]] * emb[pp[:, 1]]).sum(1))
+    singles = [k for k, g in enumerate(groups) if len(g) == 1]
     if singles:  # one image only: the positive is a re-acquisition-like augmentation of it
-        aug = model.embed(augment(torch.from_numpy(data.images[singles]), gen).numpy())
-        pos.extend(float(x) for x in (aug * np.stack([emb[i] for i in singles])).sum(1))
+        where = np.array([int(np.flatnonzero(owner == k)[0]) for k in singles])
+        aug = model.embed(augment(torch.from_numpy(data.images[idx[where]]), gen).numpy()).astype(np.float64)
+        pos.extend((aug * emb[where]).sum(1))
     pos_arr = np.asarray(pos, np.float64)
     if len(pos_arr) > MAX_CAL_PAIRS:
         pos_arr = rng.choice(pos_arr, MAX_CAL_PAIRS, replace=False)
-    owner = np.concatenate([np.full(len(g), k) for k, g in enumerate(groups)])
-    a, b = rng.integers(0, len(idx), (2, 4 * MAX_CAL_PAIRS))
-    keep = owner[a] != owner[b]
-    a, b = a[keep][:MAX_CAL_PAIRS], b[keep][:MAX_CAL_PAIRS]
-    neg_arr = np.array([float(emb[int(idx[i])] @ emb[int(idx[j])]) for i, j in zip(a, b)], np.float64)
-    k = int(math.floor((1 - model.cfg.target_tpr) * len(pos_arr)))
+    nn_ = distinct_pairs(owner, same=False, limit=MAX_CAL_PAIRS, rng=rng)
+    neg_arr = (emb[nn_[:, 0]] * emb[nn_[:, 1]]).sum(1)
+    k = int(math.floor((1 - target_tpr) * len(pos_arr)))
     threshold = float(np.sort(pos_arr)[min(k, len(pos_arr) - 1)])
     return {
         "threshold": threshold,
+        "target_tpr": float(target_tpr),
         "tpr": float((pos_arr >= threshold).mean()),
         "fpr": float((neg_arr >= threshold).mean()) if len(neg_arr) else float("nan"),
         "auc": roc_auc(pos_arr, neg_arr) if len(neg_arr) else float("nan"),
         "n_pos": int(len(pos_arr)),
         "n_neg": int(len(neg_arr)),
+        "n_patients": len(groups),
     }
 
 
@@ -252,7 +282,7 @@ def load_reid(directory: Path) -> ReidModel:
     net.eval()
     return ReidModel(
         net=net,
-        cfg=ReidConfig.model_validate(meta["config"]),
+        cfg=ReidConfig.model_validate({k: v for k, v in meta["config"].items() if k != "target_tpr"}),  # files written before target_tpr moved
         threshold=float(meta["threshold"]),
         calibration=meta["calibration"],
         seed=int(meta["seed"]),

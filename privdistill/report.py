@@ -45,11 +45,16 @@ EXPLAIN = {
     "held-out real images (minus the mean denoising loss at fixed noise levels and fixed noise, class-balanced): "
     "0.5 means no membership leak, 1.0 a model that gives every training image away. The student's AUC against "
     "the teacher's is the headline of privacy distillation. Lower (towards 0.5) is better.",
-    "Filter audit": "planted_recall: the share of planted copies of training images (exact, 1-px shift, noise "
-    "0.1, contrast 0.9) the filter drops, per kind (should be 1.0); heldout_real_dropped_rate: its false-positive "
-    "rate, the share of fresh real images of unseen patients it would drop.",
-    "Filter": "The re-identification filter dropped the generated images above its threshold; TPR/FPR "
-    "are its recall and false-alarm rate on held-out calibration pairs of known patients.",
+    "Filter audit": "fresh_drop_rate (with fresh_drop_ci, a Clopper-Pearson 95% interval, and fresh_n): the "
+    "share of fresh real images of new patients, kept apart from the calibration, that the filter drops (it is "
+    "calibrated to at most alpha). recall: per kind of copy of a training image the filter was not built around "
+    "(blur, correlated noise, a homogeneous class, local marks, held-out repeat visits, the teacher's own "
+    "near-copies, and exact / shifted / noisy / contrast copies), the share it drops with n and a patient-level "
+    "bootstrap 95% interval; too_few lists kinds with too few cases to say much.",
+    "Filter": "The filter drops a generated image when its re-identification, pixel or local-patch score against "
+    "the training images passes a threshold calibrated on held-out patients (calibration.alpha, split between "
+    "the detectors; calibration.n_null images). reid_pairs: the re-identification model's TPR/FPR on distinct "
+    "held-out same- and different-patient pairs (a diagnostic; the filter does not use it).",
     "teacher_dp": "Only when the teacher was trained with DP-SGD: the (epsilon, delta) its RDP accountant "
     "spent (Poisson-sampled patients, per-patient clipping; a semantic query for public pretraining is "
     "composed in). It bounds what the teacher and its unfiltered samples reveal about any one patient; "

@@ -9,10 +9,11 @@ from urllib.parse import urlsplit
 
 import structlog
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from privdistill.config import FilterConfig, RunConfig, Strict, _format_pydantic, config_hash, parse_config, read_yaml
 from privdistill.errors import ConfigError
+from privdistill.privacy_report import renamed_field
 from privdistill.shard import ID_PATTERN, prompt_vocabulary, tokens
 
 log = structlog.get_logger(__name__)
@@ -31,8 +32,18 @@ class PolicyConfig(Strict):
     max_teacher_memorization_rate: float | None = Field(None, ge=0, le=1)
     # the filter's recall on planted copies of training images (worst kind: exact, shift, noise, contrast)
     min_planted_recall: float = Field(1.0, ge=0, le=1)
+    # the worst 95% lower bound of the filter's recall over the audited kinds of copies with enough cases
+    # (blur, teacher near-copies, local marks, repeat visits...; filter.audit.recall); null = not a criterion
+    min_recall_lower_bound: float | None = Field(None, ge=0, le=1)
+    # the filter's measured drop rate of fresh images of new patients (filter.audit.fresh_drop_rate); null = not a criterion
+    max_fresh_drop_rate: float | None = Field(None, ge=0, le=1)
     # the re-identification filter must have been enabled for the kept set
     require_filter: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        return renamed_field(data, "require_filter_enabled", "require_filter", "site.policy")
     # fewest kept images a shard may hold
     min_kept: int = Field(1, ge=1)
     # the teacher's membership-inference ROC AUC (privdistill.audit.mia; 0.5 = no leak); null = not a criterion
@@ -212,6 +223,7 @@ reid: {steps: 120, batch_size: 48, width: 16, embedding_dim: 32}
 sample: {per_class: 30, steps: 20, batch_size: 90}
 filter:
   enabled: true                 # production refuses false
+  max_fresh_drop: 0.05          # alpha: share of fresh images of new patients the filter may drop (calibrated)
 site:
   # From the provisioning bundle's site-connection.yaml (`privdistill-site init --connection FILE` fills these):
   id: CHANGE-ME                 # lowercase letters, digits, - and _ (the name the coordinator registered)
@@ -225,6 +237,8 @@ site:
     max_kept_memorization_rate: 0.0       # kept synthetic images that copy a training image (fraction)
     max_teacher_memorization_rate: null   # the same before filtering (null: not checked)
     min_planted_recall: 1.0               # filter recall on planted copies of training images (worst kind)
+    min_recall_lower_bound: null          # worst 95% lower bound of filter recall over audited kinds (null: not checked)
+    max_fresh_drop_rate: null             # filter's drop rate of fresh images of new patients (null: not checked)
     require_filter: true                  # the re-identification filter must have run
     min_kept: 1                           # fewest images a shard may hold
     max_teacher_mia_auc: null             # teacher membership-inference AUC (0.5 = no leak; null: not checked)

@@ -4,12 +4,12 @@ and the signed shard in WORKDIR/shards/<shard_id>/, registered in the site state
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from itertools import count
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -17,6 +17,7 @@ from privdistill.data.types import ImageSet
 from privdistill.errors import PrivacyPolicyError, ShardVerificationError, StageError
 from privdistill.identity import public_key_b64
 from privdistill.pipeline import KEPT_FILE, open_filtered_set
+from privdistill.privacy_report import Limits, PrivacyReport, evaluate_criteria
 from privdistill.shard import MANIFEST, SHARD_TAR, SIGNATURE, sha256_path, verify_shard_dir, words_outside, write_shard
 from privdistill.stages import STAGE_FILE, Stage, StageContext, read_record, sha256_file
 from site_agent.audit import audit
@@ -33,49 +34,20 @@ SHARD_FILES = frozenset({SHARD_TAR, MANIFEST, SIGNATURE})
 
 
 # ----------------------------------------------------------------------------- policy
-def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
-
-
-def _with_undecidable(privacy: dict[str, Any], who: str, n: Any) -> float | None:
-    """``{who}_memorization_rate`` with the samples the metric could not decide counted as memorized
-    (``{who}_memorization_undecidable`` of n), so an undecidable sample never passes a gate silently."""
-    v = _num(privacy.get(f"{who}_memorization_rate"))
-    und = privacy.get(f"{who}_memorization_undecidable") or 0
-    if v is not None and und:
-        v = v + und / n if isinstance(n, int) and n > 0 else None
-    return v
+def policy_limits(policy: PolicyConfig) -> Limits:
+    return Limits(
+        require_filter=policy.require_filter, max_kept_memorization_rate=policy.max_kept_memorization_rate,
+        max_teacher_memorization_rate=policy.max_teacher_memorization_rate,
+        min_planted_recall=policy.min_planted_recall, min_recall_lower_bound=policy.min_recall_lower_bound,
+        max_fresh_drop_rate=policy.max_fresh_drop_rate, min_kept=policy.min_kept,
+        max_teacher_mia_auc=policy.max_teacher_mia_auc, max_epsilon=policy.max_epsilon,
+    )
 
 
 def evaluate_policy(privacy: dict[str, Any], policy: PolicyConfig) -> dict[str, Any]:
-    """Each criterion with its value, limit and result; ``passed`` only if all pass (missing numbers fail)."""
-    criteria: list[dict[str, Any]] = []
-
-    def check(name: str, value: Any, limit: Any, ok: bool) -> None:
-        criteria.append({"name": name, "value": value, "limit": limit, "passed": bool(ok)})
-
-    if policy.require_filter:
-        check("require_filter", privacy.get("filter_enabled"), True, privacy.get("filter_enabled") is True)
-    v = _with_undecidable(privacy, "kept", privacy.get("kept"))
-    check("max_kept_memorization_rate", v, policy.max_kept_memorization_rate,
-          v is not None and v <= policy.max_kept_memorization_rate)
-    if policy.max_teacher_memorization_rate is not None:
-        v = _with_undecidable(privacy, "teacher", privacy.get("n_synthetic"))
-        check("max_teacher_memorization_rate", v, policy.max_teacher_memorization_rate,
-              v is not None and v <= policy.max_teacher_memorization_rate)
-    recall = (privacy.get("audit") or {}).get("planted_recall") or {}
-    values = [_num(x) for x in recall.values()] if isinstance(recall, dict) else []
-    worst = min(values) if values and None not in values else None  # type: ignore[type-var]
-    check("min_planted_recall", worst, policy.min_planted_recall, worst is not None and worst >= policy.min_planted_recall)
-    kept = privacy.get("kept")
-    ok = isinstance(kept, int) and not isinstance(kept, bool) and kept >= policy.min_kept
-    check("min_kept", kept, policy.min_kept, ok)
-    if policy.max_teacher_mia_auc is not None:
-        v = _num(((privacy.get("mia") or {}).get("teacher") or {}).get("auc"))
-        check("max_teacher_mia_auc", v, policy.max_teacher_mia_auc, v is not None and v <= policy.max_teacher_mia_auc)
-    if policy.max_epsilon is not None:  # no DP section: the teacher was trained without DP, epsilon is unbounded
-        v = _num((privacy.get("teacher_dp") or {}).get("epsilon"))
-        check("max_epsilon", v, policy.max_epsilon, v is not None and v <= policy.max_epsilon)
+    """Each criterion with its value, limit and result; ``passed`` only if all pass (missing numbers fail).
+    The criteria are privdistill.privacy_report's, the same the coordinator's release gate evaluates."""
+    criteria = [c.as_dict() for c in evaluate_criteria(PrivacyReport.parse(privacy), policy_limits(policy))]
     failed = [c["name"] for c in criteria if not c["passed"]]
     return {"passed": not failed, "failed": failed, "criteria": criteria}
 
@@ -88,12 +60,19 @@ def privacy_aggregate(cfg: SiteConfig, *, filter_report: dict[str, Any], train: 
     from privdistill.metrics import reid_rate
     from privdistill.reid import OnnxEmbedder
 
+    from privdistill.privacy_report import number
+
     ratio = cfg.evaluate.memorization_ratio
-    threshold = float(filter_report["threshold"])
+    threshold = number(filter_report.get("threshold"))  # the re-id cosine threshold (None: no plain re-id detector)
     embedder = OnnxEmbedder(reid_onnx)
     real_emb = embedder.embed(train.images)
     audit_rep = filter_report.get("audit") or {}
     cal = filter_report.get("calibration") or {}
+    pairs = filter_report.get("reid_pairs") or {}
+
+    def reid(images: np.ndarray) -> float | None:
+        return None if threshold is None else reid_rate(images, real_emb, embed=embedder.embed, threshold=threshold)
+
     return {
         "filter_enabled": bool(filter_report.get("filter_enabled")),
         "n_synthetic": int(filter_report.get("n_synthetic", len(samples))),
@@ -101,13 +80,18 @@ def privacy_aggregate(cfg: SiteConfig, *, filter_report: dict[str, Any], train: 
         "dropped": int(filter_report.get("dropped", 0)),
         "dropped_by_reason": filter_report.get("dropped_by_reason", {}),
         "threshold": threshold,
-        "calibration": {k: cal.get(k) for k in ("tpr", "fpr", "auc")},
-        "audit": {k: audit_rep.get(k) for k in ("planted_recall", "planted_per_kind", "heldout_real_dropped_rate",
-                                                 "heldout_real_n")},
+        # the filter's calibration on fresh images (alpha, n_null, per-detector thresholds) and its re-id
+        # model's pair diagnostics
+        "calibration": {k: cal.get(k) for k in ("method", "alpha", "n_null", "detectors", "alpha_per_detector",
+                                                 "thresholds") if k in cal},
+        "reid_pairs": {k: pairs.get(k, cal.get(k)) for k in ("tpr", "fpr", "auc")},
+        "audit": {k: audit_rep.get(k) for k in ("fresh_drop_rate", "fresh_drop_ci", "fresh_n", "recall", "too_few",
+                                                 "planted_recall", "planted_per_kind", "heldout_real_dropped_rate",
+                                                 "heldout_real_n") if k in audit_rep},
         "memorization_ratio": ratio,
         **_memorization_numbers(samples, kept, train, ratio),
-        "teacher_reid_rate": reid_rate(samples.images, real_emb, embed=embedder.embed, threshold=threshold),
-        "kept_reid_rate": reid_rate(kept.images, real_emb, embed=embedder.embed, threshold=threshold),
+        "teacher_reid_rate": reid(samples.images),
+        "kept_reid_rate": reid(kept.images),
         # the teacher's membership-inference AUC (privdistill.audit.mia; aggregate only)
         "mia": {"teacher": {k: ((filter_report.get("mia") or {}).get("teacher") or {}).get(k)
                             for k in ("auc", "n_members", "n_nonmembers")}},

@@ -275,10 +275,11 @@ def test_policy_needs_reported_numbers_and_an_enabled_filter() -> None:
     from coordinator.release import ReleasePolicy
 
     training = {"shards": [{"site": "s", "shard_id": "x", "tar_sha256": "ab" * 32,
-                            "privacy": {"filter_enabled": False}}]}
+                            "privacy_report": {"filter_enabled": False}}]}
     f = check_policy(training, ReleasePolicy())
     assert len(f) == 2
-    assert "reports no kept-set memorization rate" in f[0] and "filter disabled" in f[1]
+    assert f[0].startswith("require_filter:") and "filter disabled" in f[0]
+    assert f[1].startswith("max_site_kept_memorization_rate:") and "reports no kept-set memorization rate" in f[1]
 
 
 def test_release_refused_when_a_new_shard_was_accepted_since_training(evaluated, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from privdistill import identity
 from privdistill.audit.attestation import ATTESTATION, ATTESTATION_SIG, make_attestation, model_digest
 from privdistill.data.types import ImageSet
 from privdistill.errors import PrivacyPolicyError
+from privdistill.privacy_report import PrivacyReport
 from privdistill.stages import atomic_write_json
 from site_agent.config import PolicyConfig
 from site_agent.gate import ExportRefused, check_export
@@ -31,10 +32,11 @@ STRICT = ReleasePolicy(min_planted_recall=1.0, max_epsilon=8.0, max_student_mia_
 
 
 def _shard(site: str, *, recall: float = 1.0, epsilon: float | None = 4.0, kept_mem: float = 0.0) -> dict[str, Any]:
-    return {"site": site, "shard_id": f"{site}-abc", "tar_sha256": "ab" * 32, "privacy": {
-        "filter_enabled": True, "kept_memorization_rate": kept_mem,
-        "planted_recall": {"exact": 1.0, "shift_1px": recall, "noise_0.1": 1.0, "contrast_0.9": 1.0},
-        "teacher_dp_epsilon": epsilon, "teacher_mia_auc": 0.7}}
+    privacy = {"filter_enabled": True, "kept_memorization_rate": kept_mem,
+               "audit": {"planted_recall": {"exact": 1.0, "shift_1px": recall, "noise_0.1": 1.0, "contrast_0.9": 1.0}},
+               "mia": {"teacher": {"auc": 0.7}}, **({} if epsilon is None else {"teacher_dp": {"epsilon": epsilon}})}
+    return {"site": site, "shard_id": f"{site}-abc", "tar_sha256": "ab" * 32,
+            "privacy": PrivacyReport.parse(privacy).summary(), "privacy_report": privacy}
 
 
 def _model(tmp: Path) -> Path:
@@ -203,3 +205,42 @@ def test_export_gate_passes_a_shard_within_the_policy(tmp_path: Path, reid_src: 
     manifest = check_export(s.workdir, pkg["shard_id"], s.cfg)
     assert manifest.privacy["mia"]["teacher"]["auc"] == 0.54
     atomic_write_json(tmp_path / "seen.json", manifest.privacy)  # JSON-safe aggregate
+
+
+# ----------------------------------------------------------------------------- one set of criteria for both gates
+def _audited(low: float, fresh: float) -> dict[str, Any]:
+    return {"filter_enabled": True, "kept_memorization_rate": 0.0, "kept": 5,
+            "audit": {"planted_recall": {"exact": 1.0},
+                      "fresh_drop_rate": fresh, "fresh_drop_ci": [0.01, 0.09], "fresh_n": 150,
+                      "recall": {"exact": {"value": 1.0, "ci": [1.0, 1.0], "n": 50},
+                                 "blur_0.5-1px": {"value": 0.9, "ci": [low, 0.97], "n": 50},
+                                 "local_mark": {"value": 0.0, "ci": [0.0, 0.0], "n": 3}},  # too few: not judged
+                      "too_few": ["local_mark"]}}
+
+
+def test_recall_lower_bound_and_fresh_drop_mean_the_same_at_the_site_and_the_coordinator() -> None:
+    site = PolicyConfig(min_recall_lower_bound=0.8, max_fresh_drop_rate=0.1)
+    release_policy = ReleasePolicy(min_recall_lower_bound=0.8, max_fresh_drop_rate=0.1)
+
+    def both(privacy: dict[str, Any]) -> tuple[list[str], list[str]]:
+        shard = {"site": "site-a", "shard_id": "a1", "tar_sha256": "ab" * 32, "privacy_report": privacy}
+        return (evaluate_policy(privacy, site)["failed"],
+                sorted(f.split(":")[0] for f in check_policy({"shards": [shard]}, release_policy)))
+
+    assert both(_audited(0.85, 0.05)) == ([], [])
+    assert both(_audited(0.75, 0.05)) == (["min_recall_lower_bound"], ["min_recall_lower_bound"])
+    assert both(_audited(0.85, 0.2)) == (["max_fresh_drop_rate"], ["max_fresh_drop_rate"])
+    old = {k: v for k, v in _audited(0.85, 0.05).items() if k != "audit"}  # a manifest from before the audit
+    assert both(old)[0] == ["min_planted_recall", "min_recall_lower_bound", "max_fresh_drop_rate"]
+    shard = {"site": "site-a", "shard_id": "a1", "tar_sha256": "ab" * 32, "privacy_report": _audited(0.75, 0.05)}
+    (msg,) = check_policy({"shards": [shard]}, release_policy)
+    assert "recall 95% lower bound 0.7500 < 0.8 (kind blur_0.5-1px)" in msg
+
+
+def test_the_old_require_filter_enabled_key_names_the_new_one() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="release.require_filter_enabled was renamed to release.require_filter"):
+        ReleasePolicy.model_validate({"require_filter_enabled": True})
+    with pytest.raises(ValidationError, match="site.policy.require_filter_enabled was renamed"):
+        PolicyConfig.model_validate({"require_filter_enabled": True})

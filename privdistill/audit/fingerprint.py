@@ -194,5 +194,5 @@ def raise_if_survivors(report: dict[str, Any], out_dir: Path) -> None:
     if report["failures"]:
         raise PrivacyPolicyError(
             "fingerprint audit FAILED: " + "; ".join(report["failures"]) + ". If the filter kept fingerprinted "
-            "images it misses identifiable ones: raise reid.target_tpr (a lower re-identification threshold) or "
+            "images it misses identifiable ones: raise filter.max_fresh_drop (lower calibrated thresholds) or "
             f"filter.pixel_ratio and re-run (report: {out_dir})")

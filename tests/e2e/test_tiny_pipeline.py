@@ -20,9 +20,10 @@ CLI = [sys.executable, "-m", "privdistill.cli"]
 REQUIRED = [
     "teacher.memorization_rate", "student.memorization_rate", "teacher.reid_rate", "student.reid_rate",
     "teacher.tstr_accuracy", "student.tstr_accuracy", "real.trtr_accuracy", "teacher.fid_domain",
-    "student.fid_domain", "filter.kept", "filter.dropped", "filter.threshold", "filter.calibration.tpr",
-    "filter.calibration.fpr",
+    "student.fid_domain", "filter.kept", "filter.dropped", "filter.threshold", "filter.reid_pairs.tpr",
+    "filter.reid_pairs.fpr", "filter.calibration.alpha", "filter.calibration.n_null", "filter.audit.fresh_drop_rate",
 ]
+LISTS = ["filter.audit.fresh_drop_ci"]  # [lo, hi]
 
 pytestmark = [
     pytest.mark.e2e,
@@ -78,6 +79,13 @@ def test_kill_resume_report_and_noop_rerun(tmp_path: Path) -> None:
     for key in REQUIRED:
         value = _get(report, key)
         assert isinstance(value, (int, float)), f"{key} = {value!r}"
+    for key in LISTS:
+        lo, hi = _get(report, key)
+        assert 0 <= lo <= hi <= 1, f"{key} = {[lo, hi]}"
+    recall = _get(report, "filter.audit.recall")
+    assert {"exact", "repeat_visit_lovo", "local_mark", "blur_0.5-1px", "teacher_t0.1"} <= set(recall)
+    for kind, r in recall.items():
+        assert set(r) >= {"value", "ci", "n"} and r["n"] > 0, (kind, r)
     for key in ("teacher.memorization_rate", "student.memorization_rate", "teacher.reid_rate",
                 "student.reid_rate", "teacher.tstr_accuracy", "student.tstr_accuracy", "real.trtr_accuracy"):
         assert 0.0 <= _get(report, key) <= 1.0, key
