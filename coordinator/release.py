@@ -70,7 +70,7 @@ def load_attestations(paths: list[Path], site_keys: dict[str, str]) -> tuple[lis
 def _attested(training: dict[str, Any], policy: ReleasePolicy, attestations: list[dict[str, Any]],
               model_digest: str | None) -> list[str]:
     """Student criteria measured by the sites: every contributing site must attest this very model."""
-    limits = {"max_student_mia_auc": ("mia_auc", policy.max_student_mia_auc),
+    limits = {"max_student_mia_auc": ("mia_auc_ci95", policy.max_student_mia_auc),
               "max_student_memorization_rate": ("memorization_rate", policy.max_student_memorization_rate)}
     limits = {k: v for k, v in limits.items() if v[1] is not None}
     failures: list[str] = []
@@ -82,6 +82,8 @@ def _attested(training: dict[str, Any], policy: ReleasePolicy, attestations: lis
         a = mine.get(site)
         for name, (key, limit) in limits.items():
             value = None if a is None else a["student"].get(key)
+            if key == "mia_auc_ci95":  # the interval's upper end, not the point estimate
+                value = value[1] if isinstance(value, list) and len(value) == 2 else None
             if a is None:
                 failures.append(f"{name}: site {site} has not attested this student (model "
                                 f"{str(model_digest)[:12]}); it runs `privdistill-site evaluate-student` on it "
@@ -89,7 +91,14 @@ def _attested(training: dict[str, Any], policy: ReleasePolicy, attestations: lis
             elif not _number(value):
                 failures.append(f"{name}: site {site}'s attestation reports no {key}")
             elif value > limit:
-                failures.append(f"{name}: site {site} measured {key} {value:.4f} > {limit}")
+                what = "the upper end of the 95% interval of mia_auc" if key == "mia_auc_ci95" else key
+                failures.append(f"{name}: site {site} measured {what} {value:.4f} > {limit}")
+        if a is not None and policy.max_student_mia_auc is not None:
+            ns = [a["student"].get("mia_n_member_units"), a["student"].get("mia_n_nonmember_units")]
+            n = min(ns) if all(_number(x) for x in ns) else None
+            if n is None or n < policy.min_student_mia_patients:
+                failures.append(f"min_student_mia_patients: site {site}'s student MIA rests on {n} member/non-member "
+                                f"patients; the policy needs {policy.min_student_mia_patients}")
     return failures
 
 
@@ -144,6 +153,10 @@ def check_policy(training: dict[str, Any], policy: ReleasePolicy, *, attestation
                                 f"manifest); the policy needs epsilon <= {policy.max_epsilon}")
             elif eps > policy.max_epsilon:
                 failures.append(f"max_epsilon: {who}'s teacher spent epsilon {eps:.4g} > {policy.max_epsilon}")
+            delta = p.get("teacher_dp_delta")
+            if _number(eps) and (not _number(delta) or delta > policy.max_delta):
+                failures.append(f"max_delta: {who}'s teacher reports delta {delta} > {policy.max_delta} (a guarantee "
+                                "at a large delta allows exposing some patients outright)")
     failures += _attested(training, policy, attestations or [], model_digest)
     return failures
 

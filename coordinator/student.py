@@ -68,8 +68,13 @@ class ReleasePolicy(_Strict):
     max_epsilon: float | None = Field(None, gt=0)
     # measured by every contributing site against its own patients and sent as a signed attestation
     # (`privdistill-site evaluate-student` -> student-eval/attestation.json + .sig); null = not a criterion
+    # max_student_mia_auc is compared with the UPPER end of the attested patient-level 95% interval, and
+    # needs min_student_mia_patients member and non-member patients behind it
     max_student_mia_auc: float | None = Field(None, ge=0.5, le=1)
+    min_student_mia_patients: int = Field(20, ge=2)
     max_student_memorization_rate: float | None = Field(None, ge=0, le=1)
+    # the teachers' DP delta, checked when max_epsilon is set
+    max_delta: float = Field(1e-5, gt=0, lt=1)
 
 
 class FederatedConfig(_Strict):
@@ -247,6 +252,10 @@ PRIVACY_FIELDS: dict[str, tuple[str, ...]] = {
     "kept_reid_rate": ("kept_reid_rate",),
     "site_policy_passed": ("policy", "passed"),
     "teacher_mia_auc": ("mia", "teacher", "auc"),
+    "teacher_mia_auc_ci95": ("mia", "teacher", "auc_ci95"),
+    "teacher_mia_n_member_units": ("mia", "teacher", "n_member_units"),
+    "teacher_mia_n_nonmember_units": ("mia", "teacher", "n_nonmember_units"),
+    "non_dp_aggregates": ("non_dp_aggregates", "keys"),
     "teacher_dp_epsilon": ("teacher_dp", "epsilon"),
     "teacher_dp_delta": ("teacher_dp", "delta"),
 }

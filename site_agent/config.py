@@ -35,10 +35,15 @@ class PolicyConfig(Strict):
     require_filter: bool = True
     # fewest kept images a shard may hold
     min_kept: int = Field(1, ge=1)
-    # the teacher's membership-inference ROC AUC (privdistill.audit.mia; 0.5 = no leak); null = not a criterion
+    # the teacher's membership-inference ROC AUC (privdistill.audit.mia; 0.5 = no leak); null = not a criterion.
+    # Compared with the UPPER end of its patient-level bootstrap 95% interval, not the point estimate
     max_teacher_mia_auc: float | None = Field(None, ge=0.5, le=1)
+    # fewest member and non-member patients that AUC must rest on (checked when max_teacher_mia_auc is set)
+    min_mia_patients: int = Field(20, ge=2)
     # the teacher's DP-SGD epsilon; null = not a criterion; when set, a teacher trained without DP fails
     max_epsilon: float | None = Field(None, gt=0)
+    # the teacher's DP delta (checked when max_epsilon is set): a guarantee at delta 1e-2 is not one at 1e-5
+    max_delta: float = Field(1e-5, gt=0, lt=1)
 
 
 class SiteSection(Strict):
@@ -227,8 +232,10 @@ site:
     min_planted_recall: 1.0               # filter recall on planted copies of training images (worst kind)
     require_filter: true                  # the re-identification filter must have run
     min_kept: 1                           # fewest images a shard may hold
-    max_teacher_mia_auc: null             # teacher membership-inference AUC (0.5 = no leak; null: not checked)
+    max_teacher_mia_auc: null             # upper end of the teacher's MIA AUC 95% interval (0.5 = no leak; null: not checked)
+    min_mia_patients: 20                  # fewest member / non-member patients behind that AUC
     max_epsilon: null                     # teacher DP-SGD epsilon (null: not checked; set: DP is required)
+    max_delta: 1.0e-5                     # teacher DP delta (checked with max_epsilon)
 """
 
 

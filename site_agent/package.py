@@ -30,6 +30,14 @@ UPSTREAM = ("ingest", "sample", "filter", "train-reid")
 SHARDS_DIR = "shards"
 REPORT_FILE = "package_report.json"
 SHARD_FILES = frozenset({SHARD_TAR, MANIFEST, SIGNATURE})
+# every number in the privacy section that was computed on the real patients OUTSIDE any DP accountant:
+# each says something about those patients that the teacher's epsilon (if any) does not bound
+NON_DP_KEYS = ("n_synthetic", "kept", "dropped", "dropped_by_reason", "threshold", "calibration", "audit",
+               "teacher_memorization_rate", "kept_memorization_rate", "teacher_reid_rate", "kept_reid_rate", "mia")
+NON_DP_NOTE = ("computed on this site's real patients without differential privacy; not covered by teacher_dp's "
+               "(epsilon, delta), which bounds the teacher's weights and raw samples only")
+MIA_KEYS = ("auc", "auc_ci95", "unit", "n_member_units", "n_nonmember_units", "n_members", "n_nonmembers",
+            "image_auc", "image_auc_ci95", "tpr_at_fpr", "interval", "dp_covered")
 
 
 # ----------------------------------------------------------------------------- policy
@@ -61,11 +69,19 @@ def evaluate_policy(privacy: dict[str, Any], policy: PolicyConfig) -> dict[str, 
     ok = isinstance(kept, int) and not isinstance(kept, bool) and kept >= policy.min_kept
     check("min_kept", kept, policy.min_kept, ok)
     if policy.max_teacher_mia_auc is not None:
-        v = _num(((privacy.get("mia") or {}).get("teacher") or {}).get("auc"))
+        # the upper end of the patient-level 95% interval: a point estimate under the limit is not evidence
+        mia = (privacy.get("mia") or {}).get("teacher") or {}
+        ci = mia.get("auc_ci95")
+        v = _num(ci[1]) if isinstance(ci, (list, tuple)) and len(ci) == 2 else None
         check("max_teacher_mia_auc", v, policy.max_teacher_mia_auc, v is not None and v <= policy.max_teacher_mia_auc)
+        ns = [mia.get("n_member_units"), mia.get("n_nonmember_units")]
+        n = min(ns) if all(isinstance(x, int) and not isinstance(x, bool) for x in ns) else None
+        check("min_mia_patients", n, policy.min_mia_patients, n is not None and n >= policy.min_mia_patients)
     if policy.max_epsilon is not None:  # no DP section: the teacher was trained without DP, epsilon is unbounded
         v = _num((privacy.get("teacher_dp") or {}).get("epsilon"))
         check("max_epsilon", v, policy.max_epsilon, v is not None and v <= policy.max_epsilon)
+        d = _num((privacy.get("teacher_dp") or {}).get("delta"))
+        check("max_delta", d, policy.max_delta, d is not None and d <= policy.max_delta)
     failed = [c["name"] for c in criteria if not c["passed"]]
     return {"passed": not failed, "failed": failed, "criteria": criteria}
 
@@ -99,11 +115,12 @@ def privacy_aggregate(cfg: SiteConfig, *, filter_report: dict[str, Any], train: 
         "kept_memorization_rate": memorization(kept.images, train, ratio=ratio)["rate"] if len(kept) else 0.0,
         "teacher_reid_rate": reid_rate(samples.images, real_emb, embed=embedder.embed, threshold=threshold),
         "kept_reid_rate": reid_rate(kept.images, real_emb, embed=embedder.embed, threshold=threshold),
-        # the teacher's membership-inference AUC (privdistill.audit.mia; aggregate only)
-        "mia": {"teacher": {k: ((filter_report.get("mia") or {}).get("teacher") or {}).get(k)
-                            for k in ("auc", "n_members", "n_nonmembers")}},
+        # the teacher's membership-inference AUC (privdistill.audit.mia; aggregate only), with its interval and n
+        "mia": {"teacher": {k: v for k, v in ((filter_report.get("mia") or {}).get("teacher") or {}).items()
+                            if k in MIA_KEYS}},
         # the teacher's DP-SGD guarantee (privdistill.dp.dp_summary), only when it was trained with DP
         **({"teacher_dp": filter_report["teacher_dp"]} if filter_report.get("teacher_dp") else {}),
+        "non_dp_aggregates": {"keys": list(NON_DP_KEYS), "note": NON_DP_NOTE},
     }
 
 

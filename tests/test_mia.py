@@ -113,3 +113,54 @@ def test_nonmembers_get_the_training_splits_simulated_visit() -> None:
     moved = comparable_nonmembers(test, VisitsConfig(count=3, max_shift=1), seed=0)
     assert same is test
     assert len(moved) == 5 and not np.allclose(moved.images, test.images)  # one perturbed visit each
+
+
+# ----------------------------------------------------------------------------- uncertainty (audit.stats)
+def test_tpr_at_fpr_uses_only_thresholds_within_the_fpr() -> None:
+    from privdistill.audit.stats import tpr_at_fpr
+
+    neg = np.arange(100, dtype=float)  # 0..99
+    pos = np.array([99.5, 98.5, 97.5, 50.0])
+    # FPR 1%: one negative (99) may score above the threshold -> threshold 98: 99.5 and 98.5 pass
+    assert tpr_at_fpr(pos, neg, 0.01) == pytest.approx(0.5)
+    # FPR 0: threshold at the best negative (99): only 99.5 passes
+    assert tpr_at_fpr(pos, neg, 0.0) == pytest.approx(0.25)
+
+
+def test_clopper_pearson_of_zero_events() -> None:
+    from privdistill.audit.stats import clopper_pearson
+
+    lo, hi = clopper_pearson(0, 180)
+    assert lo == 0.0 and hi == pytest.approx(1 - 0.025 ** (1 / 180), rel=1e-6)  # 2.03%: "0 of 180" is not "0%"
+
+
+def test_patient_bootstrap_is_wider_than_an_image_bootstrap_for_repeated_visits() -> None:
+    from privdistill.audit.roc import roc_auc
+    from privdistill.audit.stats import cluster_bootstrap
+
+    # 30 patients x 4 near-identical visits per side, no membership signal
+    rng = np.random.default_rng(0)
+    pm, pn = np.repeat(rng.normal(size=30), 4), np.repeat(rng.normal(size=30), 4)
+    pm, pn = pm + 0.01 * rng.normal(size=120), pn + 0.01 * rng.normal(size=120)
+    gm, gn = np.repeat([f"m{i}" for i in range(30)], 4), np.repeat([f"n{i}" for i in range(30)], 4)
+    by_image = cluster_bootstrap(roc_auc, pm, pn, n_boot=500)
+    by_patient = cluster_bootstrap(roc_auc, pm, pn, positive_groups=gm, negative_groups=gn, n_boot=500)
+    assert by_patient[0] < 0.5 < by_patient[1]
+    # 4 correlated visits carry about one patient's evidence: the honest interval is ~sqrt(4) = 2x wider
+    assert (by_patient[1] - by_patient[0]) > 1.6 * (by_image[1] - by_image[0])
+
+
+def test_attack_summary_reports_tpr_only_where_the_nonmember_count_allows() -> None:
+    from privdistill.audit.stats import attack_summary
+
+    rng = np.random.default_rng(1)
+    few = attack_summary(rng.normal(1, 1, 40), rng.normal(0, 1, 40), member_groups=None, nonmember_groups=None,
+                         n_boot=200)
+    assert few["n_member_units"] == few["n_nonmember_units"] == 40 and few["unit"] == "image"
+    assert few["tpr_at_fpr"]["0.01"]["tpr"] is None and "at least 100" in few["tpr_at_fpr"]["0.01"]["reason"]
+    lo, hi = few["auc_ci95"]
+    assert lo < few["auc"] < hi and lo > 0.5  # a one-sigma shift: AUC ~0.76, interval excludes 0.5
+    many = attack_summary(rng.normal(3, 1, 150), rng.normal(0, 1, 150), member_groups=None, nonmember_groups=None,
+                          n_boot=200)
+    assert many["tpr_at_fpr"]["0.01"]["tpr"] > 0.2 and many["tpr_at_fpr"]["0.01"]["n_nonmember_units"] == 150
+    assert many["tpr_at_fpr"]["0.001"]["tpr"] is None  # needs 1000 non-members
