@@ -18,7 +18,7 @@ from opacus.utils.batch_memory_manager import BatchSplittingSampler
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 
-from privdistill.config import DPConfig, TrainConfig
+from privdistill.config import BudgetConfig, DPConfig, TrainConfig
 from privdistill.data.types import ImageSet
 from privdistill.errors import ConfigError, StageError
 from privdistill.models import DiffusionModel
@@ -75,11 +75,14 @@ def privacy_units(data: ImageSet, unit: str) -> list[np.ndarray]:
 
 
 def resolve_delta(dp: DPConfig, n_units: int) -> float:
-    """The configured delta, or 1/(10 N); a delta >= 1/N is refused (it would allow exposing a whole unit)."""
-    delta = dp.delta if dp.delta is not None else 1.0 / (10 * n_units)
+    """The configured delta, or min(1e-5, 1/(N ln N)) (privdistill.budget.default_delta); a delta >= 1/N is
+    refused (it would allow exposing a whole unit)."""
+    from privdistill.budget import default_delta
+
+    delta = dp.delta if dp.delta is not None else default_delta(n_units)
     if delta >= 1.0 / n_units:
         raise ConfigError([f"privacy.dp.delta: {delta:g} is not below 1/N = {1 / n_units:g} for N={n_units} "
-                           "privacy units; use a delta well below 1/N (default 1/(10 N))"])
+                           "privacy units; use a delta well below 1/N (default min(1e-5, 1/(N ln N)))"])
     return delta
 
 
@@ -321,10 +324,11 @@ class DPTrainer(Trainer):
 # ----------------------------------------------------------------------------- front door
 def train_teacher_dp(
     model: DiffusionModel, data: ImageSet, cfg: TrainConfig, dp: DPConfig, *, seed: int, resolution: int,
-    channels: int, checkpoint_dir: Path | None = None,
+    channels: int, checkpoint_dir: Path | None = None, budget: BudgetConfig | None = None,
 ) -> dict[str, Any]:
     """Optional public start (semantic query + pretraining, or init_from), then DP-SGD on ``data``.
-    The report's ``dp`` section holds the spent epsilon and delta of everything that saw ``data``."""
+    The report's ``dp`` section holds the spent epsilon and delta of everything that saw ``data``, and
+    ``budget`` what the site's ledger (privdistill.budget) composes for these patients over every run."""
     from privdistill.dp_pretrain import prepare_start
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -333,12 +337,17 @@ def train_teacher_dp(
     resolve_delta(dp, len(units))  # refuse a bad delta before spending anything
     pp = dp.public_pretraining if dp.init_from is None else None
     # refuse an impossible budget (batch >= N, the query alone over epsilon) before the query sees real images
-    plan_dp(dp, cfg, len(units),
-            prior=[gaussian_query_entry(pp.query_sigma, math.sqrt(pp.classes_k))] if pp is not None else [])
+    query = [gaussian_query_entry(pp.query_sigma, math.sqrt(pp.classes_k))] if pp is not None else []
+    first = plan_dp(dp, cfg, len(units), prior=query)
+    ledger = LedgerRun.open(budget, data, dp, cfg, checkpoint_dir, n_units=len(units))
+    ledger.check([*query, (first.noise_multiplier, first.sample_rate, first.steps)])  # before any real image is used
+    if query:
+        ledger.charge("semantic-query", query)
     secret = _secret_generator()
     prior, start = prepare_start(model, data, units, dp, cfg, resolution=resolution, channels=channels, seed=seed,
                                  checkpoint_dir=checkpoint_dir, secret=secret)
     plan = plan_dp(dp, cfg, len(units), prior=prior)
+    ledger.charge("dp-sgd", [(plan.noise_multiplier, plan.sample_rate, plan.steps)])
     log.info("dp.plan", noise_multiplier=round(plan.noise_multiplier, 4), sample_rate=round(plan.sample_rate, 5),
              steps=plan.steps, delta=plan.delta, planned_epsilon=round(plan.planned_epsilon, 4))
     report = DPTrainer(model, data, cfg, dp, seed=seed, plan=plan, checkpoint_dir=checkpoint_dir).fit()
@@ -346,14 +355,100 @@ def train_teacher_dp(
         report["dp"]["semantic_query_epsilon"] = epsilon_of(prior, plan.delta)
     if start is not None:
         report["dp"].update(start)
+    report["dp"]["budget"] = ledger.summary()
     return report
+
+
+class LedgerRun:
+    """This DP run's entries in the site's privacy ledger. A run resumed from its checkpoint (same
+    ``checkpoint_dir``, killed before it finished) is not charged again; any other run is: a rerun with
+    --force, with a changed config, or in a new work directory."""
+
+    RUN_FILE = "ledger_run.json"
+
+    def __init__(self, ledger: Any, budget: BudgetConfig, unit_ids: list[str], run_file: Path | None,
+                 state: dict[str, Any], config_hash: str, delta: float) -> None:
+        self.ledger, self.budget, self.unit_ids, self.run_file = ledger, budget, unit_ids, run_file
+        self.state, self.config_hash, self.delta = state, config_hash, delta
+        self.last: dict[str, Any] | None = None
+
+    @classmethod
+    def open(cls, budget: BudgetConfig | None, data: ImageSet, dp: DPConfig, cfg: TrainConfig,
+             checkpoint_dir: Path | None, *, n_units: int) -> "LedgerRun":
+        import json
+        import uuid
+
+        from privdistill.budget import PrivacyLedger, default_delta, default_ledger_path, unit_ids_of
+        from privdistill.config import BudgetConfig, config_hash
+
+        budget = budget or BudgetConfig()
+        ledger = PrivacyLedger(budget.ledger or default_ledger_path())
+        run_file = None if checkpoint_dir is None else checkpoint_dir / cls.RUN_FILE
+        state = json.loads(run_file.read_text()) if run_file is not None and run_file.is_file() else {}
+        if not state.get("run_id") or not ledger.has_run(state["run_id"]):
+            state = {"run_id": uuid.uuid4().hex, "charged": []}
+        delta = budget.delta if budget.delta is not None else default_delta(n_units)
+        chash = config_hash({"dp": dp.model_dump(mode="json"), "train": cfg.model_dump(mode="json")})
+        return cls(ledger, budget, unit_ids_of(data.patient_ids, data.images, dp.privacy_unit), run_file, state,
+                   chash, delta)
+
+    def check(self, history: list[tuple[float, float, int]]) -> None:
+        """Refuse now, before the data is touched, if the whole planned run would exceed the budget."""
+        from privdistill.errors import PrivacyPolicyError
+
+        pending = [] if self.state["charged"] else history  # a resumed run was charged in full already
+        hashes = self.ledger.unit_hashes(self.unit_ids)
+        worst = self.ledger.worst_patient(hashes, self.delta, pending)
+        if self.budget.epsilon is not None and worst["epsilon"] > self.budget.epsilon * (1 + 1e-9):
+            before = self.ledger.worst_patient(hashes, self.delta)
+            raise PrivacyPolicyError(
+                f"privacy budget: this DP run (epsilon {epsilon_of(pending, self.delta):.3f} alone at delta "
+                f"{self.delta:.1e}) would take a patient of this pool ({len(hashes)} patients) from epsilon "
+                f"{before['epsilon']:.3f}, spent by {before['n_charges']} earlier recorded run(s), to "
+                f"{worst['epsilon']:.3f}, past the site's budget privacy.budget.epsilon = {self.budget.epsilon}; "
+                f"ledger {self.ledger.path}. A new DP run on these patients needs a budget decision by the site's "
+                "data protection officer, not a rerun")
+
+    def charge(self, kind: str, history: list[tuple[float, float, int]]) -> None:
+        import json
+
+        if kind in self.state["charged"]:
+            log.info("budget.resumed", kind=kind)  # the killed run's charge covers the resumed one
+            return
+        earlier = self.ledger.charges(self.ledger.unit_hashes(self.unit_ids))
+        same = [c for c in earlier if c["config_hash"] == self.config_hash and c["run_id"] != self.state["run_id"]]
+        reason = ("first DP run on these patients" if not earlier or all(c["run_id"] == self.state["run_id"]
+                                                                          for c in earlier)
+                  else "rerun with the same config (--force or a new work directory)" if same
+                  else "rerun with a changed config")
+        self.last = self.ledger.charge(run_id=self.state["run_id"], kind=kind, unit_ids=self.unit_ids,
+                                       history=history, delta=self.delta, reason=reason,
+                                       config_hash=self.config_hash, budget_epsilon=self.budget.epsilon)
+        self.state["charged"].append(kind)
+        if self.run_file is not None:
+            self.run_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.run_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.state))
+            tmp.replace(self.run_file)
+
+    def summary(self) -> dict[str, Any]:
+        """The ledger's figures for this pool after this run (aggregate; no patient, no path of a real image)."""
+        hashes = self.ledger.unit_hashes(self.unit_ids)
+        worst = self.ledger.worst_patient(hashes, self.delta)
+        runs = {c["run_id"] for c in self.ledger.charges(hashes)}
+        return {"pool": self.ledger.pool_of(hashes), "n_units": len(hashes), "delta": self.delta,
+                "pool_epsilon": worst["epsilon"], "budget_epsilon": self.budget.epsilon, "recorded_runs": len(runs),
+                "accountant": "rdp, composed per patient over every recorded DP run and semantic query"}
 
 
 def dp_summary(dp_report: dict[str, Any]) -> dict[str, Any]:
     """The aggregate DP numbers that may leave a site (shard manifest, model card)."""
     keys = ("epsilon", "delta", "accountant", "privacy_unit", "noise_multiplier", "sample_rate", "steps",
-            "max_grad_norm", "augment_multiplicity", "semantic_query_epsilon")
+            "max_grad_norm", "augment_multiplicity", "semantic_query_epsilon", "secure_rng")
     out = {k: dp_report[k] for k in keys if k in dp_report}
+    if "budget" in dp_report:  # every recorded DP run on these patients, composed (privdistill.budget)
+        out["pool"] = {k: dp_report["budget"].get(k) for k in ("pool_epsilon", "delta", "budget_epsilon",
+                                                               "recorded_runs", "n_units")}
     out["public_pretraining"] = "public_pretraining" in dp_report
     out["scope"] = "teacher weights and unfiltered samples; the filter's use of real images is not covered"
     return out
