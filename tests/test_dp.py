@@ -483,3 +483,30 @@ def test_a_second_dp_run_on_the_same_pool_is_refused_before_training(tmp_path: P
     again = train_teacher_dp(_model(), data, cfg, dp, seed=0, resolution=16, channels=1,
                              checkpoint_dir=tmp_path / "ck1", budget=budget)
     assert again["dp"]["budget"]["recorded_runs"] == 1
+
+
+def test_model_card_gives_the_mia_interval_and_claims_no_guarantee_for_the_student() -> None:
+    from coordinator.model_card import NOT_MEASURED, _shard_table
+    from coordinator.student import privacy_summary
+
+    p = privacy_summary({"kept": 5, "teacher_dp": {"epsilon": 2.0, "delta": 1e-5},
+                         "mia": {"teacher": {"auc": 0.53, "auc_ci95": [0.41, 0.66], "n_member_units": 30,
+                                             "n_nonmember_units": 28}},
+                         "non_dp_aggregates": {"keys": ["mia", "kept"]}})
+    assert p["non_dp_aggregates"] == ["mia", "kept"]
+    row = _shard_table([{"site": "s", "shard_id": "s", "tar_sha256": "ab", "sample_count": 5, "privacy": p}])[2]
+    assert "| 0.530 [0.410, 0.660], n = 30/28 |" in row
+    guarantee = [x for x in NOT_MEASURED if "formal differential-privacy" in x]
+    assert len(guarantee) == 1 and "none exists, even where a site trained its teacher with DP-SGD" in guarantee[0]
+
+
+def test_dp_report_says_which_rng_it_used() -> None:
+    from privdistill.dp import secure_rng_report
+
+    rep = secure_rng_report()
+    assert rep["floating_point_safe_noise"] is True
+    try:
+        import torchcsprng  # noqa: F401
+        assert rep["csprng"] is True
+    except ImportError:
+        assert rep["csprng"] is False and "not a cryptographically secure stream" in rep["generator"]
