@@ -157,6 +157,16 @@ def check_policy(training: dict[str, Any], policy: ReleasePolicy, *, attestation
             if _number(eps) and (not _number(delta) or delta > policy.max_delta):
                 failures.append(f"max_delta: {who}'s teacher reports delta {delta} > {policy.max_delta} (a guarantee "
                                 "at a large delta allows exposing some patients outright)")
+        if policy.require_fingerprint_audit:
+            fa = p.get("fingerprint_audit")
+            if not isinstance(fa, dict):
+                failures.append(f"require_fingerprint_audit: {who} carries no fingerprint audit of its configuration")
+            elif fa.get("through_student") is None:
+                failures.append(f"require_fingerprint_audit: {who}'s fingerprint audit stopped at the teacher "
+                                "(run it without --no-student)")
+            elif fa.get("passed") is not True:
+                failures.append(f"require_fingerprint_audit: {who}'s fingerprint audit failed "
+                                f"({fa.get('n_failures')} reason(s))")
     failures += _attested(training, policy, attestations or [], model_digest)
     return failures
 

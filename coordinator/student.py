@@ -75,6 +75,8 @@ class ReleasePolicy(_Strict):
     max_student_memorization_rate: float | None = Field(None, ge=0, le=1)
     # the teachers' DP delta, checked when max_epsilon is set
     max_delta: float = Field(1e-5, gt=0, lt=1)
+    # every shard's site ran the fingerprint audit on its config through the student, and it passed
+    require_fingerprint_audit: bool = False
 
 
 class FederatedConfig(_Strict):
@@ -256,6 +258,7 @@ PRIVACY_FIELDS: dict[str, tuple[str, ...]] = {
     "teacher_mia_n_member_units": ("mia", "teacher", "n_member_units"),
     "teacher_mia_n_nonmember_units": ("mia", "teacher", "n_nonmember_units"),
     "non_dp_aggregates": ("non_dp_aggregates", "keys"),
+    "fingerprint_audit": ("fingerprint_audit",),
     "teacher_dp_epsilon": ("teacher_dp", "epsilon"),
     "teacher_dp_delta": ("teacher_dp", "delta"),
 }

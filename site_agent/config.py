@@ -44,6 +44,9 @@ class PolicyConfig(Strict):
     max_epsilon: float | None = Field(None, gt=0)
     # the teacher's DP delta (checked when max_epsilon is set): a guarantee at delta 1e-2 is not one at 1e-5
     max_delta: float = Field(1e-5, gt=0, lt=1)
+    # a passed fingerprint audit of this configuration, continued through the student
+    # (`privdistill audit CONFIG --workdir WORKDIR` before `privdistill-site run`)
+    require_fingerprint_audit: bool = False
 
 
 class SiteSection(Strict):

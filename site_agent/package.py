@@ -30,6 +30,7 @@ UPSTREAM = ("ingest", "sample", "filter", "train-reid")
 SHARDS_DIR = "shards"
 REPORT_FILE = "package_report.json"
 SHARD_FILES = frozenset({SHARD_TAR, MANIFEST, SIGNATURE})
+AUDIT_REPORT = Path("audit") / "report.json"  # `privdistill audit CONFIG --workdir WORKDIR` writes it here
 # every number in the privacy section that was computed on the real patients OUTSIDE any DP accountant:
 # each says something about those patients that the teacher's epsilon (if any) does not bound
 NON_DP_KEYS = ("n_synthetic", "kept", "dropped", "dropped_by_reason", "threshold", "calibration", "audit",
@@ -82,6 +83,12 @@ def evaluate_policy(privacy: dict[str, Any], policy: PolicyConfig) -> dict[str, 
         check("max_epsilon", v, policy.max_epsilon, v is not None and v <= policy.max_epsilon)
         d = _num((privacy.get("teacher_dp") or {}).get("delta"))
         check("max_delta", d, policy.max_delta, d is not None and d <= policy.max_delta)
+    if policy.require_fingerprint_audit:
+        fa = privacy.get("fingerprint_audit") or {}
+        ok = fa.get("passed") is True and fa.get("through_student") is not None
+        value = None if not fa else ("passed" if fa.get("passed") else "failed") + \
+            ("" if fa.get("through_student") else ", not through the student")
+        check("require_fingerprint_audit", value, "passed, through the student", ok)
     failed = [c["name"] for c in criteria if not c["passed"]]
     return {"passed": not failed, "failed": failed, "criteria": criteria}
 
@@ -124,14 +131,31 @@ def privacy_aggregate(cfg: SiteConfig, *, filter_report: dict[str, Any], train: 
     }
 
 
+def fingerprint_audit_summary(cfg: SiteConfig, workdir: Path) -> dict[str, Any] | None:
+    """The aggregate verdict of WORKDIR/audit/report.json (`privdistill audit`) when it audited this very
+    configuration; None when there is no audit or it audited another one."""
+    from privdistill.audit.fingerprint import audit_config_hash, export_summary
+
+    path = Path(workdir) / AUDIT_REPORT
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    if report.get("settings", {}).get("config_hash") != audit_config_hash(cfg):
+        log.warning("package.audit_ignored", reason="the fingerprint audit was run with another configuration")
+        return None
+    return export_summary(report)
+
+
 # ----------------------------------------------------------------------------- the stage
 def build_package_stage(cfg: SiteConfig, workdir: Path, *, key: Ed25519PrivateKey) -> Stage:
     """A privdistill Stage: skipped while the config, key, upstream outputs and filter record are unchanged."""
     record = Path(workdir) / "filter" / STAGE_FILE
+    audit = Path(workdir) / AUDIT_REPORT
     config = {
         "shard_config_hash": shard_config_hash(cfg),
         "public_key": public_key_b64(key),
         "filter_record_sha256": sha256_file(record) if record.is_file() else None,
+        "fingerprint_audit_sha256": sha256_file(audit) if audit.is_file() else None,
     }
     return Stage(PACKAGE, lambda ctx: package(cfg, ctx, key=key), UPSTREAM, config)
 
@@ -156,6 +180,9 @@ def package(cfg: SiteConfig, ctx: StageContext, *, key: Ed25519PrivateKey) -> di
         samples=ImageSet.load(ctx.input("sample") / "samples.npz"), kept=kept,
         reid_onnx=ctx.input("train-reid") / "reid.onnx",
     )
+    audit = fingerprint_audit_summary(cfg, ctx.workdir)
+    if audit is not None:
+        privacy["fingerprint_audit"] = audit
     verdict = evaluate_policy(privacy, cfg.site.policy)
     shard_id, row_state = _write_or_reuse(cfg, ctx.workdir, kept, privacy, verdict, key, vocab)
     report = {"shard_id": shard_id, "state": row_state, "policy": verdict, "privacy": privacy}

@@ -249,3 +249,22 @@ def test_site_policy_takes_the_intervals_upper_end_min_patients_and_delta() -> N
     assert evaluate_policy({**base, "mia": {"teacher": few}}, policy)["failed"] == ["min_mia_patients"]
     big_delta = {**base, "teacher_dp": {"epsilon": 7.5, "delta": 3.3e-3}, "mia": {"teacher": {**mia, "auc_ci95": [0.4, 0.6]}}}
     assert evaluate_policy(big_delta, policy)["failed"] == ["max_delta"]
+
+
+def test_gates_can_require_a_fingerprint_audit_through_the_student() -> None:
+    good = {"passed": True, "n_failures": 0, "through_student": {"carrying": {"k": 0, "n": 60}}}
+    policy = ReleasePolicy(require_fingerprint_audit=True)
+    shards = [_shard("a"), _shard("b"), _shard("c"), _shard("d")]
+    shards[0]["privacy"]["fingerprint_audit"] = good
+    shards[1]["privacy"]["fingerprint_audit"] = {**good, "through_student": None}
+    shards[2]["privacy"]["fingerprint_audit"] = {**good, "passed": False, "n_failures": 1}
+    failures = check_policy({"shards": shards}, policy)
+    assert [f.split(": ", 1)[1].split(" ", 2)[1] for f in failures] == ["b/b-abc", "c/c-abc", "d/d-abc"]
+    assert "stopped at the teacher" in failures[0] and "failed (1 reason(s))" in failures[1]
+    assert "no fingerprint audit" in failures[2]
+    site = PolicyConfig(require_fingerprint_audit=True)
+    base = {"filter_enabled": True, "kept_memorization_rate": 0.0, "kept": 5, "audit": {"planted_recall": {"x": 1.0}}}
+    assert evaluate_policy({**base, "fingerprint_audit": good}, site)["passed"] is True
+    v = evaluate_policy({**base, "fingerprint_audit": {**good, "through_student": None}}, site)
+    assert v["failed"] == ["require_fingerprint_audit"] and v["criteria"][-1]["value"] == "passed, not through the student"
+    assert evaluate_policy(base, site)["failed"] == ["require_fingerprint_audit"]

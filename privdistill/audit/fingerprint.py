@@ -157,7 +157,7 @@ def run_fingerprint_audit(
                      "t_prime_search": {k: tp[k] for k in ("t_min", "t_max", "tol", "definition")},
                      "num_train_timesteps": tp["num_train_timesteps"], "n_samples": len(samples),
                      "ddim_steps": cfg.sample.steps, "detector_steps": detector_steps, "seed": cfg.seed,
-                     "doses": list(doses), "through_student": bool(student)},
+                     "doses": list(doses), "through_student": bool(student), "config_hash": audit_config_hash(cfg)},
         "teacher": teacher_report,
         "detector": {"heldout": det_acc, "false_positive_rate_note": "held-out real images without a fingerprint",
                      "baseline": rate_with_interval(baseline_k, len(held))},
@@ -259,6 +259,32 @@ def _probability_bound(k: int, n: int, through: dict[str, Any] | None) -> dict[s
 
 
 MIN_DETECTOR_TPR = 0.9
+AUDIT_SECTIONS = ("data", "teacher", "student", "reid", "sample", "filter", "privacy")
+
+
+def audit_config_hash(cfg: RunConfig) -> str:
+    """Hash of the config sections the audit depends on: an audit counts as evidence for a run only when
+    this matches (the site section of a site config is not part of it)."""
+    from privdistill.config import config_hash
+
+    return config_hash({k: cfg.section(k) for k in AUDIT_SECTIONS})
+
+
+def export_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The audit's aggregate verdict that may leave the site in a shard manifest: no patient, no image,
+    no per-fingerprint row."""
+    st = report.get("student") or None
+    return {
+        "passed": bool(report.get("passed")), "n_failures": len(report.get("failures") or []),
+        "k": report["settings"]["k"], "noise_seeds": report["settings"]["noise_seeds"],
+        "doses": report["settings"].get("doses"), "config_hash": report["settings"].get("config_hash"),
+        "t_prime_median": report["t_prime"]["median"], "control_t_prime_median": report["t_prime"]["control_median"],
+        "teacher_free_samples": report["free_samples"].get("carrying"),
+        "filter_survivors": len(report["filter"]["survivors"]),
+        "through_student": None if st is None else {
+            "carrying": st["carrying"], "unmarked_baseline": st["unmarked_baseline"],
+            "above_baseline": st["above_baseline"], "t_prime_median": st["t_prime_median"]},
+    }
 
 
 def audit_failures(report: dict[str, Any]) -> list[str]:
