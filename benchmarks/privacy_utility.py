@@ -46,6 +46,15 @@ def _fmt(v, nd=3) -> str:
     return str(v)
 
 
+def _ci(ci) -> str:
+    """' [lo, hi]' for a 95% interval, '' when the report has none (runs before intervals were added)."""
+    return f" [{ci[0]:.3f}, {ci[1]:.3f}]" if isinstance(ci, (list, tuple)) and len(ci) == 2 else ""
+
+
+def _n(n) -> str:
+    return f", n = {n[0]}/{n[1]} patients" if isinstance(n, (list, tuple)) and len(n) == 2 else ""
+
+
 def filter_recall(workdir: Path, ratio: float) -> dict:
     """Memorized teacher samples (pixel criterion) and how many of them survive the filter."""
     import numpy as np
@@ -122,9 +131,11 @@ def render_md(res: dict) -> str:
         "",
         "| | memorization_rate | reid_rate | MIA AUC | tstr_accuracy | fid_domain | n_samples |",
         "|---|---:|---:|---:|---:|---:|---:|",
-        f"| teacher | {_fmt(t['memorization_rate'])} | {_fmt(t['reid_rate'])} | {_fmt(t.get('mia_auc'))} | "
+        f"| teacher | {_fmt(t['memorization_rate'])}{_ci(t.get('memorization_ci95'))} | {_fmt(t['reid_rate'])} | "
+        f"{_fmt(t.get('mia_auc'))}{_ci(t.get('mia_auc_ci95'))}{_n(t.get('mia_n_patients'))} | "
         f"{_fmt(t['tstr_accuracy'])} | {_fmt(t['fid_domain'], 2)} | {t.get('n_samples')} |",
-        f"| student | {_fmt(s['memorization_rate'])} | {_fmt(s['reid_rate'])} | {_fmt(s.get('mia_auc'))} | "
+        f"| student | {_fmt(s['memorization_rate'])}{_ci(s.get('memorization_ci95'))} | {_fmt(s['reid_rate'])} | "
+        f"{_fmt(s.get('mia_auc'))}{_ci(s.get('mia_auc_ci95'))}{_n(s.get('mia_n_patients'))} | "
         f"{_fmt(s['tstr_accuracy'])} | {_fmt(s['fid_domain'], 2)} | {s.get('n_samples')} |",
         f"| real (TRTR) | | | | {_fmt(r['real']['trtr_accuracy'])} | | n_train {r['real']['n_train']}, "
         f"n_test {r['real']['n_test']} |",
@@ -145,8 +156,9 @@ def render_md(res: dict) -> str:
         "| goal | target | measured | met |",
         "|---|---|---|---|",
         f"| teacher memorizes | memorization_rate > 0 | {_fmt(t['memorization_rate'])} | {g['teacher_memorizes']} |",
-        f"| student memorization ≤ 1/10 teacher's | ratio ≤ 0.1 | {_fmt(g['memorization_ratio_student_over_teacher'])} | "
-        f"{g['student_memorization_le_tenth']} |",
+        f"| student memorization ≤ 1/10 teacher's | ratio ≤ 0.1, student's 95% upper end too | "
+        f"{_fmt(g['memorization_ratio_student_over_teacher'])} (student upper end "
+        f"{_fmt(g.get('student_memorization_upper95'))}) | {g['student_memorization_le_tenth']} |",
         f"| student TSTR ≥ 0.9 × teacher's | ratio ≥ 0.9 | {_fmt(g['tstr_ratio_student_over_teacher'])} | "
         f"{g['student_tstr_ge_0.9']} |",
         "",
@@ -249,10 +261,16 @@ def main(argv: list[str] | None = None) -> int:
     t, s = report["teacher"], report["student"]
     mem_ratio = None if not t["memorization_rate"] else s["memorization_rate"] / t["memorization_rate"]
     tstr_ratio = None if not t.get("tstr_accuracy") else (s.get("tstr_accuracy") or 0.0) / t["tstr_accuracy"]
+    # a goal is met only when the interval supports it: the student's exact 95% upper bound (n samples)
+    # must be <= 1/10 of the teacher's rate, and the teacher's lower bound must be above 0
+    s_hi = (s.get("memorization_ci95") or [None, None])[1]
+    t_lo = (t.get("memorization_ci95") or [None, None])[0]
     goals = {
-        "teacher_memorizes": bool(t["memorization_rate"] > 0),
+        "teacher_memorizes": bool(t["memorization_rate"] > 0 and (t_lo is None or t_lo > 0)),
         "memorization_ratio_student_over_teacher": mem_ratio,
-        "student_memorization_le_tenth": bool(mem_ratio is not None and mem_ratio <= 0.1),
+        "student_memorization_upper95": s_hi,
+        "student_memorization_le_tenth": bool(mem_ratio is not None and mem_ratio <= 0.1 and
+                                              (s_hi is None or s_hi <= 0.1 * t["memorization_rate"])),
         "tstr_ratio_student_over_teacher": tstr_ratio,
         "student_tstr_ge_0.9": bool(tstr_ratio is not None and tstr_ratio >= 0.9),
         "targets": GOALS,
