@@ -164,3 +164,48 @@ def test_attack_summary_reports_tpr_only_where_the_nonmember_count_allows() -> N
                           n_boot=200)
     assert many["tpr_at_fpr"]["0.01"]["tpr"] > 0.2 and many["tpr_at_fpr"]["0.01"]["n_nonmember_units"] == 150
     assert many["tpr_at_fpr"]["0.001"]["tpr"] is None  # needs 1000 non-members
+
+
+# ----------------------------------------------------------------------------- LiRA (audit.lira)
+def test_lira_halves_put_every_patient_in_half_the_shadows() -> None:
+    from privdistill.audit.lira import shadow_halves
+
+    inside = shadow_halves(31, 6, seed=0)
+    assert inside.shape == (6, 31) and (inside.sum(0) == 3).all()
+    with pytest.raises(DataError, match="even number"):
+        shadow_halves(10, 3, seed=0)
+
+
+def test_lira_calibration_sees_a_small_shift_hidden_by_per_patient_difficulty() -> None:
+    from privdistill.audit.lira import likelihood_ratio, shadow_halves
+
+    # 60 patients whose difficulty varies far more (sd 3) than membership moves the score (+0.5)
+    rng = np.random.default_rng(0)
+    difficulty = rng.normal(0, 3, 60)
+    inside = shadow_halves(60, 8, seed=1)
+    shadow = difficulty + 0.5 * inside + rng.normal(0, 0.1, (8, 60))
+    member = np.arange(60) < 30
+    target = difficulty + 0.5 * member + rng.normal(0, 0.1, 60)
+
+    online, offline = likelihood_ratio(target, shadow, inside)
+
+    raw = roc_auc(target[member], target[~member])
+    assert raw < 0.75  # the plain loss attack barely sees it
+    assert roc_auc(online[member], online[~member]) > 0.95 and roc_auc(offline[member], offline[~member]) > 0.95
+
+
+@pytest.mark.slow  # trains 2 shadow teachers and a target (~2 min on a loaded core)
+def test_lira_on_a_tiny_overfit_teacher(one_thread) -> None:
+    from privdistill.audit.lira import lira_attack
+
+    members, nonmembers = _small(0, 8), _small(8, 8)
+    tcfg = TrainConfig(steps=250, batch_size=8, learning_rate=2e-3, warmup_steps=10, ema_decay=0.9, log_every=250)
+
+    def train(data: ImageSet, seed: int) -> DiffusionModel:
+        model = _model()
+        Trainer(model, data, tcfg, seed=seed).fit()
+        return model
+
+    out = lira_attack(train(members, 0), members, nonmembers, train_shadow=train, n_shadows=2)
+    assert out["online"]["n_member_units"] == out["online"]["n_nonmember_units"] == 8
+    assert out["online"]["auc"] >= 0.9 and out["online"]["auc_ci95"][0] > 0.5
