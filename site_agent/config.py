@@ -220,6 +220,9 @@ reid: {steps: 120, batch_size: 48, width: 16, embedding_dim: 32}
 sample: {per_class: 30, steps: 20, batch_size: 90}
 filter:
   enabled: true                 # production refuses false
+# privacy:                      # optional DP-SGD teacher (class conditioning only)
+#   dp: {epsilon: 10}           # this run's budget; delta defaults to min(1e-5, 1/(N ln N))
+#   budget: {epsilon: 10}       # the site's total per patient over EVERY DP run (ledger outside the work dir)
 site:
   # From the provisioning bundle's site-connection.yaml (`privdistill-site init --connection FILE` fills these):
   id: CHANGE-ME                 # lowercase letters, digits, - and _ (the name the coordinator registered)
@@ -239,6 +242,7 @@ site:
     min_mia_patients: 20                  # fewest member / non-member patients behind that AUC
     max_epsilon: null                     # teacher DP-SGD epsilon (null: not checked; set: DP is required)
     max_delta: 1.0e-5                     # teacher DP delta (checked with max_epsilon)
+    require_fingerprint_audit: false      # a passed `privdistill audit` of this config, through the student
 """
 
 
