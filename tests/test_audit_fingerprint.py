@@ -269,3 +269,15 @@ def test_audit_command_on_the_tiny_config_writes_its_report(tmp_path: Path) -> N
     md = (out / "report.md").read_text()
     assert "Fingerprint audit: tiny" in md and "## Through the student" in md
     assert (out / "fingerprinted_training.png").is_file()
+
+
+def test_student_carriers_above_the_unmarked_baseline_fail_the_audit() -> None:
+    from privdistill.audit.stats import rate_with_interval
+
+    base = {"filter": {"survivors": [], "fingerprinted_samples": 0, "exact_copies_recall": 1.0},
+            "detector": {"heldout": {"true_positive_rate": 1.0}}}
+    st = {"carrying": rate_with_interval(12, 300), "unmarked_baseline": rate_with_interval(2, 200),
+          "above_baseline": True, "above_baseline_p_value": 0.02}
+    failures = audit_failures({**base, "student": st})
+    assert len(failures) == 1 and failures[0].startswith("fingerprints reached the student: 12 of 300")
+    assert audit_failures({**base, "student": {**st, "above_baseline": False}}) == []

@@ -218,10 +218,16 @@ def _through_student(cfg: RunConfig, kept: ImageSet, fp_set: ImageSet, ctrl: Ima
         if same_classes else None
     tcs = model_tprime(student, ctrl, detector.detect, seeds=seeds, full_steps=cfg.sample.steps) \
         if same_classes and len(ctrl) else None
-    above = carrying["ci95"][0] > base["ci95"][1]  # intervals apart: more carriers than the detector's noise
+    # more carriers than the detector's noise on unmarked images: one-sided Fisher exact test at 5%
+    from scipy.stats import fisher_exact
+
+    p_value = float(fisher_exact([[k, len(out_samples) - k], [baseline[0], baseline[1] - baseline[0]]],
+                                 alternative="greater")[1])
+    above = p_value < 0.05
     return {
         "train_steps": rep.get("steps"), "n_kept": len(kept), "n_samples": len(out_samples),
         "carrying": carrying, "unmarked_baseline": base, "above_baseline": bool(above),
+        "above_baseline_p_value": p_value, "above_baseline_test": "one-sided Fisher exact, 5%",
         "t_prime": tps, "t_prime_median": None if tps is None else float(np.median(tps["t_prime"])),
         "control_t_prime_median": None if tcs is None else float(np.median(tcs["t_prime"])),
         "note": "student trained on the filter's kept samples of the fingerprinted teacher; carriers counted by "
@@ -289,7 +295,7 @@ def export_summary(report: dict[str, Any]) -> dict[str, Any]:
 
 def audit_failures(report: dict[str, Any]) -> list[str]:
     """Every reason the audit does not pass: a fingerprinted sample or an exact fingerprinted copy kept by the
-    filter, student samples carrying fingerprints above the detector's unmarked baseline (intervals apart),
+    filter, student samples carrying fingerprints above the detector's unmarked baseline (Fisher exact, 5%),
     or a detector too weak for "no carrier found" to mean anything."""
     flt, det = report["filter"], report["detector"]["heldout"]
     failures = []
@@ -304,7 +310,7 @@ def audit_failures(report: dict[str, Any]) -> list[str]:
         c, b = st["carrying"], st["unmarked_baseline"]
         failures.append(f"fingerprints reached the student: {c['k']} of {c['n']} student samples carry one "
                         f"(95% CI {c['ci95'][0]:.4f}-{c['ci95'][1]:.4f}) against the detector's baseline {b['k']} of "
-                        f"{b['n']} unmarked images (95% CI up to {b['ci95'][1]:.4f})")
+                        f"{b['n']} unmarked images (one-sided Fisher exact p = {st.get('above_baseline_p_value')})")
     if det["true_positive_rate"] < MIN_DETECTOR_TPR:
         failures.append(f"the fingerprint detector finds only {det['true_positive_rate']:.3f} of held-out "
                         f"fingerprinted images (< {MIN_DETECTOR_TPR}): 'no carrier found' would mean nothing; "
