@@ -17,12 +17,16 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
 
 from privdistill.errors import PrivacyPolicyError
+
+if TYPE_CHECKING:
+    from privdistill.config import BudgetConfig, DPConfig, TrainConfig
+    from privdistill.data.types import ImageSet
 
 log = structlog.get_logger(__name__)
 
@@ -206,3 +210,81 @@ def unit_ids_of(patient_ids: np.ndarray | None, images: np.ndarray, unit: str) -
     if unit == "patient" and patient_ids is not None:
         return sorted({str(p) for p in np.asarray(patient_ids)})
     return [hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest() for x in images]
+
+
+class LedgerRun:
+    """This DP run's entries in the site's privacy ledger. A run resumed from its checkpoint (same
+    ``checkpoint_dir``, killed before it finished) is not charged again; any other run is: a rerun with
+    --force, with a changed config, or in a new work directory."""
+
+    RUN_FILE = "ledger_run.json"
+
+    def __init__(self, ledger: PrivacyLedger, budget: BudgetConfig, unit_ids: list[str], run_file: Path | None,
+                 state: dict[str, Any], config_hash: str, delta: float) -> None:
+        self.ledger, self.budget, self.unit_ids, self.run_file = ledger, budget, unit_ids, run_file
+        self.state, self.config_hash, self.delta = state, config_hash, delta
+        self.last: dict[str, Any] | None = None
+
+    @classmethod
+    def open(cls, budget: BudgetConfig | None, data: ImageSet, dp: DPConfig, cfg: TrainConfig,
+             checkpoint_dir: Path | None, *, n_units: int) -> "LedgerRun":
+        import uuid
+
+        from privdistill.config import BudgetConfig, config_hash
+
+        budget = budget or BudgetConfig()
+        ledger = PrivacyLedger(budget.ledger or default_ledger_path())
+        run_file = None if checkpoint_dir is None else checkpoint_dir / cls.RUN_FILE
+        state = json.loads(run_file.read_text()) if run_file is not None and run_file.is_file() else {}
+        if not state.get("run_id") or not ledger.has_run(state["run_id"]):
+            state = {"run_id": uuid.uuid4().hex, "charged": []}
+        delta = budget.delta if budget.delta is not None else default_delta(n_units)
+        chash = config_hash({"dp": dp.model_dump(mode="json"), "train": cfg.model_dump(mode="json")})
+        return cls(ledger, budget, unit_ids_of(data.patient_ids, data.images, dp.privacy_unit), run_file, state,
+                   chash, delta)
+
+    def check(self, history: list[tuple[float, float, int]]) -> None:
+        """Refuse now, before the data is touched, if the whole planned run would exceed the budget."""
+        from privdistill.dp import epsilon_of
+
+        pending = [] if self.state["charged"] else history  # a resumed run was charged in full already
+        hashes = self.ledger.unit_hashes(self.unit_ids)
+        worst = self.ledger.worst_patient(hashes, self.delta, pending)
+        if self.budget.epsilon is not None and worst["epsilon"] > self.budget.epsilon * (1 + 1e-9):
+            before = self.ledger.worst_patient(hashes, self.delta)
+            raise PrivacyPolicyError(
+                f"privacy budget: this DP run (epsilon {epsilon_of(pending, self.delta):.3f} alone at delta "
+                f"{self.delta:.1e}) would take a patient of this pool ({len(hashes)} patients) from epsilon "
+                f"{before['epsilon']:.3f}, spent by {before['n_charges']} earlier recorded run(s), to "
+                f"{worst['epsilon']:.3f}, past the site's budget privacy.budget.epsilon = {self.budget.epsilon}; "
+                f"ledger {self.ledger.path}. A new DP run on these patients needs a budget decision by the site's "
+                "data protection officer, not a rerun")
+
+    def charge(self, kind: str, history: list[tuple[float, float, int]]) -> None:
+        if kind in self.state["charged"]:
+            log.info("budget.resumed", kind=kind)  # the killed run's charge covers the resumed one
+            return
+        earlier = self.ledger.charges(self.ledger.unit_hashes(self.unit_ids))
+        same = [c for c in earlier if c["config_hash"] == self.config_hash and c["run_id"] != self.state["run_id"]]
+        reason = ("first DP run on these patients" if not earlier or all(c["run_id"] == self.state["run_id"]
+                                                                          for c in earlier)
+                  else "rerun with the same config (--force or a new work directory)" if same
+                  else "rerun with a changed config")
+        self.last = self.ledger.charge(run_id=self.state["run_id"], kind=kind, unit_ids=self.unit_ids,
+                                       history=history, delta=self.delta, reason=reason,
+                                       config_hash=self.config_hash, budget_epsilon=self.budget.epsilon)
+        self.state["charged"].append(kind)
+        if self.run_file is not None:
+            self.run_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.run_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.state))
+            tmp.replace(self.run_file)
+
+    def summary(self) -> dict[str, Any]:
+        """The ledger's figures for this pool after this run (aggregate; no patient, no path of a real image)."""
+        hashes = self.ledger.unit_hashes(self.unit_ids)
+        worst = self.ledger.worst_patient(hashes, self.delta)
+        runs = {c["run_id"] for c in self.ledger.charges(hashes)}
+        return {"pool": self.ledger.pool_of(hashes), "n_units": len(hashes), "delta": self.delta,
+                "pool_epsilon": worst["epsilon"], "budget_epsilon": self.budget.epsilon, "recorded_runs": len(runs),
+                "accountant": "rdp, composed per patient over every recorded DP run and semantic query"}

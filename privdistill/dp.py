@@ -365,6 +365,8 @@ def train_teacher_dp(
     # refuse an impossible budget (batch >= N, the query alone over epsilon) before the query sees real images
     query = [gaussian_query_entry(pp.query_sigma, math.sqrt(pp.classes_k))] if pp is not None else []
     first = plan_dp(dp, cfg, len(units), prior=query)
+    from privdistill.budget import LedgerRun
+
     ledger = LedgerRun.open(budget, data, dp, cfg, checkpoint_dir, n_units=len(units))
     ledger.check([*query, (first.noise_multiplier, first.sample_rate, first.steps)])  # before any real image is used
     if query:
@@ -383,88 +385,6 @@ def train_teacher_dp(
         report["dp"].update(start)
     report["dp"]["budget"] = ledger.summary()
     return report
-
-
-class LedgerRun:
-    """This DP run's entries in the site's privacy ledger. A run resumed from its checkpoint (same
-    ``checkpoint_dir``, killed before it finished) is not charged again; any other run is: a rerun with
-    --force, with a changed config, or in a new work directory."""
-
-    RUN_FILE = "ledger_run.json"
-
-    def __init__(self, ledger: Any, budget: BudgetConfig, unit_ids: list[str], run_file: Path | None,
-                 state: dict[str, Any], config_hash: str, delta: float) -> None:
-        self.ledger, self.budget, self.unit_ids, self.run_file = ledger, budget, unit_ids, run_file
-        self.state, self.config_hash, self.delta = state, config_hash, delta
-        self.last: dict[str, Any] | None = None
-
-    @classmethod
-    def open(cls, budget: BudgetConfig | None, data: ImageSet, dp: DPConfig, cfg: TrainConfig,
-             checkpoint_dir: Path | None, *, n_units: int) -> "LedgerRun":
-        import json
-        import uuid
-
-        from privdistill.budget import PrivacyLedger, default_delta, default_ledger_path, unit_ids_of
-        from privdistill.config import BudgetConfig, config_hash
-
-        budget = budget or BudgetConfig()
-        ledger = PrivacyLedger(budget.ledger or default_ledger_path())
-        run_file = None if checkpoint_dir is None else checkpoint_dir / cls.RUN_FILE
-        state = json.loads(run_file.read_text()) if run_file is not None and run_file.is_file() else {}
-        if not state.get("run_id") or not ledger.has_run(state["run_id"]):
-            state = {"run_id": uuid.uuid4().hex, "charged": []}
-        delta = budget.delta if budget.delta is not None else default_delta(n_units)
-        chash = config_hash({"dp": dp.model_dump(mode="json"), "train": cfg.model_dump(mode="json")})
-        return cls(ledger, budget, unit_ids_of(data.patient_ids, data.images, dp.privacy_unit), run_file, state,
-                   chash, delta)
-
-    def check(self, history: list[tuple[float, float, int]]) -> None:
-        """Refuse now, before the data is touched, if the whole planned run would exceed the budget."""
-        from privdistill.errors import PrivacyPolicyError
-
-        pending = [] if self.state["charged"] else history  # a resumed run was charged in full already
-        hashes = self.ledger.unit_hashes(self.unit_ids)
-        worst = self.ledger.worst_patient(hashes, self.delta, pending)
-        if self.budget.epsilon is not None and worst["epsilon"] > self.budget.epsilon * (1 + 1e-9):
-            before = self.ledger.worst_patient(hashes, self.delta)
-            raise PrivacyPolicyError(
-                f"privacy budget: this DP run (epsilon {epsilon_of(pending, self.delta):.3f} alone at delta "
-                f"{self.delta:.1e}) would take a patient of this pool ({len(hashes)} patients) from epsilon "
-                f"{before['epsilon']:.3f}, spent by {before['n_charges']} earlier recorded run(s), to "
-                f"{worst['epsilon']:.3f}, past the site's budget privacy.budget.epsilon = {self.budget.epsilon}; "
-                f"ledger {self.ledger.path}. A new DP run on these patients needs a budget decision by the site's "
-                "data protection officer, not a rerun")
-
-    def charge(self, kind: str, history: list[tuple[float, float, int]]) -> None:
-        import json
-
-        if kind in self.state["charged"]:
-            log.info("budget.resumed", kind=kind)  # the killed run's charge covers the resumed one
-            return
-        earlier = self.ledger.charges(self.ledger.unit_hashes(self.unit_ids))
-        same = [c for c in earlier if c["config_hash"] == self.config_hash and c["run_id"] != self.state["run_id"]]
-        reason = ("first DP run on these patients" if not earlier or all(c["run_id"] == self.state["run_id"]
-                                                                          for c in earlier)
-                  else "rerun with the same config (--force or a new work directory)" if same
-                  else "rerun with a changed config")
-        self.last = self.ledger.charge(run_id=self.state["run_id"], kind=kind, unit_ids=self.unit_ids,
-                                       history=history, delta=self.delta, reason=reason,
-                                       config_hash=self.config_hash, budget_epsilon=self.budget.epsilon)
-        self.state["charged"].append(kind)
-        if self.run_file is not None:
-            self.run_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.run_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.state))
-            tmp.replace(self.run_file)
-
-    def summary(self) -> dict[str, Any]:
-        """The ledger's figures for this pool after this run (aggregate; no patient, no path of a real image)."""
-        hashes = self.ledger.unit_hashes(self.unit_ids)
-        worst = self.ledger.worst_patient(hashes, self.delta)
-        runs = {c["run_id"] for c in self.ledger.charges(hashes)}
-        return {"pool": self.ledger.pool_of(hashes), "n_units": len(hashes), "delta": self.delta,
-                "pool_epsilon": worst["epsilon"], "budget_epsilon": self.budget.epsilon, "recorded_runs": len(runs),
-                "accountant": "rdp, composed per patient over every recorded DP run and semantic query"}
 
 
 def dp_summary(dp_report: dict[str, Any]) -> dict[str, Any]:
