@@ -259,10 +259,9 @@ def test_audit_command_on_the_tiny_config_writes_its_report(tmp_path: Path) -> N
         assert all(k > 8 for _, k in below)
         above = [(t, k) for t, k, _ in levels if t > f["t_prime"]]
         assert f["t_prime"] == t_max or above[0][1] <= 8
-        lo, hi = f["t_prime_minus_control_ci95"]
-        assert lo <= f["t_prime_minus_control"] <= hi
+        assert np.isfinite(f["t_prime_minus_control_ci95"]).all()
     st = report["student"]
-    assert st["train_steps"] == 150 and st["n_samples"] >= 60 and st["n_kept"] == len(range(st["n_kept"]))
+    assert st["train_steps"] == 150 and st["n_samples"] >= 60 and 0 < st["n_kept"] <= report["free_samples"]["n"]
     assert st["carrying"]["n"] == st["n_samples"] and st["unmarked_baseline"]["n"] > 0
     assert len(st["t_prime"]["t_prime"]) == 4 and "student_t_prime" in report["fingerprints"][0]
     assert report["filter"]["exact_copies_recall"] == 1.0
