@@ -161,7 +161,7 @@ def _teacher(data: ImageSet) -> DiffusionModel:
     return model
 
 
-@pytest.mark.slow  # two 400-step teachers: ~90 s on an idle core (~200 s on a loaded one)
+@pytest.mark.slow  # two 400-step teachers and a 16-seed t' bisection each: 480 s on a loaded core
 def test_tprime_is_larger_for_a_teacher_that_saw_the_fingerprinted_image_many_times(one_thread) -> None:
     # Prepare: 48 images; image 0 carries a fingerprint. Teacher "once" sees it once, teacher "many"
     # sees 48 extra copies of it (half its data).
