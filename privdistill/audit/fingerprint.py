@@ -49,8 +49,9 @@ def _teacher(cfg: RunConfig, data: ImageSet, steps: int | None) -> tuple[Any, di
     if dp is not None:  # audit the teacher the run would train: DP-SGD when the config asks for it
         from privdistill.dp import train_teacher_dp
 
+        # the audit's DP teacher sees the same real patients: charged to the same ledger and budget
         report = train_teacher_dp(model, data, tcfg, dp, seed=cfg.seed, resolution=cfg.data.resolution,
-                                  channels=cfg.data.channels)
+                                  channels=cfg.data.channels, budget=cfg.privacy.budget)
     else:
         report = train_diffusion(model, data, tcfg, seed=cfg.seed)
     return model, {k: v for k, v in report.items() if k != "loss_curve"}
