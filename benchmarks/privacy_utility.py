@@ -46,6 +46,15 @@ def _fmt(v, nd=3) -> str:
     return str(v)
 
 
+def _ci(ci) -> str:
+    """' [lo, hi]' for a 95% interval, '' when the report has none (runs before intervals were added)."""
+    return f" [{ci[0]:.3f}, {ci[1]:.3f}]" if isinstance(ci, (list, tuple)) and len(ci) == 2 else ""
+
+
+def _n(n) -> str:
+    return f", n = {n[0]}/{n[1]} patients" if isinstance(n, (list, tuple)) and len(n) == 2 else ""
+
+
 def filter_recall(workdir: Path, ratio: float) -> dict:
     """Memorized teacher samples (the independent pixel criterion) and how many of them the filter dropped,
     with a patient-level bootstrap 95% interval (patient = the training image each copy is nearest to)."""
@@ -167,10 +176,6 @@ def partial_report(workdir: Path, check: dict) -> dict:
     }
 
 
-def _ci(ci) -> str:
-    return "" if not ci else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
-
-
 def render_goals(goals: list[dict]) -> list[str]:
     lines = ["| goal | target | measured [95% CI] | n | met |", "|---|---|---|---:|---|"]
     for g in goals:
@@ -243,9 +248,11 @@ def render_md(res: dict) -> str:
         "",
         "| | memorization_rate | reid_rate | MIA AUC | tstr_accuracy | fid_domain | n_samples |",
         "|---|---:|---:|---:|---:|---:|---:|",
-        f"| teacher | {_fmt(t['memorization_rate'])} | {_fmt(t['reid_rate'])} | {_fmt(t.get('mia_auc'))} | "
+        f"| teacher | {_fmt(t['memorization_rate'])}{_ci(t.get('memorization_ci'))} | {_fmt(t['reid_rate'])} | "
+        f"{_fmt(t.get('mia_auc'))}{_ci(t.get('mia_auc_ci95'))}{_n(t.get('mia_n_patients'))} | "
         f"{_fmt(t['tstr_accuracy'])} | {_fmt(t['fid_domain'], 2)} | {t.get('n_samples')} |",
-        f"| student | {_fmt(s['memorization_rate'])} | {_fmt(s['reid_rate'])} | {_fmt(s.get('mia_auc'))} | "
+        f"| student | {_fmt(s['memorization_rate'])}{_ci(s.get('memorization_ci'))} | {_fmt(s['reid_rate'])} | "
+        f"{_fmt(s.get('mia_auc'))}{_ci(s.get('mia_auc_ci95'))}{_n(s.get('mia_n_patients'))} | "
         f"{_fmt(s['tstr_accuracy'])} | {_fmt(s['fid_domain'], 2)} | {s.get('n_samples')} |",
         f"| real (TRTR) | | | | {_fmt(r['real']['trtr_accuracy'])} | | n_train {r['real']['n_train']}, "
         f"n_test {r['real']['n_test']} |",

@@ -10,8 +10,9 @@ NOT_MEASURED = [
     "each site must run `privdistill-site evaluate-student` against its own patients",
     "clinical validity, diagnostic accuracy or safety of any image the model generates",
     "performance per patient subgroup (age, sex, scanner, site) and fairness",
-    "a formal differential-privacy guarantee for the student (unless a site reports DP-SGD for its teacher, "
-    "the filter is empirical, not a proof)",
+    "a formal differential-privacy guarantee for the student: none exists, even where a site trained its teacher "
+    "with DP-SGD, because the filter then consulted real images to choose the kept samples; the filter is "
+    "empirical, not a proof",
     "FID against Inception features: fid_domain uses a small domain classifier and is not comparable with "
     "published FIDs",
 ]
@@ -54,6 +55,17 @@ def _audited(p: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _mia(p: dict[str, Any]) -> str:
+    """The teacher's membership-inference AUC with its 95% interval and n (patients), or n/a."""
+    auc, ci = p.get("teacher_mia_auc"), p.get("teacher_mia_auc_ci95")
+    if not isinstance(auc, (int, float)) or isinstance(auc, bool):
+        return "n/a"
+    n = f", n = {p.get('teacher_mia_n_member_units')}/{p.get('teacher_mia_n_nonmember_units')}"
+    if isinstance(ci, list) and len(ci) == 2:
+        return f"{auc:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]{n}"
+    return f"{auc:.3f} (no interval)"
+
+
 def _dp(p: dict[str, Any]) -> str:
     """The shard's teacher DP-SGD guarantee as reported in its signed manifest, or "no DP"."""
     eps, delta = p.get("teacher_dp_epsilon"), p.get("teacher_dp_delta")
@@ -65,7 +77,8 @@ def _dp(p: dict[str, Any]) -> str:
 def _shard_table(shards: list[dict[str, Any]]) -> list[str]:
     head = ("| site | shard | tar sha256 | samples | filter | fresh-drop (95% CI) | kept / dropped "
             "| planted-copy recall | audited recall (95% CI, n) | teacher memorization | kept memorization "
-            "| teacher / kept re-id | teacher DP-SGD |")
+            "| teacher / kept re-id | teacher MIA AUC [95% CI], n member/non-member patients (non-DP) "
+            "| teacher DP-SGD |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for s in shards:
         p = s["privacy"]
@@ -75,7 +88,7 @@ def _shard_table(shards: list[dict[str, Any]]) -> list[str]:
             f"{_fresh(p)} | {_f(p.get('kept'))} / {_f(p.get('dropped'))} | {_recall(p.get('planted_recall'))} | "
             f"{_audited(p)} | "
             f"{_f(p.get('teacher_memorization_rate'), 4)} | {_f(p.get('kept_memorization_rate'), 4)} | "
-            f"{_f(p.get('teacher_reid_rate'), 4)} / {_f(p.get('kept_reid_rate'), 4)} | {_dp(p)} |")
+            f"{_f(p.get('teacher_reid_rate'), 4)} / {_f(p.get('kept_reid_rate'), 4)} | {_mia(p)} | {_dp(p)} |")
     return rows
 
 
@@ -114,7 +127,9 @@ def render_model_card(rec: dict[str, Any]) -> str:
         "Teacher DP-SGD: the (ε, δ) a site's accountant spent training its teacher (RDP, Poisson sampling, "
         "per-patient clipping). It covers the teacher and its raw samples; the filter then consulted real "
         "images to drop samples, so the kept shard — and this student — carry no formal DP guarantee "
-        "beyond that empirical filter. \"no DP\": the site trained its teacher without DP-SGD.",
+        "beyond that empirical filter. \"no DP\": the site trained its teacher without DP-SGD. Every other "
+        "number in this table was computed on the site's real patients WITHOUT differential privacy "
+        "(the manifest lists them under non_dp_aggregates): none of them is covered by the ε.",
         "",
         "## Training configuration",
         "",

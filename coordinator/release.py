@@ -71,7 +71,7 @@ def load_attestations(paths: list[Path], site_keys: dict[str, str]) -> tuple[lis
 def _attested(training: dict[str, Any], policy: ReleasePolicy, attestations: list[dict[str, Any]],
               model_digest: str | None) -> list[str]:
     """Student criteria measured by the sites: every contributing site must attest this very model."""
-    limits = {"max_student_mia_auc": ("mia_auc", policy.max_student_mia_auc),
+    limits = {"max_student_mia_auc": ("mia_auc_ci95", policy.max_student_mia_auc),
               "max_student_memorization_rate": ("memorization_rate", policy.max_student_memorization_rate)}
     limits = {k: v for k, v in limits.items() if v[1] is not None}
     failures: list[str] = []
@@ -86,6 +86,8 @@ def _attested(training: dict[str, Any], policy: ReleasePolicy, attestations: lis
             if key == "memorization_rate" and _number(value) and a["student"].get("memorization_undecidable"):
                 # samples the metric could not decide count as memorized
                 value += a["student"]["memorization_undecidable"] / max(int(a["student"].get("n_samples") or 1), 1)
+            if key == "mia_auc_ci95":  # the interval's upper end, not the point estimate
+                value = value[1] if isinstance(value, list) and len(value) == 2 else None
             if a is None:
                 failures.append(f"{name}: site {site} has not attested this student (model "
                                 f"{str(model_digest)[:12]}); it runs `privdistill-site evaluate-student` on it "
@@ -93,7 +95,14 @@ def _attested(training: dict[str, Any], policy: ReleasePolicy, attestations: lis
             elif not _number(value):
                 failures.append(f"{name}: site {site}'s attestation reports no {key}")
             elif value > limit:
-                failures.append(f"{name}: site {site} measured {key} {value:.4f} > {limit}")
+                what = "the upper end of the 95% interval of mia_auc" if key == "mia_auc_ci95" else key
+                failures.append(f"{name}: site {site} measured {what} {value:.4f} > {limit}")
+        if a is not None and policy.max_student_mia_auc is not None:
+            ns = [a["student"].get("mia_n_member_units"), a["student"].get("mia_n_nonmember_units")]
+            n = min(ns) if all(_number(x) for x in ns) else None
+            if n is None or n < policy.min_student_mia_patients:
+                failures.append(f"min_student_mia_patients: site {site}'s student MIA rests on {n} member/non-member "
+                                f"patients; the policy needs {policy.min_student_mia_patients}")
     return failures
 
 
@@ -106,7 +115,8 @@ def shard_limits(policy: ReleasePolicy) -> Limits:
     """The release policy's per-shard criteria, in the terms privdistill.privacy_report evaluates for both gates."""
     return Limits(require_filter=policy.require_filter, max_kept_memorization_rate=policy.max_site_kept_memorization_rate,
                   min_planted_recall=policy.min_planted_recall, min_recall_lower_bound=policy.min_recall_lower_bound,
-                  max_fresh_drop_rate=policy.max_fresh_drop_rate, max_epsilon=policy.max_epsilon)
+                  max_fresh_drop_rate=policy.max_fresh_drop_rate, max_epsilon=policy.max_epsilon,
+                  max_delta=policy.max_delta, require_fingerprint_audit=policy.require_fingerprint_audit)
 
 
 POLICY_NAMES = {"max_kept_memorization_rate": "max_site_kept_memorization_rate"}  # criterion -> release policy key

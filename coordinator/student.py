@@ -73,8 +73,15 @@ class ReleasePolicy(_Strict):
     max_epsilon: float | None = Field(None, gt=0)
     # measured by every contributing site against its own patients and sent as a signed attestation
     # (`privdistill-site evaluate-student` -> student-eval/attestation.json + .sig); null = not a criterion
+    # max_student_mia_auc is compared with the UPPER end of the attested patient-level 95% interval, and
+    # needs min_student_mia_patients member and non-member patients behind it
     max_student_mia_auc: float | None = Field(None, ge=0.5, le=1)
+    min_student_mia_patients: int = Field(20, ge=2)
     max_student_memorization_rate: float | None = Field(None, ge=0, le=1)
+    # the teachers' DP delta, checked when max_epsilon is set
+    max_delta: float = Field(1e-5, gt=0, lt=1)
+    # every shard's site ran the fingerprint audit on its config through the student, and it passed
+    require_fingerprint_audit: bool = False
 
     @model_validator(mode="before")
     @classmethod

@@ -65,7 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     au.add_argument("--out", type=Path, default=None, help="output directory (default WORKDIR/audit)")
     au.add_argument("--steps", type=int, default=None, help="teacher training steps (default: teacher.train.steps)")
     au.add_argument("--samples", type=int, default=200, help="free samples to check (default 200)")
-    au.add_argument("--seeds", type=int, default=4, help="noise seeds per t' level (default 4)")
+    au.add_argument("--seeds", type=int, default=16, help="noise seeds per t' level (default 16)")
+    au.add_argument("--doses", default="1", help="times each fingerprint is planted, cycled over the K "
+                    "fingerprints, e.g. 1,2,4 for a dose-response (default 1)")
+    au.add_argument("--no-student", action="store_true", help="stop at the teacher: do not train a student on "
+                    "the kept set and look for the fingerprints in its samples")
+    au.add_argument("--student-steps", type=int, default=None, help="student training steps (default: "
+                    "student.train.steps)")
     return p
 
 
@@ -98,12 +104,20 @@ def _audit(cfg: Any, args: argparse.Namespace) -> int:
 
     bad = [f"--{n}: must be at least 1 (got {v})" for n, v in
            (("fingerprints", args.fingerprints), ("samples", args.samples), ("seeds", args.seeds),
-            ("steps", 1 if args.steps is None else args.steps)) if v < 1]
+            ("steps", 1 if args.steps is None else args.steps),
+            ("student-steps", 1 if args.student_steps is None else args.student_steps)) if v < 1]
+    try:
+        doses = tuple(int(d) for d in str(args.doses).split(","))
+    except ValueError:
+        doses = ()
+    if not doses or min(doses) < 1:
+        bad.append(f"--doses: comma-separated positive integers, e.g. 1,2,4 (got {args.doses!r})")
     if bad:
         raise ConfigError(bad)
     out = args.out if args.out is not None else args.workdir / "audit"
     r = run_fingerprint_audit(cfg, args.workdir, fingerprints=args.fingerprints, out_dir=out, steps=args.steps,
-                              n_samples=args.samples, seeds=args.seeds)
+                              n_samples=args.samples, seeds=args.seeds, doses=doses, student=not args.no_student,
+                              student_steps=args.student_steps)
     t, fs = r["t_prime"], r["free_samples"]
     flt = r["filter"]
     carriers = (f"all {fs['carrying_fingerprint']} dropped by the filter" if fs["carrying_fingerprint"] else
@@ -111,6 +125,12 @@ def _audit(cfg: Any, args: argparse.Namespace) -> int:
     print(f"t' median {t['median']:.0f} (control {t['control_median']}), max {t['max']} of "
           f"{r['settings']['num_train_timesteps']}; fingerprinted free samples {fs['carrying_fingerprint']}/{fs['n']}: "
           f"{carriers}; planted exact copies dropped {flt['exact_copies_of_fingerprinted_images_dropped']}")
+    st = r.get("student")
+    if st:
+        c, b = st["carrying"], st["unmarked_baseline"]
+        print(f"student (trained on the {st['n_kept']} kept samples): {c['k']}/{c['n']} samples carry a fingerprint "
+              f"(95% CI {c['ci95'][0]:.4f}-{c['ci95'][1]:.4f}; unmarked baseline {b['k']}/{b['n']}); "
+              f"student t' median {st['t_prime_median']}")
     print(f"report: {out / 'report.json'}  {out / 'report.md'}")
     return 0
 

@@ -307,9 +307,10 @@ class PublicPretrainingConfig(Strict):
 class DPConfig(Strict):
     """DP-SGD for the teacher (Opacus, RDP accountant, Poisson sampling of privacy units).
 
-    ``epsilon`` is the total budget (semantic query + training); ``delta`` defaults to 1/(10 N), N =
-    number of privacy units (patients), and a delta >= 1/N is refused. Without ``noise_multiplier``
-    the smallest noise that keeps the planned run within ``epsilon`` is computed; with it, a run whose
+    ``epsilon`` is this run's budget (semantic query + training); ``delta`` defaults to min(1e-5, 1/(N ln N)),
+    N = number of privacy units (patients), and a delta >= 1/N is refused. Every run is also charged to the
+    site's ledger (``privacy.budget``), which refuses a run that takes a patient past the site's total.
+    Without ``noise_multiplier`` the smallest noise that keeps the planned run within ``epsilon`` is computed; with it, a run whose
     planned epsilon exceeds the budget is refused. ``teacher.train.batch_size`` is the expected logical
     batch (sample rate = batch_size / N); ``physical_batch_size`` bounds memory."""
 
@@ -339,8 +340,20 @@ class DPConfig(Strict):
         return self
 
 
+class BudgetConfig(Strict):
+    """The site's privacy budget per patient over EVERY DP run and semantic query on that patient, kept in
+    an append-only ledger outside the work directory (privdistill.budget). ``epsilon`` null: runs are
+    recorded but none is refused. ``delta`` default: min(1e-5, 1/(N ln N)). ``ledger`` default:
+    $PRIVDISTILL_STATE_DIR/privacy_ledger.sqlite, else ~/.local/state/privdistill/privacy_ledger.sqlite."""
+
+    epsilon: float | None = Field(None, gt=0)
+    delta: float | None = Field(None, gt=0, lt=1)
+    ledger: Path | None = None
+
+
 class PrivacyConfig(Strict):
     dp: DPConfig | None = None
+    budget: BudgetConfig | None = None
 
 
 class RunConfig(Strict):
@@ -406,6 +419,9 @@ def _password_file_problems(key: str, src: BaseModel, base_dir: Path | None, res
 
 def _dp_problems(cfg: RunConfig, base_dir: Path | None, resolved: dict[str, Any]) -> list[str]:
     """Cross-section checks of privacy.dp; resolves its paths against base_dir."""
+    budget = cfg.privacy.budget if cfg.privacy is not None else None
+    if budget is not None and budget.ledger is not None and not budget.ledger.is_absolute() and base_dir is not None:
+        resolved["privacy"]["budget"]["ledger"] = base_dir / budget.ledger
     dp = cfg.privacy.dp if cfg.privacy is not None else None
     if dp is None:
         return []

@@ -18,7 +18,7 @@ from opacus.utils.batch_memory_manager import BatchSplittingSampler
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 
-from privdistill.config import DPConfig, TrainConfig
+from privdistill.config import BudgetConfig, DPConfig, TrainConfig
 from privdistill.data.types import ImageSet
 from privdistill.errors import ConfigError, StageError
 from privdistill.models import DiffusionModel
@@ -75,11 +75,14 @@ def privacy_units(data: ImageSet, unit: str) -> list[np.ndarray]:
 
 
 def resolve_delta(dp: DPConfig, n_units: int) -> float:
-    """The configured delta, or 1/(10 N); a delta >= 1/N is refused (it would allow exposing a whole unit)."""
-    delta = dp.delta if dp.delta is not None else 1.0 / (10 * n_units)
+    """The configured delta, or min(1e-5, 1/(N ln N)) (privdistill.budget.default_delta); a delta >= 1/N is
+    refused (it would allow exposing a whole unit)."""
+    from privdistill.budget import default_delta
+
+    delta = dp.delta if dp.delta is not None else default_delta(n_units)
     if delta >= 1.0 / n_units:
         raise ConfigError([f"privacy.dp.delta: {delta:g} is not below 1/N = {1 / n_units:g} for N={n_units} "
-                           "privacy units; use a delta well below 1/N (default 1/(10 N))"])
+                           "privacy units; use a delta well below 1/N (default min(1e-5, 1/(N ln N)))"])
     return delta
 
 
@@ -173,8 +176,32 @@ def check_grad_samples(model: DiffusionModel, wrapped: torch.nn.Module, *, n: in
 
 
 def _secret_generator() -> torch.Generator:
-    """Sampling and noise randomness must be unknown to an adversary: seeded from the OS, never from config."""
+    """Sampling and noise randomness must be unknown to an adversary: torchcsprng's /dev/urandom generator
+    where it is installed (Opacus' secure RNG), else a torch generator seeded from the OS, never from config."""
+    csprng = _csprng()
+    if csprng is not None:
+        return csprng.create_random_device_generator("/dev/urandom")
     return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+
+
+def _csprng() -> Any:
+    try:
+        import torchcsprng  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return torchcsprng
+
+
+def secure_rng_report() -> dict[str, Any]:
+    """What randomness the DP mechanisms used, said plainly (it goes into the DP report and the manifest)."""
+    csprng = _csprng() is not None
+    return {
+        "floating_point_safe_noise": True,  # Opacus secure_mode noise: 4 Gaussian draws per coordinate
+        "csprng": csprng,
+        "generator": ("torchcsprng /dev/urandom" if csprng else
+                      "torch Mersenne Twister seeded from os.urandom: unpredictable seed, but not a cryptographically "
+                      "secure stream (torchcsprng, Opacus' secure RNG, has no build for this torch version)"),
+    }
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -213,6 +240,7 @@ class DPTrainer(Trainer):
         self.dp_optimizer = DPOptimizer(
             self.optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=dp.max_grad_norm,
             expected_batch_size=plan.expected_batch_size, loss_reduction="mean", generator=self.secret,
+            secure_mode=True,  # noise robust to floating-point attacks (Opacus; needs no torchcsprng)
         )
         self.dp_optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
         self.physical = dp.physical_batch_size or cfg.batch_size
@@ -310,6 +338,7 @@ class DPTrainer(Trainer):
             "poisson_sampling": True,
             "grad_sample_mode": self.dp.grad_sample_mode,
             "fixed_layers": self.fixed_layers,
+            "secure_rng": secure_rng_report(),
             **self.plan.to_json(),
         }
         if eps > self.dp.epsilon * (1 + 1e-6):
@@ -321,10 +350,11 @@ class DPTrainer(Trainer):
 # ----------------------------------------------------------------------------- front door
 def train_teacher_dp(
     model: DiffusionModel, data: ImageSet, cfg: TrainConfig, dp: DPConfig, *, seed: int, resolution: int,
-    channels: int, checkpoint_dir: Path | None = None,
+    channels: int, checkpoint_dir: Path | None = None, budget: BudgetConfig | None = None,
 ) -> dict[str, Any]:
     """Optional public start (semantic query + pretraining, or init_from), then DP-SGD on ``data``.
-    The report's ``dp`` section holds the spent epsilon and delta of everything that saw ``data``."""
+    The report's ``dp`` section holds the spent epsilon and delta of everything that saw ``data``, and
+    ``budget`` what the site's ledger (privdistill.budget) composes for these patients over every run."""
     from privdistill.dp_pretrain import prepare_start
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -333,12 +363,19 @@ def train_teacher_dp(
     resolve_delta(dp, len(units))  # refuse a bad delta before spending anything
     pp = dp.public_pretraining if dp.init_from is None else None
     # refuse an impossible budget (batch >= N, the query alone over epsilon) before the query sees real images
-    plan_dp(dp, cfg, len(units),
-            prior=[gaussian_query_entry(pp.query_sigma, math.sqrt(pp.classes_k))] if pp is not None else [])
+    query = [gaussian_query_entry(pp.query_sigma, math.sqrt(pp.classes_k))] if pp is not None else []
+    first = plan_dp(dp, cfg, len(units), prior=query)
+    from privdistill.budget import LedgerRun
+
+    ledger = LedgerRun.open(budget, data, dp, cfg, checkpoint_dir, n_units=len(units))
+    ledger.check([*query, (first.noise_multiplier, first.sample_rate, first.steps)])  # before any real image is used
+    if query:
+        ledger.charge("semantic-query", query)
     secret = _secret_generator()
     prior, start = prepare_start(model, data, units, dp, cfg, resolution=resolution, channels=channels, seed=seed,
                                  checkpoint_dir=checkpoint_dir, secret=secret)
     plan = plan_dp(dp, cfg, len(units), prior=prior)
+    ledger.charge("dp-sgd", [(plan.noise_multiplier, plan.sample_rate, plan.steps)])
     log.info("dp.plan", noise_multiplier=round(plan.noise_multiplier, 4), sample_rate=round(plan.sample_rate, 5),
              steps=plan.steps, delta=plan.delta, planned_epsilon=round(plan.planned_epsilon, 4))
     report = DPTrainer(model, data, cfg, dp, seed=seed, plan=plan, checkpoint_dir=checkpoint_dir).fit()
@@ -346,14 +383,18 @@ def train_teacher_dp(
         report["dp"]["semantic_query_epsilon"] = epsilon_of(prior, plan.delta)
     if start is not None:
         report["dp"].update(start)
+    report["dp"]["budget"] = ledger.summary()
     return report
 
 
 def dp_summary(dp_report: dict[str, Any]) -> dict[str, Any]:
     """The aggregate DP numbers that may leave a site (shard manifest, model card)."""
     keys = ("epsilon", "delta", "accountant", "privacy_unit", "noise_multiplier", "sample_rate", "steps",
-            "max_grad_norm", "augment_multiplicity", "semantic_query_epsilon")
+            "max_grad_norm", "augment_multiplicity", "semantic_query_epsilon", "secure_rng")
     out = {k: dp_report[k] for k in keys if k in dp_report}
+    if "budget" in dp_report:  # every recorded DP run on these patients, composed (privdistill.budget)
+        out["pool"] = {k: dp_report["budget"].get(k) for k in ("pool_epsilon", "delta", "budget_epsilon",
+                                                               "recorded_runs", "n_units")}
     out["public_pretraining"] = "public_pretraining" in dp_report
     out["scope"] = "teacher weights and unfiltered samples; the filter's use of real images is not covered"
     return out

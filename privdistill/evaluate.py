@@ -35,13 +35,19 @@ def _privacy(samples: ImageSet, train: ImageSet, reid_embed, train_emb: np.ndarr
              cfg: RunConfig, fresh: np.ndarray) -> dict[str, Any]:
     from privdistill.metrics import memorization, reid_rate
 
+    from privdistill.audit.stats import clopper_pearson
+
     # second detector: the same ratio test in the independent re-identification model's feature space
     mem = memorization(samples.images, train, ratio=cfg.evaluate.memorization_ratio, embed=reid_embed)
+    reid = reid_rate(samples.images, train_emb, embed=reid_embed, threshold=threshold)
+    n = len(samples)
     return {
         "memorization_rate": mem["rate"],
         **_memorization_extra(mem),
         **_copying(samples.images, train, fresh),
-        "reid_rate": reid_rate(samples.images, train_emb, embed=reid_embed, threshold=threshold),
+        "reid_rate": reid,
+        "reid_ci95": clopper_pearson(int(round(reid * n)), n),
+        "n_privacy_samples": n,
     }
 
 
@@ -126,8 +132,14 @@ def evaluate_run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
 
     teacher_mia = (filter_report.get("mia") or {}).get("teacher") or {}
     student_mia = run_membership_audit(student, ctx.input("ingest"), cfg.data, seed=cfg.seed)
-    report["teacher"]["mia_auc"] = teacher_mia.get("auc")
-    report["student"]["mia_auc"] = student_mia.get("auc")
+    for name, mia in (("teacher", teacher_mia), ("student", student_mia)):
+        report[name]["mia_auc"] = mia.get("auc")
+        report[name]["mia_auc_ci95"] = mia.get("auc_ci95")  # patient-level bootstrap
+        report[name]["mia_n_patients"] = ([mia.get("n_member_units"), mia.get("n_nonmember_units")]
+                                          if mia.get("auc") is not None else None)
+    # numbers computed on the real patients outside any DP accountant (see privdistill.budget for what is inside)
+    report["non_dp_aggregates"] = ("every number in this report except teacher_dp was computed on the real "
+                                   "patients without differential privacy")
     report["membership_inference"] = {"teacher": teacher_mia, "student": student_mia}
     student_samples.save(ctx.out / "student_samples.npz")
     write_report(

@@ -119,7 +119,8 @@ def _train_diffusion_stage(cfg: RunConfig, ctx: StageContext, which: str, data: 
         from privdistill.dp import train_teacher_dp
 
         report = train_teacher_dp(model, data, dcfg.train, dp, seed=seed, resolution=cfg.data.resolution,
-                                  channels=cfg.data.channels, checkpoint_dir=ctx.checkpoint_dir)
+                                  channels=cfg.data.channels, checkpoint_dir=ctx.checkpoint_dir,
+                                  budget=cfg.privacy.budget if cfg.privacy is not None else None)
         atomic_write_json(ctx.out / DP_FILE, report["dp"])
     model.save(ctx.out / "model")
     if data.prompts is not None:

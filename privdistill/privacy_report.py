@@ -52,8 +52,11 @@ class FilterCalibrationReport(_Loose):
 
 class TeacherMia(_Loose):
     auc: float | None = None
+    auc_ci95: list[float] | None = None  # patient-level bootstrap 95% interval [lo, hi]
     n_members: int | None = None
     n_nonmembers: int | None = None
+    n_member_units: int | None = None  # patients behind the AUC (scores aggregated per patient)
+    n_nonmember_units: int | None = None
 
 
 class MiaSection(_Loose):
@@ -94,6 +97,10 @@ class PrivacyReport(_Loose):
     mia: MiaSection = MiaSection()
     teacher_dp: TeacherDp | None = None
     policy: PolicyVerdict | None = None
+    # the fingerprint audit's aggregate verdict (privdistill.audit.fingerprint.export_summary), when run
+    fingerprint_audit: dict[str, Any] | None = None
+    # which of these numbers are computed on real patients outside any DP guarantee
+    non_dp_aggregates: dict[str, Any] | None = None
 
     @classmethod
     def parse(cls, raw: Any) -> "PrivacyReport":
@@ -142,6 +149,11 @@ class PrivacyReport(_Loose):
             "teacher_reid_rate": self.teacher_reid_rate, "kept_reid_rate": self.kept_reid_rate,
             "site_policy_passed": None if self.policy is None else self.policy.passed,
             "teacher_mia_auc": self.mia.teacher.auc,
+            "teacher_mia_auc_ci95": self.mia.teacher.auc_ci95,
+            "teacher_mia_n_member_units": self.mia.teacher.n_member_units,
+            "teacher_mia_n_nonmember_units": self.mia.teacher.n_nonmember_units,
+            "non_dp_aggregates": (self.non_dp_aggregates or {}).get("keys"),
+            "fingerprint_audit": self.fingerprint_audit,
             "teacher_dp_epsilon": None if self.teacher_dp is None else self.teacher_dp.epsilon,
             "teacher_dp_delta": None if self.teacher_dp is None else self.teacher_dp.delta,
         }
@@ -159,8 +171,11 @@ class Limits:
     min_recall_lower_bound: float | None = None  # worst 95% lower bound over the audited kinds with enough cases
     max_fresh_drop_rate: float | None = None  # the audit's fresh-drop rate on held-out patients (point estimate)
     min_kept: int | None = None
-    max_teacher_mia_auc: float | None = None
+    max_teacher_mia_auc: float | None = None  # compared with the UPPER end of the patient-level 95% interval
+    min_mia_patients: int | None = None  # fewest member / non-member patients behind that AUC
     max_epsilon: float | None = None
+    max_delta: float | None = None  # checked with max_epsilon
+    require_fingerprint_audit: bool = False  # a passed fingerprint audit of this config, through the student
 
 
 @dataclass(frozen=True)
@@ -228,14 +243,41 @@ def evaluate_criteria(report: PrivacyReport | dict[str, Any], limits: Limits) ->
         ok = isinstance(k, int) and not isinstance(k, bool) and k >= limits.min_kept
         add("min_kept", k, limits.min_kept, ok, f"holds {k} kept image(s) < {limits.min_kept}")
     if limits.max_teacher_mia_auc is not None:
-        v, lim = number(r.mia.teacher.auc), limits.max_teacher_mia_auc
+        # the upper end of the patient-level 95% interval: a point estimate under the limit is not evidence
+        m, lim = r.mia.teacher, limits.max_teacher_mia_auc
+        ci = m.auc_ci95
+        v = number(ci[1]) if isinstance(ci, list) and len(ci) == 2 else None
         add("max_teacher_mia_auc", v, lim, v is not None and v <= lim,
-            "reports no teacher membership-inference AUC" if v is None else f"reports teacher MIA AUC {v:.4f} > {lim}")
+            "reports no teacher membership-inference AUC interval" if v is None
+            else f"reports a teacher MIA AUC 95% upper bound {v:.4f} > {lim}")
+        if limits.min_mia_patients is not None:
+            ns = [m.n_member_units, m.n_nonmember_units]
+            n = min(ns) if all(isinstance(x, int) and not isinstance(x, bool) for x in ns) else None  # type: ignore[type-var]
+            add("min_mia_patients", n, limits.min_mia_patients, n is not None and n >= limits.min_mia_patients,
+                f"'s teacher MIA AUC rests on {n} patient(s) per side < {limits.min_mia_patients}")
     if limits.max_epsilon is not None:  # no DP section: the teacher was trained without DP, epsilon is unbounded
-        v, lim = number(None if r.teacher_dp is None else r.teacher_dp.epsilon), limits.max_epsilon
+        dp = r.teacher_dp
+        v, lim = number(None if dp is None else dp.epsilon), limits.max_epsilon
         add("max_epsilon", v, lim, v is not None and v <= lim,
             f"'s teacher was not trained with DP-SGD (no epsilon in its manifest); the policy needs epsilon <= {lim}"
             if v is None else f"'s teacher spent epsilon {v:.4g} > {lim}")
+        if limits.max_delta is not None and v is not None:
+            d = number(None if dp is None else dp.delta)
+            add("max_delta", d, limits.max_delta, d is not None and d <= limits.max_delta,
+                f"'s teacher reports delta {d} > {limits.max_delta} (a guarantee at a large delta allows exposing "
+                "some patients outright)")
+    if limits.require_fingerprint_audit:
+        fa = r.fingerprint_audit
+        ok = isinstance(fa, dict) and fa.get("passed") is True and fa.get("through_student") is not None
+        value = None if not isinstance(fa, dict) else ("passed" if fa.get("passed") is True else "failed") + \
+            ("" if fa.get("through_student") is not None else ", not through the student")
+        if not isinstance(fa, dict):
+            reason = "carries no fingerprint audit of its configuration"
+        elif fa.get("through_student") is None:
+            reason = "'s fingerprint audit stopped at the teacher (run it without --no-student)"
+        else:
+            reason = f"'s fingerprint audit failed ({fa.get('n_failures')} reason(s))"
+        add("require_fingerprint_audit", value, "passed, through the student", ok, reason)
     return out
 
 

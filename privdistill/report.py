@@ -41,10 +41,17 @@ EXPLAIN = {
     "held-out images; the real column trains on real images (TRTR) as the reference. Higher is better.",
     "Domain FID": "Fréchet distance between real test and generated images in the feature space of a "
     "classifier trained on real data. Lower is better. Not comparable with published (Inception) FIDs.",
-    "Membership-inference AUC": "ROC AUC of a loss attack telling the teacher's real training images from "
-    "held-out real images (minus the mean denoising loss at fixed noise levels and fixed noise, class-balanced): "
-    "0.5 means no membership leak, 1.0 a model that gives every training image away. The student's AUC against "
-    "the teacher's is the headline of privacy distillation. Lower (towards 0.5) is better.",
+    "Membership-inference AUC": "ROC AUC of a loss attack telling the teacher's real training patients from "
+    "held-out real patients (minus the mean denoising loss at fixed noise levels and fixed noise, class-balanced, "
+    "averaged over each patient's images): 0.5 means no membership leak, 1.0 a model that gives every training "
+    "patient away. mia_auc_ci95 is its patient-level bootstrap 95% interval and mia_n_patients the member / "
+    "non-member patients it rests on: an AUC whose interval contains 0.5 shows no leak was detected, not that "
+    "there is none. The student's AUC against the teacher's is the headline of privacy distillation.",
+    "Intervals": "memorization_ci is a Wilson 95% interval over memorization_n generated images with the "
+    "undecidable ones counted as memorized; reid_ci95 is an exact (Clopper-Pearson) interval over n_privacy_samples: "
+    "0 of 180 means a rate below about 2%, not 0.",
+    "non_dp_aggregates": "Every number here except teacher_dp was computed on real patients without "
+    "differential privacy; the teacher's epsilon does not cover them.",
     "Filter audit": "fresh_drop_rate (with fresh_drop_ci, a Clopper-Pearson 95% interval, and fresh_n): the "
     "share of fresh real images of new patients, kept apart from the calibration, that the filter drops (it is "
     "calibrated to at most alpha). recall: per kind of copy of a training image the filter was not built around "

@@ -46,10 +46,18 @@ class PolicyConfig(Strict):
         return renamed_field(data, "require_filter_enabled", "require_filter", "site.policy")
     # fewest kept images a shard may hold
     min_kept: int = Field(1, ge=1)
-    # the teacher's membership-inference ROC AUC (privdistill.audit.mia; 0.5 = no leak); null = not a criterion
+    # the teacher's membership-inference ROC AUC (privdistill.audit.mia; 0.5 = no leak); null = not a criterion.
+    # Compared with the UPPER end of its patient-level bootstrap 95% interval, not the point estimate
     max_teacher_mia_auc: float | None = Field(None, ge=0.5, le=1)
+    # fewest member and non-member patients that AUC must rest on (checked when max_teacher_mia_auc is set)
+    min_mia_patients: int = Field(20, ge=2)
     # the teacher's DP-SGD epsilon; null = not a criterion; when set, a teacher trained without DP fails
     max_epsilon: float | None = Field(None, gt=0)
+    # the teacher's DP delta (checked when max_epsilon is set): a guarantee at delta 1e-2 is not one at 1e-5
+    max_delta: float = Field(1e-5, gt=0, lt=1)
+    # a passed fingerprint audit of this configuration, continued through the student
+    # (`privdistill audit CONFIG --workdir WORKDIR` before `privdistill-site run`)
+    require_fingerprint_audit: bool = False
 
 
 class SiteSection(Strict):
@@ -224,6 +232,9 @@ sample: {per_class: 30, steps: 20, batch_size: 90}
 filter:
   enabled: true                 # production refuses false
   max_fresh_drop: 0.05          # alpha: share of fresh images of new patients the filter may drop (calibrated)
+# privacy:                      # optional DP-SGD teacher (class conditioning only)
+#   dp: {epsilon: 10}           # this run's budget; delta defaults to min(1e-5, 1/(N ln N))
+#   budget: {epsilon: 10}       # the site's total per patient over EVERY DP run (ledger outside the work dir)
 site:
   # From the provisioning bundle's site-connection.yaml (`privdistill-site init --connection FILE` fills these):
   id: CHANGE-ME                 # lowercase letters, digits, - and _ (the name the coordinator registered)
@@ -241,8 +252,11 @@ site:
     max_fresh_drop_rate: null             # filter's drop rate of fresh images of new patients (null: not checked)
     require_filter: true                  # the re-identification filter must have run
     min_kept: 1                           # fewest images a shard may hold
-    max_teacher_mia_auc: null             # teacher membership-inference AUC (0.5 = no leak; null: not checked)
+    max_teacher_mia_auc: null             # upper end of the teacher's MIA AUC 95% interval (0.5 = no leak; null: not checked)
+    min_mia_patients: 20                  # fewest member / non-member patients behind that AUC
     max_epsilon: null                     # teacher DP-SGD epsilon (null: not checked; set: DP is required)
+    max_delta: 1.0e-5                     # teacher DP delta (checked with max_epsilon)
+    require_fingerprint_audit: false      # a passed `privdistill audit` of this config, through the student
 """
 
 

@@ -31,6 +31,17 @@ UPSTREAM = ("ingest", "sample", "filter", "train-reid")
 SHARDS_DIR = "shards"
 REPORT_FILE = "package_report.json"
 SHARD_FILES = frozenset({SHARD_TAR, MANIFEST, SIGNATURE})
+AUDIT_REPORT = Path("audit") / "report.json"  # `privdistill audit CONFIG --workdir WORKDIR` writes it here
+# every number in the privacy section that was computed on the real patients OUTSIDE any DP accountant:
+# each says something about those patients that the teacher's epsilon (if any) does not bound
+NON_DP_KEYS = ("n_synthetic", "kept", "dropped", "dropped_by_reason", "threshold", "calibration", "reid_pairs", "audit",
+               "teacher_memorization_rate", "kept_memorization_rate", "teacher_memorization_undecidable",
+               "kept_memorization_undecidable", "teacher_memorization_ci", "kept_memorization_ci",
+               "teacher_reid_rate", "kept_reid_rate", "mia")
+NON_DP_NOTE = ("computed on this site's real patients without differential privacy; not covered by teacher_dp's "
+               "(epsilon, delta), which bounds the teacher's weights and raw samples only")
+MIA_KEYS = ("auc", "auc_ci95", "unit", "n_member_units", "n_nonmember_units", "n_members", "n_nonmembers",
+            "image_auc", "image_auc_ci95", "tpr_at_fpr", "interval", "dp_covered")
 
 
 # ----------------------------------------------------------------------------- policy
@@ -40,7 +51,9 @@ def policy_limits(policy: PolicyConfig) -> Limits:
         max_teacher_memorization_rate=policy.max_teacher_memorization_rate,
         min_planted_recall=policy.min_planted_recall, min_recall_lower_bound=policy.min_recall_lower_bound,
         max_fresh_drop_rate=policy.max_fresh_drop_rate, min_kept=policy.min_kept,
-        max_teacher_mia_auc=policy.max_teacher_mia_auc, max_epsilon=policy.max_epsilon,
+        max_teacher_mia_auc=policy.max_teacher_mia_auc, min_mia_patients=policy.min_mia_patients,
+        max_epsilon=policy.max_epsilon, max_delta=policy.max_delta,
+        require_fingerprint_audit=policy.require_fingerprint_audit,
     )
 
 
@@ -92,11 +105,12 @@ def privacy_aggregate(cfg: SiteConfig, *, filter_report: dict[str, Any], train: 
         **_memorization_numbers(samples, kept, train, ratio),
         "teacher_reid_rate": reid(samples.images),
         "kept_reid_rate": reid(kept.images),
-        # the teacher's membership-inference AUC (privdistill.audit.mia; aggregate only)
-        "mia": {"teacher": {k: ((filter_report.get("mia") or {}).get("teacher") or {}).get(k)
-                            for k in ("auc", "n_members", "n_nonmembers")}},
+        # the teacher's membership-inference AUC (privdistill.audit.mia; aggregate only), with its interval and n
+        "mia": {"teacher": {k: v for k, v in ((filter_report.get("mia") or {}).get("teacher") or {}).items()
+                            if k in MIA_KEYS}},
         # the teacher's DP-SGD guarantee (privdistill.dp.dp_summary), only when it was trained with DP
         **({"teacher_dp": filter_report["teacher_dp"]} if filter_report.get("teacher_dp") else {}),
+        "non_dp_aggregates": {"keys": list(NON_DP_KEYS), "note": NON_DP_NOTE},
     }
 
 
@@ -112,14 +126,31 @@ def _memorization_numbers(samples: ImageSet, kept: ImageSet, train: ImageSet, ra
     return out
 
 
+def fingerprint_audit_summary(cfg: SiteConfig, workdir: Path) -> dict[str, Any] | None:
+    """The aggregate verdict of WORKDIR/audit/report.json (`privdistill audit`) when it audited this very
+    configuration; None when there is no audit or it audited another one."""
+    from privdistill.audit.fingerprint import audit_config_hash, export_summary
+
+    path = Path(workdir) / AUDIT_REPORT
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    if report.get("settings", {}).get("config_hash") != audit_config_hash(cfg):
+        log.warning("package.audit_ignored", reason="the fingerprint audit was run with another configuration")
+        return None
+    return export_summary(report)
+
+
 # ----------------------------------------------------------------------------- the stage
 def build_package_stage(cfg: SiteConfig, workdir: Path, *, key: Ed25519PrivateKey) -> Stage:
     """A privdistill Stage: skipped while the config, key, upstream outputs and filter record are unchanged."""
     record = Path(workdir) / "filter" / STAGE_FILE
+    audit = Path(workdir) / AUDIT_REPORT
     config = {
         "shard_config_hash": shard_config_hash(cfg),
         "public_key": public_key_b64(key),
         "filter_record_sha256": sha256_file(record) if record.is_file() else None,
+        "fingerprint_audit_sha256": sha256_file(audit) if audit.is_file() else None,
     }
     return Stage(PACKAGE, lambda ctx: package(cfg, ctx, key=key), UPSTREAM, config)
 
@@ -144,6 +175,9 @@ def package(cfg: SiteConfig, ctx: StageContext, *, key: Ed25519PrivateKey) -> di
         samples=ImageSet.load(ctx.input("sample") / "samples.npz"), kept=kept,
         reid_onnx=ctx.input("train-reid") / "reid.onnx",
     )
+    audit = fingerprint_audit_summary(cfg, ctx.workdir)
+    if audit is not None:
+        privacy["fingerprint_audit"] = audit
     verdict = evaluate_policy(privacy, cfg.site.policy)
     shard_id, row_state = _write_or_reuse(cfg, ctx.workdir, kept, privacy, verdict, key, vocab)
     report = {"shard_id": shard_id, "state": row_state, "policy": verdict, "privacy": privacy}

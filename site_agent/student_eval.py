@@ -139,7 +139,8 @@ def _attest(cfg: SiteConfig, workdir: Path, model_path: Path, student: dict[str,
     if not cfg.site.key_file.is_file():  # only a non-production site gets this far without a key
         log.warning("student_eval.not_attested", reason="site.key_file missing: no signed attestation written")
         return
-    numbers = {**student, "mia_n_members": mia.get("n_members"), "mia_n_nonmembers": mia.get("n_nonmembers")}
+    numbers = {**student, **{f"mia_{k}": mia.get(k) for k in ("n_members", "n_nonmembers", "auc_ci95", "unit",
+                                                                "n_member_units", "n_nonmember_units", "tpr_at_fpr")}}
     data, sig = make_attestation(cfg.site.id, model_path, numbers, load_private_key(cfg.site.key_file))
     atomic_write_text(workdir / REPORT_DIR / ATTESTATION, data.decode())
     atomic_write_text(workdir / REPORT_DIR / ATTESTATION_SIG, sig + "\n")

@@ -6,6 +6,23 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_state_dir(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN202
+    """The privacy-budget ledger (privdistill.budget) of every test lives in a temporary state directory,
+    never in the user's ~/.local/state."""
+    import os
+
+    from privdistill.budget import STATE_ENV
+
+    before = os.environ.get(STATE_ENV)
+    os.environ[STATE_ENV] = str(tmp_path_factory.mktemp("privdistill-state"))
+    yield
+    if before is None:
+        os.environ.pop(STATE_ENV, None)
+    else:
+        os.environ[STATE_ENV] = before
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread: on a shared 2-core box, oversubscribed OpenMP threads make training ~10x slower."""

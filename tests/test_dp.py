@@ -124,7 +124,7 @@ def test_an_impossible_budget_is_refused_before_the_query_touches_real_images(mo
 def test_plan_delta_rule_and_refusals() -> None:
     train = TrainConfig(steps=100, batch_size=10)
     plan = plan_dp(DPConfig(epsilon=5), train, 200)
-    assert plan.delta == pytest.approx(1 / 2000) and plan.sample_rate == pytest.approx(0.05)
+    assert plan.delta == 1e-5 and plan.sample_rate == pytest.approx(0.05)  # min(1e-5, 1/(N ln N))
     assert plan.planned_epsilon <= 5 and epsilon_of([(plan.noise_multiplier * 0.98, 0.05, 100)], plan.delta) > 5
     with pytest.raises(ConfigError, match="not below 1/N"):
         resolve_delta(DPConfig(epsilon=5, delta=0.01), 100)
@@ -398,3 +398,115 @@ def test_tiny_dp_pipeline_reports_epsilon(tmp_path: Path, one_thread) -> None:
     assert full["public_pretraining"]["selected"] == {"Trouser": ["Trouser"], "Sneaker": ["Sneaker"], "Bag": ["Bag"]}
     assert json.loads((tmp_path / "filter" / "privacy_report.json").read_text())["teacher_dp"] == dp
     assert "teacher_dp" in (tmp_path / "report.html").read_text()
+
+
+# ----------------------------------------------------------------------------- delta and the site's budget ledger
+def test_default_delta_is_at_most_1e5_and_below_1_over_n_log_n() -> None:
+    from privdistill.budget import default_delta
+
+    assert resolve_delta(DPConfig(epsilon=5), 30) == 1e-5  # was 1/(10 N) = 3.3e-3
+    assert default_delta(100_000) == pytest.approx(1 / (100_000 * math.log(100_000)))  # < 1e-5 at large N
+    assert all(default_delta(n) < 1 / (n * math.log(n)) * 1.000001 for n in (10, 1000, 10**6))
+
+
+def test_ledger_composes_per_patient_and_refuses_past_the_budget(tmp_path: Path) -> None:
+    import sqlite3
+
+    from privdistill.budget import PrivacyLedger
+    from privdistill.errors import PrivacyPolicyError
+
+    ledger = PrivacyLedger(tmp_path / "ledger.sqlite")
+    run = [(1.0, 0.1, 200)]
+    one = epsilon_of(run, 1e-5)
+    pool = [f"p{i}" for i in range(30)]
+    first = ledger.charge(run_id="r1", kind="dp-sgd", unit_ids=pool, history=run, delta=1e-5, reason="first",
+                          config_hash="c", budget_epsilon=1.2 * one)
+    assert first["pool_epsilon_after"] == pytest.approx(one) and first["earlier_runs"] == 0
+    # the same pool again: two runs compose to ~1.44x one run (RDP), more than 1.2x's epsilon -> refused, nothing written
+    with pytest.raises(PrivacyPolicyError, match=r"from epsilon .* spent by 1 earlier recorded run\(s\) to") as err:
+        ledger.charge(run_id="r2", kind="dp-sgd", unit_ids=pool, history=run, delta=1e-5, reason="force",
+                      config_hash="c", budget_epsilon=1.2 * one)
+    assert f"budget privacy.budget.epsilon = {1.2 * one}" in str(err.value)
+    assert len(ledger.charges()) == 1
+    # one shared patient is enough: the overlapping pool's worst patient carries both runs
+    overlap = ["p0"] + [f"q{i}" for i in range(29)]
+    assert ledger.worst_patient(ledger.unit_hashes(overlap), 1e-5, run)["epsilon"] == \
+        pytest.approx(epsilon_of(run + run, 1e-5))
+    # a disjoint pool is not charged for the first one
+    other = ledger.charge(run_id="r3", kind="dp-sgd", unit_ids=[f"z{i}" for i in range(30)], history=run,
+                          delta=1e-5, reason="first", config_hash="c", budget_epsilon=1.2 * one)
+    assert other["pool_epsilon_after"] == pytest.approx(one)
+    # append-only, and no patient id in the file
+    db = sqlite3.connect(tmp_path / "ledger.sqlite")
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("DELETE FROM charges")
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("UPDATE charges SET epsilon_alone = 0")
+    db.close()
+    assert b"p17" not in (tmp_path / "ledger.sqlite").read_bytes()
+
+
+def test_a_second_dp_run_on_the_same_pool_is_refused_before_training(tmp_path: Path, one_thread) -> None:
+    # Prepare: a site budget that one run fits and two do not
+    from privdistill.config import BudgetConfig
+    from privdistill.dp import train_teacher_dp
+    from privdistill.errors import PrivacyPolicyError
+
+    data, cfg, dp = _data(), TrainConfig(steps=2, batch_size=8, warmup_steps=0, log_every=100), DPConfig(epsilon=10)
+    budget = BudgetConfig(epsilon=12, ledger=tmp_path / "state" / "ledger.sqlite")
+    report = train_teacher_dp(_model(), data, cfg, dp, seed=0, resolution=16, channels=1,
+                              checkpoint_dir=tmp_path / "ck1", budget=budget)
+    pool = report["dp"]["budget"]
+    assert pool["recorded_runs"] == 1 and pool["pool_epsilon"] == pytest.approx(report["dp"]["epsilon"], rel=1e-6)
+    assert pool["delta"] == 1e-5 and pool["n_units"] == 30
+
+    # Execute: the same patients again (as --force or a deleted work directory would), other checkpoint dir
+    trained = []
+    import privdistill.dp as dpmod
+    real = dpmod.DPTrainer.fit
+    dpmod.DPTrainer.fit = lambda self: trained.append(1) or real(self)  # type: ignore[method-assign]
+    try:
+        with pytest.raises(PrivacyPolicyError) as err:
+            train_teacher_dp(_model(), data, cfg, dp, seed=0, resolution=16, channels=1,
+                             checkpoint_dir=tmp_path / "ck2", budget=budget)
+    finally:
+        dpmod.DPTrainer.fit = real  # type: ignore[method-assign]
+
+    # Assert: refused with the figures, before any training step; the ledger still holds one run
+    msg = str(err.value)
+    assert trained == [] and "30 patients" in msg and "1 earlier recorded run(s)" in msg and "= 12" in msg
+    from privdistill.budget import PrivacyLedger
+
+    assert [c["kind"] for c in PrivacyLedger(budget.ledger).charges()] == ["dp-sgd"]
+    # a run resumed from its own checkpoint (killed before it finished) is not charged twice
+    (tmp_path / "ck1").mkdir(exist_ok=True)
+    again = train_teacher_dp(_model(), data, cfg, dp, seed=0, resolution=16, channels=1,
+                             checkpoint_dir=tmp_path / "ck1", budget=budget)
+    assert again["dp"]["budget"]["recorded_runs"] == 1
+
+
+def test_model_card_gives_the_mia_interval_and_claims_no_guarantee_for_the_student() -> None:
+    from coordinator.model_card import NOT_MEASURED, _shard_table
+    from coordinator.student import privacy_summary
+
+    p = privacy_summary({"kept": 5, "teacher_dp": {"epsilon": 2.0, "delta": 1e-5},
+                         "mia": {"teacher": {"auc": 0.53, "auc_ci95": [0.41, 0.66], "n_member_units": 30,
+                                             "n_nonmember_units": 28}},
+                         "non_dp_aggregates": {"keys": ["mia", "kept"]}})
+    assert p["non_dp_aggregates"] == ["mia", "kept"]
+    row = _shard_table([{"site": "s", "shard_id": "s", "tar_sha256": "ab", "sample_count": 5, "privacy": p}])[2]
+    assert "| 0.530 [0.410, 0.660], n = 30/28 |" in row
+    guarantee = [x for x in NOT_MEASURED if "formal differential-privacy" in x]
+    assert len(guarantee) == 1 and "none exists, even where a site trained its teacher with DP-SGD" in guarantee[0]
+
+
+def test_dp_report_says_which_rng_it_used() -> None:
+    from privdistill.dp import secure_rng_report
+
+    rep = secure_rng_report()
+    assert rep["floating_point_safe_noise"] is True
+    try:
+        import torchcsprng  # noqa: F401
+        assert rep["csprng"] is True
+    except ImportError:
+        assert rep["csprng"] is False and "not a cryptographically secure stream" in rep["generator"]

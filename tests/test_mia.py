@@ -113,3 +113,99 @@ def test_nonmembers_get_the_training_splits_simulated_visit() -> None:
     moved = comparable_nonmembers(test, VisitsConfig(count=3, max_shift=1), seed=0)
     assert same is test
     assert len(moved) == 5 and not np.allclose(moved.images, test.images)  # one perturbed visit each
+
+
+# ----------------------------------------------------------------------------- uncertainty (audit.stats)
+def test_tpr_at_fpr_uses_only_thresholds_within_the_fpr() -> None:
+    from privdistill.audit.stats import tpr_at_fpr
+
+    neg = np.arange(100, dtype=float)  # 0..99
+    pos = np.array([99.5, 98.5, 97.5, 50.0])
+    # FPR 1%: one negative (99) may score above the threshold -> threshold 98: 99.5 and 98.5 pass
+    assert tpr_at_fpr(pos, neg, 0.01) == pytest.approx(0.5)
+    # FPR 0: threshold at the best negative (99): only 99.5 passes
+    assert tpr_at_fpr(pos, neg, 0.0) == pytest.approx(0.25)
+
+
+def test_clopper_pearson_of_zero_events() -> None:
+    from privdistill.audit.stats import clopper_pearson
+
+    lo, hi = clopper_pearson(0, 180)
+    assert lo == 0.0 and hi == pytest.approx(1 - 0.025 ** (1 / 180), rel=1e-6)  # 2.03%: "0 of 180" is not "0%"
+
+
+def test_patient_bootstrap_is_wider_than_an_image_bootstrap_for_repeated_visits() -> None:
+    from privdistill.audit.roc import roc_auc
+    from privdistill.audit.stats import cluster_bootstrap
+
+    # 30 patients x 4 near-identical visits per side, no membership signal
+    rng = np.random.default_rng(0)
+    pm, pn = np.repeat(rng.normal(size=30), 4), np.repeat(rng.normal(size=30), 4)
+    pm, pn = pm + 0.01 * rng.normal(size=120), pn + 0.01 * rng.normal(size=120)
+    gm, gn = np.repeat([f"m{i}" for i in range(30)], 4), np.repeat([f"n{i}" for i in range(30)], 4)
+    by_image = cluster_bootstrap(roc_auc, pm, pn, n_boot=500)
+    by_patient = cluster_bootstrap(roc_auc, pm, pn, positive_groups=gm, negative_groups=gn, n_boot=500)
+    assert by_patient[0] < 0.5 < by_patient[1]
+    # 4 correlated visits carry about one patient's evidence: the honest interval is ~sqrt(4) = 2x wider
+    assert (by_patient[1] - by_patient[0]) > 1.6 * (by_image[1] - by_image[0])
+
+
+def test_attack_summary_reports_tpr_only_where_the_nonmember_count_allows() -> None:
+    from privdistill.audit.stats import attack_summary
+
+    rng = np.random.default_rng(1)
+    few = attack_summary(rng.normal(1, 1, 40), rng.normal(0, 1, 40), member_groups=None, nonmember_groups=None,
+                         n_boot=200)
+    assert few["n_member_units"] == few["n_nonmember_units"] == 40 and few["unit"] == "image"
+    assert few["tpr_at_fpr"]["0.01"]["tpr"] is None and "at least 100" in few["tpr_at_fpr"]["0.01"]["reason"]
+    lo, hi = few["auc_ci95"]
+    assert lo < few["auc"] < hi and lo > 0.5  # a one-sigma shift: AUC ~0.76, interval excludes 0.5
+    many = attack_summary(rng.normal(3, 1, 150), rng.normal(0, 1, 150), member_groups=None, nonmember_groups=None,
+                          n_boot=200)
+    assert many["tpr_at_fpr"]["0.01"]["tpr"] > 0.2 and many["tpr_at_fpr"]["0.01"]["n_nonmember_units"] == 150
+    assert many["tpr_at_fpr"]["0.001"]["tpr"] is None  # needs 1000 non-members
+
+
+# ----------------------------------------------------------------------------- LiRA (audit.lira)
+def test_lira_halves_put_every_patient_in_half_the_shadows() -> None:
+    from privdistill.audit.lira import shadow_halves
+
+    inside = shadow_halves(31, 6, seed=0)
+    assert inside.shape == (6, 31) and (inside.sum(0) == 3).all()
+    with pytest.raises(DataError, match="even number"):
+        shadow_halves(10, 3, seed=0)
+
+
+def test_lira_calibration_sees_a_small_shift_hidden_by_per_patient_difficulty() -> None:
+    from privdistill.audit.lira import likelihood_ratio, shadow_halves
+
+    # 60 patients whose difficulty varies far more (sd 3) than membership moves the score (+0.5)
+    rng = np.random.default_rng(0)
+    difficulty = rng.normal(0, 3, 60)
+    inside = shadow_halves(60, 8, seed=1)
+    shadow = difficulty + 0.5 * inside + rng.normal(0, 0.1, (8, 60))
+    member = np.arange(60) < 30
+    target = difficulty + 0.5 * member + rng.normal(0, 0.1, 60)
+
+    online, offline = likelihood_ratio(target, shadow, inside)
+
+    raw = roc_auc(target[member], target[~member])
+    assert raw < 0.75  # the plain loss attack barely sees it
+    assert roc_auc(online[member], online[~member]) > 0.95 and roc_auc(offline[member], offline[~member]) > 0.95
+
+
+@pytest.mark.slow  # trains 2 shadow teachers and a target (~2 min on a loaded core)
+def test_lira_on_a_tiny_overfit_teacher(one_thread) -> None:
+    from privdistill.audit.lira import lira_attack
+
+    members, nonmembers = _small(0, 8), _small(8, 8)
+    tcfg = TrainConfig(steps=250, batch_size=8, learning_rate=2e-3, warmup_steps=10, ema_decay=0.9, log_every=250)
+
+    def train(data: ImageSet, seed: int) -> DiffusionModel:
+        model = _model()
+        Trainer(model, data, tcfg, seed=seed).fit()
+        return model
+
+    out = lira_attack(train(members, 0), members, nonmembers, train_shadow=train, n_shadows=2)
+    assert out["online"]["n_member_units"] == out["online"]["n_nonmember_units"] == 8
+    assert out["online"]["auc"] >= 0.9 and out["online"]["auc_ci95"][0] > 0.5

@@ -34,7 +34,7 @@ STRICT = ReleasePolicy(min_planted_recall=1.0, max_epsilon=8.0, max_student_mia_
 def _shard(site: str, *, recall: float = 1.0, epsilon: float | None = 4.0, kept_mem: float = 0.0) -> dict[str, Any]:
     privacy = {"filter_enabled": True, "kept_memorization_rate": kept_mem,
                "audit": {"planted_recall": {"exact": 1.0, "shift_1px": recall, "noise_0.1": 1.0, "contrast_0.9": 1.0}},
-               "mia": {"teacher": {"auc": 0.7}}, **({} if epsilon is None else {"teacher_dp": {"epsilon": epsilon}})}
+               "mia": {"teacher": {"auc": 0.7}}, **({} if epsilon is None else {"teacher_dp": {"epsilon": epsilon, "delta": 1e-6}})}
     return {"site": site, "shard_id": f"{site}-abc", "tar_sha256": "ab" * 32,
             "privacy": PrivacyReport.parse(privacy).summary(), "privacy_report": privacy}
 
@@ -50,7 +50,9 @@ def _model(tmp: Path) -> Path:
 def _attest(tmp: Path, site: str, key: Any, model: Path, **numbers: Any) -> Path:
     out = tmp / f"evidence-{site}"
     out.mkdir()
-    data, sig = make_attestation(site, model, {"mia_auc": 0.52, "memorization_rate": 0.0, **numbers}, key)
+    numbers = {"mia_auc": 0.52, "mia_auc_ci95": [0.40, 0.58], "mia_n_member_units": 30, "mia_n_nonmember_units": 30,
+               "memorization_rate": 0.0, **numbers}
+    data, sig = make_attestation(site, model, numbers, key)
     (out / ATTESTATION).write_bytes(data)
     (out / ATTESTATION_SIG).write_text(sig + "\n")
     return out
@@ -63,7 +65,7 @@ def test_release_policy_lists_every_failing_criterion(tmp_path: Path) -> None:
     key_a = identity.generate_key()
     model = _model(tmp_path)
     training = {"shards": [_shard("site-a", recall=0.9, epsilon=12.0, kept_mem=0.1), _shard("site-b", epsilon=None)]}
-    evidence = _attest(tmp_path, "site-a", key_a, model, mia_auc=0.81, memorization_rate=0.05)
+    evidence = _attest(tmp_path, "site-a", key_a, model, mia_auc=0.81, mia_auc_ci95=[0.7, 0.9], memorization_rate=0.05)
     attestations, problems = load_attestations([evidence], {"site-a": identity.public_key_b64(key_a)})
 
     # Execute
@@ -81,7 +83,7 @@ def test_release_policy_lists_every_failing_criterion(tmp_path: Path) -> None:
     ]), failures
     text = "\n".join(failures)
     assert "worst-kind recall 0.9000 < 1.0" in text and "epsilon 12 > 8.0" in text
-    assert "site site-a measured mia_auc 0.8100 > 0.6" in text and "site site-b has not attested" in text
+    assert "site site-a measured the upper end of the 95% interval of mia_auc 0.9000 > 0.6" in text and "site site-b has not attested" in text
     assert "not trained with DP-SGD" in text
     err = ReleaseRefused(failures)
     assert isinstance(err, PrivacyPolicyError) and err.exit_code == 4 and "8 criterion/criteria failed" in str(err)
@@ -155,22 +157,25 @@ def test_site_policy_checks_teacher_mia_and_epsilon() -> None:
     policy = PolicyConfig(max_teacher_mia_auc=0.6, max_epsilon=8.0)
     good = {"filter_enabled": True, "kept_memorization_rate": 0.0, "kept": 5,
             "audit": {"planted_recall": {"exact": 1.0, "shift_1px": 1.0}},
-            "mia": {"teacher": {"auc": 0.55}}, "teacher_dp": {"epsilon": 7.5, "delta": 1e-5}}
+            "mia": {"teacher": {"auc": 0.55, "auc_ci95": [0.45, 0.58], "n_member_units": 30, "n_nonmember_units": 30}},
+            "teacher_dp": {"epsilon": 7.5, "delta": 1e-5}}
     assert evaluate_policy(good, policy)["passed"] is True
-    bad = {**good, "mia": {"teacher": {"auc": 0.9}}, "teacher_dp": {"epsilon": 9.0},
+    bad = {**good, "mia": {"teacher": {"auc": 0.9, "auc_ci95": [0.8, 0.95], "n_member_units": 30,
+                                       "n_nonmember_units": 30}}, "teacher_dp": {"epsilon": 9.0, "delta": 1e-6},
            "audit": {"planted_recall": {"exact": 1.0, "shift_1px": 0.8}}}
     verdict = evaluate_policy(bad, policy)
     assert verdict["failed"] == ["min_planted_recall", "max_teacher_mia_auc", "max_epsilon"]
     no_dp = {k: v for k, v in good.items() if k != "teacher_dp"}
-    assert evaluate_policy(no_dp, policy)["failed"] == ["max_epsilon"]  # epsilon required once it is a criterion
+    # epsilon required once it is a criterion (delta is judged only beside an epsilon, at both gates)
+    assert evaluate_policy(no_dp, policy)["failed"] == ["max_epsilon"]
     assert evaluate_policy(no_dp, PolicyConfig())["passed"] is True  # not a criterion by default
 
 
 def test_export_gate_refuses_listing_every_failing_criterion(tmp_path: Path, reid_src: Path) -> None:
     # Prepare: a policy with limits the shard misses three ways (weak planted recall, leaky teacher, no DP)
     s = make_site(tmp_path / "s", reid_src, extra={"policy": {"max_teacher_mia_auc": 0.6, "max_epsilon": 8.0}})
-    report = filter_report(5, 12, recall=0.75) | {"mia": {"teacher": {"auc": 0.83, "n_members": 24,
-                                                                        "n_nonmembers": 24}}}
+    mia = {"auc": 0.83, "auc_ci95": [0.7, 0.93], "n_member_units": 24, "n_nonmember_units": 24}
+    report = filter_report(5, 12, recall=0.75) | {"mia": {"teacher": mia}}
     _stage(s.workdir, "filter", {"kept.npz": ImageSet.load(s.workdir / "filter" / "kept.npz"),
                                  "privacy_report.json": report}, force=True)
 
@@ -187,17 +192,19 @@ def test_export_gate_refuses_listing_every_failing_criterion(tmp_path: Path, rei
         check_export(s.workdir, sid, s.cfg)
 
     # Assert
+    # no DP section: max_epsilon fails; delta is judged only beside an epsilon
     assert pkg["policy"]["failed"] == ["min_planted_recall", "max_teacher_mia_auc", "max_epsilon"]
-    assert pkg["privacy"]["mia"]["teacher"] == {"auc": 0.83, "n_members": 24, "n_nonmembers": 24}
+    assert pkg["privacy"]["mia"]["teacher"] == mia
     msg = str(err.value)
     assert err.value.reason == "policy_failed" and "3 criterion/criteria" in msg
     assert "min_planted_recall: 0.75 (limit 1.0)" in msg
-    assert "max_teacher_mia_auc: 0.83 (limit 0.6)" in msg and "max_epsilon: None (limit 8.0)" in msg
+    assert "max_teacher_mia_auc: 0.93 (limit 0.6)" in msg and "max_epsilon: None (limit 8.0)" in msg
 
 
 def test_export_gate_passes_a_shard_within_the_policy(tmp_path: Path, reid_src: Path) -> None:
     s = make_site(tmp_path / "s", reid_src, approval="auto", extra={"policy": {"max_teacher_mia_auc": 0.6}})
-    report = filter_report(5, 12) | {"mia": {"teacher": {"auc": 0.54, "n_members": 24, "n_nonmembers": 24}}}
+    report = filter_report(5, 12) | {"mia": {"teacher": {"auc": 0.54, "auc_ci95": [0.4, 0.59], "n_member_units": 24,
+                                                          "n_nonmember_units": 24}}}
     _stage(s.workdir, "filter", {"kept.npz": ImageSet.load(s.workdir / "filter" / "kept.npz"),
                                  "privacy_report.json": report}, force=True)
     pkg = s.package()
@@ -244,3 +251,63 @@ def test_the_old_require_filter_enabled_key_names_the_new_one() -> None:
         ReleasePolicy.model_validate({"require_filter_enabled": True})
     with pytest.raises(ValidationError, match="site.policy.require_filter_enabled was renamed"):
         PolicyConfig.model_validate({"require_filter_enabled": True})
+
+
+# ----------------------------------------------------------------------------- intervals, n and delta in the gates
+def test_release_gate_takes_the_intervals_upper_end_and_a_minimum_n(tmp_path: Path) -> None:
+    key = identity.generate_key()
+    model = _model(tmp_path)
+    keys = {"site-a": identity.public_key_b64(key)}
+    policy = ReleasePolicy(max_student_mia_auc=0.6)
+    # point estimate 0.52 under the limit, but the interval reaches 0.66: not evidence of <= 0.6
+    wide = _attest(tmp_path, "site-a", key, model, mia_auc_ci95=[0.38, 0.66])
+    failures = check_policy({"shards": [_shard("site-a")]}, policy, attestations=load_attestations([wide], keys)[0],
+                            model_digest=model_digest(model))
+    assert failures == ["max_student_mia_auc: site site-a measured the upper end of the 95% interval of mia_auc "
+                        "0.6600 > 0.6"]
+    (tmp_path / "b").mkdir()
+    few = _attest(tmp_path / "b", "site-a", key, model, mia_n_nonmember_units=8)
+    failures = check_policy({"shards": [_shard("site-a")]}, policy, attestations=load_attestations([few], keys)[0],
+                            model_digest=model_digest(model))
+    assert len(failures) == 1 and failures[0].startswith("min_student_mia_patients: site site-a's student MIA rests "
+                                                         "on 8 member/non-member patients; the policy needs 20")
+
+
+def test_release_gate_checks_delta_with_epsilon() -> None:
+    shard = _shard("site-a", epsilon=4.0)
+    shard["privacy_report"]["teacher_dp"]["delta"] = 3.3e-3  # 1/(10 N) at N = 30
+    failures = check_policy({"shards": [shard]}, ReleasePolicy(max_epsilon=8.0))
+    assert len(failures) == 1 and failures[0].startswith("max_delta:") and "0.0033 > 1e-05" in failures[0]
+
+
+def test_site_policy_takes_the_intervals_upper_end_min_patients_and_delta() -> None:
+    policy = PolicyConfig(max_teacher_mia_auc=0.6, max_epsilon=8.0)
+    base = {"filter_enabled": True, "kept_memorization_rate": 0.0, "kept": 5,
+            "audit": {"planted_recall": {"exact": 1.0}}, "teacher_dp": {"epsilon": 7.5, "delta": 1e-6}}
+    mia = {"auc": 0.51, "auc_ci95": [0.40, 0.63], "n_member_units": 30, "n_nonmember_units": 30}
+    verdict = evaluate_policy({**base, "mia": {"teacher": mia}}, policy)
+    assert verdict["failed"] == ["max_teacher_mia_auc"]
+    assert verdict["criteria"][-4] == {"name": "max_teacher_mia_auc", "value": 0.63, "limit": 0.6, "passed": False}
+    few = {**mia, "auc_ci95": [0.45, 0.55], "n_nonmember_units": 12}
+    assert evaluate_policy({**base, "mia": {"teacher": few}}, policy)["failed"] == ["min_mia_patients"]
+    big_delta = {**base, "teacher_dp": {"epsilon": 7.5, "delta": 3.3e-3}, "mia": {"teacher": {**mia, "auc_ci95": [0.4, 0.6]}}}
+    assert evaluate_policy(big_delta, policy)["failed"] == ["max_delta"]
+
+
+def test_gates_can_require_a_fingerprint_audit_through_the_student() -> None:
+    good = {"passed": True, "n_failures": 0, "through_student": {"carrying": {"k": 0, "n": 60}}}
+    policy = ReleasePolicy(require_fingerprint_audit=True)
+    shards = [_shard("a"), _shard("b"), _shard("c"), _shard("d")]
+    shards[0]["privacy_report"]["fingerprint_audit"] = good
+    shards[1]["privacy_report"]["fingerprint_audit"] = {**good, "through_student": None}
+    shards[2]["privacy_report"]["fingerprint_audit"] = {**good, "passed": False, "n_failures": 1}
+    failures = check_policy({"shards": shards}, policy)
+    assert [f.split(": ", 1)[1].split(" ", 2)[1] for f in failures] == ["b/b-abc", "c/c-abc", "d/d-abc"]
+    assert "stopped at the teacher" in failures[0] and "failed (1 reason(s))" in failures[1]
+    assert "no fingerprint audit" in failures[2]
+    site = PolicyConfig(require_fingerprint_audit=True)
+    base = {"filter_enabled": True, "kept_memorization_rate": 0.0, "kept": 5, "audit": {"planted_recall": {"x": 1.0}}}
+    assert evaluate_policy({**base, "fingerprint_audit": good}, site)["passed"] is True
+    v = evaluate_policy({**base, "fingerprint_audit": {**good, "through_student": None}}, site)
+    assert v["failed"] == ["require_fingerprint_audit"] and v["criteria"][-1]["value"] == "passed, not through the student"
+    assert evaluate_policy(base, site)["failed"] == ["require_fingerprint_audit"]

@@ -18,7 +18,8 @@ from privdistill.stages import hash_tree
 
 FORMAT = "privdistill-student-attestation/1"
 ATTESTATION, ATTESTATION_SIG = "attestation.json", "attestation.sig"
-FIELDS = ("mia_auc", "memorization_rate", "reid_rate", "n_samples", "mia_n_members", "mia_n_nonmembers")
+FIELDS = ("mia_auc", "memorization_rate", "reid_rate", "n_samples", "mia_n_members", "mia_n_nonmembers",
+          "mia_auc_ci95", "mia_unit", "mia_n_member_units", "mia_n_nonmember_units", "mia_tpr_at_fpr")
 
 
 MODEL_PARTS = ("unet", "scheduler", "text_encoder", "tokenizer")

@@ -74,19 +74,25 @@ def make_fingerprints(k: int, *, height: int, width: int, seed: int) -> list[Fin
 
 @dataclass
 class Planted:
-    """A training set with fingerprinted copies in place of ``k`` images of ``k`` distinct patients."""
+    """A training set with fingerprinted copies in place of ``k`` images of ``k`` distinct patients
+    (fingerprint i present ``doses[i]`` times: the first in place, the others appended as copies)."""
 
     data: ImageSet  # the training set the audited teacher learns from
-    indices: np.ndarray  # int64 [k]: which training images carry a fingerprint
+    indices: np.ndarray  # int64 [k]: which training images carry a fingerprint (the first copy of each)
     fingerprints: list[Fingerprint]
+    doses: list[int] | None = None  # times each fingerprinted image is in ``data`` (None: once each)
 
     @property
     def images(self) -> np.ndarray:
         return self.data.images[self.indices]
 
 
-def plant(train: ImageSet, k: int, *, seed: int) -> Planted:
-    """Replace one image of each of ``k`` randomly chosen patients by a copy carrying fingerprint i."""
+def plant(train: ImageSet, k: int, *, seed: int, doses: tuple[int, ...] = (1,)) -> Planted:
+    """Replace one image of each of ``k`` randomly chosen patients by a copy carrying fingerprint i; with
+    ``doses`` (e.g. (1, 2, 4)), fingerprint i is in the training set doses[i % len(doses)] times (extra
+    copies appended with the same patient id), so the audit can show t' respond to exposure."""
+    if not doses or min(doses) < 1:
+        raise DataError("fingerprint doses must be positive integers, e.g. 1,2,4")
     if k < 1:
         raise DataError("the fingerprint audit needs at least one fingerprint (--fingerprints K, K >= 1)")
     pids = train.patient_ids if train.patient_ids is not None else np.arange(len(train)).astype(str)
@@ -101,4 +107,19 @@ def plant(train: ImageSet, k: int, *, seed: int) -> Planted:
     data = train.subset(np.arange(len(train)))  # a copy: the run's own training set is not touched
     for i, fp in zip(idx, fps):
         data.images[i] = fp.apply(data.images[i : i + 1])[0]
-    return Planted(data=data, indices=idx, fingerprints=fps)
+    dose = [int(doses[j % len(doses)]) for j in range(k)]
+    extra = np.concatenate([np.full(d - 1, i, np.int64) for i, d in zip(idx, dose)]) if max(dose) > 1 else None
+    if extra is not None:
+        data = _concat(data, data.subset(extra))
+    return Planted(data=data, indices=idx, fingerprints=fps, doses=dose)
+
+
+def _concat(a: ImageSet, b: ImageSet) -> ImageSet:
+    def cat(x: Any, y: Any) -> Any:
+        if x is None:
+            return None
+        return np.concatenate([np.asarray(x), np.asarray(y)]) if isinstance(x, np.ndarray) else list(x) + list(y)
+
+    return ImageSet(images=np.concatenate([a.images, b.images]), labels=cat(a.labels, b.labels),
+                    prompts=cat(a.prompts, b.prompts), patient_ids=cat(a.patient_ids, b.patient_ids),
+                    class_names=list(a.class_names))
