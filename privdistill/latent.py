@@ -95,8 +95,12 @@ def load_unet(path: Path, *, num_classes: int | None = None) -> torch.nn.Module:
     cls = UNETS[config["_class_name"]]
     if num_classes is None or config.get("num_class_embeds") == num_classes:
         return cls.from_pretrained(path / "unet", local_files_only=True)
-    return cls.from_pretrained(path / "unet", local_files_only=True, num_class_embeds=num_classes,
+    unet = cls.from_pretrained(path / "unet", local_files_only=True, num_class_embeds=num_classes,
                                low_cpu_mem_usage=False, ignore_mismatched_sizes=True)
+    # diffusers may leave weights absent from the checkpoint uninitialised; zero = the pretrained model's
+    # behaviour for every class at the start of fine-tuning
+    torch.nn.init.zeros_(unet.class_embedding.weight)
+    return unet
 
 
 def load_scheduler(path: Path, cfg: ModelConfig) -> DDPMScheduler:
