@@ -35,6 +35,9 @@ def _privacy(samples: ImageSet, train: ImageSet, reid_embed, train_emb: np.ndarr
              cfg: RunConfig) -> dict[str, Any]:
     from privdistill.metrics import memorization, reid_rate
 
+    from privdistill.imaging import at_resolution
+
+    samples, train = (at_resolution(d, cfg.analysis_resolution) for d in (samples, train))
     mem = memorization(samples.images, train, ratio=cfg.evaluate.memorization_ratio)
     return {
         "memorization_rate": mem["rate"],
@@ -64,8 +67,11 @@ def evaluate_run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     # An independent re-identification model: other architecture, other seed than the filter's.
     seed_ind = cfg.seed + cfg.evaluate.independent_reid_seed_offset
     reid_cfg = cfg.reid.model_copy(update={"target_tpr": cfg.evaluate.reid_target_tpr})
-    reid = train_reid(train, reid_cfg, seed=seed_ind, arch="resnet")
-    train_emb = reid.embed(train.images)
+    from privdistill.imaging import at_resolution
+
+    train_a = at_resolution(train, cfg.analysis_resolution)
+    reid = train_reid(train_a, reid_cfg, seed=seed_ind, arch="resnet")
+    train_emb = reid.embed(train_a.images)
 
     real_clf = train_classifier(
         train.images, train.labels, len(train.class_names), steps=cfg.evaluate.classifier_steps,

@@ -143,7 +143,9 @@ def _train_student(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
 def _train_reid(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     from privdistill.reid import export_onnx, save_reid, train_reid
 
-    train = ImageSet.load(ctx.input("ingest") / "train.npz")
+    from privdistill.imaging import at_resolution
+
+    train = at_resolution(ImageSet.load(ctx.input("ingest") / "train.npz"), cfg.analysis_resolution)
     model = train_reid(train, cfg.reid, seed=cfg.seed)
     save_reid(model, ctx.out / "reid")
     export_onnx(model, ctx.out / "reid.onnx")
@@ -179,17 +181,21 @@ def _filter(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     from privdistill.filter_audit import audit_filter
     from privdistill.reid import OnnxEmbedder, load_reid
 
+    from privdistill.imaging import at_resolution
+
     train = ImageSet.load(ctx.input("ingest") / "train.npz")
-    heldout = ImageSet.load(ctx.input("ingest") / "test.npz")
     samples = ImageSet.load(ctx.input("sample") / "samples.npz")
+    # decisions and audit at the analysis resolution; kept.npz and the review grid at the full one
+    train_a, samples_a = (at_resolution(d, cfg.analysis_resolution) for d in (train, samples))
+    heldout_a = at_resolution(ImageSet.load(ctx.input("ingest") / "test.npz"), cfg.analysis_resolution)
     reid = load_reid(ctx.input("train-reid") / "reid")
     embedder = OnnxEmbedder(ctx.input("train-reid") / "reid.onnx")
-    real_emb = embedder.embed(train.images)
-    result = filter_synthetic(samples, train, embed=embedder.embed, threshold=reid.threshold, cfg=cfg.filter,
+    real_emb = embedder.embed(train_a.images)
+    result = filter_synthetic(samples_a, train_a, embed=embedder.embed, threshold=reid.threshold, cfg=cfg.filter,
                               real_embeddings=real_emb)
-    audit = audit_filter(train, heldout, embed=embedder.embed, threshold=reid.threshold,
+    audit = audit_filter(train_a, heldout_a, embed=embedder.embed, threshold=reid.threshold,
                          cfg=cfg.filter, real_embeddings=real_emb, seed=cfg.seed)
-    extra: dict[str, Any] = {"audit": audit}
+    extra: dict[str, Any] = {"audit": audit, "analysis_resolution": cfg.analysis_resolution}
     if (ctx.input("sample") / MIA_FILE).is_file():
         extra["mia"] = {"teacher": _load_json(ctx.input("sample") / MIA_FILE)}
     if (ctx.input("sample") / DP_FILE).is_file():
@@ -216,17 +222,25 @@ BODIES = {
 }
 
 
+def _analysis(cfg: RunConfig) -> dict[str, int]:
+    """The analysis resolution, in a stage's fingerprint only when it differs from the data's (so the
+    fingerprints of runs that predate it do not change)."""
+    res = cfg.analysis_resolution
+    return {} if res == cfg.data.resolution else {"analysis_resolution": res}
+
+
 def stage_config(cfg: RunConfig, name: str) -> dict[str, Any]:
     """The resolved config sections a stage depends on (its fingerprint's config part)."""
     sections = {
         "ingest": {"data": cfg.section("data"), "files": source_fingerprint(cfg)},
         "train-teacher": {"teacher": cfg.section("teacher"),
                           **({"privacy": cfg.section("privacy")} if cfg.privacy is not None else {})},
-        "train-reid": {"reid": cfg.section("reid")},
+        "train-reid": {"reid": cfg.section("reid"), **_analysis(cfg)},
         "sample": {"sample": cfg.section("sample")},
         "filter": {"filter": cfg.section("filter")},
         "train-student": {"student": cfg.section("student")},
-        "evaluate": {"evaluate": cfg.section("evaluate"), "sample": cfg.section("sample"), "reid": cfg.section("reid")},
+        "evaluate": {"evaluate": cfg.section("evaluate"), "sample": cfg.section("sample"), "reid": cfg.section("reid"),
+                     **_analysis(cfg)},
     }[name]
     return {"seed": cfg.seed, **sections}
 

@@ -78,7 +78,10 @@ def privacy_aggregate(cfg: SiteConfig, *, filter_report: dict[str, Any], train: 
     from privdistill.metrics import memorization, reid_rate
     from privdistill.reid import OnnxEmbedder
 
+    from privdistill.imaging import at_resolution
+
     ratio = cfg.evaluate.memorization_ratio
+    train, samples, kept = (at_resolution(d, cfg.analysis_resolution) for d in (train, samples, kept))
     threshold = float(filter_report["threshold"])
     embedder = OnnxEmbedder(reid_onnx)
     real_emb = embedder.embed(train.images)
