@@ -171,3 +171,38 @@ def test_trained_latent_model_is_a_stable_diffusion_folder_diffusers_opens(pipel
     out = pipe("an image of a trouser", num_inference_steps=2, height=RES, width=RES, output_type="np",
                generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (1, RES, RES, 3) and np.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------- coordinator release
+def test_released_class_conditional_latent_student_opens_in_diffusers(tmp_path: Path, checkpoint: Path,
+                                                                      one_thread) -> None:
+    from coordinator.release import release
+    from coordinator.student import ShardRef, evaluate_student, parse_training_config, train_student
+    from test_coordinator_student import _accepted, _kept_set, _shard
+
+    # Prepare: one site's shard of 64x64 class-labelled images; a LoRA student on the local checkpoint
+    shard = _shard(tmp_path / "store", "site-a", "a1", seed=1, data=_kept_set(1, per_class=4, res=RES))
+    refs = [ShardRef(a.dir, a.tar_sha256) for a in _accepted([shard])]
+    cfg = parse_training_config({
+        "name": "latent-student", "resolution": RES,
+        "student": {"model": {"type": "latent", "pretrained_path": checkpoint.name, "lora": {"rank": 4}},
+                    "train": {"steps": 2, "batch_size": 4, "warmup_steps": 0, "log_every": 1}},
+        "sample": {"per_class": 2, "steps": 2, "batch_size": 4},
+        "evaluation": {"classifier_steps": 5, "classifier_batch_size": 8},
+        "release": {"max_site_kept_memorization_rate": 0.02},
+    }, base_dir=checkpoint.parent)
+    assert cfg.student.model.pretrained_path == checkpoint  # relative to the config file's folder
+
+    # Execute
+    train_student(refs, cfg, tmp_path / "work")
+    evaluate_student(refs, cfg, tmp_path / "work")
+    path = release(tmp_path / "work", tmp_path / "out", cfg, shards=refs)
+
+    # Assert: the released folder is a diffusers pipeline (its class-conditional code travels in pipeline.py)
+    record = json.loads((path / "release.json").read_text())
+    assert "DiffusionPipeline.from_pretrained" in record["model"]["layout"] and (path / "pipeline.py").is_file()
+    pipe = DiffusionPipeline.from_pretrained(path, trust_remote_code=True, local_files_only=True)
+    assert type(pipe).__name__ == "LatentClassPipeline"
+    images = pipe([0, 1], num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, RES, RES, 3) and np.isfinite(images).all()
+    assert DiffusionModel.load(path).class_names == ["square", "bar"]
