@@ -57,7 +57,7 @@ def ddim_reconstruct(model: DiffusionModel, data: ImageSet, t: int, seed: int, *
         raise DataError("the model cannot be conditioned on every fingerprinted image (unknown class)")
     total = int(model.scheduler.config.num_train_timesteps)
     alphas = model.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
-    x0 = torch.from_numpy(np.ascontiguousarray(data.images, np.float32)).to(device)
+    x0 = model.encode(torch.from_numpy(np.ascontiguousarray(data.images, np.float32)).to(device))  # latent: VAE
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed * 7_919 + t)).to(device)
     a_t = alphas[t]
     x = a_t.sqrt() * x0 + (1 - a_t).sqrt() * noise
@@ -70,9 +70,10 @@ def ddim_reconstruct(model: DiffusionModel, data: ImageSet, t: int, seed: int, *
         a_cur = alphas[cur]
         a_prev = alphas[steps[i + 1]] if i + 1 < len(steps) else torch.tensor(1.0, device=device)
         eps = model.predict_noise(x, torch.full((len(x),), cur, device=device, dtype=torch.long), cond).float()
-        x0_hat = ((x - (1 - a_cur).sqrt() * eps) / a_cur.sqrt()).clamp(-1, 1)
+        x0_hat = (x - (1 - a_cur).sqrt() * eps) / a_cur.sqrt()
+        x0_hat = x0_hat.clamp(-1, 1) if model.vae is None else x0_hat  # latents are not bounded
         x = a_prev.sqrt() * x0_hat + (1 - a_prev).sqrt() * eps
-    return x.clamp(-1, 1).cpu().numpy()
+    return model.decode(x).clamp(-1, 1).cpu().numpy()
 
 
 def model_tprime(model: DiffusionModel, fingerprinted: ImageSet, detect: Detect, *, grid: Sequence[int] | None = None,
