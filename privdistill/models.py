@@ -90,8 +90,7 @@ class DiffusionModel:
     # only when it was built here (a pretrained one stays frozen)
     vae: torch.nn.Module | None = None
     text_trainable: bool = True
-    # a latent step draws noise in latent space and decodes at the end; micro-batch for VAE passes
-    vae_batch_size: int = 16
+    vae_batch_size: int = 16  # images per VAE encode/decode pass (bounds its activation memory)
 
     @property
     def kind(self) -> str:
@@ -207,9 +206,13 @@ class DiffusionModel:
         return x.clamp(-1, 1)
 
     def encode_images(self, images: np.ndarray, device: torch.device) -> torch.Tensor:
-        """A whole NCHW float array, on ``device``, in the space the UNet denoises."""
-        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device)
-        return self.encode(x) if self.vae is not None else x
+        """A whole NCHW float array, on ``device``, in the space the UNet denoises (a latent model: encoded
+        chunk by chunk, so only the latents of the whole set are ever on the device)."""
+        if self.vae is None:
+            return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device)
+        step = self.vae_batch_size
+        return torch.cat([self.encode(torch.from_numpy(np.ascontiguousarray(images[s : s + step], np.float32)))
+                          .to(device) for s in range(0, len(images), step)])
 
     def condition(
         self, labels: torch.Tensor | None, prompts: list[str] | None, device: torch.device,

@@ -229,16 +229,25 @@ def _analysis(cfg: RunConfig) -> dict[str, int]:
     return {} if res == cfg.data.resolution else {"analysis_resolution": res}
 
 
+def _checkpoint(model: Any) -> dict[str, str]:
+    """A latent model's pretrained folder as (path, size, mtime) of its files: a replaced checkpoint re-trains."""
+    if model.type != "latent" or not Path(model.pretrained_path).is_dir():
+        return {}
+    files = sorted(p for p in Path(model.pretrained_path).rglob("*") if p.is_file())
+    entries = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return {"checkpoint_files": hashlib.sha256(json.dumps(entries).encode()).hexdigest()}
+
+
 def stage_config(cfg: RunConfig, name: str) -> dict[str, Any]:
     """The resolved config sections a stage depends on (its fingerprint's config part)."""
     sections = {
         "ingest": {"data": cfg.section("data"), "files": source_fingerprint(cfg)},
-        "train-teacher": {"teacher": cfg.section("teacher"),
+        "train-teacher": {"teacher": cfg.section("teacher"), **_checkpoint(cfg.teacher.model),
                           **({"privacy": cfg.section("privacy")} if cfg.privacy is not None else {})},
         "train-reid": {"reid": cfg.section("reid"), **_analysis(cfg)},
         "sample": {"sample": cfg.section("sample")},
         "filter": {"filter": cfg.section("filter")},
-        "train-student": {"student": cfg.section("student")},
+        "train-student": {"student": cfg.section("student"), **_checkpoint(cfg.student_config.model)},
         "evaluate": {"evaluate": cfg.section("evaluate"), "sample": cfg.section("sample"), "reid": cfg.section("reid"),
                      **_analysis(cfg)},
     }[name]
