@@ -95,9 +95,9 @@ def test_resize_to_analysis_resolution_is_chunked_exact_and_keeps_the_set() -> N
     np.testing.assert_array_equal(small, resize_images(x, 16, chunk=100))  # chunking changes nothing
     assert small.shape == (10, 1, 16, 16) and small.min() >= -1 and small.max() <= 1
     np.testing.assert_allclose(small[0], 0.5, atol=1e-6)  # a flat image stays flat
-    # antialiased: at scale 4 a triangle filter over 8 input pixels per axis (sum of squared weights
-    # 60/400 = 0.15 per axis), so i.i.d. noise of std 0.577 drops to ~0.577 * 0.15 = 0.087 (a little more at
-    # the borders, where the filter is clipped); without antialiasing it would stay ~0.58
+    # antialiased: at scale 4 a triangle filter over 8 input pixels per axis (weights .219 .156 .094 .031
+    # each side, sum of squares 0.164 per axis), so i.i.d. noise of std 0.577 drops to 0.577 * 0.164 = 0.095
+    # (a little more at the clipped borders); without antialiasing it would stay ~0.58
     assert 0.08 < small[1:].std() < 0.12
     assert resize_images(x, RES) is x
     data = ImageSet(images=x, labels=np.arange(10) % 2, patient_ids=np.array([f"p{i}" for i in range(10)]),
