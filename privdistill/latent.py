@@ -204,6 +204,10 @@ def save_pipeline(path: Path, *, vae: AutoencoderKL, unet: torch.nn.Module, sche
     if text_encoder is not None:
         from diffusers import StableDiffusionPipeline
 
+        # privdistill encodes prompts with their attention mask (privdistill.text.encode_prompts); this
+        # flag makes StableDiffusionPipeline.encode_prompt do the same, so the folder samples as trained
+        text_encoder.config.use_attention_mask = True
+
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)

@@ -189,6 +189,10 @@ def test_trained_latent_model_is_a_stable_diffusion_folder_diffusers_opens(pipel
     folder = pipeline_run["work"] / "train-student" / "model"
     pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
     assert type(pipe).__name__ == "StableDiffusionPipeline"
+    # diffusers conditions on exactly what privdistill trained with (same tokens, attention mask, encoder)
+    ours = DiffusionModel.load(folder).condition(None, ["an image of a trouser"], torch.device("cpu"))
+    theirs = pipe.encode_prompt("an image of a trouser", torch.device("cpu"), 1, False)[0]
+    torch.testing.assert_close(theirs, ours["encoder_hidden_states"])
     out = pipe("an image of a trouser", num_inference_steps=2, height=RES, width=RES, output_type="np",
                generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (1, RES, RES, 3) and np.isfinite(out).all()
