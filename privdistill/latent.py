@@ -208,9 +208,12 @@ def save_pipeline(path: Path, *, vae: AutoencoderKL, unet: torch.nn.Module, sche
         # flag makes StableDiffusionPipeline.encode_prompt do the same, so the folder samples as trained
         text_encoder.config.use_attention_mask = True
 
+        from diffusers import DDIMScheduler
+
+        # DDIM with the training schedule: the sampler privdistill itself uses (privdistill.sample)
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+                                       scheduler=DDIMScheduler.from_config(scheduler.config), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
         pipe.save_pretrained(path)
         return
     from privdistill import latent_pipeline

@@ -188,7 +188,7 @@ def test_whole_pipeline_runs_latent_at_64px_with_privacy_checks_at_16px(pipeline
 def test_trained_latent_model_is_a_stable_diffusion_folder_diffusers_opens(pipeline_run: dict) -> None:
     folder = pipeline_run["work"] / "train-student" / "model"
     pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and type(pipe.scheduler).__name__ == "DDIMScheduler"
     # diffusers conditions on exactly what privdistill trained with (same tokens, attention mask, encoder)
     ours = DiffusionModel.load(folder).condition(None, ["an image of a trouser"], torch.device("cpu"))
     theirs = pipe.encode_prompt("an image of a trouser", torch.device("cpu"), 1, False)[0]
