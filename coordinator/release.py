@@ -29,6 +29,10 @@ log = structlog.get_logger(__name__)
 
 RELEASE_FILE, CARD_FILE, SUMS_FILE = "release.json", "MODEL_CARD.md", "SHA256SUMS"
 _COMMAND = {TRAIN_STAGE: "train-student", EVAL_STAGE: "evaluate"}
+LATENT_LAYOUT = ("diffusers pipeline folder (model_index.json, vae/, unet/, scheduler/[, text_encoder/, tokenizer/]) "
+                 "+ privdistill_model.json; open with diffusers.DiffusionPipeline.from_pretrained(<this directory>) "
+                 "(class-conditional: its code is pipeline.py here, so add trust_remote_code=True) or "
+                 "privdistill.models.DiffusionModel.load(<this directory>)")
 
 
 class ReleaseRefused(PrivacyPolicyError):
@@ -181,7 +185,8 @@ def _release_record(training: dict[str, Any], evaluation: dict[str, Any], cfg: T
         "model": {
             "conditioning": training["conditioning"], "class_names": training["class_names"],
             "resolution": cfg.resolution, "channels": cfg.channels, "parameters": train.get("parameters"),
-            "layout": "diffusers save_pretrained (unet/, scheduler/[, text_encoder/, tokenizer/]) + privdistill_model.json; "
+            "layout": LATENT_LAYOUT if cfg.student.model.type == "latent" else
+                      "diffusers save_pretrained (unet/, scheduler/[, text_encoder/, tokenizer/]) + privdistill_model.json; "
                       "load with privdistill.models.DiffusionModel.load(<this directory>)",
         },
         "training_data": {"kind": "filtered synthetic shards only (no real image)", "n_samples": training["n_samples"],

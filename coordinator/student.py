@@ -14,7 +14,9 @@ import structlog
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from privdistill.config import DataConfig, DiffusionConfig, SampleConfig, Source, _format_pydantic, _source_paths, read_yaml
+from privdistill.config import (
+    DataConfig, DiffusionConfig, SampleConfig, Source, _format_pydantic, _source_paths, latent_problems, read_yaml,
+)
 from privdistill.data.types import ImageSet
 from privdistill.errors import ConfigError, ShardVerificationError, StageError
 from privdistill.privacy_report import PrivacyReport, renamed_field
@@ -145,7 +147,9 @@ def parse_training_config(raw: Any, source: str | None = None, base_dir: Path | 
                 problems.append(f"evaluation.reference.{key}.{name}: path does not exist: {full}")
     model = cfg.student.model
     factor = 2 ** (len(model.block_out_channels) - 1)
-    if cfg.resolution % factor:
+    if model.type == "latent":
+        problems += latent_problems("student", model, cfg.resolution, base_dir, resolved["student"]["model"])
+    elif cfg.resolution % factor:
         problems.append(f"student.model.block_out_channels: {len(model.block_out_channels)} levels downsample by "
                         f"{factor}, which does not divide resolution={cfg.resolution}")
     if model.text_encoder_path is not None:

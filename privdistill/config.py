@@ -175,7 +175,24 @@ class DataConfig(Strict):
 
 
 # --------------------------------------------------------------------------- models / training
+class LoraConfig(Strict):
+    """Low-rank adapters (peft) on the pretrained UNet's ``target_modules``: only the adapters (and a new
+    class embedding) are trained, so optimiser state and, under DP-SGD, per-sample gradients are small."""
+
+    rank: int = Field(8, ge=1, le=512)
+    alpha: float | None = Field(None, gt=0)  # default: rank (scale 1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+
+
 class ModelConfig(Strict):
+    # pixel: a UNet built from this section and trained from scratch on images;
+    # latent: a frozen AutoencoderKL + pretrained UNet read from pretrained_path (a local diffusers pipeline
+    # folder, e.g. a Stable Diffusion checkpoint), fine-tuned on VAE latents; the architecture keys below
+    # (block_out_channels ... beta_schedule) are then the checkpoint's and are ignored
+    type: Literal["pixel", "latent"] = "pixel"
+    pretrained_path: Path | None = None
+    lora: LoraConfig | None = None  # latent only
     conditioning: Literal["class", "text"] = "class"
     block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
     layers_per_block: int = Field(1, ge=1, le=4)
@@ -198,6 +215,11 @@ class ModelConfig(Strict):
             )
         if not self.block_out_channels:
             raise ValueError("block_out_channels must list at least one width")
+        if self.type == "latent" and self.pretrained_path is None:
+            raise ValueError("type: latent needs pretrained_path: a local diffusers pipeline folder (model_index.json, "
+                             "vae/, unet/, scheduler/[, text_encoder/, tokenizer/]), e.g. a Stable Diffusion checkpoint")
+        if self.type == "pixel" and (self.pretrained_path is not None or self.lora is not None):
+            raise ValueError("pretrained_path and lora need type: latent (a pixel model is built from this section)")
         return self
 
 
@@ -269,6 +291,9 @@ class FilterConfig(Strict):
     pixel_max_shift: int = Field(1, ge=0, le=4)  # also match copies displaced by up to this many pixels
     chunk_size: int = Field(4096, ge=16)
     review_grid_max: int = Field(32, ge=0)
+    # the re-identification model, the filter, the memorization metric and the audits see images
+    # downsampled to this size (never upsampled); null = data.resolution
+    analysis_resolution: int | None = Field(None, ge=8, le=1024)
 
     @model_validator(mode="before")
     @classmethod
@@ -374,6 +399,12 @@ class RunConfig(Strict):
     def student_config(self) -> DiffusionConfig:
         return self.student if self.student is not None else self.teacher
 
+    @property
+    def analysis_resolution(self) -> int:
+        """The resolution privacy checks run at: filter.analysis_resolution, at most data.resolution."""
+        res = self.filter.analysis_resolution
+        return self.data.resolution if res is None else min(res, self.data.resolution)
+
     def section(self, name: str) -> dict[str, Any]:
         """JSON-safe dict of one section (used for stage fingerprints)."""
         value = self.student_config if name == "student" else getattr(self, name)
@@ -415,6 +446,17 @@ def _password_file_problems(key: str, src: BaseModel, base_dir: Path | None, res
     if (mode := loose_mode(full)) is not None:
         return [f"{where}: {full} is readable by group or others (mode {mode:04o}); run `chmod 600 {full}`"]
     return []
+
+
+def latent_problems(where: str, model: ModelConfig, resolution: int, base_dir: Path | None,
+                    resolved: dict[str, Any]) -> list[str]:
+    """A latent model's pretrained_path must be a usable local pipeline folder; resolves it against base_dir."""
+    from privdistill.latent import pipeline_problems
+
+    path = model.pretrained_path
+    full = path if path.is_absolute() or base_dir is None else base_dir / path
+    resolved["pretrained_path"] = full
+    return [f"{where}.model.pretrained_path: {p}" for p in pipeline_problems(full, model, resolution)]
 
 
 def _dp_problems(cfg: RunConfig, base_dir: Path | None, resolved: dict[str, Any]) -> list[str]:
@@ -477,7 +519,9 @@ def parse_config(
             resolved[sec]["model"]["text_encoder_path"] = full
             if not full.is_dir():
                 problems.append(f"{sec}.model.text_encoder_path: not a directory: {full}")
-        if m is not None:
+        if m is not None and m.model.type == "latent":
+            problems.extend(latent_problems(sec, m.model, cfg.data.resolution, base_dir, resolved[sec]["model"]))
+        elif m is not None:
             factor = 2 ** (len(m.model.block_out_channels) - 1)
             if cfg.data.resolution % factor:
                 problems.append(

@@ -153,7 +153,7 @@ def contiguous_conv_inputs(module: torch.nn.Module) -> list[Any]:
 def check_grad_samples(model: DiffusionModel, wrapped: torch.nn.Module, *, n: int = 4) -> None:
     """Per-sample gradients must average to the batch gradient for every parameter: checked once on
     random inputs (no patient data) before training, because a wrong grad sampler fails silently."""
-    shape = (n, model.channels, model.resolution, model.resolution)
+    shape = (n, *model.sample_shape)
     g = torch.Generator().manual_seed(0)
     device = next(model.unet.parameters()).device
     x, noise = torch.randn(shape, generator=g).to(device), torch.randn(shape, generator=g).to(device)
@@ -165,6 +165,8 @@ def check_grad_samples(model: DiffusionModel, wrapped: torch.nn.Module, *, n: in
     loss.backward()
     bad = []
     for name, p in model.unet.named_parameters():
+        if not p.requires_grad:  # frozen (LoRA: everything but the adapters)
+            continue
         gs = getattr(p, "grad_sample", None)
         ref = p.grad if p.grad is not None else torch.zeros_like(p)
         if gs is None or not torch.allclose(gs.mean(0), ref, atol=1e-6, rtol=1e-3):

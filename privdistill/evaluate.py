@@ -36,7 +36,10 @@ def _privacy(samples: ImageSet, train: ImageSet, reid_embed, train_emb: np.ndarr
     from privdistill.metrics import memorization, reid_rate
 
     from privdistill.audit.stats import clopper_pearson
+    from privdistill.imaging import at_resolution, resize_images
 
+    samples, train = (at_resolution(d, cfg.analysis_resolution) for d in (samples, train))
+    fresh = resize_images(fresh, cfg.analysis_resolution)
     # second detector: the same ratio test in the independent re-identification model's feature space
     mem = memorization(samples.images, train, ratio=cfg.evaluate.memorization_ratio, embed=reid_embed)
     reid = reid_rate(samples.images, train_emb, embed=reid_embed, threshold=threshold)
@@ -94,8 +97,11 @@ def evaluate_run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
 
     # An independent re-identification model: other architecture, other seed than the filter's.
     seed_ind = cfg.seed + cfg.evaluate.independent_reid_seed_offset
-    reid = train_reid(train, cfg.reid, seed=seed_ind, arch="resnet", target_tpr=cfg.evaluate.reid_target_tpr)
-    train_emb = reid.embed(train.images)
+    from privdistill.imaging import at_resolution
+
+    train_a = at_resolution(train, cfg.analysis_resolution)
+    reid = train_reid(train_a, cfg.reid, seed=seed_ind, arch="resnet", target_tpr=cfg.evaluate.reid_target_tpr)
+    train_emb = reid.embed(train_a.images)
 
     real_clf = train_classifier(
         train.images, train.labels, len(train.class_names), steps=cfg.evaluate.classifier_steps,

@@ -119,12 +119,12 @@ def teacher_near_copies(model: Any, train: ImageSet, n: int, seed: int, *, fract
         return {}
     rng = np.random.default_rng(seed + 6)
     idx = np.sort(rng.choice(len(train), size=min(n, len(train)), replace=False))
-    x0 = torch.from_numpy(np.ascontiguousarray(train.images[idx], np.float32))
+    device = next(model.unet.parameters()).device
+    x0 = model.encode(torch.from_numpy(np.ascontiguousarray(train.images[idx], np.float32)).to(device)).cpu()
     labels = None if train.labels is None else torch.as_tensor(train.labels[idx]).long()
     prompts = None if train.prompts is None else [train.prompts[i] for i in idx]
     for m in model.modules():
         m.eval()
-    device = next(model.unet.parameters()).device
     cond = model.condition(labels, prompts, device)
     total = int(model.scheduler.config.num_train_timesteps)
     g = torch.Generator().manual_seed(seed + 7)
@@ -140,7 +140,7 @@ def teacher_near_copies(model: Any, train: ImageSet, n: int, seed: int, *, fract
         for t in ts:
             eps = model.predict_noise(x, t.to(device).expand(len(x)), cond)
             x = sched.step(eps, t, x, eta=0.0).prev_sample
-        out[f"teacher_t{f:g}"] = (x.clamp(-1, 1).float().cpu().numpy(), idx)
+        out[f"teacher_t{f:g}"] = (model.decode(x).clamp(-1, 1).float().cpu().numpy(), idx)
     return out
 
 
@@ -179,9 +179,12 @@ def patient_bootstrap(hits: np.ndarray, patients: np.ndarray, *, seed: int, n_bo
 
 
 def audit_filter(train: ImageSet, fresh: ImageSet, *, scorer: GalleryScorer, calibration: FilterCalibration,
-                 seed: int, teacher: Any = None, local_patch: int | None = None) -> dict[str, Any]:
+                 seed: int, teacher: Any = None, teacher_train: ImageSet | None = None,
+                 local_patch: int | None = None) -> dict[str, Any]:
     """Aggregate rates only. ``fresh``: held-out real images of patients outside the training set and outside
-    the calibration null (the fresh-drop audit); ``teacher``: the teacher model, for its near-copies."""
+    the calibration null (the fresh-drop audit); ``teacher``: the teacher model, for its near-copies, made from
+    ``teacher_train`` (the training set at the teacher's resolution; default ``train``) and resized to the
+    resolution of ``train`` (the analysis resolution the filter decides at)."""
     pids = train.patient_ids if train.patient_ids is not None else np.arange(len(train)).astype(str)
     sel = np.random.default_rng(seed + 1).permutation(len(fresh))[:MAX_HELDOUT]
     fresh_imgs = fresh.images[sel]
@@ -199,8 +202,11 @@ def audit_filter(train: ImageSet, fresh: ImageSet, *, scorer: GalleryScorer, cal
     m_imgs, m_src = local_marks(train, fresh_imgs, MAX_PLANTED, patch, seed)
     cases["local_mark"] = (m_imgs, m_src, None)
     if teacher is not None:
-        for kind, (imgs, src) in teacher_near_copies(teacher, train, MAX_PLANTED, seed).items():
-            cases[kind] = (imgs, src, None)
+        from privdistill.imaging import resize_images
+
+        native = teacher_train if teacher_train is not None else train
+        for kind, (imgs, src) in teacher_near_copies(teacher, native, MAX_PLANTED, seed).items():
+            cases[kind] = (resize_images(imgs, int(train.images.shape[-1])), src, None)
 
     recall: dict[str, dict[str, Any]] = {}
     too_few: list[str] = []

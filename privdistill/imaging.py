@@ -1,12 +1,18 @@
-"""Image helpers shared by stages and pages: [-1, 1] float arrays to uint8, PNG grids, PNG data: URIs."""
+"""Image helpers shared by stages and pages: [-1, 1] float arrays to uint8, PNG grids, PNG data: URIs, and
+the downsampling to the privacy checks' analysis resolution."""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from privdistill.data.types import ImageSet
 
 
 def png_data_uri(png: bytes) -> str:
@@ -56,3 +62,26 @@ def grid(images: np.ndarray, ncols: int = 8, pad: int = 2, scale: int = 1) -> Im
 def save_grid(images: np.ndarray, path: Path, ncols: int = 8, scale: int = 2) -> Path:
     grid(images, ncols=ncols, scale=scale).save(path)
     return path
+
+
+def resize_images(images: np.ndarray, size: int, *, chunk: int = 256) -> np.ndarray:
+    """NCHW float32 images -> ``size`` x ``size`` (antialiased bilinear, in chunks of ``chunk`` images so
+    memory stays bounded); returned as they are when already that size."""
+    import torch
+    import torch.nn.functional as F
+
+    if images.shape[-2:] == (size, size):
+        return images
+    out = np.empty((*images.shape[:2], size, size), np.float32)
+    for s in range(0, len(images), chunk):
+        x = torch.from_numpy(np.ascontiguousarray(images[s : s + chunk], np.float32))
+        out[s : s + chunk] = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                           align_corners=False).clamp(-1, 1).numpy()
+    return out
+
+
+def at_resolution(data: "ImageSet", size: int) -> "ImageSet":
+    """The same set (labels, prompts, patient ids) with its images resized to ``size`` (see resize_images)."""
+    if data.images.shape[-2:] == (size, size):
+        return data
+    return dataclasses.replace(data, images=resize_images(data.images, size))

@@ -1,5 +1,6 @@
-"""Conditional diffusion models built from config with diffusers: UNet2DModel with class embeddings,
-or UNet2DConditionModel with a small text encoder; saved in diffusers' save_pretrained layout."""
+"""Conditional diffusion models with diffusers: pixel-space UNet2DModel with class embeddings or
+UNet2DConditionModel with a small text encoder, built from config; or a latent model (frozen VAE +
+pretrained UNet, see privdistill.latent). Saved in diffusers' save_pretrained layout."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from transformers import CLIPTextModel, PreTrainedTokenizerFast
@@ -84,6 +86,15 @@ class DiffusionModel:
     text_encoder: CLIPTextModel | None = None
     tokenizer: PreTrainedTokenizerFast | None = None
     text_max_length: int = 16
+    # latent models: the frozen autoencoder the UNet denoises the latents of; the text encoder is trained
+    # only when it was built here (a pretrained one stays frozen)
+    vae: torch.nn.Module | None = None
+    text_trainable: bool = True
+    vae_batch_size: int = 16  # images per VAE encode/decode pass (bounds its activation memory)
+
+    @property
+    def kind(self) -> str:
+        return "pixel" if self.vae is None else "latent"
 
     @classmethod
     def from_config(
@@ -99,6 +110,9 @@ class DiffusionModel:
     def _build(
         cls, cfg: ModelConfig, *, resolution: int, channels: int, class_names: list[str], prompts: list[str] | None,
     ) -> "DiffusionModel":
+        if cfg.type == "latent":
+            return cls._build_latent(cfg, resolution=resolution, channels=channels, class_names=class_names,
+                                     prompts=prompts)
         encoder = tokenizer = None
         if cfg.conditioning == "text":
             if cfg.text_encoder_path is not None:
@@ -120,16 +134,85 @@ class DiffusionModel:
             text_max_length=cfg.text_max_length,
         )
 
+    @classmethod
+    def _build_latent(
+        cls, cfg: ModelConfig, *, resolution: int, channels: int, class_names: list[str], prompts: list[str] | None,
+    ) -> "DiffusionModel":
+        from privdistill.latent import add_lora, build_parts
+
+        parts = build_parts(cfg, resolution=resolution, class_names=class_names, prompts=prompts)
+        vae_channels = int(parts.vae.config.in_channels)
+        if {channels, vae_channels} - {1, 3}:
+            raise ConfigError([f"data.channels={channels} cannot be mapped to the VAE's {vae_channels} channels"])
+        if cfg.lora is not None:
+            add_lora(parts.unet, cfg.lora)
+        return cls(
+            unet=parts.unet, scheduler=parts.scheduler, conditioning=cfg.conditioning, resolution=resolution,
+            channels=channels, class_names=list(class_names), text_encoder=parts.text_encoder,
+            tokenizer=parts.tokenizer, text_max_length=parts.text_max_length, vae=parts.vae,
+            text_trainable=parts.text_trainable,
+        )
+
     def modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.unet, self.text_encoder) if m is not None]
+        return [m for m in (self.unet, self.text_encoder, self.vae) if m is not None]
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for m in self.modules() for p in m.parameters()]
+        """The trained parameters: the UNet's (only its adapters under LoRA) and a text encoder built here."""
+        mods = [self.unet] + ([self.text_encoder] if self.text_encoder is not None and self.text_trainable else [])
+        return [p for m in mods for p in m.parameters() if p.requires_grad]
 
     def to(self, device: torch.device) -> "DiffusionModel":
         for m in self.modules():
             m.to(device)
         return self
+
+    # ------------------------------------------------------------------ the space the UNet denoises
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of what the UNet denoises: the image, or for a latent model its VAE latent."""
+        if self.vae is None:
+            return (self.channels, self.resolution, self.resolution)
+        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return (int(self.vae.config.latent_channels), self.resolution // f, self.resolution // f)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """NCHW images in [-1, 1] -> what the UNet denoises (identity for a pixel model). Latents are the
+        scaled mean of the VAE posterior (deterministic); grayscale is repeated to the VAE's RGB."""
+        if self.vae is None:
+            return images
+        vc = int(self.vae.config.in_channels)
+        x = images.to(next(self.vae.parameters()).device, torch.float32)
+        if x.shape[1] != vc:
+            x = x.repeat(1, vc, 1, 1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        self.vae.eval()
+        out = [(self.vae.encode(x[s : s + self.vae_batch_size]).latent_dist.mode() - shift)
+               * self.vae.config.scaling_factor for s in range(0, len(x), self.vae_batch_size)]
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``encode``: latents -> NCHW images in [-1, 1] with the data's channel count."""
+        if self.vae is None:
+            return latents
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        self.vae.eval()
+        z = latents.float() / self.vae.config.scaling_factor + shift
+        x = torch.cat([self.vae.decode(z[s : s + self.vae_batch_size]).sample
+                       for s in range(0, len(z), self.vae_batch_size)])
+        if x.shape[1] != self.channels:
+            x = x.mean(1, keepdim=True) if self.channels == 1 else x.repeat(1, self.channels, 1, 1)
+        return x.clamp(-1, 1)
+
+    def encode_images(self, images: np.ndarray, device: torch.device) -> torch.Tensor:
+        """A whole NCHW float array, on ``device``, in the space the UNet denoises (a latent model: encoded
+        chunk by chunk, so only the latents of the whole set are ever on the device)."""
+        if self.vae is None:
+            return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device)
+        step = self.vae_batch_size
+        return torch.cat([self.encode(torch.from_numpy(np.ascontiguousarray(images[s : s + step], np.float32)))
+                          .to(device) for s in range(0, len(images), step)])
 
     def condition(
         self, labels: torch.Tensor | None, prompts: list[str] | None, device: torch.device,
@@ -139,7 +222,11 @@ class DiffusionModel:
         if self.conditioning == "class":
             if labels is None:
                 raise StageError("class-conditional model needs labels")
-            return {"class_labels": labels.to(device)}
+            cond = {"class_labels": labels.to(device)}
+            width = getattr(self.unet.config, "cross_attention_dim", None)
+            if width:  # a text (cross-attention) UNet used with classes: an empty context
+                cond["encoder_hidden_states"] = torch.zeros(len(labels), 1, int(width), device=device)
+            return cond
         if prompts is None:
             raise StageError("text-conditional model needs prompts")
         enc = text_encoder if text_encoder is not None else self.text_encoder
@@ -149,14 +236,22 @@ class DiffusionModel:
         return self.unet(x, t, **cond).sample
 
     def save(self, path: Path) -> None:
-        """diffusers/transformers save_pretrained layout: unet/, scheduler/, text_encoder/, tokenizer/."""
+        """diffusers/transformers save_pretrained layout: unet/, scheduler/, text_encoder/, tokenizer/; a latent
+        model is a whole pipeline folder (model_index.json, vae/ too) that DiffusionPipeline opens."""
         path.mkdir(parents=True, exist_ok=True)
-        self.unet.save_pretrained(path / "unet")
-        self.scheduler.save_pretrained(path / "scheduler")
-        if self.text_encoder is not None:
-            self.text_encoder.save_pretrained(path / "text_encoder")
-            self.tokenizer.save_pretrained(path / "tokenizer")
+        if self.vae is not None:
+            from privdistill.latent import save_pipeline
+
+            save_pipeline(path, vae=self.vae, unet=self.unet, scheduler=self.scheduler,
+                          text_encoder=self.text_encoder, tokenizer=self.tokenizer)
+        else:
+            self.unet.save_pretrained(path / "unet")
+            self.scheduler.save_pretrained(path / "scheduler")
+            if self.text_encoder is not None:
+                self.text_encoder.save_pretrained(path / "text_encoder")
+                self.tokenizer.save_pretrained(path / "tokenizer")
         meta = {
+            "type": self.kind,
             "conditioning": self.conditioning,
             "resolution": self.resolution,
             "channels": self.channels,
@@ -171,6 +266,17 @@ class DiffusionModel:
         if not meta_path.is_file():
             raise StageError(f"no privdistill model at {path} (missing {META_FILE})")
         meta = json.loads(meta_path.read_text())
+        if meta.get("type", "pixel") == "latent":
+            from privdistill.latent import load_saved
+
+            parts = load_saved(path)
+            return cls(
+                unet=parts.unet, scheduler=parts.scheduler, conditioning=meta["conditioning"],
+                resolution=meta["resolution"], channels=meta["channels"], class_names=meta["class_names"],
+                text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                text_max_length=meta.get("text_max_length", parts.text_max_length), vae=parts.vae,
+                text_trainable=False,
+            )
         unet_cls = UNet2DModel if meta["conditioning"] == "class" else UNet2DConditionModel
         encoder = tokenizer = None
         if meta["conditioning"] == "text":

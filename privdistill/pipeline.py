@@ -144,7 +144,9 @@ def _train_student(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
 def _train_reid(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     from privdistill.reid import export_onnx, save_reid, train_reid
 
-    train = ImageSet.load(ctx.input("ingest") / "train.npz")
+    from privdistill.imaging import at_resolution
+
+    train = at_resolution(ImageSet.load(ctx.input("ingest") / "train.npz"), cfg.analysis_resolution)
     model = train_reid(train, cfg.reid, seed=cfg.seed)
     save_reid(model, ctx.out / "reid")
     export_onnx(model, ctx.out / "reid.onnx")
@@ -181,21 +183,25 @@ def _filter(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     from privdistill.models import DiffusionModel
     from privdistill.reid import OnnxEmbedder, load_reid
 
+    from privdistill.imaging import at_resolution
+
     train = ImageSet.load(ctx.input("ingest") / "train.npz")
-    heldout = ImageSet.load(ctx.input("ingest") / "test.npz")
     samples = ImageSet.load(ctx.input("sample") / "samples.npz")
+    # decisions and audit at the analysis resolution; kept.npz and the review grid at the full one
+    train_a, samples_a = (at_resolution(d, cfg.analysis_resolution) for d in (train, samples))
+    heldout_a = at_resolution(ImageSet.load(ctx.input("ingest") / "test.npz"), cfg.analysis_resolution)
     reid = load_reid(ctx.input("train-reid") / "reid")
     embedder = OnnxEmbedder(ctx.input("train-reid") / "reid.onnx")
-    scorer = scorer_for(train, embedder.embed, cfg.filter)
+    scorer = scorer_for(train_a, embedder.embed, cfg.filter)
     # held-out patients (outside the gallery and the re-id training): one part calibrates, the other audits
-    null_idx, audit_idx = split_null(heldout, cfg.filter.null_fraction, seed=cfg.seed + 5)
-    calibration = calibrate_filter(scorer, heldout.images[null_idx], cfg.filter)
-    result = filter_synthetic(samples, train, embed=embedder.embed, cfg=cfg.filter, calibration=calibration,
+    null_idx, audit_idx = split_null(heldout_a, cfg.filter.null_fraction, seed=cfg.seed + 5)
+    calibration = calibrate_filter(scorer, heldout_a.images[null_idx], cfg.filter)
+    result = filter_synthetic(samples_a, train_a, embed=embedder.embed, cfg=cfg.filter, calibration=calibration,
                               scorer=scorer)
     teacher = DiffusionModel.load(ctx.input("train-teacher") / "model")
-    audit = audit_filter(train, heldout.subset(audit_idx), scorer=scorer, calibration=calibration, seed=cfg.seed,
-                         teacher=teacher)
-    extra: dict[str, Any] = {"audit": audit}
+    audit = audit_filter(train_a, heldout_a.subset(audit_idx), scorer=scorer, calibration=calibration, seed=cfg.seed,
+                         teacher=teacher, teacher_train=train)
+    extra: dict[str, Any] = {"audit": audit, "analysis_resolution": cfg.analysis_resolution}
     if (ctx.input("sample") / MIA_FILE).is_file():
         extra["mia"] = {"teacher": _load_json(ctx.input("sample") / MIA_FILE)}
     if (ctx.input("sample") / DP_FILE).is_file():
@@ -222,17 +228,34 @@ BODIES = {
 }
 
 
+def _analysis(cfg: RunConfig) -> dict[str, int]:
+    """The analysis resolution, in a stage's fingerprint only when it differs from the data's (so the
+    fingerprints of runs that predate it do not change)."""
+    res = cfg.analysis_resolution
+    return {} if res == cfg.data.resolution else {"analysis_resolution": res}
+
+
+def _checkpoint(model: Any) -> dict[str, str]:
+    """A latent model's pretrained folder as (path, size, mtime) of its files: a replaced checkpoint re-trains."""
+    if model.type != "latent" or not Path(model.pretrained_path).is_dir():
+        return {}
+    files = sorted(p for p in Path(model.pretrained_path).rglob("*") if p.is_file())
+    entries = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return {"checkpoint_files": hashlib.sha256(json.dumps(entries).encode()).hexdigest()}
+
+
 def stage_config(cfg: RunConfig, name: str) -> dict[str, Any]:
     """The resolved config sections a stage depends on (its fingerprint's config part)."""
     sections = {
         "ingest": {"data": cfg.section("data"), "files": source_fingerprint(cfg)},
-        "train-teacher": {"teacher": cfg.section("teacher"),
+        "train-teacher": {"teacher": cfg.section("teacher"), **_checkpoint(cfg.teacher.model),
                           **({"privacy": cfg.section("privacy")} if cfg.privacy is not None else {})},
-        "train-reid": {"reid": cfg.section("reid")},
+        "train-reid": {"reid": cfg.section("reid"), **_analysis(cfg)},
         "sample": {"sample": cfg.section("sample")},
         "filter": {"filter": cfg.section("filter")},
-        "train-student": {"student": cfg.section("student")},
-        "evaluate": {"evaluate": cfg.section("evaluate"), "sample": cfg.section("sample"), "reid": cfg.section("reid")},
+        "train-student": {"student": cfg.section("student"), **_checkpoint(cfg.student_config.model)},
+        "evaluate": {"evaluate": cfg.section("evaluate"), "sample": cfg.section("sample"), "reid": cfg.section("reid"),
+                     **_analysis(cfg)},
     }[name]
     return {"seed": cfg.seed, **sections}
 

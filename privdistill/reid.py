@@ -128,7 +128,11 @@ class ReidModel:
 
     @torch.no_grad()
     def embed(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
-        """NCHW [-1, 1] -> [N, D] float32 normalised embeddings (torch, eval mode)."""
+        """NCHW [-1, 1] -> [N, D] float32 normalised embeddings (torch, eval mode); images of another size
+        are resized to the one the network was trained at (the analysis resolution)."""
+        from privdistill.imaging import resize_images
+
+        images = resize_images(images, self.resolution)
         self.net.eval()
         out = [self.net(torch.from_numpy(np.ascontiguousarray(images[s : s + batch_size], np.float32))).numpy()
                for s in range(0, len(images), batch_size)]  # fmt: skip
@@ -320,9 +324,19 @@ class OnnxEmbedder:
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.dim = int(self.session.get_outputs()[0].shape[1])
+        side = self.session.get_inputs()[0].shape[-1]
+        self.resolution = side if isinstance(side, int) else None  # what the network was trained at
 
     def embed(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
-        """NCHW [-1, 1] -> [N, D] float32 normalised embeddings."""
+        """NCHW [-1, 1] -> [N, D] float32 normalised embeddings; images of another size are resized to the
+        network's (the analysis resolution)."""
+        from privdistill.imaging import resize_images
+
+        if self.resolution is not None:
+            images = resize_images(images, self.resolution)
+        return self._embed(images, batch_size)
+
+    def _embed(self, images: np.ndarray, batch_size: int) -> np.ndarray:
         out = [self.session.run(None, {self.input_name: np.ascontiguousarray(images[s : s + batch_size], np.float32)})[0]
                for s in range(0, len(images), batch_size)]  # fmt: skip
         return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros((0, self.dim), np.float32)

@@ -34,10 +34,10 @@ def ddim_sample(
     device = device or next(model.unet.parameters()).device
     scheduler = DDIMScheduler.from_config(model.scheduler.config)
     scheduler.set_timesteps(steps)
-    shape = (n, model.channels, model.resolution, model.resolution)
+    shape = (n, *model.sample_shape)  # a latent model denoises VAE latents and decodes them at the end
     g = torch.Generator().manual_seed(seed)
     x_all = torch.randn(shape, generator=g)
-    out = np.empty(shape, dtype=np.float32)
+    out = np.empty((n, model.channels, model.resolution, model.resolution), dtype=np.float32)
     for m in model.modules():
         m.eval()
     batches = range(0, n, batch_size)
@@ -52,7 +52,7 @@ def ddim_sample(
             eps = model.predict_noise(x, t.to(device).expand(len(x)), cond)
             noise = torch.randn(x.shape, generator=step_gen).to(device) if eta > 0 else None
             x = scheduler.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
-        out[s:e] = x.clamp(-1, 1).float().cpu().numpy()
+        out[s:e] = model.decode(x).clamp(-1, 1).float().cpu().numpy()
     return out
 
 

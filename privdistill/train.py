@@ -109,7 +109,7 @@ class Trainer:
             raise StageError(f"batch_size {cfg.batch_size} is not divisible by the {self.dist.world} DDP processes")
         torch.manual_seed(seed)
         model.to(self.device)
-        self.images = torch.from_numpy(np.ascontiguousarray(data.images, dtype=np.float32)).to(self.device)
+        self.images = model.encode_images(data.images, self.device)  # a latent model: VAE latents, encoded once
         self.labels = None if data.labels is None else torch.from_numpy(data.labels).long()
         self.prompts = data.prompts
         self.unet: torch.nn.Module = model.unet
@@ -119,7 +119,7 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.unet = DDP(model.unet, device_ids=ids)
-            if self.text_encoder is not None:
+            if self.text_encoder is not None and model.text_trainable:
                 self.text_encoder = DDP(model.text_encoder, device_ids=ids)
         params = model.parameters()
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -238,7 +238,8 @@ class Trainer:
             "loss_curve": self.history,
             "device": str(self.device),
             "world_size": self.dist.world,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "parameters": sum(p.numel() for p in self.model.parameters()),  # trained ones (LoRA: the adapters)
+            "model_type": self.model.kind,
         }
 
 

@@ -73,9 +73,11 @@ def privacy_aggregate(cfg: SiteConfig, *, filter_report: dict[str, Any], train: 
     from privdistill.metrics import reid_rate
     from privdistill.reid import OnnxEmbedder
 
+    from privdistill.imaging import at_resolution
     from privdistill.privacy_report import number
 
     ratio = cfg.evaluate.memorization_ratio
+    train, samples, kept = (at_resolution(d, cfg.analysis_resolution) for d in (train, samples, kept))
     threshold = number(filter_report.get("threshold"))  # the re-id cosine threshold (None: no plain re-id detector)
     embedder = OnnxEmbedder(reid_onnx)
     real_emb = embedder.embed(train.images)

@@ -73,10 +73,13 @@ def evaluate_student(cfg: SiteConfig, workdir: Path, model_dir: Path) -> dict[st
     teacher_samples = ImageSet.load(workdir / "sample" / "samples.npz") if read_record(workdir, "sample") else None
     train = ImageSet.load(workdir / "ingest" / "train.npz")
     test = ImageSet.load(workdir / "ingest" / "test.npz")
+    from privdistill.imaging import at_resolution
+
+    train_a = at_resolution(train, cfg.analysis_resolution)  # privacy checks at the analysis resolution
     reid_meta = json.loads((workdir / "train-reid" / "reid" / "reid.json").read_text())
     embedder = OnnxEmbedder(workdir / "train-reid" / "reid.onnx")
     threshold = float(reid_meta["threshold"])
-    train_emb = embedder.embed(train.images)
+    train_emb = embedder.embed(train_a.images)
 
     from privdistill.audit.mia import comparable_nonmembers, ingest_visits, membership_auc
 
@@ -98,7 +101,8 @@ def evaluate_student(cfg: SiteConfig, workdir: Path, model_dir: Path) -> dict[st
                                  batch_size=cfg.evaluate.classifier_batch_size, seed=seed)
         return {
             "n_samples": len(synthetic),
-            **_memorization(memorization(synthetic.images, train, ratio=cfg.evaluate.memorization_ratio)),
+            **_memorization(memorization(at_resolution(synthetic, cfg.analysis_resolution).images, train_a,
+                                         ratio=cfg.evaluate.memorization_ratio)),
             "reid_rate": reid_rate(synthetic.images, train_emb, embed=embedder.embed, threshold=threshold),
             "tstr_accuracy": tstr,
             "tstr_classes": None if aligned is None else sorted({test.class_names[int(i)] for i in aligned[1].labels}),

@@ -64,7 +64,7 @@ def denoising_losses(
     device = device or next(model.unet.parameters()).device
     keep, labels, prompts = conditioning_for(model, data)
     ts = timesteps_for(model, levels)
-    shape = tuple(data.images.shape[1:])
+    shape = model.sample_shape  # a latent model: the loss is measured on VAE latents
     noises = [torch.randn(shape, generator=torch.Generator().manual_seed(1_000_003 * s + 7919 * j))
               for s in seeds for j in range(len(ts))]
     out = np.full((len(data), len(noises)), np.nan, np.float32)
@@ -72,7 +72,7 @@ def denoising_losses(
         m.eval()
     for s in range(0, len(keep), batch_size):
         idx = keep[s : s + batch_size]
-        x0 = torch.from_numpy(np.ascontiguousarray(data.images[idx], dtype=np.float32)).to(device)
+        x0 = model.encode(torch.from_numpy(np.ascontiguousarray(data.images[idx], dtype=np.float32)).to(device))
         lab = None if labels is None else torch.from_numpy(labels[s : s + batch_size])
         cond = model.condition(lab, None if prompts is None else [prompts[i] for i in idx], device)
         for k, noise in enumerate(noises):

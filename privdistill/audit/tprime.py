@@ -138,8 +138,9 @@ def ddim_reconstruct(model: DiffusionModel, data: ImageSet, t: int, seeds: int |
         raise DataError("the model cannot be conditioned on every fingerprinted image (unknown class)")
     total = int(model.scheduler.config.num_train_timesteps)
     alphas = model.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
-    x0 = torch.from_numpy(np.ascontiguousarray(data.images, np.float32)).to(device).repeat(len(seed_list), 1, 1, 1)
-    noise = torch.cat([torch.randn(data.images.shape, generator=torch.Generator().manual_seed(s * 7_919 + t))
+    x0 = model.encode(torch.from_numpy(np.ascontiguousarray(data.images, np.float32)).to(device))  # latent: VAE
+    x0 = x0.repeat(len(seed_list), 1, 1, 1)
+    noise = torch.cat([torch.randn((len(data), *x0.shape[1:]), generator=torch.Generator().manual_seed(s * 7_919 + t))
                        for s in seed_list]).to(device)
     a_t = alphas[t]
     x = a_t.sqrt() * x0 + (1 - a_t).sqrt() * noise
@@ -153,9 +154,10 @@ def ddim_reconstruct(model: DiffusionModel, data: ImageSet, t: int, seeds: int |
         a_cur = alphas[cur]
         a_prev = alphas[steps[i + 1]] if i + 1 < len(steps) else torch.tensor(1.0, device=device)
         eps = model.predict_noise(x, torch.full((len(x),), cur, device=device, dtype=torch.long), cond).float()
-        x0_hat = ((x - (1 - a_cur).sqrt() * eps) / a_cur.sqrt()).clamp(-1, 1)
+        x0_hat = (x - (1 - a_cur).sqrt() * eps) / a_cur.sqrt()
+        x0_hat = x0_hat.clamp(-1, 1) if model.vae is None else x0_hat  # latents are not bounded
         x = a_prev.sqrt() * x0_hat + (1 - a_prev).sqrt() * eps
-    out = x.clamp(-1, 1).cpu().numpy()
+    out = model.decode(x).clamp(-1, 1).cpu().numpy()
     return out.reshape(len(seed_list), len(data), *out.shape[1:]) if many else out
 
 
