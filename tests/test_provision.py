@@ -169,13 +169,14 @@ def _upload(client, key, site: str, shard_dir: Path) -> int:
 
     manifest, sig = (shard_dir / "manifest.json").read_bytes(), (shard_dir / "manifest.sig").read_text()
     body = json.dumps({"manifest": manifest.decode(), "signature": sig}).encode()
-    r = client.post("/v1/uploads", content=body, headers=sign_request(key, site, "POST", "/v1/uploads", body))
+    r = client.post("/v1/uploads", content=body,
+                    headers=sign_request(key, site, "POST", "/v1/uploads", body, host="testserver"))
     if r.status_code != 201:
         return r.status_code
     tar = (shard_dir / "shard.tar").read_bytes()
     path = f"/v1/uploads/{r.json()['upload_id']}"
-    h = sign_request(key, site, "PATCH", path, tar)
-    h.update({"Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"})
+    h = sign_request(key, site, "PATCH", path, tar, host="testserver", upload_offset=0,
+                     content_type="application/offset+octet-stream")
     return client.patch(path, content=tar, headers=h).status_code
 
 
