@@ -34,8 +34,9 @@ class TLSConfig(_Strict):
 class LimitsConfig(_Strict):
     max_chunk_bytes: int = Field(8 * MiB, ge=1, le=1 << 30)
     max_shard_bytes: int = Field(2 << 30, ge=1)
-    # a manifest holds hashes, counts and aggregate privacy numbers: kilobytes, never megabytes
-    max_manifest_bytes: int = Field(256 * KiB, ge=1024, le=64 * MiB)
+    # a manifest holds aggregate numbers and one sha256 per tar member (~180 bytes per sample): 1 MiB takes
+    # shards of up to ~5,500 samples (split larger ones, or raise this)
+    max_manifest_bytes: int = Field(1 * MiB, ge=1024, le=64 * MiB)
     max_clock_skew_s: int = Field(300, ge=1, le=3600)  # how old a signed request may be
     max_future_skew_s: int = Field(30, ge=1, le=3600)  # how far ahead of the coordinator's clock
     # per-site quotas
