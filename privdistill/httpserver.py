@@ -4,7 +4,9 @@ uvicorn alone lets a client hold a connection with headers that never end (httpt
 h11 bounds the size but not the time), keeps a connection alive after an error answer while the client goes on
 sending a body nobody reads, and by default believes X-Forwarded-For from 127.0.0.1. Here: the h11 parser with a
 header size limit, a deadline for each request's headers, a connection closed soon after any answer sent before
-its body was read, a bound on concurrent connections, and no proxy headers."""
+its body was read, a bound on concurrent connections (more are dropped on arrival), and no proxy headers.
+Not bounded here: TLS handshakes in progress (asyncio gives each 60 s) and connections per client address; a
+firewall or proxy in front is the place for those."""
 
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ class GuardedH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._header_timer: asyncio.TimerHandle | None = None
+        if self.limit_concurrency is not None and len(self.connections) > self.limit_concurrency:
+            transport.abort()  # over the limit: dropped on arrival, not held open until its first request
+            return
         self._arm_header_timer()
 
     def _arm_header_timer(self) -> None:
@@ -44,7 +49,7 @@ class GuardedH11Protocol(H11Protocol):
     def _headers_too_slow(self) -> None:
         self._header_timer = None
         if not self.transport.is_closing():
-            self.transport.close()  # no answer: a client that cannot send headers in time will not read one
+            self.transport.abort()  # no answer, no TLS close handshake: a client this slow would hold it open
 
     def handle_events(self) -> None:
         before = self.cycle
@@ -53,8 +58,10 @@ class GuardedH11Protocol(H11Protocol):
             self._cancel_header_timer()
         drain = getattr(self, "_drain_timer", None)
         if drain is not None and self.conn.their_state is not h11.SEND_BODY:
-            drain.cancel()  # the unread body ended in time: the connection may serve the next request
+            drain.cancel()  # the unread body ended in time: close after it (the client has read the answer)
             self._drain_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
 
     def on_response_complete(self) -> None:
         unread = self.conn.their_state is h11.SEND_BODY
@@ -64,13 +71,14 @@ class GuardedH11Protocol(H11Protocol):
         self._arm_header_timer()  # the next request on this connection gets its own deadline
         if unread:
             # answered before the body was read (e.g. 401 before authentication): uvicorn discards the rest of
-            # the body, for at most DRAIN_S (so the client can read the answer), then the connection is closed
+            # the body for at most DRAIN_S (so the client can read the answer); then, or when it ends, the
+            # connection is closed
             self._drain_timer = self.loop.call_later(DRAIN_S, self._drain_too_slow)
 
     def _drain_too_slow(self) -> None:
         self._drain_timer = None
         if not self.transport.is_closing():
-            self.transport.close()
+            self.transport.abort()  # the answer went out DRAIN_S ago; a graceful TLS close would wait on the client
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
