@@ -223,7 +223,9 @@ def run(*, conns: int = 24, seconds: float = 20.0, workdir: Path | None = None) 
             "flood": {"connections_per_attack": conns, "seconds": seconds},
             "rss_mib": {"before": round(float(np.median(before)), 1), "peak": round(peak, 1),
                         "after": round(after, 1), "peak_minus_before": round(peak - float(np.median(before)), 1),
-                        "samples": len(samples)},
+                        "samples": len(samples),
+                        "peak_per_5s": [round(max((r for t, r in samples if i <= t < i + 5), default=0.0), 1)
+                                        for i in range(0, int(samples[-1][0]) + 1, 5)]},
             "legit_upload": {"state": result.state, "seconds": round(legit_s, 2), "requests": result.requests,
                              "bytes": result.bytes_sent},
             "attacks": {k: a.summary() for k, a in attacks.items()},
