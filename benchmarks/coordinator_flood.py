@@ -248,6 +248,9 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "coordinator_flood.json")
     args = p.parse_args()
+    from privdistill.logs import configure_logging
+
+    configure_logging("console", "warning")
     res = run(conns=args.conns, seconds=args.seconds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")

@@ -357,7 +357,8 @@ class Ledger:
 
     def all_shards(self) -> list[AcceptedShard]:
         """Every accepted shard whatever its status."""
-        return [self._shard(r) for r in self._query(f"SELECT {_SHARD_COLS} FROM shards ORDER BY accepted_at, tar_sha256")]
+        return [self._shard(r) for r in self._query(
+            f"SELECT {_SHARD_COLS} FROM shards ORDER BY accepted_at, tar_sha256")]
 
     def shard(self, tar_sha256: str) -> AcceptedShard | None:
         rows = self._query(f"SELECT {_SHARD_COLS} FROM shards WHERE tar_sha256 = ?", (tar_sha256,))

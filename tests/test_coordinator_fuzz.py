@@ -80,7 +80,8 @@ _bodies = st.one_of(
 @given(body=_bodies)
 def test_signed_garbage_manifests_are_refused_never_500(body):
     with TestClient(APP) as client:
-        r = client.post("/v1/uploads", content=body, headers=sign_request(KEY, "site-k", "POST", "/v1/uploads", body, host="testserver"))
+        r = client.post("/v1/uploads", content=body,
+                        headers=sign_request(KEY, "site-k", "POST", "/v1/uploads", body, host="testserver"))
     assert r.status_code in (400, 413, 422), (body[:200], r.status_code, r.text)
     assert r.json()["error"]
 
