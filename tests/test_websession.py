@@ -8,6 +8,7 @@ import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -133,3 +134,21 @@ def test_login_page_does_not_show_the_os_user(tmp_path: Path) -> None:
 
 def test_host_of() -> None:
     assert [host_of(h) for h in ("A.b:1", "[::1]:80", "::1", "x", None)] == ["a.b", "::1", "::1", "x", ""]
+
+
+def test_both_servers_are_built_with_the_guards(tmp_path: Path) -> None:
+    from coordinator.config import CoordinatorConfig
+    from coordinator.serve import build_server as coordinator_server
+    from privdistill.httpserver import GuardedH11Protocol
+    from site_agent.ui.server import build_server as review_server
+
+    for name in ("x.pem", "x.key"):
+        (tmp_path / name).write_text("not read before serving")
+    cfg = CoordinatorConfig(tls={"cert": tmp_path / "x.pem", "key": tmp_path / "x.key"}, state_dir=tmp_path / "state",
+                            limits={"max_connections": 64, "header_timeout_s": 3})
+    site_cfg: Any = SimpleNamespace(site=SimpleNamespace(id="site-a"))
+    for server, conns, timeout in ((coordinator_server(cfg, host="127.0.0.1", port=0), 64, 3),
+                                   (review_server(site_cfg, tmp_path, port=0, token=TOKEN), 128, 10)):
+        c = server.config
+        assert (c.proxy_headers, c.limit_concurrency, c.h11_max_incomplete_event_size) == (False, conns, 16384)
+        assert issubclass(c.http, GuardedH11Protocol) and c.http.header_timeout_s == timeout
