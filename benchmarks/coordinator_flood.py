@@ -8,6 +8,7 @@ a warm-up upload, this process opens flood connections from asyncio, for ``--sec
 - fast-body: an unknown site, 16 MiB sent as fast as the socket takes it;
 - huge-header: a request line and then an endless header (64 KiB writes, up to 40 MiB);
 - slow-header (slowloris): one header byte every 200 ms;
+- (with --tls-stall N) N TCP connections that never start their TLS handshake;
 each connection reopened as soon as the server closes it. Meanwhile ``site_agent.upload.upload_shard`` uploads a
 shard for a registered site. The coordinator's RSS (/proc/PID/status VmRSS) is sampled every 100 ms.
 
@@ -148,19 +149,42 @@ async def _one(kind: str, port: int, ctx: ssl.SSLContext, attack: Attack, stop: 
             pass
 
 
-async def _flood(port: int, ca: Path, conns: int, seconds: float, attacks: dict[str, Attack]) -> None:
+async def _stall_tls(port: int, attack: Attack, stop: float) -> None:
+    """A TCP connection that never starts its TLS handshake (held until the server drops it or the flood ends)."""
+    t0 = time.monotonic()
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout=10)
+    except (OSError, asyncio.TimeoutError):
+        attack.refused += 1
+        await asyncio.sleep(0.2)
+        return
+    attack.connections += 1
+    try:
+        await asyncio.wait_for(reader.read(), timeout=max(0.1, stop - time.monotonic()))
+    except (asyncio.TimeoutError, OSError):
+        pass
+    finally:
+        attack.max_open_s = max(attack.max_open_s, time.monotonic() - t0)
+        writer.close()
+
+
+async def _flood(port: int, ca: Path, conns: int, seconds: float, attacks: dict[str, Attack],
+                 tls_stall: int = 0) -> None:
     ctx = ssl.create_default_context(cafile=str(ca))
     stop = time.monotonic() + seconds
 
     async def worker(kind: str) -> None:
         while time.monotonic() < stop:
-            await _one(kind, port, ctx, attacks[kind], stop)
+            if kind == "tls-stall":
+                await _stall_tls(port, attacks[kind], stop)
+            else:
+                await _one(kind, port, ctx, attacks[kind], stop)
 
-    await asyncio.gather(*(worker(k) for k in attacks for _ in range(conns)))
+    await asyncio.gather(*(worker(k) for k in attacks for _ in range(tls_stall if k == "tls-stall" else conns)))
 
 
 # ----------------------------------------------------------------------------- the run
-def run(*, conns: int = 24, seconds: float = 20.0, workdir: Path | None = None) -> dict[str, Any]:
+def run(*, conns: int = 24, seconds: float = 20.0, tls_stall: int = 0, workdir: Path | None = None) -> dict[str, Any]:
     from coordinator.provision import provision
     from privdistill.identity import load_private_key
     from site_agent.upload import upload_shard
@@ -206,8 +230,10 @@ def run(*, conns: int = 24, seconds: float = 20.0, workdir: Path | None = None) 
         before = [_rss_mib(proc.pid) for _ in range(5)]
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        attacks = {k: Attack(k) for k in ("slow-body", "fast-body", "huge-header", "slow-header")}
-        flood = threading.Thread(target=lambda: asyncio.run(_flood(port, ca, conns, seconds, attacks)), daemon=True)
+        kinds = ("slow-body", "fast-body", "huge-header", "slow-header") if conns else ()
+        attacks = {k: Attack(k) for k in (*kinds, *(("tls-stall",) if tls_stall else ()))}
+        flood = threading.Thread(target=lambda: asyncio.run(_flood(port, ca, conns, seconds, attacks, tls_stall)),
+                                 daemon=True)
         flood.start()
         time.sleep(min(3.0, seconds / 4))  # the flood is up before the site starts
         t0 = time.monotonic()
@@ -220,7 +246,7 @@ def run(*, conns: int = 24, seconds: float = 20.0, workdir: Path | None = None) 
         peak = max(r for _, r in samples)
         return {
             "benchmark": "coordinator_flood", "python": platform.python_version(), "cpus": os.cpu_count(),
-            "flood": {"connections_per_attack": conns, "seconds": seconds},
+            "flood": {"connections_per_attack": conns, "tls_stall": tls_stall, "seconds": seconds},
             "rss_mib": {"before": round(float(np.median(before)), 1), "peak": round(peak, 1),
                         "after": round(after, 1), "peak_minus_before": round(peak - float(np.median(before)), 1),
                         "samples": len(samples),
@@ -246,12 +272,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--conns", type=int, default=24, help="concurrent connections per attack kind (4 kinds)")
     p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--tls-stall", type=int, default=0, help="also hold this many TCP connections that never start "
+                   "TLS (0 with --conns 0: only these)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "coordinator_flood.json")
     args = p.parse_args()
     from privdistill.logs import configure_logging
 
     configure_logging("console", "warning")
-    res = run(conns=args.conns, seconds=args.seconds)
+    res = run(conns=args.conns, seconds=args.seconds, tls_stall=args.tls_stall)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))
