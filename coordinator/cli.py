@@ -142,6 +142,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             done = rotate_site(args.config, args.name, args.out, host=args.host, port=args.port)
             print(f"site {done.site}: new key (old key sha256 {done.old_key_sha256[:16]}... refused from now on)"
                   f"{'; it was revoked and is active again' if done.was_revoked else ''}")
+            held = [s for s in ledger.all_shards() if s.site == done.site and s.status == "excluded"]
+            if held:
+                print(f"  {len(held)} shard(s) of {done.site} stay excluded from training since the revocation: "
+                      f"`shards include --site {done.site}` after checking them")
             print(f"  hand {done.kit}/ to the site (it holds the new private keys), then delete your copy")
             if done.node_pub is None:
                 print(f"  federated mode: copy {done.kit}/flower-node.pub to the coordinator's flower-nodes/"

@@ -236,6 +236,7 @@ def test_rotate_replaces_the_key_keeps_the_history_and_refuses_the_old_key(tmp_p
     assert yaml.safe_load((new / "site-connection.yaml").read_text())["coordinator_url"] == "https://coord.example:8443"
     assert (new / "ca.pem").read_bytes() == p.ca_cert.read_bytes()
     assert "was revoked and is active again" in out
+    assert "1 shard(s) of hospital-a stay excluded" in out and "shards include --site hospital-a" in out
     ledger = Ledger(cfg.ledger_path)
     row = ledger.site("hospital-a")
     assert row.public_key == new_pub and not row.revoked
