@@ -66,6 +66,9 @@ def signed_path(request: Request) -> str:
     return f"{path}?{query.decode('latin-1')}" if query else path
 
 
+SIGNED_HEADERS = ("host", "content-type", "upload-offset", H_SITE, H_TIME, H_NONCE, H_BODY, H_SIG)
+
+
 class SiteAuth:
     """Builds the per-route dependencies; shares one replay cache and one bound on bodies held in memory."""
 
@@ -77,6 +80,9 @@ class SiteAuth:
         """Everything but the body: well-formed headers in the time window, a signature by a registered site (an
         unknown site gets the same answer as a wrong key), not revoked, a nonce not seen before."""
         lim = self.limits
+        doubled = [h for h in SIGNED_HEADERS if len(request.headers.getlist(h)) > 1]
+        if doubled:  # one value each, or the signature and the route could read different ones
+            raise ApiError(400, "invalid_request", f"header(s) {', '.join(doubled)} given more than once")
         try:
             signed = read_signed_headers(request.headers, max_skew_s=lim.max_clock_skew_s,
                                          max_future_skew_s=lim.max_future_skew_s)

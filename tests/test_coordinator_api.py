@@ -350,6 +350,17 @@ def test_future_timestamps_are_bounded_tighter_than_past_ones(env, keys, shard):
     assert call(client, keys[A], A, "GET", path, now=time.time() - 250).json()["error"] == "unknown_upload"
 
 
+def test_a_signed_header_given_twice_is_refused(env, keys, shard):
+    app, client = env
+    tar, manifest, sig = shard_files(shard)
+    up = start(client, keys[A], A, manifest, sig).json()
+    path = f"/v1/uploads/{up['upload_id']}"
+    headers = list(signed(keys[A], A, "PATCH", path, tar[:CHUNK], {"Upload-Offset": "0"}).items())
+    r = client.patch(path, content=tar[:CHUNK], headers=[*headers, ("Upload-Offset", str(CHUNK))])
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_request") and "upload-offset" in r.json()["detail"]
+    assert app.state.ledger.upload(up["upload_id"]).offset == 0
+
+
 @pytest.mark.parametrize("header,value", [("Upload-Offset", str(CHUNK)), ("Content-Type", "application/json"),
                                           ("Host", "coordinator.example:8443")])
 def test_offset_content_type_and_host_are_signed(env, keys, shard, header, value):
