@@ -15,10 +15,11 @@ from privdistill import __version__
 
 from coordinator import store
 from coordinator.audit import AuditLog
-from coordinator.auth import Authed, site_auth
+from coordinator.auth import Authed, SiteAuth
 from coordinator.config import CoordinatorConfig
 from coordinator.ledger import Ledger
 from coordinator.metrics import CONTENT_TYPE_LATEST, Metrics
+from coordinator.replay import ReplayCache
 from coordinator.schemas import (AUTH_ERRORS, E404, E409, E422, ApiError, CreateUploadRequest, ErrorResponse,
                                  HealthResponse, UploadInfo)
 from coordinator.uploads import Uploads
@@ -49,9 +50,12 @@ def create_app(config: CoordinatorConfig) -> FastAPI:
                   description="Receives signed, verified synthetic-image shards from sites (protocol v1).")
     app.state.config, app.state.ledger, app.state.metrics, app.state.uploads = config, ledger, metrics, uploads
 
-    auth_create = site_auth(ledger, 2 * limits.max_manifest_bytes + 65536, limits.max_clock_skew_s)
-    auth_chunk = site_auth(ledger, limits.max_chunk_bytes, limits.max_clock_skew_s)
-    auth_small = site_auth(ledger, 4096, limits.max_clock_skew_s)
+    replay = ReplayCache(config.state_dir, max_skew_s=limits.max_clock_skew_s,
+                         max_future_skew_s=limits.max_future_skew_s, max_per_site=limits.max_requests_per_site)
+    auth = app.state.auth = SiteAuth(ledger, replay, limits)
+    auth_create = auth.dependency(2 * limits.max_manifest_bytes + 65536)
+    auth_chunk = auth.dependency(limits.max_chunk_bytes)
+    auth_small = auth.dependency(4096)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:

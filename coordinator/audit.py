@@ -11,7 +11,8 @@ import structlog
 
 AUDIT_FILE = "audit.log"
 KINDS = frozenset({"upload_created", "duplicate", "accepted", "rejected", "site_added", "site_revoked",
-                   "site_key_rotated", "released"})
+                   "site_key_rotated", "released", "upload_expired", "rejected_pruned", "shard_excluded",
+                   "shard_quarantined", "shard_removed", "shard_included"})
 
 
 class _AppendLogger:

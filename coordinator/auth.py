@@ -1,18 +1,24 @@
-"""Request authentication: a FastAPI dependency that reads the raw body under a size limit and verifies the
-site's Ed25519 request signature (privdistill.identity) against the ledger's registered key."""
+"""Request authentication, verified before any body byte is read: the signed headers (which carry the body's hash)
+are checked against the site's registered Ed25519 key (privdistill.identity), the nonce against the replay cache,
+and only then is the body streamed, hashed as it arrives, under a size limit and a deadline."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from fastapi import Header, Request
 from starlette.concurrency import run_in_threadpool
 
 from privdistill.errors import ShardVerificationError
-from privdistill.identity import H_BODY, H_SIG, H_SITE, H_TIME, verify_request
+from privdistill.identity import (H_BODY, H_NONCE, H_SIG, H_SITE, H_TIME, SignedHeaders, check_body,
+                                  read_signed_headers, verify_signed_headers)
 
+from coordinator.config import LimitsConfig
 from coordinator.ledger import Ledger
+from coordinator.replay import ReplayCache
 from coordinator.schemas import ApiError
 
 
@@ -24,24 +30,32 @@ class Authed:
     body: bytes
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed ``limit`` (never buffered past it)."""
+def _too_large(n: int | None, limit: int) -> ApiError:
+    said = f"request body is {n} bytes" if n is not None else "request body exceeds the limit"
+    return ApiError(413, "request_too_large", f"{said}; the limit is {limit} bytes (send smaller chunks)")
+
+
+async def read_body(request: Request, limit: int, *, timeout_s: float) -> tuple[bytes, str]:
+    """The body and its sha256, hashed while streaming; 413 as soon as it is known to exceed ``limit`` (never
+    buffered past it), 408 when it has not all arrived ``timeout_s`` after the headers."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        try:
-            n = int(declared)
-        except ValueError:
-            raise ApiError(400, "invalid_request", "Content-Length is not an integer") from None
-        if n > limit:
-            raise ApiError(413, "request_too_large", f"request body is {n} bytes; the limit is {limit} "
-                           "(send smaller chunks)")
-    buf = bytearray()
-    async for part in request.stream():
-        buf += part
-        if len(buf) > limit:
-            raise ApiError(413, "request_too_large", f"request body exceeds the limit of {limit} bytes "
-                           "(send smaller chunks)")
-    return bytes(buf)
+        if not declared.isdigit():
+            raise ApiError(400, "invalid_request", "Content-Length is not an integer")
+        if int(declared) > limit:
+            raise _too_large(int(declared), limit)
+    buf, digest = bytearray(), hashlib.sha256()
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for part in request.stream():
+                if len(buf) + len(part) > limit:
+                    raise _too_large(None, limit)
+                buf += part
+                digest.update(part)
+    except TimeoutError:
+        raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s; send smaller "
+                       "chunks or check the link", headers={"Connection": "close"}) from None
+    return bytes(buf), digest.hexdigest()
 
 
 def signed_path(request: Request) -> str:
@@ -52,35 +66,67 @@ def signed_path(request: Request) -> str:
     return f"{path}?{query.decode('latin-1')}" if query else path
 
 
-def site_auth(ledger: Ledger, body_limit: int, max_skew_s: int) -> Callable[..., Awaitable[Authed]]:
-    """Dependency factory: verifies the signed request; ``body_limit`` bounds what is read."""
+SIGNED_HEADERS = ("host", "content-type", "upload-offset", H_SITE, H_TIME, H_NONCE, H_BODY, H_SIG)
 
-    async def authenticate(
-        request: Request,
-        site: str | None = Header(None, alias=H_SITE, description="registered site name"),
-        timestamp: str | None = Header(None, alias=H_TIME, description="unix seconds when signed"),
-        body_sha256: str | None = Header(None, alias=H_BODY, description="sha256 hex of the body"),
-        signature: str | None = Header(None, alias=H_SIG, description="base64 Ed25519 over the canonical request"),
-    ) -> Authed:
-        if not (site and timestamp and body_sha256 and signature):
-            missing = [h for h, v in ((H_SITE, site), (H_TIME, timestamp), (H_BODY, body_sha256), (H_SIG, signature))
-                       if not v]
-            raise ApiError(401, "missing_auth_headers", f"missing header(s) {', '.join(missing)}: sign every /v1 "
-                           "request with privdistill.identity.sign_request")
-        row = await run_in_threadpool(ledger.site, site)
-        if row is None:
-            raise ApiError(401, "unknown_site", f"site {site[:64]!r} is not registered with this coordinator "
-                           "(ask the operator to run `privdistill-coordinator sites add`)")
-        if row.revoked:
-            raise ApiError(403, "revoked_site", f"site {site!r} was revoked at {row.revoked_at}; contact the "
-                           "coordinator operator")
-        body = await read_body(request, body_limit)
+
+class SiteAuth:
+    """Builds the per-route dependencies; shares one replay cache and one bound on bodies held in memory."""
+
+    def __init__(self, ledger: Ledger, replay: ReplayCache, limits: LimitsConfig) -> None:
+        self.ledger, self.replay, self.limits = ledger, replay, limits
+        self._bodies = asyncio.Semaphore(limits.max_buffered_bodies)
+
+    async def verify_headers(self, request: Request) -> SignedHeaders:
+        """Everything but the body: well-formed headers in the time window, a signature by a registered site (an
+        unknown site gets the same answer as a wrong key), not revoked, a nonce not seen before."""
+        lim = self.limits
+        doubled = [h for h in SIGNED_HEADERS if len(request.headers.getlist(h)) > 1]
+        if doubled:  # one value each, or the signature and the route could read different ones
+            raise ApiError(400, "invalid_request", f"header(s) {', '.join(doubled)} given more than once")
         try:
-            verify_request(request.headers, request.method, signed_path(request), body, row.public_key,
-                           max_skew_s=max_skew_s)
+            signed = read_signed_headers(request.headers, max_skew_s=lim.max_clock_skew_s,
+                                         max_future_skew_s=lim.max_future_skew_s)
+            row = await run_in_threadpool(self.ledger.site, signed.site)
+            verify_signed_headers(request.headers, request.method, signed_path(request),
+                                  None if row is None else row.public_key, signed)
         except ShardVerificationError as err:
             raise ApiError(401, err.reason, str(err)) from None
-        await run_in_threadpool(ledger.touch_site, site)
-        return Authed(site=site, body=body)
+        assert row is not None
+        if row.revoked:  # only a request signed with the site's key learns that it is revoked (not when)
+            raise ApiError(403, "revoked_site", "this site's key was revoked; contact the coordinator operator")
+        await run_in_threadpool(self.replay.record, signed.site, signed.nonce, signed.timestamp)
+        return signed
 
-    return authenticate
+    def dependency(self, body_limit: int) -> Callable[..., AsyncIterator[Authed]]:
+        """A FastAPI dependency for a route taking bodies up to ``body_limit`` bytes."""
+
+        async def authenticate(
+            request: Request,
+            site: str | None = Header(None, alias=H_SITE, description="registered site name"),
+            timestamp: str | None = Header(None, alias=H_TIME, description="unix seconds when signed"),
+            nonce: str | None = Header(None, alias=H_NONCE, description="32 random hex digits, new per request"),
+            body_sha256: str | None = Header(None, alias=H_BODY, description="sha256 hex of the body"),
+            signature: str | None = Header(None, alias=H_SIG, description="base64 Ed25519 over the canonical "
+                                           "request (privdistill.identity.canonical_request)"),
+        ) -> AsyncIterator[Authed]:
+            signed = await self.verify_headers(request)
+            declared = request.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > body_limit:
+                raise _too_large(int(declared), body_limit)  # before waiting for a slot
+            try:
+                await asyncio.wait_for(self._bodies.acquire(), timeout=self.limits.header_timeout_s)
+            except TimeoutError:
+                raise ApiError(503, "busy", "the coordinator is receiving too many bodies at once; retry",
+                               headers={"Retry-After": "5"}) from None
+            try:
+                body, digest = await read_body(request, body_limit, timeout_s=self.limits.body_timeout_s)
+                try:
+                    check_body(signed, digest)
+                except ShardVerificationError as err:
+                    raise ApiError(401, err.reason, str(err)) from None
+                await run_in_threadpool(self.ledger.touch_site, signed.site)
+                yield Authed(site=signed.site, body=body)
+            finally:
+                self._bodies.release()
+
+        return authenticate

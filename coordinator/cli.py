@@ -80,9 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     sh = sub.add_parser("shards", help="accepted shards")
     sh_sub = sh.add_subparsers(dest="shards_command", required=True)
-    sl = sh_sub.add_parser("list", help="accepted shards (only these are visible to training)")
+    sl = sh_sub.add_parser("list", help="accepted shards that training uses (--all: with excluded, quarantined and "
+                                        "removed ones)")
     sl.add_argument("--json", action="store_true")
+    sl.add_argument("--all", action="store_true", help="every accepted shard, with its status")
     _with_config(sl)
+    for name, what in (("quarantine", "hold a shard back from training (its files stay; `shards include` undoes it)"),
+                       ("remove", "delete a shard's files and keep it out of training for good"),
+                       ("include", "let a quarantined shard, or one excluded by `sites revoke`, into training again")):
+        sp = sh_sub.add_parser(name, help=what)
+        sp.add_argument("shard", nargs="?", help="tar sha256 (or its first 8+ hex digits) or shard id")
+        if name == "include":
+            sp.add_argument("--site", help="instead of one shard: every excluded or quarantined shard of this site")
+        sp.add_argument("--reason", required=name != "include", default=None,
+                        help="why (recorded in the ledger and the audit log)")
+        _with_config(sp)
 
     fd = sub.add_parser("federate", help="federated mode: train the student with Flower FedAvg across the sites "
                                          "(each trains only on its own approved shard)")
@@ -130,14 +142,20 @@ def _dispatch(args: argparse.Namespace) -> int:
             done = rotate_site(args.config, args.name, args.out, host=args.host, port=args.port)
             print(f"site {done.site}: new key (old key sha256 {done.old_key_sha256[:16]}... refused from now on)"
                   f"{'; it was revoked and is active again' if done.was_revoked else ''}")
+            held = [s for s in ledger.all_shards() if s.site == done.site and s.status == "excluded"]
+            if held:
+                print(f"  {len(held)} shard(s) of {done.site} stay excluded from training since the revocation: "
+                      f"`shards include --site {done.site}` after checking them")
             print(f"  hand {done.kit}/ to the site (it holds the new private keys), then delete your copy")
             if done.node_pub is None:
                 print(f"  federated mode: copy {done.kit}/flower-node.pub to the coordinator's flower-nodes/"
                       f"{done.site}.pub (its folder was not writable here)")
         elif args.sites_command == "revoke":
-            row = ledger.revoke_site(args.name)
-            AuditLog(ledger.state_dir).event("site_revoked", site=row.name)
-            print(f"site {row.name} revoked at {row.revoked_at}")
+            row, excluded, closed = ledger.revoke_site(args.name)
+            AuditLog(ledger.state_dir).event("site_revoked", site=row.name, shards_excluded=excluded,
+                                             uploads_closed=closed)
+            print(f"site {row.name} revoked at {row.revoked_at}; {excluded} shard(s) excluded from training (`shards "
+                  f"include --site {row.name}` to let them in again), {closed} open upload(s) closed")
         else:
             rows = ledger.sites()
             if args.json:
@@ -171,15 +189,53 @@ def _dispatch(args: argparse.Namespace) -> int:
               f"{args.out / 'federated.json'}")
         return 0
     if args.command == "shards":
-        rows = _ledger(args.config).accepted_shards()
+        if args.shards_command != "list":
+            return _shard_status(args)
+        ledger = _ledger(args.config)
+        rows = ledger.all_shards() if args.all else ledger.accepted_shards()
         if args.json:
             print(json.dumps([{**r.__dict__, "dir": str(r.dir)} for r in rows], indent=2))
         else:
             for r in rows:
                 print(f"{r.tar_sha256[:16]}  {r.site:<16} {r.shard_id:<24} {r.sample_count:>7} samples  "
-                      f"{r.accepted_at}")
+                      f"{r.accepted_at}" + (f"  {r.status} ({r.status_reason})" if args.all else ""))
         return 0
     raise SystemExit(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
+
+
+def _shard_status(args: argparse.Namespace) -> int:
+    """`shards quarantine | remove | include`: one ledger status change (and audit record) per shard."""
+    import shutil
+
+    from privdistill.errors import ConfigError
+
+    from coordinator.audit import AuditLog
+
+    ledger = _ledger(args.config)
+    if getattr(args, "site", None):
+        if args.shard:
+            raise ConfigError(["give a shard or --site, not both"])
+        targets = [s for s in ledger.all_shards() if s.site == args.site and s.status in ("excluded", "quarantined")]
+    elif args.shard:
+        targets = ledger.find_shards(args.shard)
+        if len(targets) != 1:
+            raise ConfigError([f"{args.shard!r} matches {len(targets)} shards; give more of its sha256 (see "
+                               "`shards list --all`)"])
+    else:
+        raise ConfigError(["name a shard (its sha256 prefix or shard id)" +
+                           (" or --site NAME" if args.shards_command == "include" else "")])
+    status = {"quarantine": "quarantined", "remove": "removed", "include": "active"}[args.shards_command]
+    audit = AuditLog(ledger.state_dir)
+    for shard in targets:
+        done = ledger.set_shard_status(shard.tar_sha256, status, args.reason)
+        if status == "removed":
+            shutil.rmtree(done.dir, ignore_errors=True)
+        audit.event(f"shard_{'included' if status == 'active' else status}", site=done.site,
+                    shard_sha256=done.tar_sha256, reason=args.reason, shard_id=done.shard_id, previous=shard.status)
+        print(f"shard {done.tar_sha256[:16]} ({done.site}/{done.shard_id}): {shard.status} -> {done.status}")
+    if not targets:
+        print(f"site {args.site}: no excluded or quarantined shard")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from privdistill.config import _format_pydantic, read_yaml
 from privdistill.errors import ConfigError
 
+KiB = 1 << 10
 MiB = 1 << 20
 
 
@@ -33,8 +34,24 @@ class TLSConfig(_Strict):
 class LimitsConfig(_Strict):
     max_chunk_bytes: int = Field(8 * MiB, ge=1, le=1 << 30)
     max_shard_bytes: int = Field(2 << 30, ge=1)
-    max_manifest_bytes: int = Field(16 * MiB, ge=1024, le=64 * MiB)
-    max_clock_skew_s: int = Field(300, ge=1, le=3600)
+    # a manifest holds aggregate numbers and one sha256 per tar member (~180 bytes per sample): 1 MiB takes
+    # shards of up to ~5,500 samples (split larger ones, or raise this)
+    max_manifest_bytes: int = Field(1 * MiB, ge=1024, le=64 * MiB)
+    max_clock_skew_s: int = Field(300, ge=1, le=3600)  # how old a signed request may be
+    max_future_skew_s: int = Field(30, ge=1, le=3600)  # how far ahead of the coordinator's clock
+    # per-site quotas
+    max_open_uploads_per_site: int = Field(8, ge=1)
+    max_open_bytes_per_site: int = Field(8 << 30, ge=1)  # sum of the declared sizes of a site's open uploads
+    max_requests_per_site: int = Field(20000, ge=10)  # signed requests per site inside the timestamp window
+    # lifecycle
+    upload_expiry_s: int = Field(24 * 3600, ge=60)  # an open upload without progress for this long is dropped
+    rejected_retention_days: int = Field(30, ge=0)  # then a rejected upload's manifest is pruned from the ledger
+    # the HTTP server
+    max_connections: int = Field(128, ge=4, le=100000)  # uvicorn limit_concurrency: more are answered 503
+    max_header_bytes: int = Field(16 * KiB, ge=4 * KiB, le=1 * MiB)  # request line + headers
+    header_timeout_s: float = Field(10.0, gt=0, le=600)  # a request's headers must arrive within this
+    body_timeout_s: float = Field(120.0, gt=0, le=3600)  # ... and its body within this (after the headers)
+    max_buffered_bodies: int = Field(16, ge=1)  # authenticated bodies held in memory at once (then 503)
 
 
 class CoordinatorConfig(_Strict):

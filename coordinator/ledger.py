@@ -20,7 +20,7 @@ from coordinator.store import shard_dir
 
 TOUCH_INTERVAL_S = 30.0
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sites(
     name TEXT PRIMARY KEY, public_key TEXT NOT NULL, added_at TEXT NOT NULL,
@@ -35,12 +35,25 @@ CREATE UNIQUE INDEX IF NOT EXISTS uploads_one_open ON uploads(site, tar_sha256) 
 CREATE TABLE IF NOT EXISTS shards(
     tar_sha256 TEXT PRIMARY KEY, site TEXT NOT NULL REFERENCES sites(name), shard_id TEXT NOT NULL,
     upload_id TEXT NOT NULL UNIQUE REFERENCES uploads(id), sample_count INTEGER NOT NULL,
-    manifest_sha256 TEXT NOT NULL, accepted_at TEXT NOT NULL);
+    manifest_sha256 TEXT NOT NULL, accepted_at TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'active', status_reason TEXT);
 CREATE TABLE IF NOT EXISTS events(
     id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, kind TEXT NOT NULL, site TEXT,
     shard_sha256 TEXT, reason TEXT);
 """
 _UPLOAD_COLS = 'id, site, tar_sha256, size, "offset", state, reason, created_at, updated_at, manifest, signature'
+_SHARD_COLS = "tar_sha256, site, shard_id, upload_id, sample_count, manifest_sha256, accepted_at, status, status_reason"
+# a shard's status: only "active" shards are visible to training. "excluded": its site was revoked; "quarantined":
+# held back by the operator; both return with `shards include`. "removed": its files are deleted (final).
+SHARD_STATUSES = ("active", "excluded", "quarantined", "removed")
+
+
+class QuotaExceeded(Exception):
+    """A site's open uploads would exceed a quota; ``reason`` names which."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
 
 
 def utcnow() -> str:
@@ -85,6 +98,8 @@ class AcceptedShard:
     dir: Path
     upload_id: str = ""
     manifest_sha256: str = ""
+    status: str = "active"
+    status_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +124,10 @@ class Ledger:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
+            cols = {r[1] for r in db.execute("PRAGMA table_info(shards)")}
+            if "status" not in cols:  # a version-1 ledger: every shard it holds was active
+                db.execute("ALTER TABLE shards ADD COLUMN status TEXT NOT NULL DEFAULT 'active'")
+                db.execute("ALTER TABLE shards ADD COLUMN status_reason TEXT")
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         finally:
             db.close()
@@ -171,7 +190,10 @@ class Ledger:
         assert site is not None
         return site
 
-    def revoke_site(self, name: str) -> SiteRow:
+    def revoke_site(self, name: str) -> tuple[SiteRow, int, int]:
+        """Refuse the site's key from now on, close its open uploads and exclude its active shards from training
+        (until `shards include`). Returns (site, shards excluded, uploads closed)."""
+        excluded = closed = 0
         with self._tx() as db:
             row = db.execute("SELECT revoked_at FROM sites WHERE name = ?", (name,)).fetchone()
             if row is None:
@@ -179,9 +201,17 @@ class Ledger:
             if row[0] is None:
                 db.execute("UPDATE sites SET revoked_at = ? WHERE name = ?", (utcnow(), name))
                 self._event(db, "site_revoked", name, None, None)
+            for (sha,) in db.execute("SELECT tar_sha256 FROM shards WHERE site = ? AND status = 'active'",
+                                     (name,)).fetchall():
+                db.execute("UPDATE shards SET status = 'excluded', status_reason = 'site_revoked' WHERE tar_sha256 = ?",
+                           (sha,))
+                self._event(db, "shard_excluded", name, sha, "site_revoked")
+                excluded += 1
+            closed = db.execute("UPDATE uploads SET state = 'rejected', reason = 'site_revoked', updated_at = ? "
+                                "WHERE site = ? AND state = 'receiving'", (utcnow(), name)).rowcount
         site = self.site(name)
         assert site is not None
-        return site
+        return site, excluded, closed
 
     def rotate_site_key(self, name: str, public_key_b64: str, *, reason: str | None = None) -> SiteRow:
         """Replace a registered site's public key (its name, shards and events stay); a revoked site is active again."""
@@ -216,13 +246,24 @@ class Ledger:
 
     # ------------------------------------------------------------------ uploads
     def create_upload(self, upload_id: str, site: str, tar_sha256: str, size: int, manifest: str,
-                      signature: str) -> tuple[UploadRow, bool]:
-        """Insert a receiving upload, or return the open one for (site, tar_sha256); ``True`` when created."""
+                      signature: str, *, max_open: int | None = None,
+                      max_open_bytes: int | None = None) -> tuple[UploadRow, bool]:
+        """Insert a receiving upload, or return the open one for (site, tar_sha256); ``True`` when created.
+        Raises QuotaExceeded when the site's open uploads would number more than ``max_open`` or declare more than
+        ``max_open_bytes`` in all (checked in the same transaction as the insert)."""
         with self._tx() as db:
             row = db.execute(f"SELECT {_UPLOAD_COLS} FROM uploads WHERE site = ? AND tar_sha256 = ? "
                              "AND state = 'receiving'", (site, tar_sha256)).fetchone()
             if row is not None:
                 return UploadRow(*row), False
+            n, declared = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM uploads WHERE site = ? AND "
+                                     "state = 'receiving'", (site,)).fetchone()
+            if max_open is not None and n >= max_open:
+                raise QuotaExceeded("too_many_open_uploads", f"site has {n} open uploads (limit {max_open}); finish "
+                                    "or wait for them to expire before starting another")
+            if max_open_bytes is not None and declared + size > max_open_bytes:
+                raise QuotaExceeded("open_bytes_quota", f"site's open uploads would declare {declared + size} bytes "
+                                    f"(limit {max_open_bytes}); finish the open ones first")
             now = utcnow()
             db.execute(f"INSERT INTO uploads({_UPLOAD_COLS}) VALUES (?, ?, ?, ?, 0, 'receiving', NULL, ?, ?, ?, ?)",
                        (upload_id, site, tar_sha256, size, now, now, manifest, signature))
@@ -284,21 +325,74 @@ class Ledger:
             self._event(db, "accepted", site, sha, None if not exists else "duplicate")
             return not exists
 
+    def expire_uploads(self, idle_before: str) -> list[UploadRow]:
+        """Close every receiving upload not updated since ``idle_before`` (rejected, reason "expired")."""
+        with self._tx() as db:
+            rows = [UploadRow(*r) for r in db.execute(
+                f"SELECT {_UPLOAD_COLS} FROM uploads WHERE state = 'receiving' AND updated_at < ?", (idle_before,))]
+            for r in rows:
+                db.execute("UPDATE uploads SET state = 'rejected', reason = 'expired', updated_at = ? WHERE id = ?",
+                           (utcnow(), r.id))
+                self._event(db, "upload_expired", r.site, r.tar_sha256, "expired")
+        return rows
+
+    def prune_rejected(self, before: str) -> int:
+        """Drop the manifest and signature text of uploads rejected before ``before`` (the row, its reason and the
+        event stay); returns how many were pruned."""
+        with self._tx() as db:
+            return db.execute("UPDATE uploads SET manifest = '', signature = '' WHERE state = 'rejected' AND "
+                              "updated_at < ? AND (manifest != '' OR signature != '')", (before,)).rowcount
+
     # ------------------------------------------------------------------ shards and events
     def _shard(self, r: tuple) -> AcceptedShard:
-        sha, site, shard_id, upload_id, count, msha, at = r
+        sha, site, shard_id, upload_id, count, msha, at, status, why = r
         return AcceptedShard(tar_sha256=sha, site=site, shard_id=shard_id, sample_count=count, accepted_at=at,
-                             dir=shard_dir(self.state_dir, sha), upload_id=upload_id, manifest_sha256=msha)
+                             dir=shard_dir(self.state_dir, sha), upload_id=upload_id, manifest_sha256=msha,
+                             status=status, status_reason=why)
 
     def accepted_shards(self) -> list[AcceptedShard]:
+        """The shards training may use: accepted and active (not excluded, quarantined or removed)."""
         return [self._shard(r) for r in self._query(
-            "SELECT tar_sha256, site, shard_id, upload_id, sample_count, manifest_sha256, accepted_at FROM shards "
-            "ORDER BY accepted_at, tar_sha256")]
+            f"SELECT {_SHARD_COLS} FROM shards WHERE status = 'active' ORDER BY accepted_at, tar_sha256")]
+
+    def all_shards(self) -> list[AcceptedShard]:
+        """Every accepted shard whatever its status."""
+        return [self._shard(r) for r in self._query(
+            f"SELECT {_SHARD_COLS} FROM shards ORDER BY accepted_at, tar_sha256")]
 
     def shard(self, tar_sha256: str) -> AcceptedShard | None:
-        rows = self._query("SELECT tar_sha256, site, shard_id, upload_id, sample_count, manifest_sha256, accepted_at "
-                           "FROM shards WHERE tar_sha256 = ?", (tar_sha256,))
+        rows = self._query(f"SELECT {_SHARD_COLS} FROM shards WHERE tar_sha256 = ?", (tar_sha256,))
         return self._shard(rows[0]) if rows else None
+
+    def find_shards(self, prefix: str) -> list[AcceptedShard]:
+        """Shards whose tar_sha256 starts with ``prefix`` (at least 8 hex digits) or whose shard_id is ``prefix``."""
+        if re.fullmatch(r"[0-9a-f]{8,64}", prefix):
+            rows = self._query(f"SELECT {_SHARD_COLS} FROM shards WHERE substr(tar_sha256, 1, ?) = ? OR shard_id = ?",
+                               (len(prefix), prefix, prefix))
+        else:
+            rows = self._query(f"SELECT {_SHARD_COLS} FROM shards WHERE shard_id = ?", (prefix,))
+        return [self._shard(r) for r in rows]
+
+    def set_shard_status(self, tar_sha256: str, status: str, reason: str | None) -> AcceptedShard:
+        """Move a shard to ``status`` (with the operator's reason), recorded as an event; a removed shard stays
+        removed."""
+        if status not in SHARD_STATUSES:
+            raise ValueError(f"status {status!r} is not one of {SHARD_STATUSES}")
+        with self._tx() as db:
+            row = db.execute("SELECT site, status FROM shards WHERE tar_sha256 = ?", (tar_sha256,)).fetchone()
+            if row is None:
+                raise ConfigError([f"no accepted shard {tar_sha256} (see `shards list --all`)"])
+            if row[1] == "removed" and status != "removed":
+                raise ConfigError([f"shard {tar_sha256[:16]} was removed (its files are gone); the site must upload "
+                                   "it again under a new shard id"])
+            db.execute("UPDATE shards SET status = ?, status_reason = ? WHERE tar_sha256 = ?",
+                       (status, reason, tar_sha256))
+            self._event(db, {"active": "shard_included", "excluded": "shard_excluded",
+                             "quarantined": "shard_quarantined", "removed": "shard_removed"}[status],
+                        row[0], tar_sha256, reason)
+        done = self.shard(tar_sha256)
+        assert done is not None
+        return done
 
     def record_event(self, kind: str, *, site: str | None = None, shard_sha256: str | None = None,
                      reason: str | None = None) -> None:

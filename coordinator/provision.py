@@ -166,7 +166,7 @@ def _build(root: Path, sites: list[str], *, host: str, port: int, days: int) -> 
     cfg = {"listen": {"host": listen, "port": port},
            "tls": {"cert": "server.pem", "key": "server.key", "ca": "ca.pem"},
            "state_dir": "state",
-           "limits": {"max_chunk_bytes": 8 << 20, "max_shard_bytes": 2 << 30, "max_manifest_bytes": 16 << 20,
+           "limits": {"max_chunk_bytes": 8 << 20, "max_shard_bytes": 2 << 30, "max_manifest_bytes": 1 << 20,
                       "max_clock_skew_s": 300}}
     (coord / "coordinator.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     ledger = Ledger(coord / "state" / "ledger.sqlite")

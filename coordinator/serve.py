@@ -9,6 +9,7 @@ import structlog
 import uvicorn
 
 from privdistill.errors import RetryableNetworkError
+from privdistill.httpserver import hardened_config
 
 from coordinator.api import create_app
 from coordinator.config import CoordinatorConfig, check_tls_files
@@ -29,10 +30,11 @@ def build_server(config: CoordinatorConfig, *, host: str | None = None, port: in
     counts = app.state.uploads.reconcile()
     host = host or config.listen.host
     port = config.listen.port if port is None else port
-    uv = uvicorn.Config(
-        app, host=host, port=port, ssl_certfile=str(config.tls.cert), ssl_keyfile=str(config.tls.key),
-        ssl_context_factory=_tls12_or_newer, log_config=None, access_log=False, server_header=False,
-        timeout_graceful_shutdown=10, lifespan="off",
+    lim = config.limits
+    uv = hardened_config(
+        app, host=host, port=port, max_connections=lim.max_connections, max_header_bytes=lim.max_header_bytes,
+        header_timeout_s=lim.header_timeout_s, ssl_certfile=str(config.tls.cert), ssl_keyfile=str(config.tls.key),
+        ssl_context_factory=_tls12_or_newer, timeout_graceful_shutdown=10,
     )
     log.info("coordinator_starting", url=f"https://{host}:{port}", state_dir=str(config.state_dir), **counts)
     return uvicorn.Server(uv)

@@ -4,10 +4,13 @@ exactly once, and reconcile staging files with the ledger after a crash."""
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import secrets
 import threading
+import time
 import zlib
+from datetime import datetime, timezone
 from pathlib import Path
 
 import structlog
@@ -19,11 +22,17 @@ from privdistill.shard import Manifest, parse_manifest, verify_manifest_signatur
 from coordinator import store
 from coordinator.audit import AuditLog
 from coordinator.config import CoordinatorConfig
-from coordinator.ledger import Ledger, UploadRow
+from coordinator.ledger import Ledger, QuotaExceeded, UploadRow
 from coordinator.metrics import Metrics
 from coordinator.schemas import ApiError, CreateUploadRequest, UploadInfo
 
 LOCK_STRIPES = 64
+HOUSEKEEPING_EVERY_S = 60.0
+
+
+def _iso(t: float) -> str:
+    """Unix time as the ledger's timestamp text (ISO 8601, UTC, milliseconds): comparable as strings."""
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
 
 log = structlog.get_logger("coordinator.uploads")
 
@@ -41,6 +50,7 @@ class Uploads:
         self.state_dir = config.state_dir
         # striped: a bounded set of locks however many uploads a long-running coordinator sees
         self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
+        self._last_housekeeping = -math.inf
 
     def _lock(self, upload_id: str) -> threading.Lock:
         return self._locks[zlib.crc32(upload_id.encode()) % LOCK_STRIPES]
@@ -79,12 +89,21 @@ class Uploads:
                                          f"{limits.max_shard_bytes} (split it into smaller shards)", "shard_too_large")
             raise self._refuse_shard(site, sha, 413, err)
         existing = self.ledger.shard(sha)
+        if existing is not None and existing.status == "removed":
+            err = ShardVerificationError("the coordinator's operator removed this shard; it is not taken again "
+                                         "(package a new shard, or ask the operator)", "shard_removed")
+            raise self._refuse_shard(site, sha, 409, err)
         if existing is not None:
             self.audit.event("duplicate", site=site, shard_sha256=sha)
             return UploadInfo(upload_id=existing.upload_id, state="accepted", offset=manifest.tar_size,
                               size=manifest.tar_size, shard_sha256=sha, duplicate=True), 200
-        upload, created = self.ledger.create_upload(secrets.token_hex(16), site, sha, manifest.tar_size,
-                                                    req.manifest, req.signature.strip())
+        self.housekeeping()
+        try:
+            upload, created = self.ledger.create_upload(
+                secrets.token_hex(16), site, sha, manifest.tar_size, req.manifest, req.signature.strip(),
+                max_open=limits.max_open_uploads_per_site, max_open_bytes=limits.max_open_bytes_per_site)
+        except QuotaExceeded as err:
+            raise ApiError(429, err.reason, str(err), headers={"Retry-After": "60"}) from None
         if not created:
             with self._lock(upload.id):
                 upload = self._sync(upload)
@@ -195,6 +214,31 @@ class Uploads:
         assert done is not None
         return done
 
+    def housekeeping(self, *, force: bool = False) -> dict[str, int]:
+        """Expire open uploads idle for ``upload_expiry_s`` (their staging files removed) and prune the manifests
+        of uploads rejected more than ``rejected_retention_days`` ago. Runs at most once a minute unless forced."""
+        now = time.time()
+        if not force and now - self._last_housekeeping < HOUSEKEEPING_EVERY_S:
+            return {"expired": 0, "pruned": 0}
+        self._last_housekeeping = now
+        limits = self.config.limits
+        expired = self.ledger.expire_uploads(_iso(now - limits.upload_expiry_s))
+        for row in expired:
+            store.staging_path(self.state_dir, row.id).unlink(missing_ok=True)
+            self.audit.event("upload_expired", site=row.site, shard_sha256=row.tar_sha256, upload_id=row.id,
+                             reason="expired", offset=row.offset, size=row.size)
+        parts = list(store.staging_dir(self.state_dir).glob("*.part"))  # listed before the open uploads are read
+        open_ids = {u.id for u in self.ledger.open_uploads()}
+        for part in parts:
+            if part.stem not in open_ids:  # closed meanwhile (e.g. its site was revoked)
+                part.unlink(missing_ok=True)
+        pruned = self.ledger.prune_rejected(_iso(now - limits.rejected_retention_days * 86400))
+        if pruned:
+            self.audit.event("rejected_pruned", count=pruned, retention_days=limits.rejected_retention_days)
+        if expired or pruned:
+            log.info("housekeeping", expired=len(expired), pruned=pruned)
+        return {"expired": len(expired), "pruned": pruned}
+
     def reconcile(self) -> dict[str, int]:
         """On startup: drop staging files of closed or unknown uploads, re-align open ones with the ledger."""
         counts = {"stale_temp": store.remove_stale_temp(self.state_dir), "orphan_parts": 0, "open": 0}
@@ -207,6 +251,7 @@ class Uploads:
             with self._lock(row.id):
                 self._sync(row)
             counts["open"] += 1
+        counts.update(self.housekeeping(force=True))
         log.info("staging_reconciled", **counts)
         return counts
 

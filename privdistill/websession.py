@@ -3,6 +3,7 @@ login throttle, and the checks routes depend on (duck-typed requests: site_agent
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import re
 import secrets
@@ -21,6 +22,10 @@ MIN_TOKEN_CHARS = 16
 SESSION_TTL_S = 8 * 3600
 MAX_SESSIONS = 1000
 LOGIN_FAILURES_PER_MINUTE = 10
+MAX_BACKOFF_S = 4.0
+ANON_PREFIX = "a."
+ANON_TTL_S = 3600  # a login form is good for an hour
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 def new_token() -> str:
@@ -64,25 +69,28 @@ class Session:
 
 
 class SessionStore:
-    """In-memory sessions (a restart logs everyone out) keyed by a random id held in an HttpOnly cookie."""
+    """Sessions keyed by a random id held in an HttpOnly cookie. Logged-in sessions live in memory (a restart logs
+    everyone out; only token holders make them, at most ``max_sessions``). A not-yet-logged-in session is *not*
+    stored: its id carries its issue time and its CSRF token is an HMAC of the id under a per-process key, so any
+    number of anonymous visitors cannot evict the login form a steward has open."""
 
     def __init__(self, token: str, *, ttl_s: float = SESSION_TTL_S, max_sessions: int = MAX_SESSIONS) -> None:
         self._token = token
         self.ttl_s, self.max_sessions = ttl_s, max_sessions
         self._sessions: dict[str, Session] = {}
-        self._failures: dict[str, deque[float]] = {}  # wrong tokens per client address
+        self._key = secrets.token_bytes(32)  # signs anonymous sessions' CSRF tokens
+        self._failures: dict[str, deque[float]] = {}  # wrong tokens per client address and per session
         self._lock = threading.Lock()
 
     def check_token(self, candidate: str | None) -> bool:
         return same(candidate, self._token)
 
-    def _new(self, user: str | None) -> Session:
+    def _new(self, user: str) -> Session:
         s = Session(id=secrets.token_urlsafe(32), csrf=secrets.token_urlsafe(32), user=user)
         with self._lock:
             self._expire()
-            while len(self._sessions) >= self.max_sessions:  # oldest anonymous sessions go first
-                victim = min(self._sessions.values(), key=lambda x: (x.authenticated, x.created))
-                del self._sessions[victim.id]
+            while len(self._sessions) >= self.max_sessions:  # only token holders get here: oldest goes first
+                del self._sessions[min(self._sessions.values(), key=lambda x: x.created).id]
             self._sessions[s.id] = s
         return s
 
@@ -91,13 +99,25 @@ class SessionStore:
         for sid in [k for k, v in self._sessions.items() if v.created < cutoff]:
             del self._sessions[sid]
 
+    def _anon_csrf(self, sid: str) -> str:
+        return hmac.new(self._key, sid.encode(), "sha256").hexdigest()
+
     def anonymous(self) -> Session:
-        """A not-yet-logged-in session: it carries the CSRF token the login form posts back."""
-        return self._new(None)
+        """A not-yet-logged-in session (stored nowhere): it carries the CSRF token the login form posts back."""
+        sid = f"{ANON_PREFIX}{int(time.time())}.{secrets.token_urlsafe(16)}"
+        return Session(id=sid, csrf=self._anon_csrf(sid), user=None)
+
+    def _anonymous(self, sid: str) -> Session | None:
+        parts = sid[len(ANON_PREFIX):].split(".")
+        if len(parts) != 2 or not parts[0].isdigit() or not 0 <= time.time() - int(parts[0]) <= ANON_TTL_S:
+            return None
+        return Session(id=sid, csrf=self._anon_csrf(sid), user=None)
 
     def get(self, sid: str | None) -> Session | None:
-        if not sid:
+        if not sid or len(sid) > 128:
             return None
+        if sid.startswith(ANON_PREFIX):
+            return self._anonymous(sid)
         with self._lock:
             self._expire()
             return self._sessions.get(sid)
@@ -116,24 +136,35 @@ class SessionStore:
     def csrf_ok(session: Session | None, submitted: str | None) -> bool:
         return session is not None and same(submitted, session.csrf)
 
-    def login_allowed(self, client: str) -> bool:
-        """False after too many wrong tokens from this client address in the last minute (guessing a 256-bit
-        token is hopeless anyway); per address, so one noisy client cannot lock the operator out."""
+    def backoff_s(self, *keys: str) -> float:
+        """How long an attempt from these sources (client address, session) waits before its token is checked:
+        0 until LOGIN_FAILURES_PER_MINUTE wrong tokens in the last minute, then doubling up to MAX_BACKOFF_S."""
         with self._lock:
             cutoff = time.monotonic() - 60
-            for addr in list(self._failures):
-                q = self._failures[addr]
+            for k in list(self._failures):
+                q = self._failures[k]
                 while q and q[0] < cutoff:
                     q.popleft()
                 if not q:
-                    del self._failures[addr]
-            return len(self._failures.get(client, ())) < LOGIN_FAILURES_PER_MINUTE
+                    del self._failures[k]
+            worst = max((len(self._failures.get(k, ())) for k in keys), default=0)
+        over = worst - LOGIN_FAILURES_PER_MINUTE
+        return 0.0 if over < 0 else min(MAX_BACKOFF_S, 0.25 * 2 ** over)
 
-    def login_failed(self, client: str) -> None:
+    def login_failed(self, *keys: str) -> None:
         with self._lock:
-            if client not in self._failures and len(self._failures) >= self.max_sessions:
-                self._failures.pop(next(iter(self._failures)))  # bounded memory: forget the oldest address
-            self._failures.setdefault(client, deque()).append(time.monotonic())
+            for k in keys:
+                if k not in self._failures and len(self._failures) >= 4 * self.max_sessions:
+                    self._failures.pop(next(iter(self._failures)))  # bounded memory: forget the oldest source
+                self._failures.setdefault(k, deque(maxlen=4 * LOGIN_FAILURES_PER_MINUTE)).append(time.monotonic())
+
+
+def host_of(header: str | None) -> str:
+    """The host name of a Host header, lower-case, without the port (IPv6 literals without their brackets)."""
+    value = (header or "").strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else ""
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
 # headers for every page that shows images or forms: nothing from elsewhere, nothing cached, no framing
@@ -231,11 +262,16 @@ class WebLogin:
         if not SessionStore.csrf_ok(s, form.get("csrf")):
             raise CsrfRejected()
         assert s is not None
-        client = request.client.host if request.client is not None else "?"
-        if not self.store.login_allowed(client):
-            return None, form, "too many wrong tokens in the last minute; wait a minute", 429
+        # the socket's peer (uvicorn runs with proxy_headers off: X-Forwarded-For is never believed)
+        sources = (f"client:{request.client.host if request.client is not None else '?'}", f"session:{s.id}")
+        delay = self.store.backoff_s(*sources)
+        if delay:  # back off before checking: bounds the guessing rate per source without refusing the token
+            await asyncio.sleep(delay)
         if not self.store.check_token(form.get("token", "").strip()):
-            self.store.login_failed(client)
+            self.store.login_failed(*sources)
+            if delay:
+                return None, form, "too many wrong tokens in the last minute: wait a minute (the right token is " \
+                                   "still accepted)", 429
             return None, form, "wrong access token", 401
         name = form.get("name", "").strip() or default_name
         if not valid_name(name):

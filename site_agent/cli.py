@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
                                                         "about: the page shows real images)")
     sp.add_argument("--port", type=int, default=8765)
     sp.add_argument("--token-file", type=Path, help="file holding the access token (mode 0600); default: generate one")
+    sp.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                    help="a host name the page may be reached by besides localhost/127.0.0.1/::1 (e.g. the "
+                         "hospital proxy's name); repeatable. Other Host headers are refused (DNS rebinding)")
     return p
 
 
@@ -288,7 +291,7 @@ def _ui(args: argparse.Namespace) -> int:
     from site_agent.ui.server import serve_ui
 
     return serve_ui(load_site_config(args.config), args.workdir, host=args.host, port=args.port,
-                    token_file=args.token_file)
+                    token_file=args.token_file, allowed_hosts=args.allowed_host)
 
 
 def _doctor(args: argparse.Namespace) -> int:

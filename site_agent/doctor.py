@@ -28,7 +28,7 @@ log = structlog.get_logger(__name__)
 Status = Literal["ok", "warn", "fail", "skip"]
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 CERT_WARN_DAYS = 30
-CLOCK_WARN_S = 60.0
+CLOCK_WARN_S = 20.0  # requests fail beyond 30 s ahead (300 s behind)
 DISK_MARGIN = 2.0  # free space asked for, as a multiple of the run's estimated footprint
 NODE_KEY_FILE = "flower-node.key"
 
@@ -168,7 +168,9 @@ def check_coordinator_api(url: str, ca_file: Path, site_id: str, key: Any, timeo
         with httpx.Client(verify=ssl.create_default_context(cafile=str(ca_file)), timeout=timeout_s,
                           trust_env=True, follow_redirects=False) as client:
             health = client.get(f"{base}/healthz")
-            signed = client.get(base + probe[len(prefix):], headers=sign_request(key, site_id, "GET", probe, b""))
+            req = client.build_request("GET", base + probe[len(prefix):])
+            req.headers.update(sign_request(key, site_id, "GET", probe, b"", host=req.headers["Host"]))
+            signed = client.send(req)
     except httpx.HTTPError as err:
         fail = Check("coordinator_health", "fail", f"request to {base} failed ({type(err).__name__}: {err})")
         return [fail, Check("site_registered", "skip", "coordinator not reachable")]
@@ -184,16 +186,17 @@ def check_coordinator_api(url: str, ca_file: Path, site_id: str, key: Any, timeo
                             "operator to register (or re-provision) this site"))
     elif code in ("expired_timestamp", "bad_timestamp"):
         checks.append(Check("site_registered", "fail", f"the coordinator refused the request time ({code}): this "
-                            "machine's clock is off by more than 5 minutes; fix NTP"))
+                            "machine's clock is behind by more than 5 minutes or ahead by more than 30 s; fix NTP"))
     elif code == "bad_signature":
-        checks.append(Check("site_registered", "fail", f"the coordinator does not know this key for {site_id!r}: "
-                            "site.key_file is not the key provisioned for this site (rotated?)"))
+        checks.append(Check("site_registered", "fail", f"the coordinator does not know this key for {site_id!r} (or "
+                            "the site is not registered): site.key_file is not the key provisioned for this site "
+                            "(rotated?), or ask the operator to run `sites add`"))
     else:
         checks.append(Check("site_registered", "fail", f"unexpected answer HTTP {signed.status_code} {code}"))
     skew = _clock_skew(health)
     if skew is not None and abs(skew) > CLOCK_WARN_S:
         checks.append(Check("clock", "warn", f"this machine's clock differs from the coordinator's by {skew:+.0f} s "
-                            "(requests fail beyond 300 s); check NTP", {"skew_s": round(skew, 1)}))
+                            "(requests fail beyond 300 s behind or 30 s ahead); check NTP", {"skew_s": round(skew, 1)}))
     return checks
 
 

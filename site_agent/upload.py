@@ -274,11 +274,15 @@ class _Uploader:
                  ) -> httpx.Response:
         full = self.prefix + path
         hdrs = dict(headers or {})
-        hdrs.update(sign_request(self.key, self.site, method, full, body))  # fresh timestamp on every attempt
+        ctype, offset = hdrs.pop("Content-Type", None), hdrs.pop("Upload-Offset", None)
+        request = self.client.build_request(method, path, content=body, headers=hdrs)
+        # signed with a fresh timestamp and nonce on every attempt: Host (as sent), Content-Type, Upload-Offset
+        request.headers.update(sign_request(self.key, self.site, method, full, body, host=request.headers["Host"],
+                                            content_type=ctype, upload_offset=offset))
         self.requests += 1
         t0 = time.monotonic()
         try:
-            resp = self.client.request(method, path, content=body, headers=hdrs)
+            resp = self.client.send(request)
         except httpx.TransportError as err:
             if _tls_verification_failed(err):
                 raise ShardVerificationError(

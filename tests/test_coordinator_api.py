@@ -59,10 +59,16 @@ def shard(tmp_path_factory, keys):
     return out
 
 
+def signed(key, site, method, path, body=b"", headers=None, *, now=None, nonce=None):
+    """Signed headers as the site client sends them: Host, Content-Type and Upload-Offset inside the signature."""
+    extra = dict(headers or {})
+    h = sign_request(key, site, method, path, body, host="testserver", content_type=extra.pop("Content-Type", None),
+                     upload_offset=extra.pop("Upload-Offset", None), now=now, nonce=nonce)
+    return {**h, **extra}
+
+
 def call(client, key, site, method, path, body=b"", headers=None, *, now=None):
-    h = sign_request(key, site, method, path, body, now=now)
-    h.update(headers or {})
-    return client.request(method, path, content=body, headers=h)
+    return client.request(method, path, content=body, headers=signed(key, site, method, path, body, headers, now=now))
 
 
 def create_body(manifest: bytes, signature: str) -> bytes:
@@ -211,24 +217,78 @@ def test_concurrent_final_chunks_accept_exactly_once(env, keys, shard):
     assert count_rows(app, "shards") == 1 and metric(app, "privdistill_shards_accepted_total") == 1
 
 
+def asgi(app, method: str, path: str, headers: dict[str, str], parts: list[bytes], *, stall_after: int | None = None):
+    """Drive the ASGI app directly (the test client reads a whole body before the app sees it): the answer and how
+    many body parts the app pulled. ``stall_after``: the client stops sending after that many parts."""
+    import asyncio
+
+    pulled, sent = [], []
+
+    async def receive():
+        if stall_after is not None and len(pulled) >= stall_after:
+            await asyncio.sleep(3600)
+        if len(pulled) < len(parts):
+            pulled.append(len(pulled))
+            return {"type": "http.request", "body": parts[len(pulled) - 1], "more_body": len(pulled) < len(parts)}
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in {"host": "testserver", **headers}.items()],
+             "client": ("127.0.0.1", 50000), "server": ("testserver", 80)}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=30))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return status, json.loads(body) if body else {}, len(pulled)
+
+
 def test_streamed_body_over_limit_refused_while_reading(env, keys, shard):
     app, client = env
     tar, manifest, sig = shard_files(shard)
     up = start(client, keys[A], A, manifest, sig).json()
     path = f"/v1/uploads/{up['upload_id']}"
-    body = tar[:CHUNK + 512]
-    sent: list[int] = []
-
-    def stream():  # chunked transfer: no Content-Length to refuse up front
-        for i in range(0, len(body), 512):
-            sent.append(i)
-            yield body[i:i + 512]
-
-    headers = {**sign_request(keys[A], A, "PATCH", path, body), "Upload-Offset": "0"}
-    r = client.patch(path, content=stream(), headers=headers)
-    assert (r.status_code, r.json()["error"]) == (413, "request_too_large")
+    body = tar[:CHUNK + 512] + b"x" * 40960  # chunked transfer: no Content-Length to refuse up front
+    parts = [body[i:i + 512] for i in range(0, len(body), 512)]
+    status, answer, pulled = asgi(app, "PATCH", path, signed(keys[A], A, "PATCH", path, body, {"Upload-Offset": "0"}),
+                                  parts)
+    assert (status, answer["error"]) == (413, "request_too_large")
+    # the part that crosses the 4096-byte limit is the last one read: 9 of 89
+    assert pulled == CHUNK // 512 + 1 and len(parts) == 89
     assert app.state.ledger.upload(up["upload_id"]).offset == 0
     assert not staging_path(app.state.config.state_dir, up["upload_id"]).exists()
+
+
+def test_body_is_not_read_before_the_headers_authenticate(env, keys, shard):
+    app, _ = env
+    parts = [b"\0" * 65536] * 64  # 4 MiB, never read
+    cases = [("site-z", keys["other"], "bad_signature"), (A, keys[B], "bad_signature"),
+             (A, keys[A], "expired_timestamp")]
+    for site, key, reason in cases:
+        body = b"".join(parts)
+        now = time.time() - 400 if reason == "expired_timestamp" else None
+        headers = signed(key, site, "POST", "/v1/uploads", body, {"Content-Type": "application/json"}, now=now)
+        status, answer, pulled = asgi(app, "POST", "/v1/uploads", headers, parts)
+        assert (status, answer["error"], pulled) == (401, reason, 0), site
+    assert_nothing_stored(app)
+    assert count_rows(app, "uploads") == 0
+
+
+def test_a_body_that_stalls_is_cut_at_the_deadline(tmp_path, keys, shard):
+    from privdistill.identity import public_key_b64
+
+    app = make_app(tmp_path, body_timeout_s=0.3)
+    app.state.ledger.add_site(A, public_key_b64(keys[A]))
+    _, manifest, sig = shard_files(shard)
+    body = create_body(manifest, sig)
+    t0 = time.monotonic()
+    status, answer, pulled = asgi(app, "POST", "/v1/uploads", signed(keys[A], A, "POST", "/v1/uploads", body),
+                                  [body[:100], body[100:]], stall_after=1)
+    assert (status, answer["error"], pulled) == (408, "body_timeout", 1)
+    assert time.monotonic() - t0 < 5
+    assert count_rows(app, "uploads") == 0
 
 
 # ----------------------------------------------------------------------------- authentication
@@ -240,20 +300,80 @@ def _assert_refused(app, r, status: int, reason: str, counter: str = "privdistil
     assert_nothing_stored(app)
 
 
-def test_unknown_site(env, keys, shard):
+def test_unknown_site_answers_like_a_wrong_key(env, keys, shard):
     app, client = env
     _, manifest, sig = shard_files(shard)
-    r = start(client, keys["other"], "site-z", manifest, sig)
-    _assert_refused(app, r, 401, "unknown_site")
+    unknown = start(client, keys["other"], "site-z", manifest, sig)
+    wrong_key = start(client, keys["other"], A, manifest, sig)
+    assert (unknown.status_code, unknown.json()) == (wrong_key.status_code, wrong_key.json())
+    assert unknown.json()["error"] == "bad_signature" and unknown.status_code == 401
+    assert metric(app, "privdistill_requests_rejected_total", "bad_signature") == 2
+    assert_nothing_stored(app)
     assert count_rows(app, "uploads") == 0
 
 
-def test_revoked_site(env, keys, shard):
+def test_revoked_site_is_told_only_when_the_request_is_signed_by_it(env, keys, shard):
     app, client = env
     _, manifest, sig = shard_files(shard)
     app.state.ledger.revoke_site(A)
-    _assert_refused(app, start(client, keys[A], A, manifest, sig), 403, "revoked_site")
+    r = start(client, keys[A], A, manifest, sig)
+    _assert_refused(app, r, 403, "revoked_site")
+    revoked_at = app.state.ledger.site(A).revoked_at
+    assert revoked_at[:10] not in r.text and "revoked at" not in r.text  # no date disclosed
+    forged = start(client, keys["other"], A, manifest, sig)  # anyone else learns nothing about the revocation
+    assert (forged.status_code, forged.json()["error"]) == (401, "bad_signature")
     assert count_rows(app, "uploads") == 0
+
+
+def test_replayed_request_is_refused(env, keys, shard):
+    app, client = env
+    tar, manifest, sig = shard_files(shard)
+    up = start(client, keys[A], A, manifest, sig).json()
+    path = f"/v1/uploads/{up['upload_id']}"
+    headers = signed(keys[A], A, "PATCH", path, tar[:CHUNK], {"Upload-Offset": "0"})
+    assert client.patch(path, content=tar[:CHUNK], headers=headers).status_code == 204
+    app.state.ledger.set_offset(up["upload_id"], CHUNK, 0)  # even where the replayed chunk would fit again
+    r = client.patch(path, content=tar[:CHUNK], headers=headers)
+    assert (r.status_code, r.json()["error"]) == (401, "replayed_request")
+    assert app.state.ledger.upload(up["upload_id"]).offset == 0
+    # the same nonce is refused on another path too (a nonce is per site, not per request line)
+    get = signed(keys[A], A, "GET", path, nonce=headers["X-Privdistill-Nonce"])
+    assert client.get(path, headers=get).json()["error"] == "replayed_request"
+
+
+def test_future_timestamps_are_bounded_tighter_than_past_ones(env, keys, shard):
+    app, client = env
+    path = "/v1/uploads/" + "0" * 32
+    ahead = call(client, keys[A], A, "GET", path, now=time.time() + 45)
+    assert (ahead.status_code, ahead.json()["error"]) == (401, "expired_timestamp")
+    assert call(client, keys[A], A, "GET", path, now=time.time() + 20).json()["error"] == "unknown_upload"
+    assert call(client, keys[A], A, "GET", path, now=time.time() - 250).json()["error"] == "unknown_upload"
+
+
+def test_a_signed_header_given_twice_is_refused(env, keys, shard):
+    app, client = env
+    tar, manifest, sig = shard_files(shard)
+    up = start(client, keys[A], A, manifest, sig).json()
+    path = f"/v1/uploads/{up['upload_id']}"
+    headers = list(signed(keys[A], A, "PATCH", path, tar[:CHUNK], {"Upload-Offset": "0"}).items())
+    r = client.patch(path, content=tar[:CHUNK], headers=[*headers, ("Upload-Offset", str(CHUNK))])
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_request") and "upload-offset" in r.json()["detail"]
+    assert app.state.ledger.upload(up["upload_id"]).offset == 0
+
+
+@pytest.mark.parametrize("header,value", [("Upload-Offset", str(CHUNK)), ("Content-Type", "application/json"),
+                                          ("Host", "coordinator.example:8443")])
+def test_offset_content_type_and_host_are_signed(env, keys, shard, header, value):
+    app, client = env
+    tar, manifest, sig = shard_files(shard)
+    up = start(client, keys[A], A, manifest, sig).json()
+    path = f"/v1/uploads/{up['upload_id']}"
+    headers = signed(keys[A], A, "PATCH", path, tar[:CHUNK],
+                     {"Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"})
+    r = client.patch(path, content=tar[:CHUNK], headers={**headers, header: value})
+    assert (r.status_code, r.json()["error"]) == (401, "bad_signature")
+    assert app.state.ledger.upload(up["upload_id"]).offset == 0
+    assert not staging_path(app.state.config.state_dir, up["upload_id"]).exists()
 
 
 def test_bad_request_signature(env, keys, shard):
@@ -273,7 +393,7 @@ def test_body_tampered_after_signing(env, keys, shard):
     app, client = env
     _, manifest, sig = shard_files(shard)
     body = create_body(manifest, sig)
-    h = sign_request(keys[A], A, "POST", "/v1/uploads", body)
+    h = signed(keys[A], A, "POST", "/v1/uploads", body)
     r = client.post("/v1/uploads", content=body.replace(b"site-a", b"site-b", 1), headers=h)
     _assert_refused(app, r, 401, "body_hash_mismatch")
 
@@ -451,7 +571,7 @@ def test_healthz_metrics_openapi(env, keys, shard):
     assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["version"]
     start(client, keys["other"], "nobody", b"{}", "x")
     text = client.get("/metrics").text
-    assert 'privdistill_requests_rejected_total{reason="unknown_site"} 1.0' in text
+    assert 'privdistill_requests_rejected_total{reason="bad_signature"} 1.0' in text  # no unknown_site
     for name in ("privdistill_uploads_created_total", "privdistill_upload_bytes_total",
                  "privdistill_shards_accepted_total"):
         assert f"{name} 0.0" in text

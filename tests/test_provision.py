@@ -169,13 +169,14 @@ def _upload(client, key, site: str, shard_dir: Path) -> int:
 
     manifest, sig = (shard_dir / "manifest.json").read_bytes(), (shard_dir / "manifest.sig").read_text()
     body = json.dumps({"manifest": manifest.decode(), "signature": sig}).encode()
-    r = client.post("/v1/uploads", content=body, headers=sign_request(key, site, "POST", "/v1/uploads", body))
+    r = client.post("/v1/uploads", content=body,
+                    headers=sign_request(key, site, "POST", "/v1/uploads", body, host="testserver"))
     if r.status_code != 201:
         return r.status_code
     tar = (shard_dir / "shard.tar").read_bytes()
     path = f"/v1/uploads/{r.json()['upload_id']}"
-    h = sign_request(key, site, "PATCH", path, tar)
-    h.update({"Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"})
+    h = sign_request(key, site, "PATCH", path, tar, host="testserver", upload_offset=0,
+                     content_type="application/offset+octet-stream")
     return client.patch(path, content=tar, headers=h).status_code
 
 
@@ -235,13 +236,18 @@ def test_rotate_replaces_the_key_keeps_the_history_and_refuses_the_old_key(tmp_p
     assert yaml.safe_load((new / "site-connection.yaml").read_text())["coordinator_url"] == "https://coord.example:8443"
     assert (new / "ca.pem").read_bytes() == p.ca_cert.read_bytes()
     assert "was revoked and is active again" in out
+    assert "1 shard(s) of hospital-a stay excluded" in out and "shards include --site hospital-a" in out
     ledger = Ledger(cfg.ledger_path)
     row = ledger.site("hospital-a")
     assert row.public_key == new_pub and not row.revoked
     assert ledger.site("hospital-b").public_key == (p.site_dirs["hospital-b"] / "site.pub").read_text().strip()
-    assert [(s.site, s.shard_id) for s in ledger.accepted_shards()] == [("hospital-a", "s1")]
+    # the revocation excluded s1 from training; rotating the key does not let it back in by itself
+    assert ledger.accepted_shards() == []
+    assert [(s.shard_id, s.status, s.status_reason) for s in ledger.all_shards()] == [("s1", "excluded",
+                                                                                        "site_revoked")]
     kinds = [(e.kind, e.site) for e in ledger.events() if e.site == "hospital-a"]
-    assert kinds[0] == ("site_added", "hospital-a") and kinds[-2:] == [("site_revoked", "hospital-a"),
+    assert kinds[0] == ("site_added", "hospital-a") and kinds[-3:] == [("site_revoked", "hospital-a"),
+                                                                      ("shard_excluded", "hospital-a"),
                                                                       ("site_key_rotated", "hospital-a")]
     assert ledger.events("site_key_rotated")[0].reason.startswith("previous_key_sha256=")
     audit = [json.loads(x) for x in (cfg.state_dir / "audit.log").read_text().splitlines()]
@@ -252,6 +258,8 @@ def test_rotate_replaces_the_key_keeps_the_history_and_refuses_the_old_key(tmp_p
     with TestClient(create_app(cfg)) as client:
         assert _upload(client, old_key, "hospital-a", _shard(tmp_path / "s2", "hospital-a", "s2", old_key)) == 401
         assert _upload(client, new_key, "hospital-a", _shard(tmp_path / "s3", "hospital-a", "s3", new_key)) == 204
+    assert sorted(s.shard_id for s in ledger.accepted_shards()) == ["s3"]
+    assert main(["shards", "include", "--site", "hospital-a", "--config", str(p.config)]) == 0
     assert sorted(s.shard_id for s in ledger.accepted_shards()) == ["s1", "s3"]
 
 

@@ -135,23 +135,35 @@ def test_signed_requests_verify_and_reject_tampering() -> None:
     key = identity.generate_key()
     pub = identity.public_key_b64(key)
     body = b'{"x": 1}'
-    headers = identity.sign_request(key, "site-a", "POST", "/v1/uploads", body, now=1_000_000)
+    headers = {"Host": "coord:8443", **identity.sign_request(
+        key, "site-a", "PATCH", "/v1/uploads/u", body, host="coord:8443", content_type="application/json",
+        upload_offset=4096, now=1_000_000)}
+    assert headers["Upload-Offset"] == "4096" and headers["Content-Type"] == "application/json"
+    assert len(headers[identity.H_NONCE]) == 32
 
-    identity.verify_request(headers, "POST", "/v1/uploads", body, pub, now=1_000_100)
+    identity.verify_request(headers, "PATCH", "/v1/uploads/u", body, pub, now=1_000_100)
+    other = identity.public_key_b64(identity.generate_key())
     cases = [
-        ((headers, "POST", "/v1/uploads", b'{"x": 2}', pub, 1_000_000), "body_hash_mismatch"),
-        ((headers, "PATCH", "/v1/uploads", body, pub, 1_000_000), "bad_signature"),
-        ((headers, "POST", "/v1/uploads?x=1", body, pub, 1_000_000), "bad_signature"),
-        ((headers, "POST", "/v1/uploads", body, identity.public_key_b64(identity.generate_key()), 1_000_000),
-         "bad_signature"),
-        ((headers, "POST", "/v1/uploads", body, pub, 1_000_301), "expired_timestamp"),
-        (({k: v for k, v in headers.items() if k != identity.H_SIG}, "POST", "/v1/uploads", body, pub, 1_000_000),
+        ((headers, "PATCH", "/v1/uploads/u", b'{"x": 2}', pub, 1_000_000), "body_hash_mismatch"),
+        ((headers, "POST", "/v1/uploads/u", body, pub, 1_000_000), "bad_signature"),
+        ((headers, "PATCH", "/v1/uploads/u?x=1", body, pub, 1_000_000), "bad_signature"),
+        ((headers, "PATCH", "/v1/uploads/u", body, other, 1_000_000), "bad_signature"),
+        (({**headers, "Host": "evil:8443"}, "PATCH", "/v1/uploads/u", body, pub, 1_000_000), "bad_signature"),
+        (({**headers, "Upload-Offset": "0"}, "PATCH", "/v1/uploads/u", body, pub, 1_000_000), "bad_signature"),
+        (({**headers, "Content-Type": "text/plain"}, "PATCH", "/v1/uploads/u", body, pub, 1_000_000), "bad_signature"),
+        (({**headers, identity.H_NONCE: "ab" * 16}, "PATCH", "/v1/uploads/u", body, pub, 1_000_000), "bad_signature"),
+        ((headers, "PATCH", "/v1/uploads/u", body, pub, 1_000_301), "expired_timestamp"),  # 301 s old
+        ((headers, "PATCH", "/v1/uploads/u", body, pub, 1_000_000 - 31), "expired_timestamp"),  # 31 s ahead
+        (({k: v for k, v in headers.items() if k != identity.H_SIG}, "PATCH", "/v1/uploads/u", body, pub, 1_000_000),
          "missing_auth_headers"),
+        (({k: v for k, v in headers.items() if k != identity.H_NONCE}, "PATCH", "/v1/uploads/u", body, pub,
+          1_000_000), "missing_auth_headers"),
     ]
     for (h, method, path, b, p, now), reason in cases:
         with pytest.raises(ShardVerificationError) as err:
             identity.verify_request(h, method, path, b, p, now=now)
-        assert err.value.reason == reason, (method, path)
+        assert err.value.reason == reason, (method, path, h.get("Host"), now)
+    identity.verify_request(headers, "PATCH", "/v1/uploads/u", body, pub, now=1_000_000 - 30)  # 30 s ahead: allowed
 
 
 def test_private_key_file_is_0600_and_loose_modes_are_refused(tmp_path: Path) -> None:

@@ -230,10 +230,8 @@ def test_login_is_throttled_after_repeated_wrong_tokens(rsite: Any) -> None:
     c = site_client(rsite)
     codes = [login(c, token=f"wrong-{i:02d}-xxxxxxxxxxxx").status_code for i in range(11)]
     assert codes[:10] == [401] * 10 and codes[10] == 429
-    assert login(c).status_code == 429, "even the right token waits out the minute"
-    # the throttle is per client address: the operator on another address still gets in
-    other = TestClient(c.app, base_url="http://127.0.0.1", client=("10.0.0.7", 50000))
-    assert login(other).status_code == 303
+    # the right token is never refused, even from the throttled address (every local process shares 127.0.0.1)
+    assert login(c).status_code == 303
 
 
 # ----------------------------------------------------------------------------- svg plots

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ from privdistill import __version__
 from privdistill.errors import ConfigError, PrivacyPolicyError, StageError
 from privdistill.shard import ID_PATTERN
 from privdistill.websession import (
-    SECURITY_HEADERS, CsrfRejected, FormTooLarge, LoginRequired, MAX_FORM_BYTES, Posted, Session, SessionStore, WebLogin,
+    LOOPBACK_HOSTS, MAX_FORM_BYTES, SECURITY_HEADERS, CsrfRejected, FormTooLarge, LoginRequired, Posted, Session,
+    SessionStore, WebLogin, host_of,
 )
 from site_agent.approval import approve_shard, reject_shard
 from site_agent.audit import operator, read_audit
@@ -36,9 +38,11 @@ def _templates() -> Jinja2Templates:
     return t
 
 
-def create_app(cfg: SiteConfig, workdir: Path, *, token: str) -> FastAPI:
-    """The review app over one site work directory; ``token`` is the access token the login form asks for."""
+def create_app(cfg: SiteConfig, workdir: Path, *, token: str, allowed_hosts: Iterable[str] = LOOPBACK_HOSTS) -> FastAPI:
+    """The review app over one site work directory; ``token`` is the access token the login form asks for;
+    requests whose Host header names another host than ``allowed_hosts`` are refused (DNS rebinding)."""
     workdir = Path(workdir)
+    hosts = frozenset(host_of(h) for h in allowed_hosts)
     app = FastAPI(title="privdistill site review", version=__version__, docs_url=None, redoc_url=None,
                   openapi_url=None)
     web = app.state.login = WebLogin(SessionStore(token), cookie=COOKIE)
@@ -57,7 +61,13 @@ def create_app(cfg: SiteConfig, workdir: Path, *, token: str) -> FastAPI:
 
     @app.middleware("http")
     async def _headers(request: Request, call_next: Any) -> Response:
-        response = await call_next(request)
+        if host_of(request.headers.get("host")) not in hosts:
+            log.warning("ui.host_refused")
+            response: Response = PlainTextResponse(
+                "this page answers only to its own host names (pass --allowed-host NAME to `privdistill-site ui` "
+                "for a name other than localhost)", status_code=421)
+        else:
+            response = await call_next(request)
         for k, v in SECURITY_HEADERS.items():
             response.headers.setdefault(k, v)
         return response
@@ -93,7 +103,7 @@ def create_app(cfg: SiteConfig, workdir: Path, *, token: str) -> FastAPI:
         if s is not None and s.authenticated:
             return RedirectResponse("/", status_code=303)
         s = s or web.store.anonymous()
-        resp = page(request, "login.html", {"csrf": s.csrf, "error": None, "default_name": operator()})
+        resp = page(request, "login.html", {"csrf": s.csrf, "error": None, "default_name": ""})
         web.set_cookie(resp, s)
         return resp
 
@@ -104,7 +114,7 @@ def create_app(cfg: SiteConfig, workdir: Path, *, token: str) -> FastAPI:
             log.warning("ui.login_refused", status=status)
             csrf = web.current(request).csrf  # type: ignore[union-attr]  # login_attempt checked it
             return page(request, "login.html", {"csrf": csrf, "error": error,
-                                                "default_name": form.get("name") or operator()}, status=status)
+                                                "default_name": form.get("name", "")}, status=status)
         log.info("ui.login", user=new.user)
         resp = RedirectResponse("/", status_code=303)
         web.set_cookie(resp, new)

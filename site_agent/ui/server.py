@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import ipaddress
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import structlog
 import uvicorn
 
 from privdistill.errors import RetryableNetworkError
-from privdistill.websession import new_token, read_token_file
+from privdistill.httpserver import hardened_config
+from privdistill.websession import LOOPBACK_HOSTS, new_token, read_token_file
 from site_agent.config import SiteConfig
 from site_agent.ui.app import create_app
 
@@ -27,22 +29,24 @@ def is_loopback(host: str) -> bool:
 
 
 def build_server(cfg: SiteConfig, workdir: Path, *, host: str = "127.0.0.1", port: int = 8765,
-                 token: str) -> uvicorn.Server:
-    """The uvicorn server of the review app (warns when it listens beyond loopback)."""
+                 token: str, allowed_hosts: Iterable[str] = ()) -> uvicorn.Server:
+    """The uvicorn server of the review app (warns when it listens beyond loopback). The page answers to the
+    loopback names and ``allowed_hosts`` (the names a proxy or browser uses to reach it), nothing else."""
     if not is_loopback(host):
         log.warning("ui.listening_beyond_loopback", host=host,
                     hint="the review page shows real patient images; publish it only on the host's loopback "
                          "(compose: 127.0.0.1:PORT:8765) or behind the hospital's TLS proxy")
-    config = uvicorn.Config(create_app(cfg, workdir, token=token), host=host, port=port, log_config=None,
-                            access_log=False, server_header=False, timeout_graceful_shutdown=5, lifespan="off")
+    hosts = (*LOOPBACK_HOSTS, *allowed_hosts)
+    config = hardened_config(create_app(cfg, workdir, token=token, allowed_hosts=hosts), host=host, port=port,
+                             timeout_graceful_shutdown=5)
     return uvicorn.Server(config)
 
 
 def serve_ui(cfg: SiteConfig, workdir: Path, *, host: str = "127.0.0.1", port: int = 8765,
-             token_file: Path | None = None) -> int:
+             token_file: Path | None = None, allowed_hosts: Iterable[str] = ()) -> int:
     """Serve until SIGINT/SIGTERM; returns the exit code."""
     token = read_token_file(token_file) if token_file is not None else new_token()
-    server = build_server(cfg, workdir, host=host, port=port, token=token)
+    server = build_server(cfg, workdir, host=host, port=port, token=token, allowed_hosts=allowed_hosts)
     shown = f"[{host}]" if ":" in host else host
     print(f"privdistill review page for site {cfg.site.id}: http://{shown}:{port}/login", file=sys.stderr, flush=True)
     if token_file is None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -76,13 +77,14 @@ def test_serve_over_tls(tmp_path):
                            "signature": (shard / "manifest.sig").read_text()}).encode()
         with httpx.Client(base_url=url, verify=ctx, timeout=10.0) as client:
             r = client.post("/v1/uploads", content=body,
-                            headers=sign_request(key, "hospital-a", "POST", "/v1/uploads", body))
+                            headers=sign_request(key, "hospital-a", "POST", "/v1/uploads", body,
+                                                 host=urlsplit(url).netloc, content_type="application/json"))
             assert r.status_code == 201, r.text
             path = f"/v1/uploads/{r.json()['upload_id']}"
             tar = (shard / "shard.tar").read_bytes()
-            r = client.patch(path, content=tar, headers={**sign_request(key, "hospital-a", "PATCH", path, tar),
-                                                        "Upload-Offset": "0",
-                                                        "Content-Type": "application/offset+octet-stream"})
+            r = client.patch(path, content=tar, headers=sign_request(
+                key, "hospital-a", "PATCH", path, tar, host=urlsplit(url).netloc, upload_offset=0,
+                content_type="application/offset+octet-stream"))
             assert r.status_code == 204 and r.headers["Upload-State"] == "accepted", r.text
             metrics = client.get("/metrics").text
             assert "privdistill_shards_accepted_total 1.0" in metrics
