@@ -102,7 +102,7 @@ def test_tar_with_duplicate_member_is_refused(tmp_path: Path) -> None:
             tar.addfile(info, io.BytesIO(data))
     manifest = shard.Manifest(
         site_id="a", shard_id="k", created="x", software_version="0", config_hash="0" * 64, sample_count=1,
-        tar_sha256=shard.sha256_path(tar_path), tar_size=tar_path.stat().st_size,
+        tar_sha256=shard.sha256_path(tar_path), tar_size=tar_path.stat().st_size, resolution=8, channels=1,
         members={n: shard.sha256_bytes(d) for n, d in members},
         conditioning=shard.Conditioning(type="class", class_names=kept.class_names), privacy={},
     )
@@ -113,7 +113,7 @@ def test_tar_with_duplicate_member_is_refused(tmp_path: Path) -> None:
 
 def test_prompts_outside_the_vocabulary_are_not_packaged(tmp_path: Path) -> None:
     kept = _kept(n=3, prompts=True)
-    kept.prompts[1] = "Trouser; patient John Doe, 54, seen 2024-03-01"
+    kept.prompts[1] = "Trouser, patient John Doe, 54, seen 2024-03-01"
 
     with pytest.raises(ShardVerificationError) as err:
         _write(tmp_path, kept, identity.generate_key())
