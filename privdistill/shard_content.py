@@ -28,7 +28,7 @@ MAX_PRIVACY_DEPTH = 4
 MAX_PRIVACY_ITEMS = 64  # keys of one mapping, items of one list
 MAX_PRIVACY_STRINGS = 32
 MAX_PRIVACY_STRING = 200
-_PRIVACY_KEY = re.compile(r"^[a-z0-9_]{1,64}$")
+_PRIVACY_KEY = re.compile(r"^[a-z0-9_.]{1,64}$")
 _PRINTABLE = re.compile(r"^[\x20-\x7e]*$")
 
 
@@ -198,7 +198,7 @@ def validate_privacy_section(section: Any) -> dict[str, Any]:
                 raise ValueError(f"{path}: more than {MAX_PRIVACY_ITEMS} keys")
             for k, v in node.items():
                 if not isinstance(k, str) or not _PRIVACY_KEY.fullmatch(k):
-                    raise ValueError(f"{path}: keys are snake_case names (a-z, 0-9, _), at most 64 characters")
+                    raise ValueError(f"{path}: keys are snake_case names (a-z, 0-9, _ and .), at most 64 characters")
                 walk(v, f"{path}.{k}", depth + 1)
         elif isinstance(node, list):
             if len(node) > MAX_PRIVACY_ITEMS:

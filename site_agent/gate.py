@@ -11,8 +11,9 @@ from pathlib import Path
 from privdistill.errors import PrivacyPolicyError, ShardVerificationError
 from privdistill.identity import load_private_key, public_key_b64
 from privdistill.pipeline import KEPT_FILE, open_filtered_set
+from privdistill.prompts import check_prompts
 from privdistill.shard import ID_PATTERN, MANIFEST, Manifest, sample_members, sha256_bytes, sha256_path, \
-    verify_shard_dir, words_outside
+    verify_shard_dir
 from privdistill.stages import STAGE_FILE, sha256_file
 from site_agent.audit import audit
 from site_agent.config import SiteConfig, vocabulary
@@ -156,11 +157,18 @@ def _check_content(workdir: Path, shard_id: str, manifest: Manifest, cfg: SiteCo
         raise ShardVerificationError(f"{shard_id} does not hold exactly the filter's kept synthetic images; "
                                      "re-package with `privdistill-site run`", "content_mismatch")
     vocab = set(vocabulary(cfg, kept.class_names))
-    if (kept.prompts is not None and words_outside(kept.prompts, vocab)) or \
-            set(manifest.conditioning.vocabulary) - vocab:
+    if set(manifest.conditioning.vocabulary) - vocab:
         raise ShardVerificationError(
-            f"{shard_id}'s prompts use words outside the allow-listed vocabulary (data.prompt_template, class "
-            "names, site.vocabulary_extra); prompts must never carry report text or names", "prompt_outside_vocabulary")
+            f"{shard_id}'s manifest declares prompt words outside the allow-listed vocabulary (data.prompt_template, "
+            "class names, site.vocabulary_extra)", "prompt_outside_vocabulary")
+    if kept.prompts is not None:
+        try:
+            check_prompts(kept.prompts, vocab)
+        except ShardVerificationError as err:
+            raise ShardVerificationError(
+                f"{shard_id}: {err} (allowed: ASCII letters, digits, spaces and - , . ' ( ), and only words of "
+                "data.prompt_template, the class names and site.vocabulary_extra); prompts must never carry report "
+                "text or names", err.reason) from None
 
 
 def exportable(workdir: Path, *, for_federation: bool = False) -> list[str]:
