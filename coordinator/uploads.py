@@ -17,6 +17,7 @@ from privdistill.errors import ShardVerificationError
 from privdistill.shard import Manifest, parse_manifest, verify_manifest_signature, verify_tar
 
 from coordinator import store
+from coordinator.acceptance import Acceptance, AcceptanceUnavailable, check_manifest, load_acceptance
 from coordinator.audit import AuditLog
 from coordinator.config import CoordinatorConfig
 from coordinator.ledger import Ledger, UploadRow
@@ -45,6 +46,13 @@ class Uploads:
     def _lock(self, upload_id: str) -> threading.Lock:
         return self._locks[zlib.crc32(upload_id.encode()) % LOCK_STRIPES]
 
+    def _acceptance(self) -> Acceptance:
+        try:
+            return load_acceptance(self.config)
+        except AcceptanceUnavailable as err:
+            log.error("training_config_unreadable", path=str(self.config.training_config))
+            raise ApiError(503, "coordinator_misconfigured", f"{err}; retry later") from None
+
     def _refuse_shard(self, site: str, sha: str | None, status: int, err: ShardVerificationError) -> ApiError:
         self.metrics.shards_rejected.labels(reason=err.reason).inc()
         self.ledger.record_event("rejected", site=site, shard_sha256=sha, reason=err.reason)
@@ -71,6 +79,7 @@ class Uploads:
             if manifest.site_id != site:
                 raise ShardVerificationError(f"manifest is for site {manifest.site_id!r} but the request is signed "
                                              f"by {site!r}; a site uploads only its own shards", "site_mismatch")
+            check_manifest(manifest, self._acceptance(), self.ledger)  # before any byte is stored
         except ShardVerificationError as err:
             raise self._refuse_shard(site, None, 422, err) from None
         sha = manifest.tar_sha256
@@ -174,8 +183,10 @@ class Uploads:
         part = store.staging_path(self.state_dir, row.id)
         manifest_bytes = row.manifest.encode()
         manifest: Manifest = parse_manifest(manifest_bytes)
+        acceptance = self._acceptance()  # unreadable config: 503, the bytes stay staged for a retry
         try:
-            verify_tar(part, manifest)
+            check_manifest(manifest, acceptance, self.ledger)
+            verify_tar(part, manifest, vocabulary=acceptance.vocabulary)  # the coordinator's words, not the manifest's
         except ShardVerificationError as err:
             self.ledger.reject(row.id, err.reason)
             part.unlink(missing_ok=True)
