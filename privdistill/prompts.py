@@ -1,5 +1,5 @@
 """The prompt allow-list: what a prompt (or a class name) leaving a site may contain. A prompt is read
-the way the text encoder's tokenizer reads it (NFKC, case fold, Unicode-aware word split), every
+the way the text encoder's tokenizer reads it (NFKC, lower-casing, Unicode-aware word split), every
 character must come from a small ASCII set, and every word must be in a vocabulary. Used by the
 packager, the site's export gate and the coordinator (with its own vocabulary); no torch import."""
 
@@ -22,8 +22,9 @@ _PIECE = re.compile(r"\w+|[^\w\s]+")
 
 
 def normalize(text: str) -> str:
-    """What the tokenizer sees: NFKC, then case folding."""
-    return unicodedata.normalize("NFKC", text).casefold()
+    """What the tokenizer sees: NFKC, then Unicode lower-casing (the tokenizer's Lowercase normalizer; on the
+    allowed ASCII set this equals case folding)."""
+    return unicodedata.normalize("NFKC", text).lower()
 
 
 def pieces(text: str) -> list[str]:

@@ -386,3 +386,63 @@ def test_refuses_a_shard_whose_signature_is_not_this_sites_key(site: Site) -> No
     other = identity.generate_key()
     identity.save_private_key(other, site.cfg.site.key_file)
     assert_refused(site, sid, ShardVerificationError, "bad_manifest_signature")
+
+
+# ----------------------------------------------------------------------------- prompts in any script
+def _craft_registered_shard(s: Site, kept: ImageSet, sid: str) -> Path:
+    """An insider's shard that skipped the packager's checks: canonical tar, manifest signed with the site key,
+    registered as approved with this work directory's provenance."""
+    from privdistill.shard import Conditioning, sample_members, sha256_bytes
+    from privdistill.shard_content import write_canonical_tar
+
+    out = s.workdir / "shards" / sid
+    out.mkdir(parents=True)
+    members = sample_members(kept, sid)
+    with open(out / SHARD_TAR, "wb") as fh:
+        write_canonical_tar(members, fh)
+    m = Manifest(site_id="site-a", shard_id=sid, created="2025-01-01T00:00:00+00:00", software_version="x",
+                 config_hash="ab" * 32, sample_count=len(kept), tar_sha256=sha256_path(out / SHARD_TAR),
+                 tar_size=(out / SHARD_TAR).stat().st_size, resolution=28, channels=1,
+                 members={n: sha256_bytes(d) for n, d in members},
+                 conditioning=Conditioning(type="text", class_names=CLASSES,
+                                           vocabulary=prompt_vocabulary(TEMPLATE, CLASSES)),
+                 privacy=filter_report(len(kept), 12) | {"kept_memorization_rate": 0.0})
+    body = m.to_bytes()
+    (out / MANIFEST).write_bytes(body)
+    (out / SIGNATURE).write_text(identity.sign(s.key, body) + "\n")
+    SiteState(s.workdir).register(
+        shard_id=sid, site_id="site-a", dir=out, state="approved", policy={"passed": True, "failed": []},
+        manifest_sha256=sha256_path(out / MANIFEST), tar_sha256=m.tar_sha256, sample_count=m.sample_count,
+        filter_record_sha256=sha256_file(s.workdir / "filter" / STAGE_FILE),
+        kept_sha256=sha256_file(s.workdir / "filter" / KEPT_FILE), workdir_id=workdir_id(s.workdir, create=True))
+    return out
+
+
+def test_prompts_in_other_scripts_and_forms_are_refused_at_packaging_and_at_the_gate(site: Site) -> None:
+    from test_coordinator_content import LEAKS
+
+    kept = ImageSet.load(site.workdir / "filter" / KEPT_FILE)
+    for i, (case, leak) in enumerate(sorted(LEAKS.items())):
+        leaked = ImageSet(kept.images, labels=kept.labels, class_names=kept.class_names,
+                          prompts=[leak if j == 1 else p for j, p in enumerate(kept.prompts)])
+        _stage(site.workdir, "filter", {KEPT_FILE: leaked, "privacy_report.json": filter_report(len(kept), 12)},
+               force=True)
+        with pytest.raises(PrivacyPolicyError, match="prompt_disallowed_character") as err:
+            site.package()
+        assert leak not in str(err.value), case
+        assert not (site.workdir / "shards").exists() or not any((site.workdir / "shards").iterdir()), case
+        # an insider writes and registers the shard anyway: the gate refuses it before anything is sent
+        sid = f"site-a-leak{i:02d}"
+        _craft_registered_shard(site, leaked, sid)
+        assert_refused(site, sid, ShardVerificationError, "prompt_disallowed_character")
+        shutil.rmtree(site.workdir / "shards" / sid)
+    assert leak not in (site.workdir / "audit.log").read_text()
+    assert [r["event"] for r in read_audit(site.workdir)] == ["export_refused"] * len(LEAKS)
+
+
+def test_a_non_ascii_extra_vocabulary_word_is_a_config_error(tmp_path: Path, reid_src: Path) -> None:
+    from privdistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="one lowercase ASCII word") as err:
+        make_site(tmp_path / "s", reid_src, extra={"vocabulary_extra": ["left", "иванов"]})
+    assert "иванов" not in str(err.value)
