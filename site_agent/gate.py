@@ -18,6 +18,7 @@ from privdistill.stages import STAGE_FILE, sha256_file
 from site_agent.audit import audit
 from site_agent.config import SiteConfig, vocabulary
 from site_agent.package import SHARD_FILES, evaluate_policy, shard_root
+from site_agent.records import verify_shard_stages
 from site_agent.state import ShardRow, SiteState, workdir_id
 
 
@@ -84,6 +85,7 @@ def _check(workdir: Path, ref: str | Path, cfg: SiteConfig, target: _Target, for
     _check_state(row, cfg, for_federation)
     _check_provenance(workdir, row)
     manifest = _check_files(shard_dir, row, cfg)
+    _check_records(workdir, row, cfg)
     _check_content(workdir, shard_id, manifest, cfg)
     verdict = evaluate_policy(manifest.privacy, cfg.site.policy)
     if not verdict["passed"]:
@@ -127,6 +129,14 @@ def _check_provenance(workdir: Path, row: ShardRow) -> None:
             (sha256_file(rec), sha256_file(kept)) != (row.filter_record_sha256, row.kept_sha256):
         raise _refuse("stale_filter", f"the filter stage changed since {sid} was packaged; run "
                                       "`privdistill-site run` to package (and then approve) a fresh shard")
+
+
+def _check_records(workdir: Path, row: ShardRow, cfg: SiteConfig) -> None:
+    """The stage records the gate relies on were written by this agent (MAC'd with a key from the site key)."""
+    try:
+        verify_shard_stages(workdir, load_private_key(cfg.site.key_file))
+    except PrivacyPolicyError as err:
+        raise _refuse("unauthenticated_stage", f"{row.shard_id}: {err}") from None
 
 
 def _check_files(shard_dir: Path, row: ShardRow, cfg: SiteConfig) -> Manifest:

@@ -22,6 +22,7 @@ from privdistill.shard import MANIFEST, SHARD_TAR, SIGNATURE, sha256_path, verif
 from privdistill.stages import STAGE_FILE, Stage, StageContext, read_record, sha256_file
 from site_agent.audit import audit
 from site_agent.config import PolicyConfig, SiteConfig, shard_config_hash, vocabulary
+from site_agent.records import verify_shard_stages
 from site_agent.state import SiteState, workdir_id
 
 log = structlog.get_logger(__name__)
@@ -121,6 +122,7 @@ def build_package_stage(cfg: SiteConfig, workdir: Path, *, key: Ed25519PrivateKe
 
 
 def package(cfg: SiteConfig, ctx: StageContext, *, key: Ed25519PrivateKey) -> dict[str, Any]:
+    verify_shard_stages(ctx.workdir, key)  # only stages this agent ran (records MAC'd with the site key)
     filter_dir = ctx.input("filter")
     kept = open_filtered_set(filter_dir)  # refuses anything but the filter's recorded, patient-id-free output
     vocab = vocabulary(cfg, kept.class_names)
