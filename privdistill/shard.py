@@ -207,7 +207,7 @@ def write_shard(
             software_version=__version__, config_hash=config_hash, sample_count=len(kept),
             tar_sha256=sha256_path(tmp / SHARD_TAR), tar_size=(tmp / SHARD_TAR).stat().st_size,
             resolution=width, channels=channels, members={name: sha256_bytes(data) for name, data in members},
-            conditioning=Conditioning(type=cond_type, class_names=list(kept.class_names), vocabulary=vocab),
+            conditioning={"type": cond_type, "class_names": list(kept.class_names), "vocabulary": vocab},
             privacy=privacy,
         )
         body = manifest.to_bytes()

@@ -164,3 +164,61 @@ def test_private_key_file_is_0600_and_loose_modes_are_refused(tmp_path: Path) ->
     path.chmod(0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
         identity.load_private_key(path)
+
+
+@pytest.mark.parametrize(("privacy", "why"), [
+    ({"a": {"b": {"c": {"d": 1}}}}, "deeper than 4"),
+    ({"note": "x" * 201}, "short printable ASCII"),
+    ({"note": "Иванов"}, "short printable ASCII"),
+    ({f"s{i}": "x" for i in range(33)}, "short printable ASCII"),
+    ({"Patient Name": 1}, "snake_case"),
+    ({"blob": list(range(65))}, "more than 64 items"),
+    ({"blob": [[0.123456789] * 60] * 60}, "bytes"),
+    ({"kept": object()}, "only numbers"),
+])
+def test_the_privacy_section_is_bounded(privacy: dict, why: str) -> None:
+    from privdistill.shard_content import validate_privacy_section
+
+    with pytest.raises(ValueError, match=why):
+        validate_privacy_section(privacy)
+
+
+def test_a_manifest_with_an_unbounded_privacy_section_is_malformed(tmp_path: Path) -> None:
+    manifest = _write(tmp_path, _kept(n=1), identity.generate_key())
+    body = manifest.model_dump(mode="json")
+    body["privacy"]["free_text"] = "x" * 300
+    with pytest.raises(ShardVerificationError) as err:
+        shard.parse_manifest(json.dumps(body).encode())
+    assert err.value.reason == "malformed_manifest" and "privacy" in str(err.value)
+    with pytest.raises(ShardVerificationError) as err:  # the packager refuses to write it in the first place
+        shard.write_shard(_kept(n=1), tmp_path / "t", site_id="site-a", shard_id="site-a-1", config_hash="ab" * 32,
+                          privacy={"deep": {"a": {"b": {"c": 1}}}}, key=identity.generate_key())
+    assert err.value.reason == "malformed_manifest" and not (tmp_path / "t").exists()
+
+
+def test_the_packager_writes_canonical_shards_the_verifier_accepts(tmp_path: Path) -> None:
+    from privdistill.shard_content import check_png
+
+    key = identity.generate_key()
+    kept = _kept(n=3, prompts=True)
+    m = _write(tmp_path, kept, key)
+    assert (m.resolution, m.channels, m.format) == (8, 1, "privdistill-shard/2")
+    with tarfile.open(tmp_path / "s" / shard.SHARD_TAR) as tar:
+        infos = tar.getmembers()
+        assert [i.name for i in infos] == [f"site-a-000000000001_{i:06d}.{e}" for i in range(3) for e in ("png", "json")]
+        assert {(i.uname, i.gname, i.mode, i.mtime, i.uid, i.gid) for i in infos} == {("", "", 0o644, 0, 0, 0)}
+        check_png("x.png", tar.extractfile(infos[0]).read(), resolution=8, channels=1)
+    rgb = ImageSet(images=np.zeros((2, 3, 8, 8), np.float32), labels=np.array([0, 1]), class_names=["a", "b"])
+    m3 = shard.write_shard(rgb, tmp_path / "rgb", site_id="site-a", shard_id="rgb", config_hash="ab" * 32,
+                           privacy={}, key=key)
+    shard.verify_shard_dir(tmp_path / "rgb", identity.public_key_b64(key))
+    assert (m3.resolution, m3.channels) == (8, 3)
+
+
+def test_class_names_outside_the_character_set_are_not_packaged(tmp_path: Path) -> None:
+    kept = _kept(n=2)
+    kept.class_names = ["Trouser", "Иванов", "Bag"]
+    with pytest.raises(ShardVerificationError) as err:
+        _write(tmp_path, kept, identity.generate_key())
+    assert err.value.reason == "malformed_manifest" and "class name 2" in str(err.value)
+    assert "Иванов" not in str(err.value) and not (tmp_path / "s").exists()
