@@ -70,7 +70,7 @@ def prompt_problem(prompt: object, vocabulary: Iterable[str]) -> tuple[str, str]
     problem = character_problem(prompt)  # type: ignore[arg-type]
     if problem is not None:
         return "prompt_disallowed_character", f"a prompt {problem}"
-    allowed = set(vocabulary)
+    allowed = vocabulary if isinstance(vocabulary, (set, frozenset)) else set(vocabulary)
     outside = sorted({w for w in words(prompt) if w not in allowed})  # type: ignore[arg-type]
     if outside:
         return "prompt_outside_vocabulary", (f"a prompt uses {len(outside)} word(s) outside the allow-listed "

@@ -47,32 +47,32 @@ def canonical_info(name: str, size: int) -> tarfile.TarInfo:
 
 def write_canonical_tar(members: list[tuple[str, bytes]], fileobj: BinaryIO) -> None:
     """Write ``members`` in order as a ustar archive with canonical headers (what the packager ships)."""
-    with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT, encoding="utf-8") as tar:
         for name, data in members:
             tar.addfile(canonical_info(name, len(data)), io.BytesIO(data))
 
 
 class CanonicalTar:
-    """Re-serialises members as they are read; ``finish`` compares the result with the shard's hash and size."""
+    """Hashes the canonical serialisation of the members as they are read (ustar headers from ``canonical_info``,
+    data padded to 512 bytes, two zero blocks, zero padding to tarfile's record size: byte for byte what
+    ``write_canonical_tar`` writes); ``finish`` compares it with the shard's hash and size."""
 
     def __init__(self) -> None:
         self._hash = hashlib.sha256()
         self._size = 0
-        self._tar = tarfile.open(fileobj=self, mode="w", format=tarfile.USTAR_FORMAT)  # type: ignore[call-overload]
 
-    def write(self, data: bytes) -> int:
+    def _write(self, data: bytes) -> None:
         self._hash.update(data)
         self._size += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self._size
 
     def add(self, name: str, data: bytes) -> None:
-        self._tar.addfile(canonical_info(name, len(data)), io.BytesIO(data))
+        self._write(canonical_info(name, len(data)).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+        self._write(data)
+        self._write(b"\0" * (-len(data) % tarfile.BLOCKSIZE))
 
     def finish(self, tar_sha256: str, tar_size: int) -> None:
-        self._tar.close()
+        self._write(b"\0" * (2 * tarfile.BLOCKSIZE))
+        self._write(b"\0" * (-self._size % tarfile.RECORDSIZE))
         if (self._hash.hexdigest(), self._size) != (tar_sha256, tar_size):
             raise _bad(f"the tar is not in canonical form ({tar_size} bytes; its members re-serialised "
                        f"canonically are {self._size}): headers with user/group names, modes, times or "
