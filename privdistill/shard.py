@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from privdistill import __version__
 from privdistill.data.types import ImageSet
@@ -73,6 +73,14 @@ class Conditioning(BaseModel):
             raise ValueError(f"{bad} entr(y/ies) are not one lowercase ASCII word each")
         return v
 
+    @model_validator(mode="after")
+    def _fits_type(self) -> Conditioning:
+        if self.type != "text" and self.vocabulary:
+            raise ValueError(f"a {self.type!r}-conditioned shard carries no prompt vocabulary")
+        if self.type == "none" and self.class_names:
+            raise ValueError("an unconditioned shard carries no class names")
+        return self
+
 
 class Manifest(BaseModel):
     """Everything the coordinator needs to verify a shard; aggregate numbers only, nothing per image."""
@@ -82,8 +90,8 @@ class Manifest(BaseModel):
     format: Literal["privdistill-shard/2"] = FORMAT
     site_id: str = Field(pattern=ID_PATTERN)
     shard_id: str = Field(pattern=ID_PATTERN)
-    created: str
-    software_version: str
+    created: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(Z|[+-]\d{2}:\d{2})$")  # no free text
+    software_version: str = Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,39}$")
     config_hash: str = Field(pattern=_HEX64)
     sample_count: int = Field(ge=1, le=MAX_MEMBERS // 2)
     tar_sha256: str = Field(pattern=_HEX64)
@@ -207,7 +215,8 @@ def write_shard(
             software_version=__version__, config_hash=config_hash, sample_count=len(kept),
             tar_sha256=sha256_path(tmp / SHARD_TAR), tar_size=(tmp / SHARD_TAR).stat().st_size,
             resolution=width, channels=channels, members={name: sha256_bytes(data) for name, data in members},
-            conditioning={"type": cond_type, "class_names": list(kept.class_names), "vocabulary": vocab},
+            conditioning={"type": cond_type, "class_names": list(kept.class_names) if cond_type != "none" else [],
+                          "vocabulary": vocab if cond_type == "text" else []},
             privacy=privacy,
         )
         body = manifest.to_bytes()

@@ -101,7 +101,7 @@ def test_tar_with_duplicate_member_is_refused(tmp_path: Path) -> None:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     manifest = shard.Manifest(
-        site_id="a", shard_id="k", created="x", software_version="0", config_hash="0" * 64, sample_count=1,
+        site_id="a", shard_id="k", created="2025-01-01T00:00:00Z", software_version="0", config_hash="0" * 64, sample_count=1,
         tar_sha256=shard.sha256_path(tar_path), tar_size=tar_path.stat().st_size, resolution=8, channels=1,
         members={n: shard.sha256_bytes(d) for n, d in members},
         conditioning=shard.Conditioning(type="class", class_names=kept.class_names), privacy={},
@@ -222,3 +222,18 @@ def test_class_names_outside_the_character_set_are_not_packaged(tmp_path: Path) 
         _write(tmp_path, kept, identity.generate_key())
     assert err.value.reason == "malformed_manifest" and "class name 2" in str(err.value)
     assert "Иванов" not in str(err.value) and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("created", "2025-01-01 Ivanov Ivan"),
+    ("software_version", "0.1 John Smith"),
+    ("conditioning", {"type": "class", "class_names": ["Trouser", "Sneaker", "Bag"], "vocabulary": ["john", "smith"]}),
+    ("conditioning", {"type": "none", "class_names": ["John Smith"]}),
+])
+def test_manifest_fields_carry_no_free_text(tmp_path: Path, field: str, value: object) -> None:
+    manifest = _write(tmp_path, _kept(n=1), identity.generate_key())
+    body = manifest.model_dump(mode="json") | {field: value}
+    with pytest.raises(ShardVerificationError) as err:
+        shard.parse_manifest(json.dumps(body).encode())
+    assert err.value.reason == "malformed_manifest" and field in str(err.value)
+    assert "Ivanov" not in str(err.value) and "John" not in str(err.value)
