@@ -216,7 +216,10 @@ class Uploads:
                 counts["orphan_parts"] += 1
         for row in open_rows.values():
             with self._lock(row.id):
-                self._sync(row)
+                try:
+                    self._sync(row)
+                except ApiError as err:  # e.g. an unreadable training config: finished on the next request
+                    log.warning("reconcile_deferred", upload_id=row.id, reason=err.reason)
             counts["open"] += 1
         log.info("staging_reconciled", **counts)
         return counts
