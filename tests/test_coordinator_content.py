@@ -173,3 +173,25 @@ def test_an_unreadable_training_config_refuses_uploads(tmp_path, key) -> None:
     with TestClient(app) as client:
         assert upload(app, client, key, tar, manifest, sig) == (503, "coordinator_misconfigured")
     assert_nothing_stored(app)
+
+
+def test_an_upload_finished_while_the_training_config_is_unreadable_waits_for_it(tmp_path, key) -> None:
+    from test_coordinator_api import call
+
+    app = make_app(tmp_path, training())
+    app.state.ledger.add_site(A, public_key_b64(key))
+    tar, manifest, sig = crafted_text_shard(key, ["an image of a bag"], VOCAB)
+    good = (tmp_path / "training.yaml").read_text()
+    with TestClient(app) as client:
+        up = start(client, key, A, manifest, sig).json()["upload_id"]
+        head = len(tar) - CHUNK
+        send_all(client, key, A, up, tar[:head])
+        (tmp_path / "training.yaml").write_text("resolution: [broken\n")
+        r = call(client, key, A, "PATCH", f"/v1/uploads/{up}", tar[head:],
+                 {"Upload-Offset": str(head), "Content-Type": "application/offset+octet-stream"})
+        assert (r.status_code, r.json()["error"]) == (503, "coordinator_misconfigured")
+        assert app.state.uploads.reconcile()["open"] == 1  # a restart does not fail on it
+        assert app.state.ledger.accepted_shards() == []
+        (tmp_path / "training.yaml").write_text(good)
+        got = call(client, key, A, "GET", f"/v1/uploads/{up}").json()
+    assert got["state"] == "accepted" and len(app.state.ledger.accepted_shards()) == 1
