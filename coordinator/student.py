@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import structlog
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from privdistill.config import (
     DataConfig, DiffusionConfig, SampleConfig, Source, _format_pydantic, _source_paths, latent_problems, read_yaml,
@@ -116,6 +116,19 @@ class TrainingConfig(_Strict):
     evaluation: EvaluationConfig = EvaluationConfig()
     release: ReleasePolicy = ReleasePolicy()
     federated: FederatedConfig = FederatedConfig()
+    # the prompt words a text-conditioned shard may use: the coordinator checks every prompt it receives against
+    # THIS list (never the one a manifest declares); empty = text-conditioned shards are refused
+    vocabulary: list[str] = Field(default_factory=list, max_length=10_000)
+
+    @field_validator("vocabulary")
+    @classmethod
+    def _vocabulary(cls, v: list[str]) -> list[str]:
+        from privdistill.prompts import is_vocabulary_word
+
+        bad = [i + 1 for i, w in enumerate(v) if not is_vocabulary_word(w)]
+        if bad:
+            raise ValueError(f"entries {bad[:10]}: each entry is one lowercase ASCII word (letters/digits)")
+        return v
 
     def reference_data(self) -> DataConfig | None:
         ref = self.evaluation.reference

@@ -20,6 +20,7 @@ from privdistill.errors import ShardVerificationError
 from privdistill.shard import Manifest, parse_manifest, verify_manifest_signature, verify_tar
 
 from coordinator import store
+from coordinator.acceptance import Acceptance, AcceptanceUnavailable, check_manifest, load_acceptance
 from coordinator.audit import AuditLog
 from coordinator.config import CoordinatorConfig
 from coordinator.ledger import Ledger, QuotaExceeded, UploadRow
@@ -55,6 +56,13 @@ class Uploads:
     def _lock(self, upload_id: str) -> threading.Lock:
         return self._locks[zlib.crc32(upload_id.encode()) % LOCK_STRIPES]
 
+    def _acceptance(self) -> Acceptance:
+        try:
+            return load_acceptance(self.config)
+        except AcceptanceUnavailable as err:
+            log.error("training_config_unreadable", path=str(self.config.training_config))
+            raise ApiError(503, "coordinator_misconfigured", f"{err}; retry later") from None
+
     def _refuse_shard(self, site: str, sha: str | None, status: int, err: ShardVerificationError) -> ApiError:
         self.metrics.shards_rejected.labels(reason=err.reason).inc()
         self.ledger.record_event("rejected", site=site, shard_sha256=sha, reason=err.reason)
@@ -81,6 +89,7 @@ class Uploads:
             if manifest.site_id != site:
                 raise ShardVerificationError(f"manifest is for site {manifest.site_id!r} but the request is signed "
                                              f"by {site!r}; a site uploads only its own shards", "site_mismatch")
+            check_manifest(manifest, self._acceptance(), self.ledger)  # before any byte is stored
         except ShardVerificationError as err:
             raise self._refuse_shard(site, None, 422, err) from None
         sha = manifest.tar_sha256
@@ -193,8 +202,10 @@ class Uploads:
         part = store.staging_path(self.state_dir, row.id)
         manifest_bytes = row.manifest.encode()
         manifest: Manifest = parse_manifest(manifest_bytes)
+        acceptance = self._acceptance()  # unreadable config: 503, the bytes stay staged for a retry
         try:
-            verify_tar(part, manifest)
+            check_manifest(manifest, acceptance, self.ledger)
+            verify_tar(part, manifest, vocabulary=acceptance.vocabulary)  # the coordinator's words, not the manifest's
         except ShardVerificationError as err:
             self.ledger.reject(row.id, err.reason)
             part.unlink(missing_ok=True)
@@ -249,7 +260,10 @@ class Uploads:
                 counts["orphan_parts"] += 1
         for row in open_rows.values():
             with self._lock(row.id):
-                self._sync(row)
+                try:
+                    self._sync(row)
+                except ApiError as err:  # e.g. an unreadable training config: finished on the next request
+                    log.warning("reconcile_deferred", upload_id=row.id, reason=err.reason)
             counts["open"] += 1
         counts.update(self.housekeeping(force=True))
         log.info("staging_reconciled", **counts)

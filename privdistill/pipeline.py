@@ -268,16 +268,18 @@ def build_stage(cfg: RunConfig, name: str) -> Stage:
 
 
 def run_pipeline(
-    cfg: RunConfig, workdir: Path, *, stages: list[str] | None = None, force: bool = False
+    cfg: RunConfig, workdir: Path, *, stages: list[str] | None = None, force: bool = False,
+    record_key: bytes | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Run the given stages (default: all) in order; unchanged stages are skipped."""
+    """Run the given stages (default: all) in order; unchanged stages are skipped. ``record_key``: stage records
+    are authenticated with it (privdistill.stages.run_stage)."""
     workdir = Path(workdir)
     built = [build_stage(cfg, name) for name in stages or list(STAGES)]
     records = {}
     with workdir_lock(workdir):
         atomic_write_json(workdir / "config.resolved.json", cfg.model_dump(mode="json"))
         for stage in built:
-            records[stage.name] = run_stage(stage, workdir, force=force)
+            records[stage.name] = run_stage(stage, workdir, force=force, record_key=record_key)
         if "evaluate" in records:
             for fname in ("report.json", "report.html"):
                 src = workdir / "evaluate" / fname

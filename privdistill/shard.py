@@ -12,38 +12,74 @@ import re
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from privdistill import __version__
 from privdistill.data.types import ImageSet
 from privdistill.errors import ShardVerificationError
 from privdistill.identity import sign, verify
+from privdistill.prompts import words_outside  # noqa: F401 - the packager and gate import it from here
+from privdistill.prompts import MAX_NAME_CHARS, character_problem, check_prompts, is_vocabulary_word, \
+    vocabulary_from, words
+from privdistill.shard_content import PNG_MAGIC, SAMPLE_KEYS  # noqa: F401 - part of the wire format
+from privdistill.shard_content import CanonicalTar, check_png, check_sample_json, sample_json, \
+    validate_privacy_section, write_canonical_tar
 
-FORMAT = "privdistill-shard/1"
+FORMAT = "privdistill-shard/2"
 SHARD_TAR, MANIFEST, SIGNATURE = "shard.tar", "manifest.json", "manifest.sig"
 MAX_MEMBER_BYTES = 4 << 20
 MAX_MEMBERS = 400_000
 MAX_MANIFEST_BYTES = 64 << 20
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-SAMPLE_KEYS = {"sample_id", "label", "class_name", "prompt"}
+MAX_CLASSES = 1000
+MAX_VOCABULARY = 10_000
+MAX_RESOLUTION = 1024
 ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 _HEX64 = r"^[0-9a-f]{64}$"
-_TOKEN = re.compile(r"[a-z0-9]+")
+
+# the manifest's privacy section check; the typed privacy-report model replaces it (one assignment)
+PRIVACY_VALIDATOR: Callable[[Any], dict[str, Any]] = validate_privacy_section
 
 
 class Conditioning(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: Literal["class", "text", "none"]
-    class_names: list[str] = Field(default_factory=list)
-    vocabulary: list[str] = Field(default_factory=list)  # allow-listed prompt tokens (text only)
+    class_names: list[str] = Field(default_factory=list, max_length=MAX_CLASSES)
+    vocabulary: list[str] = Field(default_factory=list, max_length=MAX_VOCABULARY)  # prompt words (text only)
+
+    @field_validator("class_names")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        for i, name in enumerate(v):
+            problem = character_problem(name, limit=MAX_NAME_CHARS)
+            if problem is not None:
+                raise ValueError(f"class name {i + 1} {problem}")
+        if len(set(v)) != len(v):
+            raise ValueError("class names repeat")
+        return v
+
+    @field_validator("vocabulary")
+    @classmethod
+    def _vocabulary(cls, v: list[str]) -> list[str]:
+        bad = sum(not is_vocabulary_word(w) for w in v)
+        if bad:
+            raise ValueError(f"{bad} entr(y/ies) are not one lowercase ASCII word each")
+        return v
+
+    @model_validator(mode="after")
+    def _fits_type(self) -> Conditioning:
+        if self.type != "text" and self.vocabulary:
+            raise ValueError(f"a {self.type!r}-conditioned shard carries no prompt vocabulary")
+        if self.type == "none" and self.class_names:
+            raise ValueError("an unconditioned shard carries no class names")
+        return self
 
 
 class Manifest(BaseModel):
@@ -51,18 +87,25 @@ class Manifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format: Literal["privdistill-shard/1"] = FORMAT
+    format: Literal["privdistill-shard/2"] = FORMAT
     site_id: str = Field(pattern=ID_PATTERN)
     shard_id: str = Field(pattern=ID_PATTERN)
-    created: str
-    software_version: str
+    created: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(Z|[+-]\d{2}:\d{2})$")  # no free text
+    software_version: str = Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,39}$")
     config_hash: str = Field(pattern=_HEX64)
     sample_count: int = Field(ge=1, le=MAX_MEMBERS // 2)
     tar_sha256: str = Field(pattern=_HEX64)
     tar_size: int = Field(ge=1)
+    resolution: int = Field(ge=1, le=MAX_RESOLUTION)  # every image is resolution x resolution
+    channels: Literal[1, 3]
     members: dict[str, str]
     conditioning: Conditioning
     privacy: dict[str, Any]
+
+    @field_validator("privacy")
+    @classmethod
+    def _privacy(cls, v: Any) -> dict[str, Any]:
+        return PRIVACY_VALIDATOR(v)
 
     def to_bytes(self) -> bytes:
         """The canonical bytes that are signed and shipped."""
@@ -92,46 +135,39 @@ def decode_png(data: bytes, channels: int = 1) -> np.ndarray:
 
 
 def tokens(text: str) -> list[str]:
-    return _TOKEN.findall(text.lower())
+    """The words of ``text`` as the tokenizer reads them (privdistill.prompts.words)."""
+    return words(text)
 
 
 def prompt_vocabulary(template: str | None, class_names: list[str], extra: Iterable[str] = ()) -> list[str]:
-    """The allow-list of prompt tokens: the template's fixed words, the class names and ``extra``."""
-    words = set(tokens((template or "").replace("{label}", " "))) | set(extra)
-    for name in class_names:
-        words.update(tokens(name))
-    return sorted(words)
-
-
-def words_outside(prompts: Iterable[str], vocabulary: Iterable[str]) -> list[str]:
-    """Tokens of ``prompts`` that the allow-listed vocabulary does not contain (sorted, unique)."""
-    allowed = set(vocabulary)
-    return sorted({t for p in prompts for t in tokens(p) if t not in allowed})
+    """The allow-list of prompt words: the template's fixed words, the class names and ``extra``."""
+    return vocabulary_from(template, class_names, extra)
 
 
 def sample_members(kept: ImageSet, shard_id: str) -> list[tuple[str, bytes]]:
     """The tar members for ``kept`` in shard order: ``{key}.png`` then ``{key}.json`` per sample."""
     members = []
     for i in range(len(kept)):
-        key = f"{shard_id}_{i:06d}"
+        key = sample_key(shard_id, i)
         label = None if kept.labels is None else int(kept.labels[i])
         meta = {
-            "sample_id": key,
+            "key": key,
             "label": label,
             "class_name": None if label is None or not kept.class_names else kept.class_names[label],
             "prompt": None if kept.prompts is None else kept.prompts[i],
         }
         members.append((f"{key}.png", encode_png(kept.images[i])))
-        members.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
+        members.append((f"{key}.json", sample_json(**meta)))
     return members
 
 
+def sample_key(shard_id: str, index: int) -> str:
+    return f"{shard_id}_{index:06d}"
+
+
 def _write_tar(members: list[tuple[str, bytes]], path: Path) -> None:
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
-            tar.addfile(info, io.BytesIO(data))
+    with open(path, "wb") as fh:
+        write_canonical_tar(members, fh)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -161,10 +197,11 @@ def write_shard(
     cond_type = "text" if kept.prompts is not None else ("class" if kept.labels is not None else "none")
     vocab = sorted(set(vocabulary or []))
     if kept.prompts is not None:
-        outside = words_outside(kept.prompts, vocab)
-        if outside:
-            raise ShardVerificationError(
-                f"prompts contain {len(outside)} word(s) outside the allow-listed vocabulary", "prompt_outside_vocabulary")
+        check_prompts(kept.prompts, vocab)  # characters first, then words; nothing is written on refusal
+    channels, height, width = (int(d) for d in np.shape(kept.images)[1:4])
+    if height != width or channels not in (1, 3):
+        raise ShardVerificationError(f"images are {channels}x{height}x{width}; a shard holds square 1- or 3-channel "
+                                     "images", "resolution_mismatch")
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise ShardVerificationError(f"{out_dir} already exists; a shard is written once", "shard_exists")
@@ -173,12 +210,13 @@ def write_shard(
     try:
         members = sample_members(kept, shard_id)
         _write_tar(members, tmp / SHARD_TAR)
-        manifest = Manifest(
+        manifest = _manifest(
             site_id=site_id, shard_id=shard_id, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             software_version=__version__, config_hash=config_hash, sample_count=len(kept),
             tar_sha256=sha256_path(tmp / SHARD_TAR), tar_size=(tmp / SHARD_TAR).stat().st_size,
-            members={name: sha256_bytes(data) for name, data in members},
-            conditioning=Conditioning(type=cond_type, class_names=list(kept.class_names), vocabulary=vocab),
+            resolution=width, channels=channels, members={name: sha256_bytes(data) for name, data in members},
+            conditioning={"type": cond_type, "class_names": list(kept.class_names) if cond_type != "none" else [],
+                          "vocabulary": vocab if cond_type == "text" else []},
             privacy=privacy,
         )
         body = manifest.to_bytes()
@@ -191,6 +229,17 @@ def write_shard(
     return manifest
 
 
+def _manifest(**fields: Any) -> Manifest:
+    try:
+        return Manifest(**fields)
+    except ValidationError as err:
+        raise ShardVerificationError(f"refusing to package: {_problems(err)}", "malformed_manifest") from None
+
+
+def _problems(err: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in err.errors()[:5])
+
+
 # ----------------------------------------------------------------------------- verification
 def parse_manifest(data: bytes) -> Manifest:
     if len(data) > MAX_MANIFEST_BYTES:
@@ -198,8 +247,7 @@ def parse_manifest(data: bytes) -> Manifest:
     try:
         manifest = Manifest.model_validate_json(data)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in err.errors()[:5])
-        raise ShardVerificationError(f"malformed manifest: {problems}", "malformed_manifest") from None
+        raise ShardVerificationError(f"malformed manifest: {_problems(err)}", "malformed_manifest") from None
     if len(manifest.members) != 2 * manifest.sample_count:
         raise ShardVerificationError(
             f"manifest lists {len(manifest.members)} members for {manifest.sample_count} samples (expected 2 each)",
@@ -227,47 +275,23 @@ def _check_member_name(name: str) -> None:
                                      "non_png_member")
 
 
-def _check_png(name: str, data: bytes) -> None:
-    from PIL import Image
-
-    if not data.startswith(PNG_MAGIC):
-        raise ShardVerificationError(f"tar member {name!r} is not a PNG image", "non_png_member")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.verify()
-    except Exception as err:  # noqa: BLE001 - PIL raises many types for corrupt files
-        raise ShardVerificationError(f"tar member {name!r} is a corrupt PNG ({err})", "invalid_png") from None
-
-
-def _check_sample_json(name: str, data: bytes, manifest: Manifest) -> None:
-    try:
-        meta = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ShardVerificationError(f"tar member {name!r} is not JSON", "malformed_sample") from None
-    if not isinstance(meta, dict) or set(meta) - SAMPLE_KEYS:
-        raise ShardVerificationError(f"tar member {name!r}: keys allowed are {sorted(SAMPLE_KEYS)}", "malformed_sample")
-    prompt = meta.get("prompt")
-    if prompt is not None:
-        if not isinstance(prompt, str) or words_outside([prompt], manifest.conditioning.vocabulary):
-            raise ShardVerificationError(f"tar member {name!r}: prompt outside the allow-listed vocabulary",
-                                         "prompt_outside_vocabulary")
-    label = meta.get("label")
-    if label is not None and not (isinstance(label, int) and 0 <= label < max(1, len(manifest.conditioning.class_names))):
-        raise ShardVerificationError(f"tar member {name!r}: label {label!r} is not a class index", "malformed_sample")
-
-
-def verify_tar(tar_path: Path, manifest: Manifest) -> None:
-    """Every byte of ``tar_path`` against ``manifest``: size, sha256, member names, types, hashes,
-    the PNG/JSON pairing and the prompt vocabulary. Raises ShardVerificationError with a reason."""
+def verify_tar(tar_path: Path, manifest: Manifest, *, vocabulary: Iterable[str] | None = None) -> None:
+    """Every byte of ``tar_path`` against ``manifest``: size and sha256, then member by member (name, type,
+    order, hash), each PNG's header before any decoding, each sample JSON, each prompt against ``vocabulary``
+    (the verifier's own allow-list; the manifest's only when None), and finally that the tar is exactly its
+    canonical re-serialisation. Raises ShardVerificationError with a reason."""
     tar_path = Path(tar_path)
     if tar_path.stat().st_size != manifest.tar_size:
         raise ShardVerificationError("shard size differs from the manifest", "size_mismatch")
     if sha256_path(tar_path) != manifest.tar_sha256:
         raise ShardVerificationError("shard sha256 differs from the manifest", "hash_mismatch")
+    vocab = frozenset(manifest.conditioning.vocabulary if vocabulary is None else vocabulary)
+    cond = manifest.conditioning
+    canonical = CanonicalTar()
     seen: set[str] = set()
     try:
         with tarfile.open(tar_path, "r:") as tar:
-            for info in tar:
+            for index, info in enumerate(tar):
                 _check_member_name(info.name)
                 if info.name in seen:
                     raise ShardVerificationError(f"duplicate tar member {info.name!r}", "duplicate_member")
@@ -279,19 +303,29 @@ def verify_tar(tar_path: Path, manifest: Manifest) -> None:
                 expected = manifest.members.get(info.name)
                 if expected is None:
                     raise ShardVerificationError(f"tar member {info.name!r} is not in the manifest", "member_set_mismatch")
+                key = sample_key(manifest.shard_id, index // 2)
+                if info.name != f"{key}.{'png' if index % 2 == 0 else 'json'}":
+                    raise ShardVerificationError(
+                        f"tar member {info.name!r} is out of order: member {index + 1} must be {key}.png then "
+                        f"{key}.json", "non_canonical_tar")
                 fh = tar.extractfile(info)
                 data = fh.read() if fh is not None else b""
                 if sha256_bytes(data) != expected:
                     raise ShardVerificationError(f"tar member {info.name!r} hash differs from the manifest", "hash_mismatch")
-                if info.name.endswith(".png"):
-                    _check_png(info.name, data)
+                if index % 2 == 0:
+                    check_png(info.name, data, resolution=manifest.resolution, channels=manifest.channels)
                 else:
-                    _check_sample_json(info.name, data, manifest)
+                    prompt = check_sample_json(info.name, data, key=key, conditioning=cond.type,
+                                               class_names=list(cond.class_names))
+                    if prompt is not None:
+                        check_prompts([prompt], vocab, where=f"tar member {info.name!r}")
+                canonical.add(info.name, data)
     except tarfile.TarError as err:
         raise ShardVerificationError(f"shard is not a readable tar file ({err})", "malformed_tar") from None
     missing = set(manifest.members) - seen
     if missing:
         raise ShardVerificationError(f"{len(missing)} manifest member(s) missing from the tar", "member_set_mismatch")
+    canonical.finish(manifest.tar_sha256, manifest.tar_size)
 
 
 def verify_shard_dir(shard_dir: Path, public_b64: str) -> Manifest:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import hmac
 import json
 import os
 import shutil
@@ -20,11 +21,12 @@ import structlog
 
 from privdistill import __version__
 from privdistill.config import config_hash
-from privdistill.errors import StageError
+from privdistill.errors import PrivacyPolicyError, StageError
 
 log = structlog.get_logger(__name__)
 
 STAGE_FILE = "_stage.json"
+MAC_FIELD = "record_mac"  # HMAC-SHA256 of the record under a key only the running agent holds (optional)
 
 
 def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
@@ -102,6 +104,38 @@ def read_record(workdir: Path, name: str) -> dict[str, Any] | None:
         return None
 
 
+def record_mac(key: bytes, record: dict[str, Any]) -> str:
+    """HMAC-SHA256 over the record as stored (JSON round trip, sorted keys), the MAC field left out."""
+    body = json.loads(json.dumps({k: v for k, v in record.items() if k != MAC_FIELD}, default=str))
+    return hmac.new(key, json.dumps(body, sort_keys=True, separators=(",", ":")).encode(), hashlib.sha256).hexdigest()
+
+
+def mac_valid(key: bytes, record: dict[str, Any] | None) -> bool:
+    mac = None if record is None else record.get(MAC_FIELD)
+    return isinstance(mac, str) and hmac.compare_digest(mac, record_mac(key, record))  # type: ignore[arg-type]
+
+
+def authenticated_record(workdir: Path, name: str, key: bytes, *, check_outputs: bool = True) -> dict[str, Any]:
+    """The record of stage ``name`` if this agent's key authenticates it and (``check_outputs``) every output file
+    it lists still has its recorded hash; else PrivacyPolicyError. A record written by anything else (a forged
+    stage over real images, a copy from another site) is refused."""
+    rec = read_record(workdir, name)
+    if rec is None or rec.get("stage") != name or not mac_valid(key, rec):
+        raise PrivacyPolicyError(
+            f"the '{name}' stage record is not authenticated by this site's agent (written or edited by something "
+            "else, or by a version that did not authenticate records); its outputs cannot be trusted: re-run the "
+            "pipeline with `privdistill-site run --force`")
+    if check_outputs:
+        root = stage_dir(workdir, name)
+        outputs = rec.get("outputs") or {}
+        for rel, digest in outputs.items():
+            path = root / rel
+            if path.is_symlink() or not path.is_file() or sha256_file(path) != digest:
+                raise PrivacyPolicyError(f"an output of the '{name}' stage changed after the stage wrote it; re-run "
+                                         "the pipeline with `privdistill-site run --force`")
+    return rec
+
+
 def fingerprint(stage: Stage, workdir: Path) -> tuple[str, dict[str, str]]:
     """Hash of the stage's config, its upstream outputs and the software version."""
     inputs: dict[str, str] = {}
@@ -151,15 +185,21 @@ def remove_stale(workdir: Path, name: str) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def run_stage(stage: Stage, workdir: Path, *, force: bool = False) -> dict[str, Any]:
+def run_stage(stage: Stage, workdir: Path, *, force: bool = False, record_key: bytes | None = None) -> dict[str, Any]:
     """Run ``stage`` unless its record matches the current fingerprint; return its record.
 
+    With ``record_key`` every upstream record must be authenticated by it (and its outputs unchanged), a record
+    it does not authenticate is never taken as current, and the new record is authenticated.
     The caller should hold ``workdir_lock(workdir)``."""
     workdir.mkdir(parents=True, exist_ok=True)
     remove_stale(workdir, stage.name)
     fp, input_hashes = fingerprint(stage, workdir)
+    if record_key is not None:
+        for up in stage.upstream:
+            authenticated_record(workdir, up, record_key)
     rec = read_record(workdir, stage.name)
-    if rec is not None and rec.get("fingerprint") == fp and not force:
+    trusted = record_key is None or mac_valid(record_key, rec)
+    if rec is not None and rec.get("fingerprint") == fp and not force and trusted:
         log.info("stage.skipped", stage=stage.name, reason="inputs unchanged")
         return rec
     final = stage_dir(workdir, stage.name)
@@ -189,6 +229,8 @@ def run_stage(stage: Stage, workdir: Path, *, force: bool = False) -> dict[str, 
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         record["outputs_hash"] = config_hash(record["outputs"])
+        if record_key is not None:
+            record[MAC_FIELD] = record_mac(record_key, record)
         atomic_write_json(tmp / STAGE_FILE, record)
         _swap_into_place(tmp, final)
     except BaseException:

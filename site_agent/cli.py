@@ -119,16 +119,20 @@ def _run(args: argparse.Namespace) -> int:
     from site_agent.config import load_site_config
     from site_agent.package import build_package_stage
 
+    from site_agent.records import stage_record_key
+
     cfg = load_site_config(args.config)
     key = _site_key(cfg)
-    run_pipeline(cfg, args.workdir, stages=list(SITE_STAGES), force=args.force)
+    record_key = None if key is None else stage_record_key(key)  # stage records the gate can authenticate
+    run_pipeline(cfg, args.workdir, stages=list(SITE_STAGES), force=args.force, record_key=record_key)
     if key is None:
         log.warning("package.skipped", reason="site.key_file missing (production: false)")
         print("NOT PACKAGED: no site key (site.key_file); provision the site to package and export shards",
               file=sys.stderr)
         return 0
     with workdir_lock(args.workdir):
-        record = run_stage(build_package_stage(cfg, args.workdir, key=key), args.workdir, force=args.force)
+        record = run_stage(build_package_stage(cfg, args.workdir, key=key), args.workdir, force=args.force,
+                           record_key=record_key)
     rep = record["report"]
     sid, verdict, pv = rep["shard_id"], rep["policy"], rep["privacy"]
     print(f"shard {sid}: {rep['state']}; policy {'passed' if verdict['passed'] else 'FAILED: ' + ', '.join(verdict['failed'])}")

@@ -14,7 +14,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from privdistill.config import FilterConfig, RunConfig, Strict, _format_pydantic, config_hash, parse_config, read_yaml
 from privdistill.errors import ConfigError
 from privdistill.privacy_report import renamed_field
-from privdistill.shard import ID_PATTERN, prompt_vocabulary, tokens
+from privdistill.prompts import is_vocabulary_word
+from privdistill.shard import ID_PATTERN, prompt_vocabulary
 
 log = structlog.get_logger(__name__)
 
@@ -85,9 +86,10 @@ class SiteSection(Strict):
     @field_validator("vocabulary_extra")
     @classmethod
     def _words(cls, v: list[str]) -> list[str]:
-        bad = [w for w in v if tokens(w) != [w]]
-        if bad:
-            raise ValueError(f"{bad}: each entry must be one lowercase word of letters/digits (no spaces)")
+        bad = [i + 1 for i, w in enumerate(v) if not is_vocabulary_word(w)]
+        if bad:  # entries by position only: a wrong entry may be a name
+            raise ValueError(f"entries {bad}: each entry must be one lowercase ASCII word of letters/digits "
+                             "(no spaces, no other script)")
         return v
 
 

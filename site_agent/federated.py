@@ -23,7 +23,7 @@ from privdistill.federated import (
 from privdistill.shard import SHARD_TAR, Manifest, load_shards
 from site_agent.audit import audit
 from site_agent.config import SiteConfig, load_site_config
-from site_agent.gate import check_export, exportable, shard_dir
+from site_agent.gate import check_export, exportable
 
 log = structlog.get_logger(__name__)
 app = ClientApp()
@@ -66,15 +66,15 @@ def _spec(msg: Message) -> StudentSpec:
 
 def gated_shard(site: _Site) -> tuple[Manifest, Path]:
     """The newest approved shard, through the export gate, copied to a private snapshot the gate verified."""
-    from site_agent.export import _snapshot
+    from site_agent.export import snapshot_approved
 
     candidates = exportable(site.workdir, for_federation=True)
     if not candidates:
         raise Refusal("no_approved_shard", "this site has no approved shard: run `privdistill-site run` and have a "
                                            "data steward `privdistill-site approve` the shard")
     try:
-        manifest = check_export(site.workdir, candidates[-1], site.cfg, for_federation=True)  # audits refusals
-        snap = _snapshot(shard_dir(site.workdir, manifest.shard_id), site.workdir, manifest)
+        checked = check_export(site.workdir, candidates[-1], site.cfg, for_federation=True)  # audits refusals
+        snap, manifest, _ = snapshot_approved(site.workdir, checked.shard_id, site.cfg)
     except (PrivacyPolicyError, ShardVerificationError) as err:
         raise Refusal(getattr(err, "reason", type(err).__name__), str(err)) from None
     return manifest, snap

@@ -11,12 +11,14 @@ from pathlib import Path
 from privdistill.errors import PrivacyPolicyError, ShardVerificationError
 from privdistill.identity import load_private_key, public_key_b64
 from privdistill.pipeline import KEPT_FILE, open_filtered_set
+from privdistill.prompts import check_prompts
 from privdistill.shard import ID_PATTERN, MANIFEST, Manifest, sample_members, sha256_bytes, sha256_path, \
-    verify_shard_dir, words_outside
+    verify_shard_dir
 from privdistill.stages import STAGE_FILE, sha256_file
 from site_agent.audit import audit
 from site_agent.config import SiteConfig, vocabulary
 from site_agent.package import SHARD_FILES, evaluate_policy, shard_root
+from site_agent.records import verify_shard_stages
 from site_agent.state import ShardRow, SiteState, workdir_id
 
 
@@ -83,6 +85,7 @@ def _check(workdir: Path, ref: str | Path, cfg: SiteConfig, target: _Target, for
     _check_state(row, cfg, for_federation)
     _check_provenance(workdir, row)
     manifest = _check_files(shard_dir, row, cfg)
+    _check_records(workdir, row, cfg)
     _check_content(workdir, shard_id, manifest, cfg)
     verdict = evaluate_policy(manifest.privacy, cfg.site.policy)
     if not verdict["passed"]:
@@ -128,6 +131,14 @@ def _check_provenance(workdir: Path, row: ShardRow) -> None:
                                       "`privdistill-site run` to package (and then approve) a fresh shard")
 
 
+def _check_records(workdir: Path, row: ShardRow, cfg: SiteConfig) -> None:
+    """The stage records the gate relies on were written by this agent (MAC'd with a key from the site key)."""
+    try:
+        verify_shard_stages(workdir, load_private_key(cfg.site.key_file))
+    except PrivacyPolicyError as err:
+        raise _refuse("unauthenticated_stage", f"{row.shard_id}: {err}") from None
+
+
 def _check_files(shard_dir: Path, row: ShardRow, cfg: SiteConfig) -> Manifest:
     sid = row.shard_id
     names = {p.name for p in shard_dir.iterdir()} if shard_dir.is_dir() else set()
@@ -156,11 +167,18 @@ def _check_content(workdir: Path, shard_id: str, manifest: Manifest, cfg: SiteCo
         raise ShardVerificationError(f"{shard_id} does not hold exactly the filter's kept synthetic images; "
                                      "re-package with `privdistill-site run`", "content_mismatch")
     vocab = set(vocabulary(cfg, kept.class_names))
-    if (kept.prompts is not None and words_outside(kept.prompts, vocab)) or \
-            set(manifest.conditioning.vocabulary) - vocab:
+    if set(manifest.conditioning.vocabulary) - vocab:
         raise ShardVerificationError(
-            f"{shard_id}'s prompts use words outside the allow-listed vocabulary (data.prompt_template, class "
-            "names, site.vocabulary_extra); prompts must never carry report text or names", "prompt_outside_vocabulary")
+            f"{shard_id}'s manifest declares prompt words outside the allow-listed vocabulary (data.prompt_template, "
+            "class names, site.vocabulary_extra)", "prompt_outside_vocabulary")
+    if kept.prompts is not None:
+        try:
+            check_prompts(kept.prompts, vocab)
+        except ShardVerificationError as err:
+            raise ShardVerificationError(
+                f"{shard_id}: {err} (allowed: ASCII letters, digits, spaces and - , . ' ( ), and only words of "
+                "data.prompt_template, the class names and site.vocabulary_extra); prompts must never carry report "
+                "text or names", err.reason) from None
 
 
 def exportable(workdir: Path, *, for_federation: bool = False) -> list[str]:

@@ -18,10 +18,12 @@ from privdistill.errors import PrivacyPolicyError, ShardVerificationError, Stage
 from privdistill.identity import public_key_b64
 from privdistill.pipeline import KEPT_FILE, open_filtered_set
 from privdistill.privacy_report import Limits, PrivacyReport, evaluate_criteria
-from privdistill.shard import MANIFEST, SHARD_TAR, SIGNATURE, sha256_path, verify_shard_dir, words_outside, write_shard
+from privdistill.prompts import check_prompts
+from privdistill.shard import MANIFEST, SHARD_TAR, SIGNATURE, sha256_path, verify_shard_dir, write_shard
 from privdistill.stages import STAGE_FILE, Stage, StageContext, read_record, sha256_file
 from site_agent.audit import audit
 from site_agent.config import PolicyConfig, SiteConfig, shard_config_hash, vocabulary
+from site_agent.records import verify_shard_stages
 from site_agent.state import SiteState, workdir_id
 
 log = structlog.get_logger(__name__)
@@ -158,16 +160,19 @@ def build_package_stage(cfg: SiteConfig, workdir: Path, *, key: Ed25519PrivateKe
 
 
 def package(cfg: SiteConfig, ctx: StageContext, *, key: Ed25519PrivateKey) -> dict[str, Any]:
+    verify_shard_stages(ctx.workdir, key)  # only stages this agent ran (records MAC'd with the site key)
     filter_dir = ctx.input("filter")
     kept = open_filtered_set(filter_dir)  # refuses anything but the filter's recorded, patient-id-free output
     vocab = vocabulary(cfg, kept.class_names)
     if kept.prompts is not None:
-        outside = words_outside(kept.prompts, vocab)
-        if outside:
+        try:
+            check_prompts(kept.prompts, vocab)
+        except ShardVerificationError as err:
             raise PrivacyPolicyError(
-                f"refusing to package: the kept prompts use {len(outside)} word(s) outside the allow-listed vocabulary "
-                "(template words, class names, site.vocabulary_extra). Prompts must come from data.prompt_template, "
-                "never from report text; add a word to site.vocabulary_extra only if it cannot identify anyone")
+                f"refusing to package ({err.reason}): {err}. Prompts may use ASCII letters, digits, spaces and "
+                "- , . ' ( ) only, and only words of the allow-listed vocabulary (template words, class names, "
+                "site.vocabulary_extra). Prompts must come from data.prompt_template, never from report text; add a "
+                "word to site.vocabulary_extra only if it cannot identify anyone") from None
     if len(kept) == 0:
         raise PrivacyPolicyError("the filter kept no synthetic image: nothing to package "
                                  f"(policy min_kept={cfg.site.policy.min_kept}); train longer or sample more")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import sqlite3
+import struct
 import tarfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -508,22 +511,22 @@ def _sample(i: int) -> list[tuple[str, bytes]]:
     return [(f"{key}.png", png), (f"{key}.json", json.dumps(meta, sort_keys=True).encode())]
 
 
-def _tar(members: list[tuple[str, bytes]]) -> bytes:
+def _tar(members: list[tuple[str, bytes]], *, uname: str = "", tail: bytes = b"") -> bytes:
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
-            info.size, info.mtime = len(data), 0
+            info.size, info.mtime, info.uname = len(data), 0, uname
             tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    return buf.getvalue() + tail
 
 
-def _crafted(key, tar_members, manifest_members, sample_count: int) -> tuple[bytes, bytes, str]:
+def _crafted(key, tar_members, manifest_members, sample_count: int, **tar_kw) -> tuple[bytes, bytes, str]:
     """A tar with exactly ``tar_members`` and a correctly signed manifest whose size/sha match that tar."""
-    tar = _tar(tar_members)
+    tar = _tar(tar_members, **tar_kw)
     m = Manifest(site_id=A, shard_id="t", created="2025-01-01T00:00:00+00:00", software_version="test",
                  config_hash="0" * 64, sample_count=sample_count, tar_sha256=sha256_bytes(tar), tar_size=len(tar),
-                 members={n: sha256_bytes(d) for n, d in manifest_members},
+                 resolution=4, channels=1, members={n: sha256_bytes(d) for n, d in manifest_members},
                  conditioning=Conditioning(type="class", class_names=["cat"]), privacy={})
     body = m.to_bytes()
     return tar, body, sign(key, body)
@@ -544,15 +547,101 @@ def _cases():
     }
 
 
-@pytest.mark.parametrize("case", sorted(_cases()))
-def test_tar_content_rejected_after_last_chunk(env, keys, case):
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+@functools.lru_cache(maxsize=1)
+def _png_bomb(side: int = 13000) -> bytes:
+    """A valid 13000x13000 grayscale PNG of ~170 KB: decoding it would need ~170 MB (2.2 GB through PIL RGB).
+    One deflate block of 100 zero rows, byte-aligned by a full flush, repeated: no 170 MB compression here."""
+    rows = 100
+    chunk = b"\0" * ((side + 1) * rows)
+    co = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = co.compress(chunk) + co.flush(zlib.Z_FULL_FLUSH)
+    adler = 1
+    for _ in range(side // rows):
+        adler = zlib.adler32(chunk, adler)
+    idat = b"\x78\xda" + block * (side // rows) + b"\x03\x00" + struct.pack(">I", adler)
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def _with_text_chunk(png: bytes) -> bytes:
+    """A tEXt chunk (free text riding along in image metadata) before IEND."""
+    return png[:-12] + _png_chunk(b"tEXt", b"Comment\0Ivanov Ivan, 1957-03-02") + png[-12:]
+
+
+def _json(key: str, **changes) -> bytes:
+    meta = {"sample_id": key, "label": 0, "class_name": "cat", "prompt": None} | changes
+    return json.dumps(meta, sort_keys=True).encode()
+
+
+def _content_cases():
+    """The content checks: every byte of a shard must be what the packager writes for its samples."""
+    good = _sample(0) + _sample(1)
+    png0, json0 = good[0], good[1]
+
+    def swap(i: int, data: bytes) -> list[tuple[str, bytes]]:
+        out = list(good)
+        out[i] = (out[i][0], data)
+        return out
+
+    bomb, text_png = swap(0, _png_bomb()), swap(0, _with_text_chunk(png0[1]))
+    after_iend = swap(0, png0[1] + b"Ivanov Ivan")
+    big = swap(0, encode_png(np.zeros((1, 8, 8), np.float32)))
+    rgb = swap(0, encode_png(np.zeros((3, 4, 4), np.float32)))
+    free_class = swap(1, _json("t_000000", class_name="Ivanov Ivan Petrovich"))
+    free_id = swap(1, _json("t_000000", sample_id="ivanov-ivan-1957"))
+    extra_key = swap(1, json.dumps({"sample_id": "t_000000", "label": 0, "class_name": "cat", "prompt": None,
+                                    "note": "x"}, sort_keys=True).encode())
+    spaced = swap(1, json.dumps({"sample_id": "t_000000", "label": 0, "class_name": "cat", "prompt": None},
+                                sort_keys=True, indent=1).encode())
+    out_of_order = [good[2], good[3], good[0], good[1]]
+    return {
+        "trailing_bytes": (good, good, 2, "non_canonical_tar", {"tail": b"Ivanov Ivan" + b"\0" * 501}),
+        "tar_uname": (good, good, 2, "non_canonical_tar", {"uname": "ivanov"}),
+        "png_bomb": (bomb, bomb, 2, "png_size_mismatch", {}),
+        "png_other_size": (big, big, 2, "png_size_mismatch", {}),
+        "png_rgb_in_gray_shard": (rgb, rgb, 2, "invalid_png", {}),
+        "png_text_chunk": (text_png, text_png, 2, "png_extra_chunk", {}),
+        "png_bytes_after_iend": (after_iend, after_iend, 2, "png_extra_chunk", {}),
+        "class_name_free_text": (free_class, free_class, 2, "malformed_sample", {}),
+        "sample_id_not_the_key": (free_id, free_id, 2, "malformed_sample", {}),
+        "json_unknown_key": (extra_key, extra_key, 2, "malformed_sample", {}),
+        "json_not_canonical": (spaced, spaced, 2, "malformed_sample", {}),
+        "members_out_of_order": (out_of_order, good, 2, "non_canonical_tar", {}),
+    }
+
+
+def _all_cases():
+    return {**{k: (*v, {}) for k, v in _cases().items()}, **_content_cases()}
+
+
+CONTENT_CASES = ("trailing_bytes", "tar_uname", "png_bomb", "png_other_size", "png_rgb_in_gray_shard", "png_text_chunk",
+                 "png_bytes_after_iend", "class_name_free_text", "sample_id_not_the_key", "json_unknown_key",
+                 "json_not_canonical", "members_out_of_order")
+
+
+def test_content_case_names_are_complete():
+    assert sorted(_content_cases()) == sorted(CONTENT_CASES)
+
+
+@pytest.mark.parametrize("case", sorted(_cases()) + list(CONTENT_CASES))
+def test_tar_content_rejected_after_last_chunk(env, keys, case, monkeypatch):
     app, client = env
-    tar_members, manifest_members, n, reason = _cases()[case]
-    tar, manifest, sig = _crafted(keys[A], tar_members, manifest_members, n)
+    tar_members, manifest_members, n, reason, tar_kw = _all_cases()[case]
+    tar, manifest, sig = _crafted(keys[A], tar_members, manifest_members, n, **tar_kw)
+    from PIL import Image
+
+    def no_decoding(*a, **kw):
+        raise AssertionError("a PNG was decoded before its header was checked")
+
+    monkeypatch.setattr(Image, "open", no_decoding)  # verification never hands a PNG to PIL
     r = start(client, keys[A], A, manifest, sig)
     assert r.status_code == 201, r.text  # the manifest itself is fine: only the tar check may fail
     up = r.json()
-    last = send_all(client, keys[A], A, up["upload_id"], tar, chunk=1024)
+    last = send_all(client, keys[A], A, up["upload_id"], tar, chunk=1024 if len(tar) < 16384 else CHUNK)
     assert last.status_code == 204
     assert (last.headers["Upload-State"], last.headers["Upload-Reason"]) == ("rejected", reason)
     got = call(client, keys[A], A, "GET", f"/v1/uploads/{up['upload_id']}").json()

@@ -108,6 +108,7 @@ def _open_upload() -> str:
     if not _OPEN:
         m = Manifest(site_id="site-k", shard_id="f", created="2025-01-01T00:00:00+00:00", software_version="t",
                      config_hash="0" * 64, sample_count=1, tar_sha256="1" * 64, tar_size=3000,
+                     resolution=8, channels=1,
                      members={"f_000000.png": "2" * 64, "f_000000.json": "3" * 64},
                      conditioning=Conditioning(type="none"), privacy={}).to_bytes()
         body = json.dumps({"manifest": m.decode(), "signature": sign(KEY, m)}).encode()

@@ -28,6 +28,7 @@ from site_agent.audit import read_audit
 from site_agent.config import SiteConfig, load_site_config
 from site_agent.gate import ExportRefused, check_export
 from site_agent.package import build_package_stage
+from site_agent.records import stage_record_key
 from site_agent.state import SiteState, workdir_id
 
 pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed")
@@ -60,10 +61,14 @@ class Site:
     train: ImageSet
 
     def package(self) -> dict[str, Any]:
-        return run_stage(build_package_stage(self.cfg, self.workdir, key=self.key), self.workdir)["report"]
+        return run_stage(build_package_stage(self.cfg, self.workdir, key=self.key), self.workdir,
+                         record_key=stage_record_key(self.key))["report"]
 
 
-def _stage(workdir: Path, name: str, files: dict[str, Any], *, force: bool = False) -> None:
+def _stage(workdir: Path, name: str, files: dict[str, Any], *, force: bool = False, key: Any = None) -> None:
+    """A stage run by the site agent: its record is authenticated with the site key (make_site's root/site.key)."""
+    key = key or identity.load_private_key(workdir.parent / "site.key")
+
     def body(ctx: StageContext) -> dict:
         for rel, content in files.items():
             dest = ctx.out / rel
@@ -74,7 +79,7 @@ def _stage(workdir: Path, name: str, files: dict[str, Any], *, force: bool = Fal
             else:
                 dest.write_text(json.dumps(content))
         return {}
-    run_stage(Stage(name, body, (), {"test": name}), workdir, force=force)
+    run_stage(Stage(name, body, (), {"test": name}), workdir, force=force, record_key=stage_record_key(key))
 
 
 def filter_report(kept: int, n: int, *, enabled: bool = True, recall: float = 1.0) -> dict[str, Any]:
@@ -401,3 +406,122 @@ def test_undecidable_kept_samples_count_as_memorized_at_the_gate() -> None:
     assert "max_kept_memorization_rate" in res["failed"]
     crit = next(c for c in res["criteria"] if c["name"] == "max_kept_memorization_rate")
     assert crit["value"] == pytest.approx(1 / 5)
+
+
+# ----------------------------------------------------------------------------- prompts in any script
+def _craft_registered_shard(s: Site, kept: ImageSet, sid: str) -> Path:
+    """An insider's shard that skipped the packager's checks: canonical tar, manifest signed with the site key,
+    registered as approved with this work directory's provenance."""
+    from privdistill.shard import Conditioning, sample_members, sha256_bytes
+    from privdistill.shard_content import write_canonical_tar
+
+    out = s.workdir / "shards" / sid
+    out.mkdir(parents=True)
+    members = sample_members(kept, sid)
+    with open(out / SHARD_TAR, "wb") as fh:
+        write_canonical_tar(members, fh)
+    m = Manifest(site_id="site-a", shard_id=sid, created="2025-01-01T00:00:00+00:00", software_version="x",
+                 config_hash="ab" * 32, sample_count=len(kept), tar_sha256=sha256_path(out / SHARD_TAR),
+                 tar_size=(out / SHARD_TAR).stat().st_size, resolution=28, channels=1,
+                 members={n: sha256_bytes(d) for n, d in members},
+                 conditioning=Conditioning(type="text", class_names=CLASSES,
+                                           vocabulary=prompt_vocabulary(TEMPLATE, CLASSES)),
+                 privacy=filter_report(len(kept), 12) | {"kept_memorization_rate": 0.0})
+    body = m.to_bytes()
+    (out / MANIFEST).write_bytes(body)
+    (out / SIGNATURE).write_text(identity.sign(s.key, body) + "\n")
+    SiteState(s.workdir).register(
+        shard_id=sid, site_id="site-a", dir=out, state="approved", policy={"passed": True, "failed": []},
+        manifest_sha256=sha256_path(out / MANIFEST), tar_sha256=m.tar_sha256, sample_count=m.sample_count,
+        filter_record_sha256=sha256_file(s.workdir / "filter" / STAGE_FILE),
+        kept_sha256=sha256_file(s.workdir / "filter" / KEPT_FILE), workdir_id=workdir_id(s.workdir, create=True))
+    return out
+
+
+def test_prompts_in_other_scripts_and_forms_are_refused_at_packaging_and_at_the_gate(site: Site) -> None:
+    from test_coordinator_content import LEAKS
+
+    kept = ImageSet.load(site.workdir / "filter" / KEPT_FILE)
+    for i, (case, leak) in enumerate(sorted(LEAKS.items())):
+        leaked = ImageSet(kept.images, labels=kept.labels, class_names=kept.class_names,
+                          prompts=[leak if j == 1 else p for j, p in enumerate(kept.prompts)])
+        _stage(site.workdir, "filter", {KEPT_FILE: leaked, "privacy_report.json": filter_report(len(kept), 12)},
+               force=True)
+        with pytest.raises(PrivacyPolicyError, match="prompt_disallowed_character") as err:
+            site.package()
+        assert leak not in str(err.value), case
+        assert not (site.workdir / "shards").exists() or not any((site.workdir / "shards").iterdir()), case
+        # an insider writes and registers the shard anyway: the gate refuses it before anything is sent
+        sid = f"site-a-leak{i:02d}"
+        _craft_registered_shard(site, leaked, sid)
+        assert_refused(site, sid, ShardVerificationError, "prompt_disallowed_character")
+        shutil.rmtree(site.workdir / "shards" / sid)
+    assert leak not in (site.workdir / "audit.log").read_text()
+    assert [r["event"] for r in read_audit(site.workdir)] == ["export_refused"] * len(LEAKS)
+
+
+def test_a_non_ascii_extra_vocabulary_word_is_a_config_error(tmp_path: Path, reid_src: Path) -> None:
+    from privdistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="one lowercase ASCII word") as err:
+        make_site(tmp_path / "s", reid_src, extra={"vocabulary_extra": ["left", "иванов"]})
+    assert "иванов" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- authenticated stage records
+def _forge_filter(s: Site, kept: ImageSet) -> None:
+    """A filter stage written by a process without the site key: a real stage record, hashes right, no MAC."""
+    def body(ctx: StageContext) -> dict:
+        kept.save(ctx.out / KEPT_FILE)
+        (ctx.out / "privacy_report.json").write_text(json.dumps(filter_report(len(kept), 12)))
+        return {}
+    run_stage(Stage("filter", body, (), {"test": "filter"}), s.workdir, force=True)
+
+
+def test_a_filter_stage_forged_over_real_images_is_never_packaged(site: Site) -> None:
+    real = ImageSet(site.train.images[:5], labels=site.train.labels[:5], class_names=CLASSES,
+                    prompts=[f"an image of a {CLASSES[i]}" for i in site.train.labels[:5]])  # patient ids dropped
+    kept = ImageSet.load(site.workdir / "filter" / KEPT_FILE)
+    _forge_filter(site, real)
+    with pytest.raises(PrivacyPolicyError, match="'filter' stage record is not authenticated"):
+        site.package()
+    assert not (site.workdir / "shards").exists() or not any((site.workdir / "shards").iterdir())
+    assert SiteState(site.workdir).list() == [] and read_audit(site.workdir) == []
+    # a record copied from a MAC'd stage and edited to point at the real images is refused the same way
+    _stage(site.workdir, "filter", {KEPT_FILE: kept, "privacy_report.json": filter_report(5, 12)}, force=True)
+    rec = json.loads((site.workdir / "filter" / STAGE_FILE).read_text())
+    real.save(site.workdir / "filter" / KEPT_FILE)
+    rec["outputs"][KEPT_FILE] = sha256_file(site.workdir / "filter" / KEPT_FILE)
+    (site.workdir / "filter" / STAGE_FILE).write_text(json.dumps(rec))
+    with pytest.raises(PrivacyPolicyError, match="not authenticated"):
+        site.package()
+    assert SiteState(site.workdir).list() == []
+
+
+def test_the_gate_refuses_a_shard_whose_stage_records_are_not_authenticated(site: Site) -> None:
+    sid = approved_shard(site)
+    # the filter record re-written without its MAC (same content otherwise), the register updated to match
+    rec_path = site.workdir / "filter" / STAGE_FILE
+    rec = json.loads(rec_path.read_text())
+    del rec["record_mac"]
+    rec_path.write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n")
+    force_db(site, "UPDATE shards SET filter_record_sha256 = ? WHERE shard_id = ?", sha256_file(rec_path), sid)
+    assert_refused(site, sid, ExportRefused, "unauthenticated_stage", "not authenticated")
+    # ... and a sample stage forged under an intact filter record
+    _stage(site.workdir, "filter", {KEPT_FILE: ImageSet.load(site.workdir / "filter" / KEPT_FILE),
+                                    "privacy_report.json": filter_report(5, 12)}, force=True)
+    sid2 = approved_shard(site)
+    assert check_export(site.workdir, sid2, site.cfg).shard_id == sid2
+    run_stage(Stage("sample", lambda ctx: site.train.save(ctx.out / "samples.npz") or {}, (), {"test": "sample"}),
+              site.workdir, force=True)
+    assert_refused(site, sid2, ExportRefused, "unauthenticated_stage", "'sample' stage record")
+
+
+def test_stage_records_are_macd_with_a_key_derived_from_the_site_key(site: Site) -> None:
+    from privdistill.stages import mac_valid
+
+    rec = json.loads((site.workdir / "filter" / STAGE_FILE).read_text())
+    assert mac_valid(stage_record_key(site.key), rec)
+    assert not mac_valid(stage_record_key(identity.generate_key()), rec)
+    assert len(stage_record_key(site.key)) == 32 and stage_record_key(site.key) == stage_record_key(site.key)
+    assert not any(p.name.endswith(".key") for p in site.workdir.rglob("*"))  # no key material in the work dir

@@ -45,13 +45,15 @@ def _run_config(checkpoint: Path) -> dict:
     return {
         "name": "latent-tiny", "seed": 0,
         "data": {"source": _source("train"), "test_source": _source("t10k"), "classes": [1, 7], "max_per_class": 6,
-                 "max_test_per_class": 6, "resolution": RES, "visits": {"count": 2, "max_shift": 1},
+                 "max_test_per_class": 20, "resolution": RES, "visits": {"count": 2, "max_shift": 1},
                  "prompt_template": "an image of a {label}"},
         "teacher": {"model": latent, "train": train},
         "student": {"model": {**latent, "lora": {"rank": 4}}, "train": train},
         "reid": {"steps": 10, "batch_size": 8, "width": 8, "embedding_dim": 16},
         "sample": {"per_class": 3, "steps": 3, "batch_size": 6},
-        "filter": {"analysis_resolution": 16},
+        # 40 held-out images, 20 of them the calibration null: alpha 0.3 (0.1 per detector) is the smallest
+        # level that many null images can calibrate (the default 0.05 needs >= 59 per detector)
+        "filter": {"analysis_resolution": 16, "max_fresh_drop": 0.3},
         "evaluate": {"classifier_steps": 5, "classifier_batch_size": 8},
     }
 

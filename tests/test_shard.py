@@ -101,8 +101,8 @@ def test_tar_with_duplicate_member_is_refused(tmp_path: Path) -> None:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     manifest = shard.Manifest(
-        site_id="a", shard_id="k", created="x", software_version="0", config_hash="0" * 64, sample_count=1,
-        tar_sha256=shard.sha256_path(tar_path), tar_size=tar_path.stat().st_size,
+        site_id="a", shard_id="k", created="2025-01-01T00:00:00Z", software_version="0", config_hash="0" * 64, sample_count=1,
+        tar_sha256=shard.sha256_path(tar_path), tar_size=tar_path.stat().st_size, resolution=8, channels=1,
         members={n: shard.sha256_bytes(d) for n, d in members},
         conditioning=shard.Conditioning(type="class", class_names=kept.class_names), privacy={},
     )
@@ -113,7 +113,7 @@ def test_tar_with_duplicate_member_is_refused(tmp_path: Path) -> None:
 
 def test_prompts_outside_the_vocabulary_are_not_packaged(tmp_path: Path) -> None:
     kept = _kept(n=3, prompts=True)
-    kept.prompts[1] = "Trouser; patient John Doe, 54, seen 2024-03-01"
+    kept.prompts[1] = "Trouser, patient John Doe, 54, seen 2024-03-01"
 
     with pytest.raises(ShardVerificationError) as err:
         _write(tmp_path, kept, identity.generate_key())
@@ -176,3 +176,80 @@ def test_private_key_file_is_0600_and_loose_modes_are_refused(tmp_path: Path) ->
     path.chmod(0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
         identity.load_private_key(path)
+
+
+@pytest.mark.parametrize(("privacy", "why"), [
+    ({"a": {"b": {"c": {"d": {"e": {"f": 1}}}}}}, "deeper than 6"),
+    ({"note": "x" * 401}, "short printable ASCII"),
+    ({"note": "Иванов"}, "short printable ASCII"),
+    ({"notes": [f"s{i}" for i in range(60)], "more": [f"t{i}" for i in range(60)], "x": [f"u{i}" for i in range(9)]},
+     "short printable ASCII"),
+    # the typed privacy report: a known field with the wrong type
+    ({"kept": "Smith, John"}, "privacy-report schema"),
+    ({"audit": {"recall": {"exact": {"value": "John", "n": 3}}}}, "privacy-report schema"),
+    ({"Patient Name": 1}, "snake_case"),
+    ({"blob": list(range(65))}, "more than 64 items"),
+    ({"blob": [[0.123456789] * 60] * 60}, "bytes"),
+    ({"kept": object()}, "only numbers"),
+])
+def test_the_privacy_section_is_bounded(privacy: dict, why: str) -> None:
+    from privdistill.shard_content import validate_privacy_section
+
+    with pytest.raises(ValueError, match=why):
+        validate_privacy_section(privacy)
+
+
+def test_a_manifest_with_an_unbounded_privacy_section_is_malformed(tmp_path: Path) -> None:
+    manifest = _write(tmp_path, _kept(n=1), identity.generate_key())
+    body = manifest.model_dump(mode="json")
+    body["privacy"]["free_text"] = "x" * 300
+    with pytest.raises(ShardVerificationError) as err:
+        shard.parse_manifest(json.dumps(body).encode())
+    assert err.value.reason == "malformed_manifest" and "privacy" in str(err.value)
+    with pytest.raises(ShardVerificationError) as err:  # the packager refuses to write it in the first place
+        shard.write_shard(_kept(n=1), tmp_path / "t", site_id="site-a", shard_id="site-a-1", config_hash="ab" * 32,
+                          privacy={"deep": {"a": {"b": {"c": 1}}}}, key=identity.generate_key())
+    assert err.value.reason == "malformed_manifest" and not (tmp_path / "t").exists()
+
+
+def test_the_packager_writes_canonical_shards_the_verifier_accepts(tmp_path: Path) -> None:
+    from privdistill.shard_content import check_png
+
+    key = identity.generate_key()
+    kept = _kept(n=3, prompts=True)
+    m = _write(tmp_path, kept, key)
+    assert (m.resolution, m.channels, m.format) == (8, 1, "privdistill-shard/2")
+    with tarfile.open(tmp_path / "s" / shard.SHARD_TAR) as tar:
+        infos = tar.getmembers()
+        assert [i.name for i in infos] == [f"site-a-000000000001_{i:06d}.{e}" for i in range(3) for e in ("png", "json")]
+        assert {(i.uname, i.gname, i.mode, i.mtime, i.uid, i.gid) for i in infos} == {("", "", 0o644, 0, 0, 0)}
+        check_png("x.png", tar.extractfile(infos[0]).read(), resolution=8, channels=1)
+    rgb = ImageSet(images=np.zeros((2, 3, 8, 8), np.float32), labels=np.array([0, 1]), class_names=["a", "b"])
+    m3 = shard.write_shard(rgb, tmp_path / "rgb", site_id="site-a", shard_id="rgb", config_hash="ab" * 32,
+                           privacy={}, key=key)
+    shard.verify_shard_dir(tmp_path / "rgb", identity.public_key_b64(key))
+    assert (m3.resolution, m3.channels) == (8, 3)
+
+
+def test_class_names_outside_the_character_set_are_not_packaged(tmp_path: Path) -> None:
+    kept = _kept(n=2)
+    kept.class_names = ["Trouser", "Иванов", "Bag"]
+    with pytest.raises(ShardVerificationError) as err:
+        _write(tmp_path, kept, identity.generate_key())
+    assert err.value.reason == "malformed_manifest" and "class name 2" in str(err.value)
+    assert "Иванов" not in str(err.value) and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("created", "2025-01-01 Ivanov Ivan"),
+    ("software_version", "0.1 John Smith"),
+    ("conditioning", {"type": "class", "class_names": ["Trouser", "Sneaker", "Bag"], "vocabulary": ["john", "smith"]}),
+    ("conditioning", {"type": "none", "class_names": ["John Smith"]}),
+])
+def test_manifest_fields_carry_no_free_text(tmp_path: Path, field: str, value: object) -> None:
+    manifest = _write(tmp_path, _kept(n=1), identity.generate_key())
+    body = manifest.model_dump(mode="json") | {field: value}
+    with pytest.raises(ShardVerificationError) as err:
+        shard.parse_manifest(json.dumps(body).encode())
+    assert err.value.reason == "malformed_manifest" and field in str(err.value)
+    assert "Ivanov" not in str(err.value) and "John" not in str(err.value)

@@ -239,23 +239,64 @@ def test_run_trains_filters_and_packages_for_real_then_skips_when_unchanged(
 
 
 def test_a_shard_swapped_between_gate_and_upload_is_never_sent(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
-    import shutil
-
     from site_agent import export
+    from test_export_gate import change_one_pixel, resign, rewrite_tar
 
     fake = FakeUpload()
     monkeypatch.setattr(upload, "upload_shard", fake)
     sid = packaged(site)
     assert run("approve", sid, "--workdir", site.workdir) == 0
-    real_copy = shutil.copyfile
+    d = site.workdir / "shards" / sid
+    approved = {n: sha256_path(d / n) for n in ("shard.tar", MANIFEST)}
+    real_gate = export.check_export
 
-    def swap_then_copy(src: Any, dst: Any) -> Any:  # another process rewrites the tar right after the gate
-        if Path(src).name == "shard.tar":
-            Path(src).write_bytes(Path(src).read_bytes()[:-512] + b"\0" * 512 + b"x")
-        return real_copy(src, dst)
+    def gate_then_swap(*args: Any, **kw: Any) -> Any:  # an insider with the site key, right after the gate
+        manifest = real_gate(*args, **kw)
+        rewrite_tar(d, change_one_pixel)
+        resign(d, site.key)  # tar AND manifest swapped, the manifest validly signed
+        return manifest
 
-    monkeypatch.setattr(export.shutil, "copyfile", swap_then_copy)
+    monkeypatch.setattr(export, "check_export", gate_then_swap)
     assert run("export", site.config_path, "--workdir", site.workdir) == 5
+    assert {n: sha256_path(d / n) for n in approved}.keys() == approved.keys()
+    assert all(sha256_path(d / n) != h for n, h in approved.items())  # both files really were swapped
     assert fake.calls == [] and not list((site.workdir / ".export").iterdir())
     assert SiteState(site.workdir).require(sid).state == "approved"
+    last = read_audit(site.workdir)[-1]
+    assert (last["event"], last["reason"]) == ("export_refused", "changed_during_export")
+    assert not any(r["event"] == "exported" for r in read_audit(site.workdir))
+
+
+def test_the_snapshot_never_follows_a_symlink(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeUpload()
+    monkeypatch.setattr(upload, "upload_shard", fake)
+    sid = packaged(site)
+    assert run("approve", sid, "--workdir", site.workdir) == 0
+    d = site.workdir / "shards" / sid
+    from site_agent import export
+
+    real_gate = export.check_export
+
+    def gate_then_link(*args: Any, **kw: Any) -> Any:  # the tar replaced by a link to the same bytes elsewhere
+        manifest = real_gate(*args, **kw)
+        moved = site.root / "elsewhere.tar"
+        (d / "shard.tar").rename(moved)
+        (d / "shard.tar").symlink_to(moved)
+        return manifest
+
+    monkeypatch.setattr(export, "check_export", gate_then_link)
+    assert run("export", site.config_path, "--workdir", site.workdir) == 5
+    assert fake.calls == [] and not list((site.workdir / ".export").iterdir())
     assert read_audit(site.workdir)[-1]["reason"] == "changed_during_export"
+
+
+def test_the_exported_audit_record_holds_the_hashes_sent(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeUpload()
+    monkeypatch.setattr(upload, "upload_shard", fake)
+    sid = packaged(site)
+    assert run("approve", sid, "--workdir", site.workdir) == 0
+    assert run("export", site.config_path, "--workdir", site.workdir) == 0
+    rec = [r for r in read_audit(site.workdir) if r["event"] == "exported"][-1]
+    assert (rec["manifest_sha256"], rec["tar_sha256"]) == (fake.seen[MANIFEST], fake.seen["shard.tar"])
+    row = SiteState(site.workdir).require(sid)
+    assert (rec["manifest_sha256"], rec["tar_sha256"]) == (row.manifest_sha256, row.tar_sha256)

@@ -47,7 +47,10 @@ def review_site(root: Path, reid_src: Path) -> Any:  # test_export_gate.Site
         return write_filter_outputs(result, samples, site.train, ctx.out, calibration={"tpr": 0.95, "fpr": 0.01},
                                     extra={"audit": filter_report(0, 0)["audit"]})
 
-    run_stage(Stage("filter", body, ("ingest", "sample", "train-reid"), {"test": "review"}), site.workdir, force=True)
+    from site_agent.records import stage_record_key
+
+    run_stage(Stage("filter", body, ("ingest", "sample", "train-reid"), {"test": "review"}), site.workdir, force=True,
+              record_key=stage_record_key(site.key))
     site.shard_id = site.package()["shard_id"]
     return site
 
