@@ -202,13 +202,13 @@ def test_the_privacy_section_is_bounded(privacy: dict, why: str) -> None:
 def test_a_manifest_with_an_unbounded_privacy_section_is_malformed(tmp_path: Path) -> None:
     manifest = _write(tmp_path, _kept(n=1), identity.generate_key())
     body = manifest.model_dump(mode="json")
-    body["privacy"]["free_text"] = "x" * 300
+    body["privacy"]["free_text"] = "x" * 500
     with pytest.raises(ShardVerificationError) as err:
         shard.parse_manifest(json.dumps(body).encode())
     assert err.value.reason == "malformed_manifest" and "privacy" in str(err.value)
     with pytest.raises(ShardVerificationError) as err:  # the packager refuses to write it in the first place
         shard.write_shard(_kept(n=1), tmp_path / "t", site_id="site-a", shard_id="site-a-1", config_hash="ab" * 32,
-                          privacy={"deep": {"a": {"b": {"c": 1}}}}, key=identity.generate_key())
+                          privacy={"deep": {"a": {"b": {"c": {"d": {"e": 1}}}}}}, key=identity.generate_key())
     assert err.value.reason == "malformed_manifest" and not (tmp_path / "t").exists()
 
 
