@@ -213,6 +213,8 @@ def test_run_trains_filters_and_packages_for_real_then_skips_when_unchanged(
                        "train": {"steps": 20, "batch_size": 16, "warmup_steps": 2, "log_every": 10}},
            "reid": {"steps": 10, "batch_size": 16, "width": 8, "embedding_dim": 16},
            "sample": {"per_class": 4, "steps": 4, "batch_size": 12},
+           # 30 held-out images, 15 of them calibrate: alpha 0.3 (0.1 per detector) needs >= 9 null images
+           "filter": {"max_fresh_drop": 0.3},
            "site": {"id": "site-a", "coordinator_url": "https://127.0.0.1:9", "ca_file": "ca.pem",
                     "key_file": "site.key", "approval": "auto"}}
     (tmp_path / "site.yaml").write_text(yaml.safe_dump(raw))
