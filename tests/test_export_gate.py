@@ -507,11 +507,11 @@ def test_the_gate_refuses_a_shard_whose_stage_records_are_not_authenticated(site
     rec_path.write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n")
     force_db(site, "UPDATE shards SET filter_record_sha256 = ? WHERE shard_id = ?", sha256_file(rec_path), sid)
     assert_refused(site, sid, ExportRefused, "unauthenticated_stage", "not authenticated")
-    # ... and a sample stage forged under an intact filter record
+    # ... and a sample stage forged under an intact filter record (the filter re-run: a new shard)
     _stage(site.workdir, "filter", {KEPT_FILE: ImageSet.load(site.workdir / "filter" / KEPT_FILE),
-                                    "privacy_report.json": filter_report(5, 12)}, force=True)
+                                    "privacy_report.json": filter_report(5, 12) | {"run": 2}}, force=True)
     sid2 = approved_shard(site)
-    assert check_export(site.workdir, sid2, site.cfg).shard_id == sid2
+    assert sid2 != sid and check_export(site.workdir, sid2, site.cfg).shard_id == sid2
     run_stage(Stage("sample", lambda ctx: site.train.save(ctx.out / "samples.npz") or {}, (), {"test": "sample"}),
               site.workdir, force=True)
     assert_refused(site, sid2, ExportRefused, "unauthenticated_stage", "'sample' stage record")
