@@ -5,6 +5,7 @@ validated, and the evaluation stage reports tstr_/trtr_semi_vit."""
 from __future__ import annotations
 
 import gzip
+import re
 
 import numpy as np
 import pytest
@@ -132,3 +133,15 @@ def test_evaluation_reports_semi_vit_for_teacher_student_and_real(data: dict, tm
     assert report["student"]["tstr_semi_vit"] is None  # samples without labels: nothing to train on
     assert report["downstream"]["model"] == "semi_vit" and report["downstream"]["label_fraction"] == 0.1
     assert report["downstream"]["teacher"]["n_labelled"] == 12 and report["downstream"]["teacher"]["n_unlabelled"] == 108
+
+
+def test_report_page_puts_semi_vit_tstr_and_trtr_on_one_row() -> None:
+    from privdistill.report import render_html
+
+    report = {"teacher": {"tstr_accuracy": 0.8125, "tstr_semi_vit": 0.71875},
+              "student": {"tstr_accuracy": 0.75, "tstr_semi_vit": 0.65625},
+              "real": {"trtr_accuracy": 0.90625, "trtr_semi_vit": 0.84375}}
+    page = render_html(report, {})
+    row = re.search(r"<tr><th>Downstream accuracy, Semi-ViT, few labels[^<]*</th>(.*?)</tr>", page)
+    assert row is not None and re.findall(r"class=num>([^<]*)<", row.group(1)) == ["0.7188", "0.6562", "0.8438"]
+    assert "trtr_semi_vit" not in page and "Semi-ViT, few labels" not in render_html({"teacher": {}}, {})
