@@ -99,6 +99,8 @@ def summarise(runs: list[dict]) -> dict:
         if by(src, "semi_vit") and by(src, "cnn"):
             s["semi_vit_minus_cnn"] = t_interval([a - b for a, b in zip(by(src, "semi_vit"), by(src, "cnn"))])
         pl = [r for r in runs if r["source"] == src and r["model"] == "semi_vit"]
+        if not s:
+            continue
         if pl:
             s["pseudo_label_rate"] = t_interval([r["pseudo_label_rate"] for r in pl])
             s["pseudo_label_accuracy"] = t_interval([r["pseudo_label_accuracy"] for r in pl
@@ -124,15 +126,19 @@ def render_md(res: dict) -> str:
         "|---|" + "---:|" * (len(MODELS) + 2),
     ]
     for src in SOURCES:
+        if src not in sm:
+            lines.append(f"| {src} ({res['n_train'][src]} images) | not run |" + " |" * (len(MODELS) + 1))
+            continue
         s = sm[src]
         lines.append(f"| {src} ({res['n_train'][src]} images) | " + " | ".join(_ci(s[m]) for m in MODELS)
                      + f" | {_ci(s['semi_vit_minus_vit'], True)} | {_ci(s['semi_vit_minus_cnn'], True)} |")
     lines += ["", "Semi-ViT's pseudo-labels (EMA teacher, confidence ≥ "
               f"{res['downstream_config']['confidence_threshold']}): share of unlabelled images accepted / accepted that are right:", ""]
-    for src in SOURCES:
+    for src in (x for x in SOURCES if x in sm):
         s = sm[src]
         lines.append(f"- {src}: {_ci(s['pseudo_label_rate'])} / {_ci(s['pseudo_label_accuracy'])}")
-    lines += ["", f"Compute: {res['total_cpu_s'] / 60:.1f} CPU-min, wall {res['wall_s'] / 60:.1f} min, torch threads "
+    wall = "n/a (sources run as parallel processes)" if res["wall_s"] is None else f"{res['wall_s'] / 60:.1f} min"
+    lines += ["", f"Compute: {res['total_cpu_s'] / 60:.1f} CPU-min, wall {wall}, torch threads "
               f"{res['environment']['torch_threads']} (load average at end {res['environment']['loadavg_at_end'][0]:.1f}).",
               "", "Reproduce: `" + res["command"] + "`", ""]
     if res.get("notes"):
@@ -151,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", type=Path, default=HERE / "results")
     ap.add_argument("--render", type=Path, default=None, metavar="JSON", help="only re-render the markdown")
     ap.add_argument("--note", action="append", default=[])
+    ap.add_argument("--merge", type=Path, nargs="+", default=[], metavar="PARTIAL_JSON",
+                    help="only summarise the finished runs in these partial files (e.g. sources run in parallel "
+                         "with separate --out-dir) into --out-dir/downstream.{json,md}; sources without runs are "
+                         "reported as not run")
     a = ap.parse_args(argv)
     if a.render is not None:
         res = json.loads(a.render.read_text())
@@ -168,13 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(a.threads)
-    from privdistill.config import DownstreamConfig, load_config
+    from privdistill.config import load_config
     from privdistill.logs import configure_logging
     from privdistill.pipeline import STAGES, run_pipeline
 
     configure_logging("console", "info")
     cfg = load_config(a.config)
     workdir = a.workdir or Path("/tmp/privdistill-bench") / cfg.name
+    if a.merge:
+        runs = [r for f in a.merge for r in json.loads(f.read_text()) if r["seed"] < a.seeds]
+        return write_results(runs, a, cfg, workdir, None)
     t0 = time.time()
     needs = {"real": ("ingest", "ingest/train.npz"), "teacher": ("sample", "sample/samples.npz"),
              "student": ("train-student", "train-student/model")}
@@ -202,30 +215,55 @@ def main(argv: list[str] | None = None) -> int:
         print(f"partial run ({', '.join(a.sources)}) kept in {partial}; run again with all sources to finish")
         return 0
     runs = [r for r in runs if r["seed"] < a.seeds]
+    code = write_results(runs, a, cfg, workdir, time.time() - t0)
+    partial.unlink()
+    return code
+
+
+def n_images(workdir: Path, cfg) -> dict:
+    """Training-set sizes: real and teacher from the work directory, the student's from its sample config."""
+    import numpy as np
+
+    with np.load(workdir / "ingest" / "test.npz") as t:
+        n_test, n_classes = len(t["images"]), len(set(t["labels"].tolist()))
+    n = {"test": n_test}
+    for src, rel in (("real", "ingest/train.npz"), ("teacher", "sample/samples.npz")):
+        with np.load(workdir / rel) as z:
+            n[src] = len(z["images"])
+    n["student"] = cfg.sample.per_class * n_classes
+    return n
+
+
+def write_results(runs: list[dict], a, cfg, workdir: Path, wall_s: float | None) -> int:
+    import torch
+
+    from privdistill.config import DownstreamConfig
+
     cmd = f".venv/bin/python benchmarks/downstream.py --workdir {workdir} --seeds {a.seeds} --threads {a.threads}"
     if a.config != HERE / "configs" / "privacy_utility.yaml":
         cmd += f" --config {a.config}"
-    d = cfg.data
+    d, n = cfg.data, n_images(workdir, cfg)
     res = {
         "config_path": str(a.config.resolve().relative_to(HERE.parent)) if a.config.resolve().is_relative_to(HERE.parent) else str(a.config),
         "data": f"{cfg.name}: Fashion-MNIST classes {d.classes}, {d.resolution}x{d.resolution}, "
                 f"{d.max_per_class} patients/class x {d.visits.count if d.visits else 1} visits",
-        "seeds": a.seeds, "n_test": len(test), "n_train": {s: len(sets[s]) for s in SOURCES},
+        "seeds": a.seeds, "n_test": n["test"], "n_train": {s: n[s] for s in SOURCES},
         "downstream_config": DownstreamConfig().model_dump(mode="json"),
         "cnn": {"steps": cfg.evaluate.classifier_steps, "batch_size": cfg.evaluate.classifier_batch_size},
         "summary": summarise(runs), "runs": runs, "command": cmd,
-        "total_cpu_s": round(sum(r["cpu_s"] for r in runs), 1), "wall_s": round(time.time() - t0, 1),
+        "total_cpu_s": round(sum(r["cpu_s"] for r in runs), 1),
+        "wall_s": None if wall_s is None else round(wall_s, 1),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "environment": {"torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                         "python": platform.python_version(), "cpu_count_visible": os.cpu_count(),
                         "loadavg_at_end": list(os.getloadavg())},
         **({"notes": a.note} if a.note else {}),
     }
+    a.out_dir.mkdir(parents=True, exist_ok=True)
     out = a.out_dir / "downstream.json"
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(res, indent=2) + "\n")
     tmp.replace(out)
-    partial.unlink()
     md = render_md(res)
     out.with_suffix(".md").write_text(md)
     print(md)
