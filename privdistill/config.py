@@ -303,6 +303,51 @@ class FilterConfig(Strict):
         return data
 
 
+class ViTArchConfig(Strict):
+    """A small ViT built from config (transformers ``ViTConfig``); nothing is downloaded."""
+
+    patch_size: int | None = Field(None, ge=1)  # None: data.resolution // 4 (a 4x4 grid of patches, 16-64 px)
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(3, ge=1)
+    num_heads: int = Field(4, ge=1)
+    mlp_ratio: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ViTArchConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
+        return self
+
+    def patch_for(self, resolution: int) -> int:
+        """The patch size for square images of ``resolution`` px; ValueError when it does not tile them."""
+        p = self.patch_size if self.patch_size is not None else max(1, resolution // 4)
+        if resolution % p:
+            raise ValueError(f"patch size {p} does not divide the image size {resolution} px; "
+                             f"set it to a divisor of {resolution}")
+        return p
+
+
+class DownstreamConfig(Strict):
+    """The second downstream evaluator. ``cnn`` (default): only the fully labelled CNN TSTR; ``vit``: a ViT
+    trained on a ``label_fraction`` of labelled images; ``semi_vit``: that ViT, then Semi-ViT's semi-supervised
+    stage (EMA teacher, confidence-thresholded pseudo-labels, probabilistic pseudo-mixup) on the rest unlabelled."""
+
+    model: Literal["cnn", "vit", "semi_vit"] = "cnn"
+    label_fraction: float = Field(0.1, gt=0, le=1)
+    vit: ViTArchConfig = ViTArchConfig()
+    supervised_steps: int = Field(200, ge=1)
+    semi_steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)  # labelled images per step
+    unlabelled_ratio: int = Field(3, ge=1)  # unlabelled images per step = ratio x batch_size
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    ema_decay: float = Field(0.99, gt=0, lt=1)
+    confidence_threshold: float = Field(0.7, gt=0, le=1)
+    unlabelled_weight: float = Field(1.0, ge=0)
+    mixup_alpha: float = Field(0.8, ge=0)  # Beta(alpha, alpha) mixing ratio; 0 turns pseudo-mixup off
+
+
 class EvaluateConfig(Strict):
     classifier_steps: int = Field(600, ge=1)
     classifier_batch_size: int = Field(128, ge=1)
@@ -311,6 +356,7 @@ class EvaluateConfig(Strict):
     # the independent re-identification model's own operating point, fixed so that reid_rate does
     # not move when the filter's settings are tuned
     reid_target_tpr: float = Field(0.95, gt=0, le=1)
+    downstream: DownstreamConfig = DownstreamConfig()
 
 
 # --------------------------------------------------------------------------- differential privacy
@@ -489,6 +535,18 @@ def _dp_problems(cfg: RunConfig, base_dir: Path | None, resolved: dict[str, Any]
     return problems
 
 
+def _downstream_problems(cfg: RunConfig) -> list[str]:
+    """The ViT's patches must tile the images."""
+    ds = cfg.evaluate.downstream
+    if ds.model == "cnn":
+        return []
+    try:
+        ds.vit.patch_for(cfg.data.resolution)
+    except ValueError as err:
+        return [f"evaluate.downstream.vit.patch_size: {err}"]
+    return []
+
+
 def parse_config(
     raw: Any, source: str | None = None, base_dir: Path | None = None, *, model: type[RunConfig] = RunConfig
 ) -> RunConfig:
@@ -537,6 +595,7 @@ def parse_config(
     if cfg.data.classes is not None and len(set(cfg.data.classes)) != len(cfg.data.classes):
         problems.append("data.classes: duplicate class values")
     problems.extend(_dp_problems(cfg, base_dir, resolved))
+    problems.extend(_downstream_problems(cfg))
     if problems:
         raise ConfigError(problems, source)
     return model.model_validate(resolved)

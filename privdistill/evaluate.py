@@ -31,6 +31,27 @@ def _utility(samples: ImageSet, test: ImageSet, real_clf, cfg: RunConfig, seed: 
     return out
 
 
+def _downstream(report: dict[str, Any], train: ImageSet, test: ImageSet, sets: dict[str, ImageSet],
+                cfg: RunConfig) -> None:
+    """The ViT / Semi-ViT evaluator when configured: ``real.trtr_<model>`` and ``<name>.tstr_<model>``
+    (a label_fraction of the training images labelled, the rest unlabelled), plus what each run saw."""
+    ds = cfg.evaluate.downstream
+    if ds.model == "cnn":
+        return
+    from privdistill.downstream import downstream_accuracy
+
+    n_classes, detail = len(test.class_names), {}
+    for i, (name, data) in enumerate({"real": train, **sets}.items()):
+        key = f"{'trtr' if name == 'real' else 'tstr'}_{ds.model}"
+        if data.labels is None:
+            report[name][key] = None
+            continue
+        detail[name] = downstream_accuracy(data.images, data.labels, test.images, test.labels, n_classes, ds,
+                                           seed=cfg.seed + 21 + i)
+        report[name][key] = detail[name]["accuracy"]
+    report["downstream"] = {"model": ds.model, "label_fraction": ds.label_fraction, **detail}
+
+
 def _privacy(samples: ImageSet, train: ImageSet, reid_embed, train_emb: np.ndarray, threshold: float,
              cfg: RunConfig, fresh: np.ndarray) -> dict[str, Any]:
     from privdistill.metrics import memorization, reid_rate
@@ -132,6 +153,7 @@ def evaluate_run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
         }
         log.info("evaluate.result", model=name, memorization_rate=report[name]["memorization_rate"],
                  reid_rate=report[name]["reid_rate"], tstr_accuracy=report[name]["tstr_accuracy"])
+    _downstream(report, train, test, {"teacher": teacher_samples, "student": student_samples}, cfg)
     # membership inference: the teacher's AUC was measured at the sample stage; the student's here, on the
     # same real members (the teacher's training split) and held-out non-members. Headline: student vs teacher.
     from privdistill.audit.mia import run_membership_audit

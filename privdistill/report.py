@@ -24,6 +24,10 @@ HEADLINE = {
     "tstr_accuracy": "Downstream accuracy (TSTR; real: TRTR)",
     "fid_domain": "Domain FID",
 }
+OPTIONAL = {  # headline rows shown only when the report has them
+    "tstr_vit": "Downstream accuracy, ViT, few labels (TSTR; real: TRTR)",
+    "tstr_semi_vit": "Downstream accuracy, Semi-ViT, few labels (TSTR; real: TRTR)",
+}
 EXPLAIN = {
     "Memorization rate": "Share of generated images that are near-copies of a training image: closer "
     "to their nearest training image than a third of their distance to any other patient's images "
@@ -39,6 +43,10 @@ EXPLAIN = {
     "re-identification model links to a real training patient. Lower is better.",
     "Downstream accuracy": "A classifier trained on the generated images (TSTR), tested on real "
     "held-out images; the real column trains on real images (TRTR) as the reference. Higher is better.",
+    "Downstream accuracy, ViT / Semi-ViT": "Only when evaluate.downstream.model is vit or semi_vit: a small "
+    "Vision Transformer given the labels of only a label_fraction of the training images (per class); Semi-ViT "
+    "also learns from the rest, unlabelled, through an EMA teacher's confident pseudo-labels and pseudo-mixup "
+    "(Cai et al. 2022, without self-supervised pre-training). Tested on real held-out images. Higher is better.",
     "Domain FID": "Fréchet distance between real test and generated images in the feature space of a "
     "classifier trained on real data. Lower is better. Not comparable with published (Inception) FIDs.",
     "Membership-inference AUC": "ROC AUC of a loss attack telling the teacher's real training patients from "
@@ -110,17 +118,19 @@ def _kv_table(rows: list[tuple[str, Any]]) -> str:
 
 def _headline(report: dict) -> str:
     models = [m for m in MODELS if isinstance(report.get(m), dict)]
-    extra = sorted({k for m in models for k in report[m] if k not in HEADLINE and k != "trtr_accuracy"}, key=str)
+    keys = {k for m in models for k in report[m]}
+    keys |= {"tstr_" + k[5:] for k in keys if k.startswith("trtr_")}  # real's TRTR shares the row of its TSTR
+    extra = sorted((k for k in keys if k not in HEADLINE and not k.startswith("trtr_")), key=str)
     head = "<tr><th>metric</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in models) + "</tr>"
     rows = []
     for key in list(HEADLINE) + extra:
         cells = []
         for m in models:
             v = report[m].get(key)
-            if key == "tstr_accuracy" and v is None:
-                v = report[m].get("trtr_accuracy")
+            if key.startswith("tstr_") and v is None:
+                v = report[m].get("trtr_" + key[5:])
             cells.append(f"<td class=num>{html.escape(_fmt(v))}</td>")
-        rows.append(f"<tr><th>{html.escape(HEADLINE.get(key, key))}</th>{''.join(cells)}</tr>")
+        rows.append(f"<tr><th>{html.escape(HEADLINE.get(key) or OPTIONAL.get(key, key))}</th>{''.join(cells)}</tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 
 
