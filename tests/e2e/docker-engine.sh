@@ -3,7 +3,7 @@
 # run itself: `make test` runs pytest through `docker-engine.sh run -- CMD...`.
 #
 #   docker-engine.sh run -- CMD...   use the engine that answers (DOCKER_HOST or the default socket), else,
-#                                    as root, start a private one (vfs storage, no bridge, no iptables: every
+#                                    as root, start a private one (no bridge, no iptables: every
 #                                    container uses host networking and the tests stay on 127.0.0.1), run
 #                                    CMD with DOCKER_HOST pointing at it, stop it, exit with CMD's status.
 #                                    When no engine can be had, CMD still runs, with
@@ -37,8 +37,11 @@ start() {  # prints the DOCKER_HOST of a running private daemon, or why not (exi
     command -v "$b" >/dev/null || { echo "$b not installed: make docker-deps (as root)" >&2; return 3; }
   done
   mkdir -p "$data_root" "$run_dir"
-  # vfs: works on any filesystem (no overlay inside this kind of sandbox)
-  dockerd --storage-driver vfs --data-root "$data_root" --exec-root "$run_dir/exec" \
+  # the storage driver dockerd picks (overlay2 where the kernel and filesystem allow, else vfs: slower, full
+  # copies), or PRIVDISTILL_DOCKER_STORAGE
+  driver=()
+  [ -z "${PRIVDISTILL_DOCKER_STORAGE:-}" ] || driver=(--storage-driver "$PRIVDISTILL_DOCKER_STORAGE")
+  dockerd "${driver[@]}" --data-root "$data_root" --exec-root "$run_dir/exec" \
     --pidfile "$run_dir/dockerd.pid" --host "$sock" --bridge=none --iptables=false --ip-masq=false \
     >>"$log" 2>&1 &
   local pid=$! i
