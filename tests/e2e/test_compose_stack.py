@@ -11,7 +11,6 @@ under PRIVDISTILL_CI=1."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
