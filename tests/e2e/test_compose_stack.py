@@ -477,16 +477,18 @@ def test_containers_run_unprivileged_read_only_without_capabilities_and_healthy(
         assert touch.returncode != 0 and "Read-only file system" in touch.stderr
 
 
-def test_no_key_or_config_in_any_image_layer(stack: Stack, image: str, tmp_path: Path) -> None:
-    """docker save, every layer read: no private key, no kit or site file, none of this run's secrets."""
+def test_no_key_or_config_in_any_image_layer(image: str, tmp_path: Path) -> None:
+    """docker save, every layer read: no private key, no kit, site or token file, none of a fresh kit's keys."""
+    from coordinator.provision import provision
+
     archive = tmp_path / "image.tar"
     with Phase("save"):
         sh("docker", "save", "-o", archive, image, timeout=900)
     MEASURED["save_mb"] = round(archive.stat().st_size / 1e6)
-    secrets = [(stack.coord_dir / "server.key").read_bytes().strip(), (stack.prov.root / "ca" / "ca.key").read_bytes()
-               .strip(), *(stack.prov.site_dirs[s] / f for s in SITES for f in ("site.key", "flower-node.key"))]
-    needles = [s if isinstance(s, bytes) else s.read_bytes().strip() for s in secrets]
-    needles += [t.encode() for t in stack.tokens.values()]
+    prov = provision(tmp_path / "kit", list(SITES), host="127.0.0.1", days=2)
+    secrets = [prov.root / "coordinator" / "server.key", prov.root / "ca" / "ca.key",
+               *(prov.site_dirs[s] / f for s in SITES for f in ("site.key", "flower-node.key"))]
+    needles = [s.read_bytes().strip() for s in secrets]
     # any PEM private key (a header and a base64 body: PEM parsers hold the bare header) outside the files of
     # Debian's and third-party Python packages, whose self-test vectors hold some (libgnutls, pycryptodome's
     # Crypto/SelfTest/); privdistill's own packages, /etc, /work, /var and the rest are searched
