@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 DEMO_WORKDIR ?= demo-work
 
-.PHONY: venv data sysdeps compose-venv demo demo-single demo-federated demo-pacs test test-slow bench clean
+.PHONY: venv data sysdeps compose-venv docker-deps images demo demo-single demo-federated demo-pacs test test-slow bench clean clean-images
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -55,6 +55,29 @@ $(COMPOSE_VENV)/.installed:
 
 compose-venv: $(COMPOSE_VENV)/.installed
 
+# The Docker engine, Compose and mmdebstrap for the on-premise install tests (tests/e2e/test_compose_stack.py)
+# and `make images`: Debian's docker.io (dockerd), docker-compose (v1.29; drives this engine) and mmdebstrap (the
+# local base image: no registry is needed). Installed when missing and run as root; otherwise the hint.
+DOCKER_DEPS_BIN := /usr/sbin/dockerd /usr/bin/docker-compose /usr/bin/mmdebstrap
+docker-deps:
+	@missing=""; for b in $(DOCKER_DEPS_BIN); do [ -x $$b ] || missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    (apt-get install -y -qq docker.io docker-compose mmdebstrap >/dev/null || \
+	     (apt-get update -qq && apt-get install -y -qq docker.io docker-compose mmdebstrap >/dev/null)); \
+	  else \
+	    echo "missing:$$missing; run 'sudo apt-get install docker.io docker-compose mmdebstrap' (Debian)" >&2; \
+	  fi; \
+	fi
+
+# The image without a registry: a local Debian base image (mmdebstrap + docker import), the wheelhouse made
+# with pip in deploy/docker/wheelhouse/, the classic builder (deploy/scripts/build-local-image.sh; cached in
+# .cache/image/). Uses the engine that answers, else starts a private one as root (tests/e2e/docker-engine.sh:
+# data in .cache/docker/, where the tests find the image again).
+IMAGE_TAG ?= privdistill:$(shell sed -n 's/^version = "\([^"]*\)"$$/\1/p' pyproject.toml | head -n 1)
+images: venv docker-deps
+	bash tests/e2e/docker-engine.sh run -- bash deploy/scripts/build-local-image.sh --tag $(IMAGE_TAG) --python $(VPY)
+
 # Two hospitals and a coordinator on loopback (real TLS, real processes): provision, serve, two site
 # agents, export, train + evaluate + release the student, per-site check of the student, summary.
 demo: venv data
@@ -75,11 +98,18 @@ demo-pacs: venv data sysdeps
 demo-single: venv data
 	$(VENV)/bin/privdistill run examples/fashion-mnist.yaml --workdir $(DEMO_WORKDIR)-single
 
-test: venv data sysdeps compose-venv
-	$(VPY) -m pytest -q
+# pytest through tests/e2e/docker-engine.sh: the engine that answers, or a private one started (as root) and
+# stopped around the run; without one the compose stack tests skip with the reason (fail under PRIVDISTILL_CI=1).
+test: venv data sysdeps compose-venv docker-deps
+	bash tests/e2e/docker-engine.sh run -- $(VPY) -m pytest -q
 
 test-slow: venv data
 	$(VPY) -m pytest -q -m slow
 
 clean:
 	rm -rf $(DEMO_WORKDIR) $(DEMO_WORKDIR)-single $(DEMO_WORKDIR)-federated $(DEMO_WORKDIR)-pacs .pytest_cache
+# what `make images` and the compose tests cached: the base tarball, the wheels, the private engine's data
+clean-images:
+	bash tests/e2e/docker-engine.sh stop
+	rm -rf .cache/image .cache/docker .cache/docker.log
+	find deploy/docker/wheelhouse -name '*.whl' -delete
