@@ -216,7 +216,11 @@ def test_run_trains_filters_and_packages_for_real_then_skips_when_unchanged(
            # 30 held-out images, 15 of them calibrate: alpha 0.3 (0.1 per detector) needs >= 9 null images
            "filter": {"max_fresh_drop": 0.3},
            "site": {"id": "site-a", "coordinator_url": "https://127.0.0.1:9", "ca_file": "ca.pem",
-                    "key_file": "site.key", "approval": "auto"}}
+                    "key_file": "site.key", "approval": "auto",
+                    # this test is about staging and skipping, not the metric: the independent memorization
+                    # metric flags 1 of the 20-step teacher's 12 samples (measured), which the default limit
+                    # 0.0 refuses (that refusal is what test_export_gate.py and test_release_gate.py test)
+                    "policy": {"max_kept_memorization_rate": 0.1}}}
     (tmp_path / "site.yaml").write_text(yaml.safe_dump(raw))
     w = tmp_path / "w"
 
