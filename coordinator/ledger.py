@@ -15,6 +15,7 @@ from pathlib import Path
 from privdistill.errors import ConfigError
 from privdistill.identity import parse_public_key
 from privdistill.shard import ID_PATTERN
+from privdistill.sqlite import connect, transaction
 
 from coordinator.store import shard_dir
 
@@ -134,25 +135,17 @@ class Ledger:
 
     # ------------------------------------------------------------------ plumbing
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        db.execute("PRAGMA foreign_keys=ON")
         # WAL + NORMAL: a commit survives a killed process; after a power cut the last commits may roll
         # back, which leaves an offset behind the bytes on disk (truncated at start) or an accepted
         # upload back at "receiving" with every byte present (re-verified and accepted at start).
-        db.execute("PRAGMA synchronous=NORMAL")
-        return db
+        return connect(self.path, foreign_keys=True)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         db = self._connect()
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(db):
                 yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
         finally:
             db.close()
 

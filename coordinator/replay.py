@@ -11,6 +11,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+from privdistill.sqlite import connect, transaction
+
 from coordinator.schemas import ApiError
 
 NONCE_FILE = "nonces.sqlite"
@@ -35,17 +37,14 @@ class ReplayCache:
             db.close()
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        db.execute("PRAGMA synchronous=NORMAL")
-        return db
+        return connect(self.path)
 
     def record(self, site: str, nonce: str, timestamp: int, *, now: float | None = None) -> None:
         """Accept (site, nonce) once; a second time inside the window is ``replayed_request``."""
         now = time.time() if now is None else now
         db = self._connect()
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(db):
                 self._inserts += 1
                 if self._inserts % PRUNE_EVERY == 0:
                     db.execute("DELETE FROM nonces WHERE expires < ?", (now,))
@@ -59,10 +58,6 @@ class ReplayCache:
                                    f"in {self.window_s} s; slow down", headers={"Retry-After": "30"})
                 db.execute("INSERT INTO nonces(site, nonce, expires) VALUES (?, ?, ?)",
                            (site, nonce, timestamp + self.max_skew_s + 1))
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
         finally:
             db.close()
 

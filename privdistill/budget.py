@@ -13,8 +13,8 @@ import json
 import os
 import secrets
 import sqlite3
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +23,7 @@ import numpy as np
 import structlog
 
 from privdistill.errors import PrivacyPolicyError
+from privdistill.sqlite import connection
 
 if TYPE_CHECKING:
     from privdistill.config import BudgetConfig, DPConfig, TrainConfig
@@ -90,15 +91,8 @@ class PrivacyLedger:
             db.execute("INSERT OR IGNORE INTO meta (k, v) VALUES ('unit_key', ?)", (secrets.token_hex(16),))
             self._key = bytes.fromhex(db.execute("SELECT v FROM meta WHERE k = 'unit_key'").fetchone()[0])
 
-    @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            yield db
-        finally:
-            db.close()
+    def _db(self) -> AbstractContextManager[sqlite3.Connection]:
+        return connection(self.path, timeout=60, synchronous="FULL", wal=True)
 
     # ------------------------------------------------------------------ identities
     def unit_hashes(self, unit_ids: Sequence[str]) -> list[str]:

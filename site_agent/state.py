@@ -7,14 +7,14 @@ import json
 import os
 import secrets
 import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from privdistill.errors import PrivacyPolicyError, StageError
+from privdistill.sqlite import connection
 
 STATE_FILE = "site_state.sqlite"
 WORKDIR_ID_FILE = ".workdir_id"
@@ -105,16 +105,8 @@ class SiteState:
         with self._db() as db:
             db.executescript(_SCHEMA)
 
-    @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            yield db
-        finally:
-            db.close()
+    def _db(self) -> AbstractContextManager[sqlite3.Connection]:
+        return connection(self.path, timeout=30, synchronous="FULL", wal=True, rows=True)
 
     def register(self, *, shard_id: str, site_id: str, dir: Path, state: str, policy: dict[str, Any],
                  manifest_sha256: str, tar_sha256: str, sample_count: int, filter_record_sha256: str,

@@ -1,0 +1,48 @@
+"""One way to open the project's SQLite files (site state, privacy-budget ledger, coordinator ledger, replay
+cache): autocommit connections with a busy timeout, and write transactions taken with BEGIN IMMEDIATE."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+
+def connect(path: Path | str, *, timeout: float = 30.0, synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
+            wal: bool = False, rows: bool = False, foreign_keys: bool = False) -> sqlite3.Connection:
+    """An autocommit connection (transactions are explicit: see ``transaction``). ``synchronous=FULL`` for
+    files whose last commit must survive a power cut (the privacy budget, the site's shard register)."""
+    db = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+    if rows:
+        db.row_factory = sqlite3.Row
+    if foreign_keys:
+        db.execute("PRAGMA foreign_keys=ON")
+    if wal:
+        db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA synchronous={synchronous}")
+    return db
+
+
+@contextmanager
+def connection(path: Path | str, **kwargs) -> Iterator[sqlite3.Connection]:
+    """``connect(path, **kwargs)``, closed on exit."""
+    db = connect(path, **kwargs)
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+@contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE (the write lock up front, so two writers never interleave a read-then-write), COMMIT on
+    success, ROLLBACK on any exception."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
