@@ -24,7 +24,7 @@ COLOUR_TYPE = {1: 0, 3: 2}  # channels -> PNG colour type (8-bit grayscale, 8-bi
 SAMPLE_KEYS = ("class_name", "label", "prompt", "sample_id")
 
 MAX_PRIVACY_BYTES = 32 * 1024
-MAX_PRIVACY_DEPTH = 6  # privacy.audit.recall.<kind>.ci[0]
+MAX_PRIVACY_DEPTH = 8  # privacy.mia.teacher.tpr_at_fpr.<fpr>.ci95[0] is 7 deep
 MAX_PRIVACY_ITEMS = 64  # keys of one mapping, items of one list
 MAX_PRIVACY_STRINGS = 128  # names of kinds, detectors and non-DP keys; each short
 MAX_PRIVACY_STRING = 400

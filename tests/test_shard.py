@@ -179,7 +179,7 @@ def test_private_key_file_is_0600_and_loose_modes_are_refused(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize(("privacy", "why"), [
-    ({"a": {"b": {"c": {"d": {"e": {"f": 1}}}}}}, "deeper than 6"),
+    ({"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": 1}}}}}}}}, "deeper than 8"),
     ({"note": "x" * 401}, "short printable ASCII"),
     ({"note": "Иванов"}, "short printable ASCII"),
     ({"notes": [f"s{i}" for i in range(60)], "more": [f"t{i}" for i in range(60)], "x": [f"u{i}" for i in range(9)]},
@@ -208,7 +208,7 @@ def test_a_manifest_with_an_unbounded_privacy_section_is_malformed(tmp_path: Pat
     assert err.value.reason == "malformed_manifest" and "privacy" in str(err.value)
     with pytest.raises(ShardVerificationError) as err:  # the packager refuses to write it in the first place
         shard.write_shard(_kept(n=1), tmp_path / "t", site_id="site-a", shard_id="site-a-1", config_hash="ab" * 32,
-                          privacy={"deep": {"a": {"b": {"c": {"d": {"e": 1}}}}}}, key=identity.generate_key())
+                          privacy={"deep": {"a": {"b": {"c": {"d": {"e": {"f": {"g": 1}}}}}}}}, key=identity.generate_key())
     assert err.value.reason == "malformed_manifest" and not (tmp_path / "t").exists()
 
 

@@ -195,6 +195,12 @@ class Stack:
             (secrets / name).chmod(0o600)
         for d in ("training", "reference-data"):
             (tmp / d).mkdir()
+        # the shipped coordinator.yaml names a training config; uploads are checked against it (resolution,
+        # channels, conditioning), so it must exist before the sites export: the tiny sites' format
+        (tmp / "training" / "training.yaml").write_text(yaml.safe_dump({
+            "name": "compose-student", "seed": 0, "resolution": 16, "channels": 1,
+            "student": {"model": {"conditioning": "class", "block_out_channels": [16, 32], "norm_num_groups": 8},
+                        "train": {"steps": 20, "batch_size": 16}}}, sort_keys=False))
         # the coordinator's container config: the shipped one, listening on loopback at the test's port
         cfg = yaml.safe_load((COMPOSE / "config" / "coordinator.yaml").read_text())
         cfg["listen"] = {"host": "127.0.0.1", "port": self.cport}
