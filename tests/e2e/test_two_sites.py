@@ -60,7 +60,9 @@ def test_both_sites_exported_and_the_coordinator_accepted_each_shard_once(demo: 
         s = summary["sites"][site]
         assert s["shard"] is not None and s["shard"].startswith(site)
         assert s["privacy"]["kept"] > 0 and s["privacy"]["kept_memorization_rate"] == 0.0
-        assert set(s["privacy"]["audit"]["planted_recall"].values()) == {1.0}  # every kind of planted copy
+        # every kind of planted copy at least the demo's policy (0.9: see two_site_demo.py), exact copies all
+        recall = s["privacy"]["audit"]["planted_recall"]
+        assert min(recall.values()) >= 0.9 and recall["exact"] == 1.0, recall
         exported = [json.loads(x) for x in (demo / site / "work" / "audit.log").read_text().splitlines()]
         assert [e["event"] for e in exported].count("exported") == 1
         ev = s["student_eval"]["student"]
