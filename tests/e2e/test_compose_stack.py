@@ -420,7 +420,9 @@ def test_the_review_page_container_answers_on_loopback(stack: Stack) -> None:
 def test_down_and_up_keep_the_ledger_the_shards_and_the_site_work(stack: Stack) -> None:
     before, stored = stack.accepted(), stack.stored()
     volumes = stack.volumes()
-    assert len(volumes) == 2 + len(SITES), volumes  # coordinator-state, coordinator-work, one site-work per site
+    # coordinator-state and coordinator-work; per site its work and its state (the privacy-budget ledger,
+    # which must outlive the work directory)
+    assert len(volumes) == 2 + 2 * len(SITES), volumes
 
     stack.down()
     assert sh("docker", "ps", "-aq", "--filter", f"name=pdci{stack.id}").stdout.strip() == ""
