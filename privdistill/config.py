@@ -260,16 +260,17 @@ class ReidConfig(Strict):
     @model_validator(mode="before")
     @classmethod
     def _moved(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "target_tpr" in data:
-            raise ValueError(TARGET_TPR_MOVED.format(where="reid.target_tpr"))
-        return data
+        return _refuse_target_tpr(data, "reid.target_tpr")
 
 
-TARGET_TPR_MOVED = (
-    "{where} was removed: the filter is now calibrated on the decision it makes (each fresh image's best match "
-    "against the training gallery); set filter.max_fresh_drop instead (alpha, the share of fresh images of new "
-    "patients the filter may drop; default 0.05) and delete {where}"
-)
+def _refuse_target_tpr(data: Any, where: str) -> Any:
+    """The removed ``target_tpr`` key (reid or filter section): an error that names its replacement."""
+    if isinstance(data, dict) and "target_tpr" in data:
+        raise ValueError(
+            f"{where} was removed: the filter is now calibrated on the decision it makes (each fresh image's best "
+            "match against the training gallery); set filter.max_fresh_drop instead (alpha, the share of fresh "
+            f"images of new patients the filter may drop; default 0.05) and delete {where}")
+    return data
 
 
 class FilterConfig(Strict):
@@ -298,9 +299,7 @@ class FilterConfig(Strict):
     @model_validator(mode="before")
     @classmethod
     def _moved(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "target_tpr" in data:
-            raise ValueError(TARGET_TPR_MOVED.format(where="filter.target_tpr"))
-        return data
+        return _refuse_target_tpr(data, "filter.target_tpr")
 
 
 class ViTArchConfig(Strict):
