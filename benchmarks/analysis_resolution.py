@@ -21,10 +21,9 @@ import json
 import resource
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import torch
 from scipy.stats import binomtest
 
@@ -61,7 +60,7 @@ def main() -> None:
     train28 = with_visits(fashion("train", 0, args.patients), visits=2, seed=0)
     train = at_resolution(train28, args.resolution)
     heldout = ImageSet(images=resize_images(fashion("t10k", 0, args.heldout), args.resolution))
-    out: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    out: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
                  "data": {"resolution": args.resolution, "patients": args.patients, "images": len(train),
                           "heldout_patients": args.heldout},
                  "analysis": {}}

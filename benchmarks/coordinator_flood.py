@@ -99,7 +99,7 @@ async def _one(kind: str, port: int, ctx: ssl.SSLContext, attack: Attack, stop: 
     t0 = time.monotonic()
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port, ssl=ctx), timeout=10)
-    except (OSError, asyncio.TimeoutError, ssl.SSLError):
+    except (TimeoutError, OSError, ssl.SSLError):
         attack.refused += 1
         await asyncio.sleep(0.2)
         return
@@ -136,16 +136,16 @@ async def _one(kind: str, port: int, ctx: ssl.SSLContext, attack: Attack, stop: 
         # wait for the server's answer or close
         try:
             await asyncio.wait_for(reader.read(), timeout=max(0.1, stop - time.monotonic()))
-        except (asyncio.TimeoutError, OSError, ssl.SSLError):
+        except (TimeoutError, OSError, ssl.SSLError):
             pass
-    except (OSError, asyncio.TimeoutError, ssl.SSLError, ConnectionError):
+    except (TimeoutError, OSError, ssl.SSLError, ConnectionError):
         pass
     finally:
         attack.max_open_s = max(attack.max_open_s, time.monotonic() - t0)
         writer.close()
         try:
             await asyncio.wait_for(writer.wait_closed(), timeout=1)
-        except (OSError, asyncio.TimeoutError, ssl.SSLError, ConnectionError):
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError):
             pass
 
 
@@ -154,14 +154,14 @@ async def _stall_tls(port: int, attack: Attack, stop: float) -> None:
     t0 = time.monotonic()
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout=10)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         attack.refused += 1
         await asyncio.sleep(0.2)
         return
     attack.connections += 1
     try:
         await asyncio.wait_for(reader.read(), timeout=max(0.1, stop - time.monotonic()))
-    except (asyncio.TimeoutError, OSError):
+    except (TimeoutError, OSError):
         pass
     finally:
         attack.max_open_s = max(attack.max_open_s, time.monotonic() - t0)

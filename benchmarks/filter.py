@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from privdistill import pixel
 from privdistill.config import FilterConfig, ReidConfig
 from privdistill.data.types import ImageSet
-from privdistill import pixel
 from privdistill.filter import best_matches, filter_synthetic, pixel_threshold
 from privdistill.reid import OnnxEmbedder, ReidModel, export_onnx, train_reid
 
@@ -104,7 +104,7 @@ def scale_phases(synthetic: ImageSet, real: ImageSet, embedder: OnnxEmbedder, th
     """The embedding filter's steps one by one (same functions filter_synthetic calls), each timed and printed."""
     cfg, times = FilterConfig(), {}
 
-    def phase(name: str, fn):  # noqa: ANN001, ANN202
+    def phase(name: str, fn):
         t = time.perf_counter()
         value = fn()
         times[name] = round(time.perf_counter() - t, 2)

@@ -2,15 +2,22 @@
 run's stages; counts how many of the independent metric's teacher copies each alpha drops.
 
 Usage: PYTHONPATH=. .venv/bin/python benchmarks/filter_alpha_sweep.py WORKDIR OUT.json"""
-import json, sys, numpy as np, torch
+import json
+import sys
+
+import numpy as np
+import torch
+
 torch.set_num_threads(1)
 from pathlib import Path
+
 from privdistill.config import FilterConfig
 from privdistill.data.types import ImageSet
-from privdistill.filter import scorer_for, calibrate_filter, split_null, filter_synthetic
-from privdistill.filter_audit import audit_filter, binomial_ci
-from privdistill.reid import OnnxEmbedder
+from privdistill.filter import calibrate_filter, filter_synthetic, scorer_for, split_null
+from privdistill.filter_audit import binomial_ci
 from privdistill.metrics import memorization
+from privdistill.reid import OnnxEmbedder
+
 wd = Path(sys.argv[1])
 train = ImageSet.load(wd/"ingest/train.npz"); held = ImageSet.load(wd/"ingest/test.npz"); samples = ImageSet.load(wd/"sample/samples.npz")
 emb = OnnxEmbedder(wd/"train-reid/reid.onnx")

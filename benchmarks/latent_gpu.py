@@ -23,7 +23,7 @@ import json
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +135,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     folder = tiny_pipeline(Path(tempfile.mkdtemp()) / "sd", vae_channels=(32, 64, 128, 128),
                            unet_channels=(64, 128, 256), layers_per_block=2, cross_attention_dim=128)
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    result = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "setup": {k: v for k, v in vars(args).items() if k not in ("out", "quick")}, "precision": {}}
     precisions = ["no", "bf16"] if device.type == "cuda" else ["no"]  # autocast is CUDA-only here

@@ -23,7 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 RESULTS = ROOT / "benchmarks" / "results" / "latent_lora.json"
 
 
-def build(folder: Path, variant: str, args: argparse.Namespace, data):  # noqa: ANN001, ANN201
+def build(folder: Path, variant: str, args: argparse.Namespace, data):
     from privdistill.config import DPConfig, ModelConfig, TrainConfig
     from privdistill.dp import DPTrainer, plan_dp, privacy_units
     from privdistill.models import DiffusionModel
@@ -89,7 +89,7 @@ def main() -> None:
                 trainers[v].train_step()
                 times[v].append(time.perf_counter() - t0)
     out: dict = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, CPU",
         "setup": {"resolution": args.resolution, "latent": list(trainers["full"].model.sample_shape),
                   "batch_size": args.batch_size, "lora_rank": args.rank, "timed_steps": args.steps * args.reps,

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 
-def baseline_verify(tar_path: Path, manifest) -> None:  # noqa: ANN001 - privdistill.shard.Manifest
+def baseline_verify(tar_path: Path, manifest) -> None:
     """The pre-canonical check: whole-file hash, member hashes, PIL verify() (CRC only, no inflation), JSON keys."""
     from PIL import Image
 

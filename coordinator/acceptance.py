@@ -8,11 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from privdistill.errors import ConfigError, ShardVerificationError
-from privdistill.shard import MANIFEST, Manifest, parse_manifest
-
 from coordinator.config import CoordinatorConfig
 from coordinator.ledger import Ledger
+from privdistill.errors import ConfigError, ShardVerificationError
+from privdistill.shard import MANIFEST, Manifest, parse_manifest
 
 
 @dataclass(frozen=True)

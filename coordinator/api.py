@@ -11,8 +11,6 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from privdistill import __version__
-
 from coordinator import store
 from coordinator.audit import AuditLog
 from coordinator.auth import Authed, SiteAuth
@@ -20,10 +18,20 @@ from coordinator.config import CoordinatorConfig
 from coordinator.ledger import Ledger
 from coordinator.metrics import CONTENT_TYPE_LATEST, Metrics
 from coordinator.replay import ReplayCache
-from coordinator.schemas import (AUTH_ERRORS, E404, E409, E422, ApiError, CreateUploadRequest, ErrorResponse,
-                                 HealthResponse, UploadInfo)
+from coordinator.schemas import (
+    AUTH_ERRORS,
+    E404,
+    E409,
+    E422,
+    ApiError,
+    CreateUploadRequest,
+    ErrorResponse,
+    HealthResponse,
+    UploadInfo,
+)
 from coordinator.uploads import Uploads
 from coordinator.web.routes import mount_admin
+from privdistill import __version__
 
 OFFSET_STREAM = "application/offset+octet-stream"
 _STATUS_REASON = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}

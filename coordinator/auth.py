@@ -12,14 +12,22 @@ from dataclasses import dataclass
 from fastapi import Header, Request
 from starlette.concurrency import run_in_threadpool
 
-from privdistill.errors import ShardVerificationError
-from privdistill.identity import (H_BODY, H_NONCE, H_SIG, H_SITE, H_TIME, SignedHeaders, check_body,
-                                  read_signed_headers, verify_signed_headers)
-
 from coordinator.config import LimitsConfig
 from coordinator.ledger import Ledger
 from coordinator.replay import ReplayCache
 from coordinator.schemas import ApiError
+from privdistill.errors import ShardVerificationError
+from privdistill.identity import (
+    H_BODY,
+    H_NONCE,
+    H_SIG,
+    H_SITE,
+    H_TIME,
+    SignedHeaders,
+    check_body,
+    read_signed_headers,
+    verify_signed_headers,
+)
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import structlog
 
+from coordinator import student_cli
 from privdistill import __version__
 from privdistill.cli import run_guarded
-
-from coordinator import student_cli
 
 EXIT_CODES = {
     0: "success",
@@ -109,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _ledger(config_path: Path):  # noqa: ANN202 - coordinator.ledger.Ledger
+def _ledger(config_path: Path):
     from coordinator.config import load_coordinator_config
     from coordinator.ledger import Ledger
 
@@ -207,9 +206,8 @@ def _shard_status(args: argparse.Namespace) -> int:
     """`shards quarantine | remove | include`: one ledger status change (and audit record) per shard."""
     import shutil
 
-    from privdistill.errors import ConfigError
-
     from coordinator.audit import AuditLog
+    from privdistill.errors import ConfigError
 
     ledger = _ledger(args.config)
     if getattr(args, "site", None):

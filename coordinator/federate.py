@@ -17,10 +17,9 @@ from typing import Any
 
 import structlog
 
+from coordinator.config import CoordinatorConfig, load_coordinator_config
 from privdistill.errors import ConfigError, RetryableNetworkError, StageError
 from privdistill.federated import DEFAULT_SUPERLINK_PORT, NODE_PUBS_DIR
-
-from coordinator.config import CoordinatorConfig, load_coordinator_config
 
 log = structlog.get_logger(__name__)
 APP_DIR = Path(__file__).resolve().parent / "flower_app"

@@ -17,14 +17,20 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from coordinator.student import TrainingConfig, load_training_config
 from privdistill.data.types import ImageSet
 from privdistill.errors import ConfigError, StageError
 from privdistill.federated import (
-    ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, PROVENANCE_KEY, SPEC_FIELD, WEIGHT_FIELD, StudentSpec, parse_refusal,
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    PROVENANCE_KEY,
+    SPEC_FIELD,
+    WEIGHT_FIELD,
+    StudentSpec,
+    parse_refusal,
 )
 from privdistill.stages import atomic_write_json
-
-from coordinator.student import TrainingConfig, load_training_config
 
 log = structlog.get_logger(__name__)
 app = ServerApp()
@@ -112,7 +118,7 @@ class GatedFedAvg(FedAvg):
 
 
 # ----------------------------------------------------------------------------- server-side evaluation
-def _eval_loss_fn(spec: StudentSpec, data: ImageSet | None):  # noqa: ANN202 - flwr's evaluate_fn signature
+def _eval_loss_fn(spec: StudentSpec, data: ImageSet | None):
     """evaluate_fn(round, arrays) -> MetricRecord: the DDPM loss on the coordinator's accepted shards with
     fixed timesteps and noise (lower is better); None without accepted shards."""
     if data is None:

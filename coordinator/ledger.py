@@ -9,15 +9,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
+from coordinator.store import shard_dir
 from privdistill.errors import ConfigError
 from privdistill.identity import parse_public_key
 from privdistill.shard import ID_PATTERN
 from privdistill.sqlite import connect, transaction
-
-from coordinator.store import shard_dir
 
 TOUCH_INTERVAL_S = 30.0
 
@@ -58,7 +57,7 @@ class QuotaExceeded(Exception):
 
 
 def utcnow() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from coordinator.audit import AuditLog
+from coordinator.ledger import Ledger
 from privdistill.errors import ConfigError
 from privdistill.federated import DEFAULT_SUPERLINK_PORT, NODE_KEY_FILE, NODE_PUB_FILE, NODE_PUBS_DIR
 from privdistill.identity import generate_key, public_key_b64, save_private_key, write_private_file
 from privdistill.shard import ID_PATTERN
-
-from coordinator.audit import AuditLog
-from coordinator.ledger import Ledger
 
 RESERVED = {"ca", "coordinator"}
 # a site kit: what a site's install needs (deploy/compose/site.yaml mounts the first four as secrets)
@@ -52,7 +51,7 @@ def _name(cn: str) -> x509.Name:
 
 def make_ca(days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (x509.CertificateBuilder().subject_name(_name("privdistill coordinator CA")).issuer_name(
         _name("privdistill coordinator CA")).public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -78,7 +77,7 @@ def make_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certifica
     except ValueError:
         if host != "localhost":
             sans.append(x509.DNSName(host))
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     cert = (x509.CertificateBuilder().subject_name(_name(host)).issuer_name(ca_cert.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -286,7 +285,7 @@ def renew_server_cert(kit: Path, *, host: str | None = None, days: int | None = 
         raise ConfigError(problems)
     ca_cert = x509.load_pem_x509_certificate(ca_path.read_bytes())
     ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
-    left = (ca_cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)).days
+    left = (ca_cert.not_valid_after_utc - dt.datetime.now(dt.UTC)).days
     days = min(397, left) if days is None else days
     if left < 1:
         problems.append(f"the CA expired on {ca_cert.not_valid_after_utc:%Y-%m-%d}: provision a new kit "

@@ -9,21 +9,28 @@ import os
 import re
 import shutil
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
 
+from coordinator.model_card import NOT_MEASURED, render_model_card
+from coordinator.student import (
+    EVAL_STAGE,
+    GRID_FILE,
+    REPORT_FILE,
+    TRAIN_STAGE,
+    TRAINING_FILE,
+    ReleasePolicy,
+    Shards,
+    TrainingConfig,
+    stage_state,
+)
 from privdistill import __version__
 from privdistill.errors import PrivacyPolicyError
 from privdistill.privacy_report import Limits, PrivacyReport, evaluate_criteria
 from privdistill.stages import hash_tree, read_record, stage_dir, workdir_lock
-
-from coordinator.model_card import NOT_MEASURED, render_model_card
-from coordinator.student import (
-    EVAL_STAGE, GRID_FILE, REPORT_FILE, TRAIN_STAGE, TRAINING_FILE, ReleasePolicy, Shards, TrainingConfig, stage_state,
-)
 
 log = structlog.get_logger(__name__)
 
@@ -180,7 +187,7 @@ def _release_record(training: dict[str, Any], evaluation: dict[str, Any], cfg: T
         "format": "privdistill-release/1",
         "name": cfg.name,
         "version": version,
-        "released_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "released_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "software_version": __version__,
         "model": {
             "conditioning": training["conditioning"], "class_names": training["class_names"],

@@ -11,9 +11,8 @@ import sqlite3
 import time
 from pathlib import Path
 
-from privdistill.sqlite import connect, transaction
-
 from coordinator.schemas import ApiError
+from privdistill.sqlite import connect, transaction
 
 NONCE_FILE = "nonces.sqlite"
 PRUNE_EVERY = 256

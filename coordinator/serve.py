@@ -8,11 +8,10 @@ from collections.abc import Callable
 import structlog
 import uvicorn
 
-from privdistill.errors import RetryableNetworkError
-from privdistill.httpserver import hardened_config
-
 from coordinator.api import create_app
 from coordinator.config import CoordinatorConfig, check_tls_files
+from privdistill.errors import RetryableNetworkError
+from privdistill.httpserver import hardened_config
 
 log = structlog.get_logger("coordinator.serve")
 

@@ -11,16 +11,31 @@ from pathlib import Path
 from typing import Any, Literal
 
 import structlog
-
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from privdistill.config import (
-    DataConfig, DiffusionConfig, SampleConfig, Source, _format_pydantic, _source_paths, latent_problems, read_yaml,
+    DataConfig,
+    DiffusionConfig,
+    SampleConfig,
+    Source,
+    _format_pydantic,
+    _source_paths,
+    latent_problems,
+    read_yaml,
 )
 from privdistill.data.types import ImageSet
 from privdistill.errors import ConfigError, ShardVerificationError, StageError
 from privdistill.privacy_report import PrivacyReport, renamed_field
-from privdistill.shard import MANIFEST, SHARD_TAR, Manifest, iter_samples, load_shards, parse_manifest, sha256_path, verify_tar
+from privdistill.shard import (
+    MANIFEST,
+    SHARD_TAR,
+    Manifest,
+    iter_samples,
+    load_shards,
+    parse_manifest,
+    sha256_path,
+    verify_tar,
+)
 from privdistill.stages import Stage, StageContext, atomic_write_json, is_current, read_record, run_stage, workdir_lock
 
 log = structlog.get_logger(__name__)

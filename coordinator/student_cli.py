@@ -50,7 +50,12 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from coordinator.release import check_policy
     from coordinator.student import (
-        EVAL_STAGE, REPORT_FILE, TRAIN_STAGE, TRAINING_FILE, evaluate_student, load_training_config,
+        EVAL_STAGE,
+        REPORT_FILE,
+        TRAIN_STAGE,
+        TRAINING_FILE,
+        evaluate_student,
+        load_training_config,
     )
 
     cfg = load_training_config(args.training)
@@ -93,7 +98,7 @@ def _release(args: argparse.Namespace) -> int:
     try:
         from coordinator.audit import AuditLog
     except ImportError:  # pragma: no cover - audit module ships with the coordinator
-        AuditLog = None  # noqa: N806
+        AuditLog = None
     if AuditLog is not None:
         AuditLog(state_dir).event("released", name=rec["name"], version=rec["version"], path=str(path),
                                   shards=[s["tar_sha256"] for s in rec["training_data"]["shards"]],

@@ -10,14 +10,11 @@ import secrets
 import threading
 import time
 import zlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
 from pydantic import ValidationError
-
-from privdistill.errors import ShardVerificationError
-from privdistill.shard import Manifest, parse_manifest, verify_manifest_signature, verify_tar
 
 from coordinator import store
 from coordinator.acceptance import Acceptance, AcceptanceUnavailable, check_manifest, load_acceptance
@@ -26,6 +23,8 @@ from coordinator.config import CoordinatorConfig
 from coordinator.ledger import Ledger, QuotaExceeded, UploadRow
 from coordinator.metrics import Metrics
 from coordinator.schemas import ApiError, CreateUploadRequest, UploadInfo
+from privdistill.errors import ShardVerificationError
+from privdistill.shard import Manifest, parse_manifest, verify_manifest_signature, verify_tar
 
 LOCK_STRIPES = 64
 HOUSEKEEPING_EVERY_S = 60.0
@@ -33,7 +32,7 @@ HOUSEKEEPING_EVERY_S = 60.0
 
 def _iso(t: float) -> str:
     """Unix time as the ledger's timestamp text (ISO 8601, UTC, milliseconds): comparable as strings."""
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
 
 log = structlog.get_logger("coordinator.uploads")
 

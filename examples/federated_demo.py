@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import two_site_demo as demo  # noqa: E402 - the centralized demo's helpers and steps
+import two_site_demo as demo
 
 ROOT, SITES, tool = demo.ROOT, demo.SITES, demo.tool
 

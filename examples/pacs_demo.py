@@ -24,7 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the Orthanc launcher and seeder the e2e tests use
 
 from _orthanc import (  # noqa: E402
-    CLASS_NAMES, FMNIST, LABEL_TAG, Orthanc, dicomweb_plugin, free_port, orthanc_binary, seed,
+    CLASS_NAMES,
+    FMNIST,
+    LABEL_TAG,
+    Orthanc,
+    dicomweb_plugin,
+    free_port,
+    orthanc_binary,
+    seed,
 )
 
 BIN = Path(sys.executable).parent

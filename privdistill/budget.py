@@ -15,7 +15,7 @@ import secrets
 import sqlite3
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -185,7 +185,7 @@ class PrivacyLedger:
                     "INSERT INTO charges (run_id, kind, pool, n_units, history_json, delta, epsilon_alone, reason,"
                     " config_hash, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
                     (run_id, kind, pool, len(hashes), json.dumps(history), float(delta), alone, reason, config_hash,
-                     datetime.now(timezone.utc).isoformat(timespec="seconds")))
+                     datetime.now(UTC).isoformat(timespec="seconds")))
                 db.executemany("INSERT INTO charge_units (charge_id, unit) VALUES (?, ?)",
                                [(cur.lastrowid, h) for h in hashes])
                 db.execute("COMMIT")
@@ -221,7 +221,7 @@ class LedgerRun:
 
     @classmethod
     def open(cls, budget: BudgetConfig | None, data: ImageSet, dp: DPConfig, cfg: TrainConfig,
-             checkpoint_dir: Path | None, *, n_units: int) -> "LedgerRun":
+             checkpoint_dir: Path | None, *, n_units: int) -> LedgerRun:
         import uuid
 
         from privdistill.config import BudgetConfig, config_hash

@@ -154,7 +154,7 @@ class PartitionConfig(Strict):
     count: int = Field(ge=2, le=1000)
 
     @model_validator(mode="after")
-    def _index_in_range(self) -> "PartitionConfig":
+    def _index_in_range(self) -> PartitionConfig:
         if self.index >= self.count:
             raise ValueError(f"partition index {self.index} must be below count {self.count}")
         return self
@@ -207,7 +207,7 @@ class ModelConfig(Strict):
     text_encoder_path: Path | None = None
 
     @model_validator(mode="after")
-    def _groups_divide(self) -> "ModelConfig":
+    def _groups_divide(self) -> ModelConfig:
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ValueError(
@@ -398,7 +398,7 @@ class DPConfig(Strict):
     init_from: Path | None = None  # a local, non-sensitive model directory (DiffusionModel.save layout)
 
     @model_validator(mode="after")
-    def _sound(self) -> "DPConfig":
+    def _sound(self) -> DPConfig:
         problems = []
         if not self.poisson_sampling:
             problems.append("poisson_sampling: false is not supported: the RDP accountant's epsilon only holds "

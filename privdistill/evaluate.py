@@ -54,10 +54,9 @@ def _downstream(report: dict[str, Any], train: ImageSet, test: ImageSet, sets: d
 
 def _privacy(samples: ImageSet, train: ImageSet, reid_embed, train_emb: np.ndarray, threshold: float,
              cfg: RunConfig, fresh: np.ndarray) -> dict[str, Any]:
-    from privdistill.metrics import memorization, reid_rate
-
     from privdistill.audit.stats import clopper_pearson
     from privdistill.imaging import at_resolution, resize_images
+    from privdistill.metrics import memorization, reid_rate
 
     samples, train = (at_resolution(d, cfg.analysis_resolution) for d in (samples, train))
     fresh = resize_images(fresh, cfg.analysis_resolution)

@@ -43,7 +43,7 @@ class StudentSpec:
                            "class_names": list(self.class_names), "seed": self.seed}, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "StudentSpec":
+    def from_json(cls, text: str) -> StudentSpec:
         raw: dict[str, Any] = json.loads(text)
         return cls(model=ModelConfig.model_validate(raw["model"]), train=TrainConfig.model_validate(raw["train"]),
                    resolution=int(raw["resolution"]), channels=int(raw["channels"]),

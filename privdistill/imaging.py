@@ -80,7 +80,7 @@ def resize_images(images: np.ndarray, size: int, *, chunk: int = 256) -> np.ndar
     return out
 
 
-def at_resolution(data: "ImageSet", size: int) -> "ImageSet":
+def at_resolution(data: ImageSet, size: int) -> ImageSet:
     """The same set (labels, prompts, patient ids) with its images resized to ``size`` (see resize_images)."""
     if data.images.shape[-2:] == (size, size):
         return data

@@ -100,7 +100,7 @@ class DiffusionModel:
     def from_config(
         cls, cfg: ModelConfig, *, resolution: int, channels: int, class_names: list[str],
         prompts: list[str] | None = None, seed: int = 0,
-    ) -> "DiffusionModel":
+    ) -> DiffusionModel:
         """Build a fresh model; its initial weights depend only on ``seed`` (not on the process's RNG state)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -109,7 +109,7 @@ class DiffusionModel:
     @classmethod
     def _build(
         cls, cfg: ModelConfig, *, resolution: int, channels: int, class_names: list[str], prompts: list[str] | None,
-    ) -> "DiffusionModel":
+    ) -> DiffusionModel:
         if cfg.type == "latent":
             return cls._build_latent(cfg, resolution=resolution, channels=channels, class_names=class_names,
                                      prompts=prompts)
@@ -137,7 +137,7 @@ class DiffusionModel:
     @classmethod
     def _build_latent(
         cls, cfg: ModelConfig, *, resolution: int, channels: int, class_names: list[str], prompts: list[str] | None,
-    ) -> "DiffusionModel":
+    ) -> DiffusionModel:
         from privdistill.latent import add_lora, build_parts
 
         parts = build_parts(cfg, resolution=resolution, class_names=class_names, prompts=prompts)
@@ -161,7 +161,7 @@ class DiffusionModel:
         mods = [self.unet] + ([self.text_encoder] if self.text_encoder is not None and self.text_trainable else [])
         return [p for m in mods for p in m.parameters() if p.requires_grad]
 
-    def to(self, device: torch.device) -> "DiffusionModel":
+    def to(self, device: torch.device) -> DiffusionModel:
         for m in self.modules():
             m.to(device)
         return self
@@ -261,7 +261,7 @@ class DiffusionModel:
         (path / META_FILE).write_text(json.dumps(meta, indent=2))
 
     @classmethod
-    def load(cls, path: Path) -> "DiffusionModel":
+    def load(cls, path: Path) -> DiffusionModel:
         meta_path = path / META_FILE
         if not meta_path.is_file():
             raise StageError(f"no privdistill model at {path} (missing {META_FILE})")

@@ -14,7 +14,16 @@ import structlog
 from privdistill.config import RunConfig, config_hash
 from privdistill.data.types import ImageSet
 from privdistill.errors import PrivacyPolicyError, StageError
-from privdistill.stages import STAGE_FILE, Stage, StageContext, atomic_write_json, read_record, run_stage, sha256_file, workdir_lock
+from privdistill.stages import (
+    STAGE_FILE,
+    Stage,
+    StageContext,
+    atomic_write_json,
+    read_record,
+    run_stage,
+    sha256_file,
+    workdir_lock,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -142,9 +151,8 @@ def _train_student(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
 
 
 def _train_reid(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
-    from privdistill.reid import export_onnx, save_reid, train_reid
-
     from privdistill.imaging import at_resolution
+    from privdistill.reid import export_onnx, save_reid, train_reid
 
     train = at_resolution(ImageSet.load(ctx.input("ingest") / "train.npz"), cfg.analysis_resolution)
     model = train_reid(train, cfg.reid, seed=cfg.seed)
@@ -180,10 +188,9 @@ def _sample(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
 def _filter(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     from privdistill.filter import calibrate_filter, filter_synthetic, scorer_for, split_null, write_filter_outputs
     from privdistill.filter_audit import audit_filter
+    from privdistill.imaging import at_resolution
     from privdistill.models import DiffusionModel
     from privdistill.reid import OnnxEmbedder, load_reid
-
-    from privdistill.imaging import at_resolution
 
     train = ImageSet.load(ctx.input("ingest") / "train.npz")
     samples = ImageSet.load(ctx.input("sample") / "samples.npz")

@@ -103,7 +103,7 @@ class PrivacyReport(_Loose):
     non_dp_aggregates: dict[str, Any] | None = None
 
     @classmethod
-    def parse(cls, raw: Any) -> "PrivacyReport":
+    def parse(cls, raw: Any) -> PrivacyReport:
         """Validate a manifest's privacy section; numbers that are not numbers (NaN stays NaN) fail their criteria."""
         if not isinstance(raw, dict):
             return cls()

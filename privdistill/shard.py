@@ -13,7 +13,7 @@ import shutil
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,12 +25,25 @@ from privdistill import __version__
 from privdistill.data.types import ImageSet
 from privdistill.errors import ShardVerificationError
 from privdistill.identity import sign, verify
-from privdistill.prompts import words_outside  # noqa: F401 - the packager and gate import it from here
-from privdistill.prompts import MAX_NAME_CHARS, character_problem, check_prompts, is_vocabulary_word, \
-    vocabulary_from, words
-from privdistill.shard_content import PNG_MAGIC, SAMPLE_KEYS  # noqa: F401 - part of the wire format
-from privdistill.shard_content import CanonicalTar, check_png, check_sample_json, sample_json, \
-    validate_privacy_section, write_canonical_tar
+from privdistill.prompts import (
+    MAX_NAME_CHARS,
+    character_problem,
+    check_prompts,
+    is_vocabulary_word,
+    vocabulary_from,
+    words,
+    words_outside,  # noqa: F401 - the packager and gate import it from here
+)
+from privdistill.shard_content import (  # noqa: F401 - part of the wire format
+    PNG_MAGIC,
+    SAMPLE_KEYS,
+    CanonicalTar,
+    check_png,
+    check_sample_json,
+    sample_json,
+    validate_privacy_section,
+    write_canonical_tar,
+)
 
 FORMAT = "privdistill-shard/2"
 SHARD_TAR, MANIFEST, SIGNATURE = "shard.tar", "manifest.json", "manifest.sig"
@@ -211,7 +224,7 @@ def write_shard(
         members = sample_members(kept, shard_id)
         _write_tar(members, tmp / SHARD_TAR)
         manifest = _manifest(
-            site_id=site_id, shard_id=shard_id, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            site_id=site_id, shard_id=shard_id, created=datetime.now(UTC).isoformat(timespec="seconds"),
             software_version=__version__, config_hash=config_hash, sample_count=len(kept),
             tar_sha256=sha256_path(tmp / SHARD_TAR), tar_size=(tmp / SHARD_TAR).stat().st_size,
             resolution=width, channels=channels, members={name: sha256_bytes(data) for name, data in members},

@@ -13,7 +13,10 @@ import structlog
 from privdistill import __version__
 from privdistill.cli import EXIT_CODES, run_guarded
 from privdistill.errors import (
-    ConfigError, PrivacyPolicyError, RetryableNetworkError, ShardVerificationError,
+    ConfigError,
+    PrivacyPolicyError,
+    RetryableNetworkError,
+    ShardVerificationError,
 )
 
 SITE_STAGES = ("ingest", "train-teacher", "train-reid", "sample", "filter")
@@ -118,7 +121,6 @@ def _run(args: argparse.Namespace) -> int:
     from privdistill.stages import run_stage, workdir_lock
     from site_agent.config import load_site_config
     from site_agent.package import build_package_stage
-
     from site_agent.records import stage_record_key
 
     cfg = load_site_config(args.config)

@@ -61,7 +61,7 @@ def _guard(name: str, fn: Callable[[], Check]) -> Check:
         return fn()
     except PrivdistillError as err:
         return Check(name, "fail", str(err))
-    except Exception as err:  # noqa: BLE001 - a preflight reports, it does not crash
+    except Exception as err:
         log.debug("doctor.check_crashed", check=name, error=repr(err))
         return Check(name, "fail", f"{type(err).__name__}: {err}")
 
@@ -312,7 +312,7 @@ def run_doctor(config_path: Path, workdir: Path, *, timeout_s: float = 10.0, net
         return Report([Check("config", "fail", f"{len(err.problems)} problem(s) in {config_path}",
                              {"problems": err.problems})])
     checks = [Check("config", "ok", f"{config_path} is valid (site {cfg.site.id})")]
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     site = cfg.site
     key_check = _guard("site_key", lambda: check_private_file("site_key", site.key_file, load_private_key))
     checks.append(key_check)
@@ -331,7 +331,7 @@ def run_doctor(config_path: Path, workdir: Path, *, timeout_s: float = 10.0, net
             key = load_private_key(site.key_file)
             try:
                 checks.extend(check_coordinator_api(site.coordinator_url, site.ca_file, site.id, key, timeout_s))
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 checks.append(Check("coordinator_health", "fail", f"{type(err).__name__}: {err}"))
         checks.append(_guard("data_source", lambda: check_data_source(cfg.data.source, timeout_s)))
     else:

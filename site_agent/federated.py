@@ -17,8 +17,18 @@ from flwr.clientapp import ClientApp
 from privdistill.data.types import ImageSet
 from privdistill.errors import ConfigError, PrivacyPolicyError, ShardVerificationError
 from privdistill.federated import (
-    ARRAYS_KEY, CONFIG_KEY, FAILED_CODE, METRICS_KEY, NODE_SITE_CONFIG, NODE_WORKDIR, PROVENANCE_KEY, REFUSED_CODE,
-    SPEC_FIELD, WEIGHT_FIELD, StudentSpec, refusal_reason,
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    FAILED_CODE,
+    METRICS_KEY,
+    NODE_SITE_CONFIG,
+    NODE_WORKDIR,
+    PROVENANCE_KEY,
+    REFUSED_CODE,
+    SPEC_FIELD,
+    WEIGHT_FIELD,
+    StudentSpec,
+    refusal_reason,
 )
 from privdistill.shard import SHARD_TAR, Manifest, load_shards
 from site_agent.audit import audit
@@ -60,7 +70,7 @@ def _site(context: Context) -> _Site:
 def _spec(msg: Message) -> StudentSpec:
     try:
         return StudentSpec.from_json(str(msg.content[CONFIG_KEY][SPEC_FIELD]))
-    except Exception as err:  # noqa: BLE001 - any malformed request is refused, never trained on
+    except Exception as err:
         raise Refusal("bad_request", f"the train message carries no valid student spec ({type(err).__name__})") from None
 
 
@@ -133,7 +143,7 @@ def handle_train(msg: Message, context: Context) -> Message:
             weights, report = train_local(spec, msg.content[ARRAYS_KEY], data, seed)
         except Refusal:
             raise
-        except Exception as err:  # noqa: BLE001 - a failed local round sends nothing but the failure
+        except Exception as err:
             raise Refusal("training_failed", f"local training failed: {type(err).__name__}: {err}",
                           code=FAILED_CODE) from None
     except Refusal as r:

@@ -12,8 +12,15 @@ from privdistill.errors import PrivacyPolicyError, ShardVerificationError
 from privdistill.identity import load_private_key, public_key_b64
 from privdistill.pipeline import KEPT_FILE, open_filtered_set
 from privdistill.prompts import check_prompts
-from privdistill.shard import ID_PATTERN, MANIFEST, Manifest, sample_members, sha256_bytes, sha256_path, \
-    verify_shard_dir
+from privdistill.shard import (
+    ID_PATTERN,
+    MANIFEST,
+    Manifest,
+    sample_members,
+    sha256_bytes,
+    sha256_path,
+    verify_shard_dir,
+)
 from privdistill.stages import STAGE_FILE, sha256_file
 from site_agent.audit import audit
 from site_agent.config import SiteConfig, vocabulary

@@ -11,8 +11,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from privdistill.errors import ConfigError
-from privdistill.identity import loose_mode
 from privdistill.federated import DEFAULT_SUPERLINK_PORT, NODE_KEY_FILE, NODE_SITE_CONFIG, NODE_WORKDIR
+from privdistill.identity import loose_mode
 from site_agent.config import SiteConfig
 
 

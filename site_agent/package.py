@@ -72,11 +72,10 @@ def privacy_aggregate(cfg: SiteConfig, *, filter_report: dict[str, Any], train: 
                       kept: ImageSet, reid_onnx: Path) -> dict[str, Any]:
     """Aggregate numbers only (what the manifest carries): memorization and re-identification rates of
     all teacher samples and of the kept ones, and the filter's own report and audit."""
-    from privdistill.metrics import reid_rate
-    from privdistill.reid import OnnxEmbedder
-
     from privdistill.imaging import at_resolution
+    from privdistill.metrics import reid_rate
     from privdistill.privacy_report import number
+    from privdistill.reid import OnnxEmbedder
 
     ratio = cfg.evaluate.memorization_ratio
     train, samples, kept = (at_resolution(d, cfg.analysis_resolution) for d in (train, samples, kept))

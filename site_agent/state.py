@@ -9,7 +9,7 @@ import secrets
 import sqlite3
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ CREATE TABLE IF NOT EXISTS shards (
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def workdir_id(workdir: Path, *, create: bool = False) -> str | None:

@@ -112,7 +112,7 @@ class _LocalShard:
     shard_id: str
 
     @classmethod
-    def open(cls, shard_dir: Path) -> "_LocalShard":
+    def open(cls, shard_dir: Path) -> _LocalShard:
         missing = [n for n in (SHARD_TAR, MANIFEST, SIGNATURE) if not (shard_dir / n).is_file()]
         if missing:
             raise ShardVerificationError(f"{shard_dir} has no {', '.join(missing)}: not a packaged shard "

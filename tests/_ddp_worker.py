@@ -11,7 +11,7 @@ import torch
 from privdistill.config import ModelConfig, TrainConfig
 from privdistill.data.types import ImageSet
 from privdistill.models import DiffusionModel
-from privdistill.train import init_distributed, Trainer
+from privdistill.train import Trainer, init_distributed
 
 
 def tiny_setup() -> tuple[DiffusionModel, ImageSet, TrainConfig]:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import shutil
 import select
+import shutil
 import socket
 import ssl
-import threading
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,7 +85,7 @@ class Orthanc:
     def auth(self) -> tuple[str, str]:
         return (self.username, self.password)
 
-    def start(self, timeout_s: float = 30) -> "Orthanc":
+    def start(self, timeout_s: float = 30) -> Orthanc:
         self._log = open(self.root / "orthanc.log", "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(self._cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.root)
         deadline = time.time() + timeout_s
@@ -118,7 +118,7 @@ class Orthanc:
             self._log.close()
             self._log = None
 
-    def __enter__(self) -> "Orthanc":
+    def __enter__(self) -> Orthanc:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -160,7 +160,7 @@ class TlsFront:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._accept, daemon=True)
 
-    def __enter__(self) -> "TlsFront":
+    def __enter__(self) -> TlsFront:
         self._thread.start()
         return self
 

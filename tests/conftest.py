@@ -7,7 +7,7 @@ import torch
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _private_state_dir(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN202
+def _private_state_dir(tmp_path_factory: pytest.TempPathFactory):
     """The privacy-budget ledger (privdistill.budget) of every test lives in a temporary state directory,
     never in the user's ~/.local/state."""
     import os
@@ -35,14 +35,14 @@ def one_thread():
 # ----------------------------------------------------------------------------- a site work directory
 # (for the export gate, site CLI and federated client tests; built without training, see test_export_gate)
 @pytest.fixture(scope="module")
-def reid_src(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - Path
+def reid_src(tmp_path_factory: pytest.TempPathFactory):
     from test_export_gate import build_reid
 
     return build_reid(tmp_path_factory.mktemp("reid"))
 
 
 @pytest.fixture
-def site(tmp_path, reid_src):  # noqa: ANN001, ANN201 - test_export_gate.Site
+def site(tmp_path, reid_src):
     from test_export_gate import make_site
 
     return make_site(tmp_path / "site", reid_src)

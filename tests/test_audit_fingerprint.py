@@ -25,7 +25,7 @@ from privdistill.models import DiffusionModel
 from privdistill.train import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _fixtures import fashion, with_visits  # noqa: E402
+from _fixtures import fashion, with_visits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def test_plant_marks_copies_of_k_distinct_patients_and_leaves_the_source_alone()
 
 
 # ----------------------------------------------------------------------------- t' search on a stub
-def _stub(reproduced: "callable") -> tuple[np.ndarray, "callable", "callable"]:  # type: ignore[valid-type]
+def _stub(reproduced: callable) -> tuple[np.ndarray, callable, callable]:  # type: ignore[valid-type]
     """A fingerprinted image, a stub denoiser returning it marked when ``reproduced(t, seed)``, and a detector."""
     fp = Fingerprint("circle", 5, 5, 3)
     clean = _small("t10k", 0, 1)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from test_coordinator_api import CHUNK, assert_nothing_stored, send_all, shard_files, start
 
 from coordinator.api import create_app
 from coordinator.config import CoordinatorConfig
@@ -20,7 +21,6 @@ from privdistill.data.types import ImageSet
 from privdistill.identity import generate_key, public_key_b64, sign
 from privdistill.shard import Conditioning, Manifest, sample_members, sha256_bytes, write_shard
 from privdistill.shard_content import write_canonical_tar
-from test_coordinator_api import CHUNK, assert_nothing_stored, send_all, shard_files, start
 
 A = "site-a"
 RES = 8

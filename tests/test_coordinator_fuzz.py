@@ -10,12 +10,10 @@ from pathlib import Path
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
-
-from fastapi.testclient import TestClient
-from hypothesis import given
 
 from coordinator.api import create_app
 from coordinator.config import CoordinatorConfig

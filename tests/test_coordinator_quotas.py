@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from datetime import UTC
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from fastapi.testclient import TestClient
-from test_coordinator_api import (A, B, CHUNK, count_rows, env, keys, make_app, send_all,  # noqa: F401 - fixtures
-                                  shard_files, start)
+from test_coordinator_api import CHUNK, A, B, count_rows, env, keys, make_app, send_all, shard_files, start  # noqa: F401 - fixtures
 
 from coordinator.store import shard_dir, staging_path
 from privdistill.data.types import ImageSet
@@ -43,9 +43,9 @@ def audit_events(app) -> list[dict]:
 
 def age(app, upload_id: str, days: float) -> None:
     """Move an upload's last update ``days`` into the past (as if the coordinator had been up that long)."""
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
-    when = (datetime.now(timezone.utc) - timedelta(days=days)).isoformat(timespec="milliseconds")
+    when = (datetime.now(UTC) - timedelta(days=days)).isoformat(timespec="milliseconds")
     with sqlite3.connect(app.state.config.ledger_path) as db:
         db.execute("UPDATE uploads SET updated_at = ? WHERE id = ?", (when, upload_id))
 

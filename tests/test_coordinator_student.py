@@ -14,7 +14,13 @@ import pytest
 
 from coordinator.release import ReleaseRefused, check_policy, release
 from coordinator.student import (
-    EVAL_STAGE, TRAIN_STAGE, ShardRef, evaluate_student, load_accepted, parse_training_config, stage_state,
+    EVAL_STAGE,
+    TRAIN_STAGE,
+    ShardRef,
+    evaluate_student,
+    load_accepted,
+    parse_training_config,
+    stage_state,
     train_student,
 )
 from privdistill.data.types import ImageSet

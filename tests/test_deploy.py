@@ -349,7 +349,7 @@ def _healthcheck() -> Any:
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - http.server API
+    def do_GET(self) -> None:
         code, body = {"/healthz": (200, b'{"status": "ok"}'), "/sick": (500, b"{}"),
                       "/degraded": (200, b'{"status": "starting"}')}.get(self.path, (404, b""))
         self.send_response(code)

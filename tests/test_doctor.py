@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 import yaml
+from _fixtures import FMNIST
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from _fixtures import FMNIST
 from coordinator.config import load_coordinator_config
 from coordinator.ledger import Ledger
 from coordinator.provision import provision
@@ -197,7 +197,7 @@ def _cert(not_before: dt.datetime, not_after: dt.datetime) -> x509.Certificate:
 
 
 def test_certificate_dates() -> None:
-    now = dt.datetime(2026, 11, 23, tzinfo=dt.timezone.utc)
+    now = dt.datetime(2026, 11, 23, tzinfo=dt.UTC)
     day = dt.timedelta(days=1)
 
     expired = doctor.cert_validity(_cert(now - 10 * day, now - day), now, "ca")

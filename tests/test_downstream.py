@@ -14,7 +14,7 @@ from _fixtures import FMNIST
 
 from privdistill.config import DownstreamConfig, parse_config
 from privdistill.data.types import ImageSet
-from privdistill.downstream import accuracy, fit, predict, split_labelled, train_vit
+from privdistill.downstream import accuracy, fit, split_labelled, train_vit
 from privdistill.errors import ConfigError
 
 CLASSES = [1, 7, 8]  # trouser, sneaker, bag: the headline benchmark's classes

@@ -13,7 +13,14 @@ import torch
 from privdistill.config import DPConfig, ModelConfig, PublicPretrainingConfig, TrainConfig, parse_config
 from privdistill.data.types import ImageSet
 from privdistill.dp import (
-    DPPlan, DPTrainer, epsilon_of, gaussian_query_entry, noise_for_budget, plan_dp, privacy_units, resolve_delta,
+    DPPlan,
+    DPTrainer,
+    epsilon_of,
+    gaussian_query_entry,
+    noise_for_budget,
+    plan_dp,
+    privacy_units,
+    resolve_delta,
 )
 from privdistill.dp_pretrain import semantic_query, unit_votes
 from privdistill.errors import ConfigError, StageError
@@ -189,7 +196,7 @@ def test_unet_trains_under_opacus_with_per_patient_clipping(one_thread) -> None:
         captured["expected"].append([torch.einsum("i,i...", factor, g) for g in gs])
         orig_clip()
 
-    def step_spy(*a, **k):  # noqa: ANN002, ANN003, ANN202
+    def step_spy(*a, **k):
         captured["grad"].append(([p.grad.detach().clone() for p in tr.dp_optimizer.params], len(captured["expected"])))
         return orig_step(*a, **k)
 
@@ -249,7 +256,7 @@ def test_poisson_sampling_of_patients_and_accountant_steps(one_thread) -> None:
     sizes, chunks = [], []
     orig = tr._physical_backward
 
-    def spy(units, g):  # noqa: ANN001, ANN202
+    def spy(units, g):
         chunks.append(list(units))
         return orig(units, g)
 

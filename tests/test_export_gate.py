@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from _fixtures import FMNIST, fashion, with_visits
 
-from _fixtures import FMNIST, fashion, with_visits  # noqa: E402
 from privdistill import identity
 from privdistill.data.types import ImageSet
 from privdistill.errors import PrivacyPolicyError, ShardVerificationError

@@ -4,21 +4,20 @@ record) when there is none or the gate fails."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
 import pytest
-import time
-
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
-
 from _fixtures import FMNIST
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from test_export_gate import CLASSES, Site, approved_shard, flip_png_byte, rewrite_tar
+
 from privdistill.config import ModelConfig, TrainConfig
 from privdistill.federated import FAILED_CODE, REFUSED_CODE, StudentSpec, parse_refusal
 from privdistill.models import DiffusionModel
 from site_agent import federated
 from site_agent.audit import read_audit
-from test_export_gate import CLASSES, Site, approved_shard, flip_png_byte, rewrite_tar
 
 pytestmark = [pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed"),
               pytest.mark.usefixtures("one_thread")]
@@ -133,7 +132,7 @@ def test_an_exported_shard_still_trains_but_a_rejected_one_never(site: Site, mon
     assert_refused(federated.handle_train(train_message(global_arrays()), context(site)), site, "stop_here",
                    code=FAILED_CODE)
     assert calls == [1]
-    with SiteState(site.workdir)._db() as db:  # noqa: SLF001 - force a final state the CLI cannot reach
+    with SiteState(site.workdir)._db() as db:
         db.execute("UPDATE shards SET state = 'rejected', reason = 'steward said no' WHERE shard_id = ?", (sid,))
     assert_refused(federated.handle_train(train_message(global_arrays()), context(site)), site, "no_approved_shard")
     assert calls == [1]

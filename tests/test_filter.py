@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _fixtures import FMNIST, fashion, with_visits
 from structlog.testing import capture_logs
 
 from privdistill import pixel
 from privdistill.config import FilterConfig, ReidConfig
 from privdistill.data.types import ImageSet
-from _fixtures import FMNIST, fashion, with_visits  # noqa: E402
 from privdistill.errors import DataError
 from privdistill.filter import (
     DETECTORS,

@@ -9,9 +9,9 @@ import json
 
 import numpy as np
 import pytest
+from _fixtures import FMNIST, fashion, with_visits
 from scipy.stats import binomtest
 
-from _fixtures import FMNIST, fashion, with_visits  # noqa: E402
 from privdistill.config import FilterConfig
 from privdistill.data.types import ImageSet
 from privdistill.errors import DataError

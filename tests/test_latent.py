@@ -20,8 +20,8 @@ from privdistill.models import DiffusionModel
 from privdistill.train import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _fixtures import FMNIST  # noqa: E402
-from _latent import tiny_pipeline  # noqa: E402
+from _fixtures import FMNIST
+from _latent import tiny_pipeline
 
 RES = 64
 NAMES = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle-boot"]
@@ -203,9 +203,10 @@ def test_trained_latent_model_is_a_stable_diffusion_folder_diffusers_opens(pipel
 # ----------------------------------------------------------------------------- coordinator release
 def test_released_class_conditional_latent_student_opens_in_diffusers(tmp_path: Path, checkpoint: Path,
                                                                       one_thread) -> None:
+    from test_coordinator_student import _accepted, _kept_set, _shard
+
     from coordinator.release import release
     from coordinator.student import ShardRef, evaluate_student, parse_training_config, train_student
-    from test_coordinator_student import _accepted, _kept_set, _shard
 
     # Prepare: one site's shard of 64x64 class-labelled images; a LoRA student on the local checkpoint
     shard = _shard(tmp_path / "store", "site-a", "a1", seed=1, data=_kept_set(1, per_class=4, res=RES))

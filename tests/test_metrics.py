@@ -13,7 +13,13 @@ import pytest
 from privdistill.classifier import accuracy, features, train_classifier
 from privdistill.data.types import ImageSet
 from privdistill.metrics import (
-    binomial_ci, data_copying, fid_domain, frechet_distance, memorization, noise_sigma, reid_rate,
+    binomial_ci,
+    data_copying,
+    fid_domain,
+    frechet_distance,
+    memorization,
+    noise_sigma,
+    reid_rate,
 )
 from privdistill.pixel import pixel_features
 

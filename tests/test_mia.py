@@ -21,7 +21,7 @@ from privdistill.models import DiffusionModel
 from privdistill.train import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _fixtures import fashion  # noqa: E402
+from _fixtures import fashion
 
 
 def _small(start: int, n: int) -> ImageSet:

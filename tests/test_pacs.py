@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from _orthanc import dicom_bytes
 from structlog.testing import capture_logs
 
-from _orthanc import dicom_bytes
 from privdistill.config import PacsSource, parse_config
 from privdistill.data import pacs
 from privdistill.data.pacs import parse_instance, parse_multipart_related, probe, read_pacs

@@ -4,10 +4,10 @@ character outside a small ASCII set before it looks at words."""
 from __future__ import annotations
 
 import pytest
+from test_coordinator_content import LEAKS
 
 from privdistill.errors import ShardVerificationError
 from privdistill.prompts import character_problem, check_prompts, is_vocabulary_word, pieces, vocabulary_from, words
-from test_coordinator_content import LEAKS
 
 VOCAB = vocabulary_from("an image of a {label}", ["Bag", "T-shirt", "Ankle-boot"])
 

@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _fixtures import FMNIST, fashion, with_visits
 
 from privdistill.config import ReidConfig
 from privdistill.data.types import ImageSet
-from _fixtures import FMNIST, fashion, with_visits  # noqa: E402
 from privdistill.reid import (
+    PAIR_TARGET_TPR,
     OnnxEmbedder,
     ReidModel,
     ReidNet,
-    PAIR_TARGET_TPR,
     augment,
     distinct_pairs,
     export_onnx,

@@ -25,7 +25,7 @@ from site_agent.package import evaluate_policy
 from site_agent.state import SiteState
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_export_gate import _stage, filter_report, force_db, make_site  # noqa: E402
+from test_export_gate import _stage, filter_report, force_db, make_site
 
 STRICT = ReleasePolicy(min_planted_recall=1.0, max_epsilon=8.0, max_student_mia_auc=0.6,
                        max_student_memorization_rate=0.0)

@@ -9,15 +9,15 @@ from typing import Any
 
 import pytest
 import yaml
+from _fixtures import FMNIST
+from test_export_gate import CLASSES, Site
 
-from _fixtures import FMNIST  # noqa: E402
 from privdistill.errors import RetryableNetworkError, ShardVerificationError
 from privdistill.shard import MANIFEST, sha256_path
 from site_agent import upload
 from site_agent.audit import read_audit
 from site_agent.cli import main
 from site_agent.state import SiteState
-from test_export_gate import CLASSES, Site
 
 pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed")
 
@@ -245,8 +245,9 @@ def test_run_trains_filters_and_packages_for_real_then_skips_when_unchanged(
 
 
 def test_a_shard_swapped_between_gate_and_upload_is_never_sent(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
-    from site_agent import export
     from test_export_gate import change_one_pixel, resign, rewrite_tar
+
+    from site_agent import export
 
     fake = FakeUpload()
     monkeypatch.setattr(upload, "upload_shard", fake)

@@ -7,14 +7,19 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _fixtures import FMNIST
 from structlog.testing import capture_logs
 
-from _fixtures import FMNIST  # noqa: E402
 from privdistill import identity
 from privdistill.errors import ConfigError
 from privdistill.pipeline import build_stage
 from site_agent.config import (
-    SiteConfig, load_site_config, parse_site_config, read_connection, render_template, shard_config_hash,
+    SiteConfig,
+    load_site_config,
+    parse_site_config,
+    read_connection,
+    render_template,
+    shard_config_hash,
 )
 
 DATA = {"source": {"type": "idx", "images": str(FMNIST / "train-images-idx3-ubyte.gz")}, "resolution": 28}

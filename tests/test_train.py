@@ -19,7 +19,7 @@ from privdistill.sample import ddim_sample, sample_dataset
 from privdistill.train import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _ddp_worker import tiny_setup  # noqa: E402
+from _ddp_worker import tiny_setup
 
 
 def _weights(model: DiffusionModel) -> dict[str, torch.Tensor]:

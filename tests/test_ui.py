@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _fixtures import FMNIST
 from fastapi.testclient import TestClient
 
-from _fixtures import FMNIST
 from privdistill.data.types import ImageSet
 from privdistill.errors import ConfigError
 from privdistill.stages import Stage, run_stage

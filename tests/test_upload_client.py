@@ -7,8 +7,8 @@ import hashlib
 import json
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import httpx
 import numpy as np

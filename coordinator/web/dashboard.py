@@ -11,14 +11,13 @@ from typing import Any
 
 import structlog
 
-from privdistill.errors import PrivdistillError
-from privdistill.imaging import png_data_uri
-from privdistill.svgplot import line_svg
-
 from coordinator.config import CoordinatorConfig
 from coordinator.ledger import AcceptedShard, Ledger
 from coordinator.release import RELEASE_FILE
 from coordinator.student import EVAL_STAGE, GRID_FILE, REPORT_FILE, TRAIN_STAGE, TRAINING_FILE
+from privdistill.errors import PrivdistillError
+from privdistill.imaging import png_data_uri
+from privdistill.svgplot import line_svg
 
 log = structlog.get_logger(__name__)
 

@@ -12,15 +12,21 @@ from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, Red
 from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
-from privdistill import __version__
-from privdistill.websession import (
-    SECURITY_HEADERS, CsrfRejected, FormTooLarge, LoginRequired, Posted, Session, SessionStore, WebLogin,
-    read_token_file,
-)
-
 from coordinator.config import CoordinatorConfig
 from coordinator.ledger import Ledger
 from coordinator.web.dashboard import build_dashboard
+from privdistill import __version__
+from privdistill.websession import (
+    SECURITY_HEADERS,
+    CsrfRejected,
+    FormTooLarge,
+    LoginRequired,
+    Posted,
+    Session,
+    SessionStore,
+    WebLogin,
+    read_token_file,
+)
 
 log = structlog.get_logger(__name__)
 

@@ -5,7 +5,7 @@ The coordinator, which holds no patient data, uses it as release evidence."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ def make_attestation(site_id: str, model_dir: Path, student: dict[str, Any],
     """(attestation bytes, base64 signature) of ``student``'s aggregate numbers (FIELDS only)."""
     body = {
         "format": FORMAT, "site_id": site_id, "model_digest": model_digest(model_dir),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "student": {k: student.get(k) for k in FIELDS},
     }
     data = (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()

@@ -32,7 +32,7 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.images)
 
-    def subset(self, idx: np.ndarray | list[int]) -> "ImageSet":
+    def subset(self, idx: np.ndarray | list[int]) -> ImageSet:
         idx = np.asarray(idx, dtype=np.int64)
         return ImageSet(
             images=self.images[idx],
@@ -55,7 +55,7 @@ class ImageSet:
             np.savez(fh, **arrays)
 
     @classmethod
-    def load(cls, path: Path) -> "ImageSet":
+    def load(cls, path: Path) -> ImageSet:
         if not Path(path).is_file():
             raise DataError(f"image set not found: {path}")
         with np.load(path, allow_pickle=False) as z:

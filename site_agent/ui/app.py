@@ -17,8 +17,17 @@ from privdistill import __version__
 from privdistill.errors import ConfigError, PrivacyPolicyError, StageError
 from privdistill.shard import ID_PATTERN
 from privdistill.websession import (
-    LOOPBACK_HOSTS, MAX_FORM_BYTES, SECURITY_HEADERS, CsrfRejected, FormTooLarge, LoginRequired, Posted, Session,
-    SessionStore, WebLogin, host_of,
+    LOOPBACK_HOSTS,
+    MAX_FORM_BYTES,
+    SECURITY_HEADERS,
+    CsrfRejected,
+    FormTooLarge,
+    LoginRequired,
+    Posted,
+    Session,
+    SessionStore,
+    WebLogin,
+    host_of,
 )
 from site_agent.approval import approve_shard, reject_shard
 from site_agent.audit import operator, read_audit

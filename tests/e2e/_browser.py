@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
 from _require import missing
 
 CHROMIUM = "/usr/bin/chromium"

@@ -45,11 +45,11 @@ class _Server:
         self._threads: list[threading.Thread] = []
         self._acceptor = threading.Thread(target=self._accept_loop, daemon=True)
 
-    def start(self) -> "_Server":
+    def start(self) -> _Server:
         self._acceptor.start()
         return self
 
-    def __enter__(self) -> "_Server":
+    def __enter__(self) -> _Server:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -69,7 +69,7 @@ class _Server:
         while not self._stop.is_set():
             try:
                 conn, _ = self.listener.accept()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return

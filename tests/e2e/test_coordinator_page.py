@@ -12,7 +12,6 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-
 from test_ui import ADMIN_TOKEN, build_coordinator
 
 from ._browser import WAIT_MS, browser, free_port, screenshot, server

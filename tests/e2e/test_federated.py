@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-
 from _fixtures import FMNIST
+from test_export_gate import CLASSES, Site, approved_shard, build_reid, make_site
+
 from coordinator.provision import provision, write_flower_node_key
 from site_agent.audit import read_audit
-from test_export_gate import CLASSES, Site, approved_shard, build_reid, make_site
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

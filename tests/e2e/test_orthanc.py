@@ -16,11 +16,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from _orthanc import (
-    CLASS_NAMES, FMNIST, LABEL_TAG, Orthanc, Seeded, TlsFront, dicom_bytes, dicomweb_plugin, orthanc_binary, seed,
+    CLASS_NAMES,
+    FMNIST,
+    LABEL_TAG,
+    Orthanc,
+    Seeded,
+    TlsFront,
+    dicom_bytes,
+    dicomweb_plugin,
+    orthanc_binary,
+    seed,
 )
 from _require import missing
+
 from privdistill.config import PacsSource
 from privdistill.data import pacs
 from privdistill.data.pacs import probe, read_pacs

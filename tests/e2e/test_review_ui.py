@@ -14,7 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from _fixtures import FMNIST
 from test_ui import N_DROPPED, TOKEN, review_site
 

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def app(scope, receive, send):  # noqa: ANN001 - a bare ASGI app: answers the client address it saw
+async def app(scope, receive, send):
     if scope["type"] != "http":
         return
     if scope["path"] == "/read":

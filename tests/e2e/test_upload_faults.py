@@ -26,6 +26,7 @@ from privdistill.errors import PrivacyPolicyError, RetryableNetworkError, ShardV
 from privdistill.identity import generate_key, load_private_key
 from privdistill.shard import write_shard
 from site_agent.upload import UploadResult, upload_shard
+
 from ._flaky_proxy import ConnectProxy, FlakyProxy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,7 +69,7 @@ class Coordinator:
         self.log = bundle / "serve.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 45.0) -> "Coordinator":
+    def start(self, timeout: float = 45.0) -> Coordinator:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([*CLI, "serve", "--config", str(self.config), "--port", str(self.port)],
                                          cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
@@ -184,7 +185,7 @@ def test_random_connection_cuts_every_shard_accepted_exactly_once(coord, tmp_pat
     def run(site: str) -> None:
         try:
             results[site] = _up(coord, shards[site], site, url=f"https://127.0.0.1:{proxy.port}", max_attempts=12)
-        except BaseException as err:  # noqa: BLE001 - reported by the assertions below
+        except BaseException as err:
             results[site] = err
 
     with FlakyProxy(("127.0.0.1", coord.port), seed=20240917, p_cut=1.0, max_cuts=30, min_bytes=100,
@@ -351,7 +352,7 @@ def test_untrusted_certificate_is_refused_without_retrying(coord, tmp_path) -> N
 def _catch(fn):
     try:
         return fn()
-    except BaseException as err:  # noqa: BLE001 - surfaced by the caller's assertion
+    except BaseException as err:
         return err
 
 
