@@ -112,7 +112,7 @@ class PrivacyLedger:
             touching = None if hashes is None else self._touching(db, hashes)
         keys = ("id", "run_id", "kind", "pool", "n_units", "history", "delta", "epsilon_alone", "reason",
                 "config_hash", "created_at")
-        out = [dict(zip(keys, r)) for r in rows if touching is None or r[0] in touching]
+        out = [dict(zip(keys, r, strict=True)) for r in rows if touching is None or r[0] in touching]
         for c in out:
             c["history"] = [tuple(h) for h in json.loads(c["history"])]
         return out

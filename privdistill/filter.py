@@ -287,7 +287,7 @@ class FilterResult:
         """Why each synthetic image was (or, with the filter off, would have been) dropped."""
         return [
             tuple(r for r, hit in (("reid", a), ("pixel", b), ("local", c)) if hit)
-            for a, b, c in zip(self.reid_match.tolist(), self.pixel_match.tolist(), self.local.tolist())
+            for a, b, c in zip(self.reid_match.tolist(), self.pixel_match.tolist(), self.local.tolist(), strict=True)
         ]
 
     def kept_set(self) -> ImageSet:

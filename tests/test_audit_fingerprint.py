@@ -126,7 +126,7 @@ def test_plant_with_doses_repeats_each_fingerprinted_image() -> None:
     train = with_visits(_small("train", 0, 12), visits=2, seed=0)
     planted = plant(train, 3, seed=1, doses=(1, 2, 4))
     assert planted.doses == [1, 2, 4] and len(planted.data) == len(train) + 1 + 3
-    for i, d in zip(planted.indices, planted.doses):
+    for i, d in zip(planted.indices, planted.doses, strict=True):
         same = (planted.data.images == planted.data.images[i]).reshape(len(planted.data), -1).all(1)
         assert same.sum() == d and len(set(planted.data.patient_ids[same])) == 1
     with pytest.raises(DataError, match="positive"):

@@ -206,7 +206,7 @@ def test_unet_trains_under_opacus_with_per_patient_clipping(one_thread) -> None:
         tr.fit()
 
     assert tr.step == 3 and all(math.isfinite(loss) for _, loss in tr.history)
-    assert max((a - b).abs().max().item() for a, b in zip(before, model.unet.parameters())) > 0
+    assert max((a - b).abs().max().item() for a, b in zip(before, model.unet.parameters(), strict=True)) > 0
     assert (torch.cat(captured["norms"]) > dp.max_grad_norm).all()  # every per-patient gradient was clipped
     assert len(captured["grad"]) == 3
     done = 0
@@ -243,7 +243,7 @@ def test_noise_multiplicity_averages_draws_inside_one_patient_gradient(one_threa
     loss = diffusion_loss(model, model.unet, tr.images[idx][rows], t[rows], noise[rows],
                           {"class_labels": tr.labels[idx][rows]})
     loss.backward()
-    for p, ref in zip(params, per_unit):
+    for p, ref in zip(params, per_unit, strict=True):
         assert torch.allclose(p.grad, ref[1], atol=1e-6, rtol=1e-4)
 
 

@@ -127,7 +127,7 @@ def run_fingerprint_audit(
         if student and len(result.kept) else None
 
     per_fp = []
-    for j, (fp, i) in enumerate(zip(fps, idx)):
+    for j, (fp, i) in enumerate(zip(fps, idx, strict=True)):
         mine = carrier & (nearest == j)
         row = {
             "fingerprint": j, **fp.to_dict(), "training_index": int(i),

@@ -62,8 +62,8 @@ class ImageSet:
             meta = json.loads(z["meta"].tobytes().decode())
             return cls(
                 images=z["images"],
-                labels=z["labels"] if "labels" in z else None,
+                labels=z.get("labels"),
                 prompts=meta.get("prompts"),
-                patient_ids=z["patient_ids"] if "patient_ids" in z else None,
+                patient_ids=z.get("patient_ids"),
                 class_names=meta.get("class_names", []),
             )

@@ -388,7 +388,7 @@ def test_air_gap_bundle_saves_and_install_verifies_and_loads_the_image(image: st
 def test_each_site_container_exports_its_shard_to_the_coordinator_container(stack: Stack) -> None:
     accepted = stack.accepted()
     assert [r["site"] for r in accepted] == list(SITES)
-    for row, site in zip(accepted, SITES):
+    for row, site in zip(accepted, SITES, strict=True):
         assert row["shard_id"].startswith(site) and row["sample_count"] > 0
         exported = [s for s in stack.site_shards(site) if s["state"] == "exported"]
         assert [s["shard_id"] for s in exported] == [row["shard_id"]]
