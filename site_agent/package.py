@@ -20,7 +20,7 @@ from privdistill.pipeline import KEPT_FILE, open_filtered_set
 from privdistill.privacy_report import Limits, PrivacyReport, evaluate_criteria
 from privdistill.prompts import check_prompts
 from privdistill.shard import MANIFEST, SHARD_TAR, SIGNATURE, sha256_path, verify_shard_dir, write_shard
-from privdistill.stages import STAGE_FILE, Stage, StageContext, read_record, sha256_file
+from privdistill.stages import STAGE_FILE, Stage, StageContext, sha256_file
 from site_agent.audit import audit
 from site_agent.config import PolicyConfig, SiteConfig, shard_config_hash, vocabulary
 from site_agent.records import verify_shard_stages
@@ -258,7 +258,3 @@ def _remove_orphan(out: Path) -> None:
 
 def shard_root(workdir: Path) -> Path:
     return Path(workdir) / SHARDS_DIR
-
-
-def package_done(workdir: Path) -> bool:
-    return read_record(Path(workdir), PACKAGE) is not None
