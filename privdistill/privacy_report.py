@@ -97,7 +97,7 @@ class PrivacyReport(_Loose):
     mia: MiaSection = MiaSection()
     teacher_dp: TeacherDp | None = None
     policy: PolicyVerdict | None = None
-    # the fingerprint audit's aggregate verdict (privdistill.audit.fingerprint.export_summary), when run
+    # the fingerprint audit's aggregate verdict (privdistill.audit.fingerprint_audit.export_summary), when run
     fingerprint_audit: dict[str, Any] | None = None
     # which of these numbers are computed on real patients outside any DP guarantee
     non_dp_aggregates: dict[str, Any] | None = None

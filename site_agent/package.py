@@ -132,7 +132,7 @@ def _memorization_numbers(samples: ImageSet, kept: ImageSet, train: ImageSet, ra
 def fingerprint_audit_summary(cfg: SiteConfig, workdir: Path) -> dict[str, Any] | None:
     """The aggregate verdict of WORKDIR/audit/report.json (`privdistill audit`) when it audited this very
     configuration; None when there is no audit or it audited another one."""
-    from privdistill.audit.fingerprint import audit_config_hash, export_summary
+    from privdistill.audit.fingerprint_audit import audit_config_hash, export_summary
 
     path = Path(workdir) / AUDIT_REPORT
     if not path.is_file():

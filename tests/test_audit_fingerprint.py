@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from privdistill.audit.detector import detector_accuracy, train_detector
-from privdistill.audit.fingerprint import audit_failures, raise_if_survivors, survivors
+from privdistill.audit.fingerprint_audit import audit_failures, raise_if_survivors, survivors
 from privdistill.audit.fingerprints import Fingerprint, make_fingerprints, plant
 from privdistill.audit.tprime import estimate_tprime, model_tprime
 from privdistill.config import FilterConfig, ModelConfig, TrainConfig
@@ -134,7 +134,7 @@ def test_plant_with_doses_repeats_each_fingerprinted_image() -> None:
 
 
 def test_probability_bound_says_what_it_would_take() -> None:
-    from privdistill.audit.fingerprint import _probability_bound
+    from privdistill.audit.fingerprint_audit import _probability_bound
     from privdistill.audit.tprime import samples_needed
 
     b = _probability_bound(0, 201, None)
