@@ -43,7 +43,7 @@ def grid(images: np.ndarray, ncols: int = 8, pad: int = 2, scale: int = 1) -> Im
         canvas[y : y + h, x : x + w] = img
     out = Image.fromarray(canvas)
     if scale > 1:
-        out = out.resize((out.width * scale, out.height * scale), Image.NEAREST)
+        out = out.resize((out.width * scale, out.height * scale), Image.Resampling.NEAREST)
     return out
 
 

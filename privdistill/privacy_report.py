@@ -190,8 +190,15 @@ class Criterion:
         return {"name": self.name, "value": self.value, "limit": self.limit, "passed": self.passed}
 
 
+def _ci_low(ci: list[float] | None) -> float:
+    """The lower end of an interval for ordering; a missing or non-finite one sorts first."""
+    low = number(ci[0]) if ci else None
+    return -1.0 if low is None else low
+
+
 def _worst(values: list[float | None]) -> float | None:
-    return min(values) if values and all(v is not None for v in values) else None  # type: ignore[type-var]
+    present = [v for v in values if v is not None]
+    return min(present) if values and len(present) == len(values) else None
 
 
 def evaluate_criteria(report: PrivacyReport | dict[str, Any], limits: Limits) -> list[Criterion]:
@@ -227,7 +234,7 @@ def evaluate_criteria(report: PrivacyReport | dict[str, Any], limits: Limits) ->
         measured = {k: e for k, e in r.audit.recall.items() if k not in r.audit.too_few}
         lows = [number(e.ci[0]) if e.ci else None for e in measured.values()]
         v = _worst(lows) if measured else None
-        worst_kind = min(measured, key=lambda k: number((measured[k].ci or [None])[0]) or -1.0) if measured else None
+        worst_kind = min(measured, key=lambda k: _ci_low(measured[k].ci)) if measured else None
         add("min_recall_lower_bound", v, lim, v is not None and v >= lim,
             "reports no per-kind recall interval of its filter" if v is None
             else f"reports a recall 95% lower bound {v:.4f} < {lim} (kind {worst_kind})")

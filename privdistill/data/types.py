@@ -52,7 +52,7 @@ class ImageSet:
         meta = {"class_names": self.class_names, "prompts": self.prompts}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         with open(path, "wb") as fh:
-            np.savez(fh, **arrays)
+            np.savez(fh, allow_pickle=False, **arrays)
 
     @classmethod
     def load(cls, path: Path) -> ImageSet:
