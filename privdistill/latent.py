@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import CLIPTextModel
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from transformers import CLIPTextModel
 
 from privdistill.config import LoraConfig, ModelConfig
 from privdistill.errors import ConfigError, StageError
