@@ -131,7 +131,7 @@ def ddim_reconstruct(model: DiffusionModel, data: ImageSet, t: int, seeds: int |
     with deterministic DDIM in ~``full_steps * t / T`` steps (at least 2). NCHW in [-1, 1]; with a list of
     seeds, [S, N, C, H, W] from one batched pass."""
     many = isinstance(seeds, list)
-    seed_list = seeds if many else [seeds]
+    seed_list = seeds if isinstance(seeds, list) else [seeds]
     device = device or next(model.unet.parameters()).device
     keep, labels, prompts = conditioning_for(model, data)
     if len(keep) != len(data):

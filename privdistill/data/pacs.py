@@ -353,7 +353,10 @@ def read_pacs(src: PacsSource, *, transport: httpx.BaseTransport | None = None) 
                 continue
             failing = 0
             item = parse_instance(blob, name, src)
-            (out.skipped if isinstance(item, Skipped) else out.records).append(item)
+            if isinstance(item, Skipped):
+                out.skipped.append(item)
+            else:
+                out.records.append(item)
     return out
 
 
