@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -270,7 +270,6 @@ class FilterResult:
     pixel_threshold: float | None
     enabled: bool = True
     review_grid_max: int = 32
-    synthetic: ImageSet | None = field(default=None, repr=False)
     local_match: np.ndarray | None = None  # bool [N]: a patch-level copy (calibrated filter only)
     calibration: FilterCalibration | None = None
 
@@ -289,13 +288,6 @@ class FilterResult:
             tuple(r for r, hit in (("reid", a), ("pixel", b), ("local", c)) if hit)
             for a, b, c in zip(self.reid_match.tolist(), self.pixel_match.tolist(), self.local.tolist(), strict=True)
         ]
-
-    def kept_set(self) -> ImageSet:
-        if self.synthetic is None:
-            raise DataError("this FilterResult holds no synthetic set")
-        out = self.synthetic.subset(self.kept)
-        out.patient_ids = None
-        return out
 
 
 def _normalise(e: np.ndarray) -> torch.Tensor:
@@ -409,7 +401,6 @@ def filter_synthetic(
         pixel_threshold=pix_thr,
         enabled=cfg.enabled,
         review_grid_max=cfg.review_grid_max,
-        synthetic=synthetic,
         local_match=local_match,
         calibration=calibration,
     )
