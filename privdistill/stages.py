@@ -167,8 +167,7 @@ def is_current(stage: Stage, workdir: Path) -> bool:
 def workdir_lock(workdir: Path):
     """Exclusive lock on a work directory: two runs never write the same stages at once."""
     workdir.mkdir(parents=True, exist_ok=True)
-    fh = open(workdir / ".privdistill.lock", "a+")
-    try:
+    with open(workdir / ".privdistill.lock", "a+") as fh:  # closing it releases the lock
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -176,8 +175,6 @@ def workdir_lock(workdir: Path):
                 f"another privdistill process is using {workdir}; wait for it or use another --workdir"
             ) from None
         yield
-    finally:
-        fh.close()
 
 
 def remove_stale(workdir: Path, name: str) -> None:
