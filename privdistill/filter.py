@@ -236,7 +236,7 @@ def calibrate_filter(scorer: GalleryScorer, null_images: np.ndarray, cfg: Filter
         raise DataError("filter.detectors is empty: the filter needs at least one detector")
     a = cfg.max_fresh_drop / len(detectors)
     null = scorer.scores(null_images, detectors)
-    thr = {d: conformal_threshold(null[d], a) for d in detectors}
+    thr: dict[str, float] = {d: conformal_threshold(null[d], a) for d in detectors}
     cal = FilterCalibration(alpha=cfg.max_fresh_drop, n_null=int(len(null_images)), thresholds=thr,
                             reid_score=scorer.reid_score, cohort_k=scorer.cohort_k, local_patch=scorer.local_patch)
     log.info("filter.calibrated", alpha=cal.alpha, n_null=cal.n_null, **{f"threshold_{k}": round(v, 4) for k, v in thr.items()})
