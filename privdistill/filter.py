@@ -361,7 +361,8 @@ def filter_synthetic(
     pixel_match = np.zeros(n, bool)
     local_match = None
     if calibration is None:
-        reid_match = best >= float(threshold)  # type: ignore[arg-type]
+        assert threshold is not None  # refused above when there is no calibration
+        reid_match = best >= float(threshold)
         if cfg.pixel_near_duplicate and len(real_train) and n:
             # shift-tolerant: a copy displaced by a pixel or two is as identifying as an exact one
             neg_d, pix_i = sc.pixel(synthetic.images)
@@ -397,7 +398,7 @@ def filter_synthetic(
         pixel_match=pixel_match,
         pixel_distance=pix_d,
         pixel_real_index=None if pix_i is None else pix_i.astype(np.int64),
-        threshold=float(threshold),  # type: ignore[arg-type]
+        threshold=float(threshold),
         pixel_threshold=pix_thr,
         enabled=cfg.enabled,
         review_grid_max=cfg.review_grid_max,

@@ -259,7 +259,8 @@ def evaluate_criteria(report: PrivacyReport | dict[str, Any], limits: Limits) ->
             else f"reports a teacher MIA AUC 95% upper bound {v:.4f} > {lim}")
         if limits.min_mia_patients is not None:
             ns = [m.n_member_units, m.n_nonmember_units]
-            n = min(ns) if all(isinstance(x, int) and not isinstance(x, bool) for x in ns) else None  # type: ignore[type-var]
+            counts = [x for x in ns if isinstance(x, int) and not isinstance(x, bool)]
+            n = min(counts) if len(counts) == len(ns) else None
             add("min_mia_patients", n, limits.min_mia_patients, n is not None and n >= limits.min_mia_patients,
                 f"'s teacher MIA AUC rests on {n} patient(s) per side < {limits.min_mia_patients}")
     if limits.max_epsilon is not None:  # no DP section: the teacher was trained without DP, epsilon is unbounded

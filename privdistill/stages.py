@@ -112,8 +112,10 @@ def record_mac(key: bytes, record: dict[str, Any]) -> str:
 
 
 def mac_valid(key: bytes, record: dict[str, Any] | None) -> bool:
-    mac = None if record is None else record.get(MAC_FIELD)
-    return isinstance(mac, str) and hmac.compare_digest(mac, record_mac(key, record))  # type: ignore[arg-type]
+    if record is None:
+        return False
+    mac = record.get(MAC_FIELD)
+    return isinstance(mac, str) and hmac.compare_digest(mac, record_mac(key, record))
 
 
 def authenticated_record(workdir: Path, name: str, key: bytes, *, check_outputs: bool = True) -> dict[str, Any]:

@@ -93,7 +93,8 @@ def estimate_tprime(
             if reconstruct_seeds is not None:
                 rec = np.asarray(reconstruct_seeds(i, t, seed_list))
                 return np.array([bool(np.asarray(detect(r))[0]) for r in rec])
-            return np.array([bool(np.asarray(detect(reconstruct(one, t, s)))[0]) for s in seed_list])  # type: ignore[misc]
+            assert reconstruct is not None  # exactly one of reconstruct / reconstruct_seeds (checked above)
+            return np.array([bool(np.asarray(detect(reconstruct(one, t, s)))[0]) for s in seed_list])
 
         seen = _bisect_one(rate_at, t_min, t_max, tol, check_below)
         tp = first_failure_tprime(seen)

@@ -173,12 +173,13 @@ class PacsClient:
         self._check_find(r)
         if r.status_code == 204:
             return []
-        out = []
+        out: list[tuple[str, ...]] = []
         for item in _json(r, "QIDO-RS /instances"):  # holds names etc.: only the three UIDs are read
-            uids = tuple(_first(item, tag) for tag in _UIDS)
-            if all(uids):
-                out.append(uids)
-        return out  # type: ignore[return-value]
+            uids = [_first(item, tag) for tag in _UIDS]
+            present = [u for u in uids if u]
+            if len(present) == len(uids):
+                out.append(tuple(present))
+        return out
 
     def _check_find(self, r: httpx.Response) -> None:
         if r.status_code >= 400:
