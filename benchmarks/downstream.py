@@ -90,7 +90,10 @@ def run_one(model: str, train, test, n_classes: int, cfg, seed: int) -> dict:
 
 
 def summarise(runs: list[dict]) -> dict:
-    by = lambda src, m: [r["accuracy"] for r in runs if r["source"] == src and r["model"] == m]  # noqa: E731
+
+    def by(src: str, m: str) -> list[float]:
+        return [r["accuracy"] for r in runs if r["source"] == src and r["model"] == m]
+
     out = {}
     for src in SOURCES:
         s = {m: t_interval(by(src, m)) for m in MODELS if by(src, m)}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,7 @@ def test_plant_marks_copies_of_k_distinct_patients_and_leaves_the_source_alone()
 
 
 # ----------------------------------------------------------------------------- t' search on a stub
-def _stub(reproduced: callable) -> tuple[np.ndarray, callable, callable]:  # type: ignore[valid-type]
+def _stub(reproduced: Callable[[int, int], bool]) -> tuple[np.ndarray, Callable, Callable]:
     """A fingerprinted image, a stub denoiser returning it marked when ``reproduced(t, seed)``, and a detector."""
     fp = Fingerprint("circle", 5, 5, 3)
     clean = _small("t10k", 0, 1)
