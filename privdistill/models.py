@@ -252,8 +252,6 @@ class DiffusionModel:
             self.unet.save_pretrained(path / "unet")
             self.scheduler.save_pretrained(path / "scheduler")
             if self.text_encoder is not None:
-                if self.tokenizer is None:
-                    raise StageError("a text-conditional model without its tokenizer cannot be saved")
                 self.text_encoder.save_pretrained(path / "text_encoder")
                 self.tokenizer.save_pretrained(path / "tokenizer")
         meta = {

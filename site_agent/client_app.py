@@ -142,7 +142,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         data = _remap(data, spec)
         seed = spec.seed * 1000 + rnd * 7919 + zlib.crc32(site.cfg.site.id.encode()) % 997
         try:
-            weights, report = train_local(spec, msg.content.array_records[ARRAYS_KEY], data, seed)
+            weights, report = train_local(spec, msg.content[ARRAYS_KEY], data, seed)
         except Refusal:
             raise
         except Exception as err:

@@ -65,11 +65,9 @@ def _tool(name: str) -> str:
     return str(path) if path.exists() else name
 
 
-def join(cfg: SiteConfig, config_path: Path, workdir: Path, *, superlink: str | None = None,
-         node_key: Path | None = None, runtime_port: int | None = None, max_wait_s: float | None = None) -> int:
+def join(cfg: SiteConfig, config_path: Path, workdir: Path, **kwargs: object) -> int:
     """Run the SuperNode in the foreground until it exits (Ctrl-C stops it); returns its exit code."""
-    cmd = supernode_command(cfg, config_path, workdir, superlink=superlink, node_key=node_key,
-                            runtime_port=runtime_port, max_wait_s=max_wait_s)
+    cmd = supernode_command(cfg, config_path, workdir, **kwargs)  # type: ignore[arg-type]
     proc = subprocess.Popen(cmd, env=supernode_env(workdir))
     try:
         return proc.wait()
