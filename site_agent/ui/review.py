@@ -18,7 +18,7 @@ from privdistill.identity import load_private_key, public_key_b64
 from privdistill.imaging import png_data_uri, to_uint8
 from privdistill.shard import SHARD_TAR, Manifest, iter_samples, verify_shard_dir
 from privdistill.stages import STAGE_FILE, read_record, sha256_file
-from privdistill.svgplot import histogram_svg
+from privdistill.web.plots import histogram_svg
 from site_agent.config import SiteConfig
 from site_agent.package import evaluate_policy, shard_root
 from site_agent.state import ShardRow, SiteState

@@ -81,7 +81,7 @@ def histogram_svg(values: Sequence[float] | np.ndarray, *, threshold: float | No
     counts, edges = np.histogram(v, bins=bins, range=(lo, hi))
     f = _Frame((lo, hi), (0.0, float(max(1, counts.max(initial=0)))), width, height)
     body = f.axes(xlabel, ylabel)
-    for c, a, b in zip(counts.tolist(), edges[:-1], edges[1:]):
+    for c, a, b in zip(counts.tolist(), edges[:-1], edges[1:], strict=True):
         if c:
             x, y = f.px(a), f.py(c)
             body.append(f'<rect class="bar" x="{x:.1f}" y="{y:.1f}" width="{max(1.0, f.px(b) - x - 1):.1f}" '
