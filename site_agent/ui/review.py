@@ -18,7 +18,7 @@ from privdistill.identity import load_private_key, public_key_b64
 from privdistill.imaging import png_data_uri, to_uint8
 from privdistill.shard import SHARD_TAR, Manifest, iter_samples, verify_shard_dir
 from privdistill.stages import STAGE_FILE, read_record, sha256_file
-from privdistill.web.plots import histogram_svg
+from privdistill.web.plots import similarity_histogram_svg
 from site_agent.config import SiteConfig
 from site_agent.package import evaluate_policy, shard_root
 from site_agent.state import ShardRow, SiteState
@@ -136,10 +136,7 @@ def _filter_review(workdir: Path, row: ShardRow, view: ShardView) -> None:
         return
     with np.load(decisions, allow_pickle=False) as z:
         d = {k: z[k] for k in z.files}
-    view.histogram = histogram_svg(d["best_similarity"], threshold=float(d["threshold"]),
-                                   xlabel="cosine similarity to the closest real training image",
-                                   ylabel="synthetic images", title="Re-identification similarity of the synthetic "
-                                                                    "images, with the filter threshold")
+    view.histogram = similarity_histogram_svg(d["best_similarity"], float(d["threshold"]))
     flagged = d["dropped"] if bool(d["enabled"]) else np.flatnonzero(d["reid_match"] | d["pixel_match"])
     view.flagged = int(len(flagged))
     if not len(flagged):
