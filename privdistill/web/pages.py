@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,10 +12,10 @@ import structlog
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
-from jinja2 import ChoiceLoader, Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
 from privdistill import __version__
+from privdistill.web.render import PAGES_CSS, environment
 from privdistill.web.session import (
     MAX_FORM_BYTES,
     CsrfRejected,
@@ -28,10 +27,6 @@ from privdistill.web.session import (
 )
 
 log = structlog.get_logger(__name__)
-
-WEB = files("privdistill.web")
-SHARED_TEMPLATES = Path(str(WEB / "templates"))
-PAGES_CSS = Path(str(WEB / "static" / "pages.css"))
 
 
 @dataclass(frozen=True)
@@ -56,14 +51,6 @@ class LoginTexts:
     hint: Markup
     name_default: str = ""
     default_user: Callable[[], str] = field(default=lambda: "admin")  # recorded when the name field is empty
-
-
-def environment(app_templates: Path | None = None) -> Environment:
-    """A Jinja2 environment over an app's own templates, then the shared ones (base.html, login.html, report.html);
-    autoescaping on for HTML."""
-    dirs = ([FileSystemLoader(str(app_templates))] if app_templates is not None else [])
-    return Environment(loader=ChoiceLoader([*dirs, FileSystemLoader(str(SHARED_TEMPLATES))]),
-                       autoescape=select_autoescape(["html"]))
 
 
 class Pages:
