@@ -101,7 +101,7 @@ def _headline(report: dict) -> tuple[list[str], list[tuple[str, list[Any]]]]:
             if key.startswith("tstr_") and v is None:
                 v = report[m].get("trtr_" + key[5:])
             cells.append(v)
-        rows.append((HEADLINE.get(key) or OPTIONAL.get(key, key), cells))
+        rows.append((HEADLINE.get(key) or OPTIONAL.get(key) or str(key), cells))
     return models, rows
 
 
