@@ -254,9 +254,11 @@ class WebLogin:
         return s
 
     async def require_post(self, request: Request) -> Posted:
-        """Dependency for every state-changing POST: logged in, and the form carries the session's CSRF token."""
-        s = self.require_user(request)
+        """Dependency for every state-changing POST: logged in, and the form carries the session's CSRF token. The
+        (bounded) form is read first: a refusal with the body unread would cost the client its keep-alive
+        connection."""
         form = await read_form(request)
+        s = self.require_user(request)
         if not SessionStore.csrf_ok(s, form.get("csrf")):
             raise CsrfRejected()
         return Posted(s, form)
