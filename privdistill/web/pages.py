@@ -73,7 +73,6 @@ class Pages:
         return self.templates.TemplateResponse(request, name, ctx, status_code=status)
 
 
-
 def _login_of(request: Request) -> WebLogin:
     login: WebLogin = request.app.state.login  # set by install_login
     return login
