@@ -1,9 +1,17 @@
-"""MODEL_CARD.md for a released student, rendered from the machine-readable release record."""
+"""MODEL_CARD.md for a released student, rendered from the machine-readable release record through
+templates/model_card.md (Jinja2) with a Hugging Face model-card metadata header."""
 
 from __future__ import annotations
 
 import json
+from importlib.resources import files
+from pathlib import Path
 from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+TEMPLATE = Path(str(files("coordinator") / "templates" / "model_card.md"))
+PIPELINE_TAGS = {"text": "text-to-image"}  # the Hub has no tag for class-conditional generation
 
 NOT_MEASURED = [
     "memorization and re-identification of real patients by the STUDENT: the coordinator holds no patient data; "
@@ -92,97 +100,40 @@ def _shard_table(shards: list[dict[str, Any]]) -> list[str]:
     return rows
 
 
+def card_data(rec: dict[str, Any]) -> ModelCardData:
+    """The card's YAML metadata header (Hugging Face model card conventions)."""
+    model, data = rec["model"], rec["training_data"]
+    return ModelCardData(
+        model_name=f"{rec['name']} v{rec['version']}",
+        library_name="diffusers" if "DiffusionPipeline.from_pretrained" in model["layout"] else None,
+        pipeline_tag=PIPELINE_TAGS.get(model["conditioning"]),
+        tags=["privdistill", "diffusion", "synthetic-data", "medical-imaging", "privacy-distillation"],
+        privdistill={"version": rec["software_version"], "release": rec["version"], "sites": list(data["sites"]),
+                     "n_training_samples": data["n_samples"], "conditioning": model["conditioning"],
+                     "class_names": list(model["class_names"])},
+    )
+
+
 def render_model_card(rec: dict[str, Any]) -> str:
-    """Markdown: intended use, training data (every shard with its privacy summary), config, evaluation, gaps."""
+    """Markdown with a YAML metadata header: intended use, training data (every shard with its privacy summary),
+    config, evaluation, gaps (templates/model_card.md through huggingface_hub's ModelCard)."""
     model, data, ev = rec["model"], rec["training_data"], rec["evaluation"]
-    util, ref = ev, ev.get("reference", {})
-    lines = [
-        f"# {rec['name']} v{rec['version']} — privdistill student diffusion model",
-        "",
-        f"Released {rec['released_at']} with privdistill {rec['software_version']}. "
-        f"{model['conditioning']}-conditional DDPM ({_f(model.get('parameters'))} parameters), "
-        f"{model['resolution']}x{model['resolution']} pixels, {model['channels']} channel(s); "
-        f"classes: {', '.join(model['class_names']) or 'n/a'}.",
-        f"Files: {model['layout']}.",
-        "",
-        "## Intended use",
-        "",
-        "- Research and method development; generating synthetic images to pre-train or augment models that are "
-        "then validated on real, properly governed data; teaching.",
-        "- **Not for diagnosis, treatment or any clinical decision**, and not a medical device. Generated images "
-        "are not real patients and may contain plausible-looking but wrong anatomy or findings.",
-        "- Not for attempts to re-identify patients. Report any output that resembles a real patient to the "
-        "coordinator operator so the release can be withdrawn.",
-        "",
-        "## Training data",
-        "",
-        f"Only filtered synthetic images: {data['n_samples']} samples in {len(data['shards'])} shard(s) from "
-        f"{len(data['sites'])} site(s) ({', '.join(data['sites'])}). Each site trained a teacher on its own "
-        "images, sampled it, dropped every sample its re-identification model linked to a real patient, and "
-        "exported the rest as a signed shard; no real image, patient id or teacher weight left a site. The "
-        "privacy numbers are the sites' own aggregate measurements, copied from the signed manifests.",
-        "",
-        *_shard_table(data["shards"]),
-        "",
-        "Teacher DP-SGD: the (ε, δ) a site's accountant spent training its teacher (RDP, Poisson sampling, "
-        "per-patient clipping). It covers the teacher and its raw samples; the filter then consulted real "
-        "images to drop samples, so the kept shard — and this student — carry no formal DP guarantee "
-        "beyond that empirical filter. \"no DP\": the site trained its teacher without DP-SGD. Every other "
-        "number in this table was computed on the site's real patients WITHOUT differential privacy "
-        "(the manifest lists them under non_dp_aggregates): none of them is covered by the ε.",
-        "",
-        "## Training configuration",
-        "",
-        f"{_f(rec['training'].get('steps'))} steps, final loss {_f(rec['training'].get('final_loss'), 4)} "
-        f"on {rec['training'].get('device')}.",
-        "",
-        "```json",
-        json.dumps(rec["training"]["config"], indent=2, sort_keys=True),
-        "```",
-        "",
-        "## Evaluation (at the coordinator)",
-        "",
-    ]
-    if ref.get("configured"):
-        lines += [
-            f"Reference set: {ref['description']} (public, not patient data), {ref['n_train']} train / "
-            f"{ref['n_test']} test images of the student's classes.",
-            "",
-            "| metric | value |",
-            "|---|---|",
-            f"| TSTR accuracy (classifier trained on student samples, tested on the reference test part) | {_f(util.get('tstr_accuracy'))} |",
-            f"| TSTR accuracy of the pooled training shards themselves | {_f(util.get('shards_tstr_accuracy'))} |",
-            f"| reference TRTR accuracy (trained on the reference train part) | {_f(ref.get('trtr_accuracy'))} |",
-            f"| fid_domain | {_f(util.get('fid_domain'))} |",
-            f"| student samples copying a training-shard image | {_f(util.get('copy_rate_vs_training_shards'), 4)} |",
-        ]
-    else:
-        lines += [
-            "No public reference set was configured: TSTR accuracy was not measured and nothing was compared "
-            "with real images.",
-            "",
-            f"- fid_domain vs the training shards: {_f(util.get('fid_domain'))}",
-            f"- student samples copying a training-shard image: {_f(util.get('copy_rate_vs_training_shards'), 4)}",
-        ]
-    lines += [
-        "",
-        f"FID features: {util.get('fid_feature_classifier') or 'n/a'}.",
-        "",
-        "## Privacy",
-        "",
-        ev.get("privacy", {}).get("note", ""),
-        "",
-        "Release policy: " + ", ".join(f"{k} = {_f(v)}" for k, v in rec["policy"].items() if k != "failures")
-        + " — passed.",
-        "",
-        "## Not measured",
-        "",
-        *[f"- {item}" for item in rec["not_measured"]],
-        "",
-        "## Integrity",
-        "",
-        "`release.json` lists the sha256 of every other file; `SHA256SUMS` covers all files "
-        "(`sha256sum -c SHA256SUMS`).",
-        "",
-    ]
-    return "\n".join(lines)
+    ref = ev.get("reference", {})
+    card = ModelCard.from_template(
+        card_data(rec), template_str=TEMPLATE.read_text(encoding="utf-8"),
+        name=rec["name"], version=rec["version"], released_at=rec["released_at"],
+        software_version=rec["software_version"], model=model, parameters=_f(model.get("parameters")),
+        classes=", ".join(model["class_names"]) or "n/a", data=data, shard_table=_shard_table(data["shards"]),
+        steps=_f(rec["training"].get("steps")), final_loss=_f(rec["training"].get("final_loss"), 4),
+        device=rec["training"].get("device"),
+        training_config=json.dumps(rec["training"]["config"], indent=2, sort_keys=True),
+        reference=ref,
+        ev={"tstr_accuracy": _f(ev.get("tstr_accuracy")), "shards_tstr_accuracy": _f(ev.get("shards_tstr_accuracy")),
+            "trtr_accuracy": _f(ref.get("trtr_accuracy")), "fid_domain": _f(ev.get("fid_domain")),
+            "copy_rate": _f(ev.get("copy_rate_vs_training_shards"), 4),
+            "fid_features": ev.get("fid_feature_classifier") or "n/a"},
+        privacy_note=ev.get("privacy", {}).get("note", ""),
+        policy=", ".join(f"{k} = {_f(v)}" for k, v in rec["policy"].items() if k != "failures"),
+        not_measured=rec["not_measured"],
+    )
+    return str(card.content).rstrip("\n") + "\n"

@@ -19,6 +19,7 @@ from privdistill.config import FilterConfig
 from privdistill.data.types import ImageSet
 from privdistill.errors import DataError
 from privdistill.imaging import save_grid
+from privdistill.web.plots import write_similarity_histogram
 
 log = structlog.get_logger(__name__)
 
@@ -444,25 +445,6 @@ def privacy_report(result: FilterResult, *, calibration: dict[str, Any]) -> dict
     }
 
 
-def _histogram(similarity: np.ndarray, threshold: float, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.hist(similarity[np.isfinite(similarity)], bins=50, color="tab:blue", alpha=0.8)
-    if math.isfinite(threshold):
-        ax.axvline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold:.3f}")
-    ax.set_xlabel("cosine similarity to the closest real training image")
-    ax.set_ylabel("synthetic images")
-    ax.set_title("Re-identification similarity of synthetic samples")
-    if math.isfinite(threshold):
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-
-
 def write_decisions(result: FilterResult, path: Path) -> None:
     """Per-synthetic-image decisions for the local review page (index -1: no pixel check ran)."""
     n = len(result.best_similarity)
@@ -481,7 +463,7 @@ def write_filter_outputs(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write kept.npz, privacy_report.json (with ``extra`` aggregate sections merged in),
-    similarity_histogram.png and the local-only review/ folder."""
+    similarity_histogram.svg and the local-only review/ folder."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     kept = synthetic.subset(result.kept)
@@ -489,7 +471,7 @@ def write_filter_outputs(
     kept.save(out_dir / "kept.npz")
     report = {**privacy_report(result, calibration=calibration), **(extra or {})}
     (out_dir / "privacy_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    _histogram(result.best_similarity, result.threshold, out_dir / "similarity_histogram.png")
+    write_similarity_histogram(result.best_similarity, result.threshold, out_dir / "similarity_histogram.svg")
 
     review = out_dir / "review"
     review.mkdir(exist_ok=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import io
 import json
 import os
@@ -11,8 +10,11 @@ from typing import Any
 
 import numpy as np
 import structlog
+from markupsafe import Markup
 
+from privdistill import __version__
 from privdistill.imaging import grid, png_data_uri
+from privdistill.web.render import PAGES_CSS, environment, flatten
 
 log = structlog.get_logger(__name__)
 
@@ -75,13 +77,6 @@ EXPLAIN = {
     "composed in). It bounds what the teacher and its unfiltered samples reveal about any one patient; "
     "the filter looks at real images and is not covered by it.",
 }
-CSS = (
-    "body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
-    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 10px;text-align:left}"
-    "th{background:#eee}td.num{text-align:right;font-family:monospace}img{image-rendering:pixelated}"
-)
-
-
 def _json_default(o: Any) -> Any:
     if isinstance(o, np.generic):
         return o.item()
@@ -92,36 +87,12 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, (float, np.floating)):
-        return f"{float(v):.4g}"
-    return str(v)
-
-
-def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    rows: list[tuple[str, Any]] = []
-    for k in sorted(d, key=str):
-        v = d[k]
-        if isinstance(v, dict):
-            rows += _flatten(v, f"{prefix}{k}.")
-        else:
-            rows.append((f"{prefix}{k}", v))
-    return rows
-
-
-def _kv_table(rows: list[tuple[str, Any]]) -> str:
-    body = "".join(f"<tr><th>{html.escape(k)}</th><td class=num>{html.escape(_fmt(v))}</td></tr>" for k, v in rows)
-    return f"<table>{body}</table>"
-
-
-def _headline(report: dict) -> str:
+def _headline(report: dict) -> tuple[list[str], list[tuple[str, list[Any]]]]:
+    """The models present and one (label, value per model) row per headline metric, then any other metric."""
     models = [m for m in MODELS if isinstance(report.get(m), dict)]
     keys = {k for m in models for k in report[m]}
     keys |= {"tstr_" + k[5:] for k in keys if k.startswith("trtr_")}  # real's TRTR shares the row of its TSTR
     extra = sorted((k for k in keys if k not in HEADLINE and not k.startswith("trtr_")), key=str)
-    head = "<tr><th>metric</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in models) + "</tr>"
     rows = []
     for key in list(HEADLINE) + extra:
         cells = []
@@ -129,9 +100,9 @@ def _headline(report: dict) -> str:
             v = report[m].get(key)
             if key.startswith("tstr_") and v is None:
                 v = report[m].get("trtr_" + key[5:])
-            cells.append(f"<td class=num>{html.escape(_fmt(v))}</td>")
-        rows.append(f"<tr><th>{html.escape(HEADLINE.get(key) or OPTIONAL.get(key, key))}</th>{''.join(cells)}</tr>")
-    return f"<table>{head}{''.join(rows)}</table>"
+            cells.append(v)
+        rows.append((HEADLINE.get(key) or OPTIONAL.get(key) or str(key), cells))
+    return models, rows
 
 
 def _png_data_uri(images: np.ndarray) -> str:
@@ -141,25 +112,18 @@ def _png_data_uri(images: np.ndarray) -> str:
 
 
 def render_html(report: dict, grids: dict[str, np.ndarray]) -> str:
-    """The report page as one HTML string."""
-    title = html.escape(str(report.get("name", "privdistill evaluation report")))
-    parts = [f"<!doctype html><html><head><meta charset=utf-8><title>{title}</title><style>{CSS}</style></head>"]
-    parts.append(f"<body><h1>{title}</h1><h2>Headline</h2>{_headline(report)}")
+    """The report page as one HTML string (templates/report.html with the pages' stylesheet inline)."""
+    models, headline = _headline(report)
     flt = report.get("filter")
-    if isinstance(flt, dict):
-        parts.append(f"<h2>Filter</h2>{_kv_table(_flatten(flt))}")
-    parts.append("<h2>What the numbers mean</h2><dl>")
-    parts += [f"<dt><b>{html.escape(k)}</b></dt><dd>{html.escape(v)}</dd>" for k, v in EXPLAIN.items()]
-    parts.append("</dl>")
-    for name, images in grids.items():
-        alt = html.escape(name, quote=True)
-        parts.append(f"<h2>{html.escape(name)}</h2><img alt=\"{alt}\" src=\"{_png_data_uri(images)}\">")
-    for key in sorted(k for k in report if k not in (*MODELS, "filter", "name")):
+    sections = []
+    for key in sorted((k for k in report if k not in (*MODELS, "filter", "name")), key=str):
         value = report[key]
-        rows = _flatten(value) if isinstance(value, dict) else [(key, value)]
-        parts.append(f"<h2>{html.escape(str(key))}</h2>{_kv_table(rows)}")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+        sections.append((str(key), flatten(value) if isinstance(value, dict) else [(key, value)]))
+    return environment().get_template("report.html").render(
+        title=str(report.get("name", "privdistill evaluation report")), css=Markup(PAGES_CSS.read_text()),
+        models=models, headline=headline, filter_rows=flatten(flt) if isinstance(flt, dict) else [],
+        explain=EXPLAIN, grids=[(name, _png_data_uri(images)) for name, images in grids.items()],
+        sections=sections, version=__version__)
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -169,7 +169,7 @@ def test_outputs_are_written_and_report_is_aggregate(world: dict, result: Filter
     report = write_filter_outputs(
         result, world["synthetic"], world["real"], tmp_path, calibration=world["model"].calibration
     )
-    for name in ("kept.npz", "privacy_report.json", "similarity_histogram.png", "review/dropped_review.png"):
+    for name in ("kept.npz", "privacy_report.json", "similarity_histogram.svg", "review/dropped_review.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert "NEVER EXPORT" in (tmp_path / "review" / "README.txt").read_text()
     on_disk = json.loads((tmp_path / "privacy_report.json").read_text())

@@ -18,8 +18,8 @@ from fastapi.testclient import TestClient
 from privdistill.data.types import ImageSet
 from privdistill.errors import ConfigError
 from privdistill.stages import Stage, run_stage
-from privdistill.svgplot import histogram_svg, line_svg
-from privdistill.websession import read_token_file
+from privdistill.web.plots import histogram_svg, line_svg
+from privdistill.web.session import read_token_file
 
 pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed")
 

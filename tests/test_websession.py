@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from privdistill.websession import SessionStore, host_of
+from privdistill.web.session import SessionStore, host_of
 
 TOKEN = "site-token-0123456789abcdef"
 ADMIN_TOKEN = "admin-token-0123456789abcdef"

@@ -17,7 +17,7 @@ from coordinator.release import RELEASE_FILE
 from coordinator.student import EVAL_STAGE, GRID_FILE, REPORT_FILE, TRAIN_STAGE, TRAINING_FILE
 from privdistill.errors import PrivdistillError
 from privdistill.imaging import png_data_uri
-from privdistill.svgplot import line_svg
+from privdistill.web.plots import line_svg
 
 log = structlog.get_logger(__name__)
 

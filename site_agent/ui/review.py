@@ -18,7 +18,8 @@ from privdistill.identity import load_private_key, public_key_b64
 from privdistill.imaging import png_data_uri, to_uint8
 from privdistill.shard import SHARD_TAR, Manifest, iter_samples, verify_shard_dir
 from privdistill.stages import STAGE_FILE, read_record, sha256_file
-from privdistill.svgplot import histogram_svg
+from privdistill.web.plots import similarity_histogram_svg
+from privdistill.web.render import flatten
 from site_agent.config import SiteConfig
 from site_agent.package import evaluate_policy, shard_root
 from site_agent.state import ShardRow, SiteState
@@ -61,18 +62,7 @@ class ShardView:
 
     @property
     def privacy_rows(self) -> list[tuple[str, Any]]:
-        return _flatten(self.manifest.privacy) if self.manifest else []
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    out: list[tuple[str, Any]] = []
-    for k in sorted(d, key=str):
-        v = d[k]
-        if isinstance(v, dict) and v:
-            out += _flatten(v, f"{prefix}{k}.")
-        else:
-            out.append((f"{prefix}{k}", v))
-    return out
+        return flatten(self.manifest.privacy) if self.manifest else []
 
 
 def array_uri(image: np.ndarray) -> str:
@@ -136,10 +126,7 @@ def _filter_review(workdir: Path, row: ShardRow, view: ShardView) -> None:
         return
     with np.load(decisions, allow_pickle=False) as z:
         d = {k: z[k] for k in z.files}
-    view.histogram = histogram_svg(d["best_similarity"], threshold=float(d["threshold"]),
-                                   xlabel="cosine similarity to the closest real training image",
-                                   ylabel="synthetic images", title="Re-identification similarity of the synthetic "
-                                                                    "images, with the filter threshold")
+    view.histogram = similarity_histogram_svg(d["best_similarity"], float(d["threshold"]))
     flagged = d["dropped"] if bool(d["enabled"]) else np.flatnonzero(d["reid_match"] | d["pixel_match"])
     view.flagged = int(len(flagged))
     if not len(flagged):

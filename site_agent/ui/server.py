@@ -12,7 +12,7 @@ import uvicorn
 
 from privdistill.errors import RetryableNetworkError
 from privdistill.httpserver import hardened_config
-from privdistill.websession import LOOPBACK_HOSTS, new_token, read_token_file
+from privdistill.web.session import LOOPBACK_HOSTS, new_token, read_token_file
 from site_agent.config import SiteConfig
 from site_agent.ui.app import create_app
 

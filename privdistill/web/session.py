@@ -1,5 +1,5 @@
-"""Access-token login for the review pages: the token file, server-side sessions with a per-session CSRF token, a
-login throttle, and the checks routes depend on (duck-typed requests: site_agent.ui and coordinator.web share it)."""
+"""Access-token login for the web pages: the token file, server-side sessions with a per-session CSRF token, a
+login throttle, and the checks routes depend on (site_agent.ui and coordinator.web share it)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qs
+
+from starlette.requests import Request
+from starlette.responses import Response
 
 from privdistill.errors import ConfigError
 from privdistill.identity import loose_mode
@@ -167,19 +169,7 @@ def host_of(header: str | None) -> str:
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
-# headers for every page that shows images or forms: nothing from elsewhere, nothing cached, no framing
-SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; img-src 'self' data:; style-src 'self'; form-action 'self'; "
-                               "frame-ancestors 'none'; base-uri 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-store",
-}
-
-
-# ----------------------------------------------------------------------------- request glue (duck-typed: any
-# ASGI framework's request with .cookies, .headers and async .stream(); site_agent.ui and coordinator.web use starlette)
+# ----------------------------------------------------------------------------- request glue
 MAX_FORM_BYTES = 16 * 1024
 NAME_PATTERN = r"[A-Za-z0-9._@-]{1,64}"
 
@@ -197,6 +187,18 @@ class FormTooLarge(Exception):
 
 
 @dataclass
+class LoginAttempt:
+    """A checked login form: ``session`` is the new logged-in session, or None with ``error`` and the HTTP
+    ``status`` to answer; ``csrf`` is the login page's token, for showing the form again."""
+
+    session: Session | None
+    form: dict[str, str]
+    csrf: str
+    error: str | None = None
+    status: int = 303
+
+
+@dataclass
 class Posted:
     """A state-changing POST that passed the checks: its session and its form fields."""
 
@@ -209,7 +211,7 @@ def valid_name(name: str) -> bool:
     return re.fullmatch(NAME_PATTERN, name) is not None
 
 
-async def read_form(request: Any) -> dict[str, str]:
+async def read_form(request: Request) -> dict[str, str]:
     """An application/x-www-form-urlencoded body (first value of each field), bounded in size."""
     declared = request.headers.get("content-length", "0")
     if not declared.isdigit() or int(declared) > MAX_FORM_BYTES:
@@ -224,44 +226,50 @@ async def read_form(request: Any) -> dict[str, str]:
 
 
 class WebLogin:
-    """One app's login: its session store, its cookie (name and path) and the two checks routes depend on."""
+    """One app's login: its session store, its cookie (name; path: the pages' ``prefix``, "" for the site root)
+    and the two checks routes depend on."""
 
-    def __init__(self, store: SessionStore, *, cookie: str, path: str = "/", secure: bool = False) -> None:
-        self.store, self.cookie, self.path, self.secure = store, cookie, path, secure
+    def __init__(self, store: SessionStore, *, cookie: str, prefix: str = "", secure: bool = False) -> None:
+        self.store, self.cookie, self.prefix, self.secure = store, cookie, prefix, secure
 
-    def current(self, request: Any) -> Session | None:
+    @property
+    def path(self) -> str:
+        return self.prefix or "/"
+
+    def current(self, request: Request) -> Session | None:
         return self.store.get(request.cookies.get(self.cookie))
 
-    def set_cookie(self, response: Any, session: Session) -> None:
+    def set_cookie(self, response: Response, session: Session) -> None:
         response.set_cookie(self.cookie, session.id, httponly=True, samesite="strict", path=self.path,
                             secure=self.secure)
 
-    def clear_cookie(self, response: Any) -> None:
+    def clear_cookie(self, response: Response) -> None:
         response.delete_cookie(self.cookie, path=self.path)
 
-    def require_user(self, request: Any) -> Session:
+    def require_user(self, request: Request) -> Session:
         """Dependency: the logged-in session, or LoginRequired."""
         s = self.current(request)
         if s is None or not s.authenticated:
             raise LoginRequired()
         return s
 
-    async def require_post(self, request: Any) -> Posted:
-        """Dependency for every state-changing POST: logged in, and the form carries the session's CSRF token."""
-        s = self.require_user(request)
+    async def require_post(self, request: Request) -> Posted:
+        """Dependency for every state-changing POST: logged in, and the form carries the session's CSRF token. The
+        (bounded) form is read first: a refusal with the body unread would cost the client its keep-alive
+        connection."""
         form = await read_form(request)
+        s = self.require_user(request)
         if not SessionStore.csrf_ok(s, form.get("csrf")):
             raise CsrfRejected()
         return Posted(s, form)
 
-    async def login_attempt(self, request: Any, default_name: str) -> tuple[Session | None, dict[str, str], str | None, int]:
-        """Check a posted login form: (new session, form, error, status). Raises CsrfRejected for a form that does
-        not carry the CSRF token of the login page's (anonymous) session."""
+    async def login_attempt(self, request: Request, default_name: str) -> LoginAttempt:
+        """Check a posted login form. Raises CsrfRejected for a form that does not carry the CSRF token of the login
+        page's (anonymous) session."""
         s = self.current(request)
         form = await read_form(request)
-        if not SessionStore.csrf_ok(s, form.get("csrf")):
+        if s is None or not SessionStore.csrf_ok(s, form.get("csrf")):
             raise CsrfRejected()
-        assert s is not None
         # the socket's peer (uvicorn runs with proxy_headers off: X-Forwarded-For is never believed)
         sources = (f"client:{request.client.host if request.client is not None else '?'}", f"session:{s.id}")
         delay = self.store.backoff_s(*sources)
@@ -270,10 +278,10 @@ class WebLogin:
         if not self.store.check_token(form.get("token", "").strip()):
             self.store.login_failed(*sources)
             if delay:
-                return None, form, "too many wrong tokens in the last minute: wait a minute (the right token is " \
-                                   "still accepted)", 429
-            return None, form, "wrong access token", 401
+                return LoginAttempt(None, form, s.csrf, "too many wrong tokens in the last minute: wait a minute (the "
+                                                        "right token is still accepted)", 429)
+            return LoginAttempt(None, form, s.csrf, "wrong access token", 401)
         name = form.get("name", "").strip() or default_name
         if not valid_name(name):
-            return None, form, "name: letters, digits and . _ @ - only (at most 64)", 400
-        return self.store.login(s, name), form, None, 303
+            return LoginAttempt(None, form, s.csrf, "name: letters, digits and . _ @ - only (at most 64)", 400)
+        return LoginAttempt(self.store.login(s, name), form, s.csrf)
