@@ -106,6 +106,11 @@ test: venv data sysdeps compose-venv docker-deps
 test-slow: venv data
 	$(VPY) -m pytest -q -m slow
 
+# ruff and mypy with the configuration in pyproject.toml (ruff and mypy come with the test extras)
+lint: venv
+	$(VPY) -m ruff check privdistill site_agent coordinator tests benchmarks examples
+	$(VPY) -m mypy
+
 clean:
 	rm -rf $(DEMO_WORKDIR) $(DEMO_WORKDIR)-single $(DEMO_WORKDIR)-federated $(DEMO_WORKDIR)-pacs .pytest_cache
 # what `make images` and the compose tests cached: the base tarball, the wheels, the private engine's data

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import platform
@@ -134,19 +135,15 @@ async def _one(kind: str, port: int, ctx: ssl.SSLContext, attack: Attack, stop: 
                 await writer.drain()
                 await asyncio.sleep(0.2)
         # wait for the server's answer or close
-        try:
+        with contextlib.suppress(TimeoutError, OSError, ssl.SSLError):
             await asyncio.wait_for(reader.read(), timeout=max(0.1, stop - time.monotonic()))
-        except (TimeoutError, OSError, ssl.SSLError):
-            pass
     except (TimeoutError, OSError, ssl.SSLError, ConnectionError):
         pass
     finally:
         attack.max_open_s = max(attack.max_open_s, time.monotonic() - t0)
         writer.close()
-        try:
+        with contextlib.suppress(TimeoutError, OSError, ssl.SSLError, ConnectionError):
             await asyncio.wait_for(writer.wait_closed(), timeout=1)
-        except (TimeoutError, OSError, ssl.SSLError, ConnectionError):
-            pass
 
 
 async def _stall_tls(port: int, attack: Attack, stop: float) -> None:

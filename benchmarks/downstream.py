@@ -90,14 +90,17 @@ def run_one(model: str, train, test, n_classes: int, cfg, seed: int) -> dict:
 
 
 def summarise(runs: list[dict]) -> dict:
-    by = lambda src, m: [r["accuracy"] for r in runs if r["source"] == src and r["model"] == m]  # noqa: E731
+
+    def by(src: str, m: str) -> list[float]:
+        return [r["accuracy"] for r in runs if r["source"] == src and r["model"] == m]
+
     out = {}
     for src in SOURCES:
         s = {m: t_interval(by(src, m)) for m in MODELS if by(src, m)}
         if by(src, "semi_vit") and by(src, "vit"):
-            s["semi_vit_minus_vit"] = t_interval([a - b for a, b in zip(by(src, "semi_vit"), by(src, "vit"))])
+            s["semi_vit_minus_vit"] = t_interval([a - b for a, b in zip(by(src, "semi_vit"), by(src, "vit"), strict=True)])
         if by(src, "semi_vit") and by(src, "cnn"):
-            s["semi_vit_minus_cnn"] = t_interval([a - b for a, b in zip(by(src, "semi_vit"), by(src, "cnn"))])
+            s["semi_vit_minus_cnn"] = t_interval([a - b for a, b in zip(by(src, "semi_vit"), by(src, "cnn"), strict=True)])
         pl = [r for r in runs if r["source"] == src and r["model"] == "semi_vit"]
         if not s:
             continue

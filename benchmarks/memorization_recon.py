@@ -1,4 +1,5 @@
-"""The memorization metric on a real teacher's own near-copies (issue 12).
+"""The memorization metric on a real teacher's own near-copies: how much of a
+known copy the metric catches.
 
 Takes a finished run's work directory (``privdistill run``), noises n training images to DDIM
 timestep t and denoises them with the run's teacher, for several t, and reports the share that

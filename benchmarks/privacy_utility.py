@@ -113,7 +113,7 @@ def rate_ci(side: dict, key_ci: str = "memorization_ci") -> list[float] | None:
 
 
 def headline_goals(report: dict, check: dict, *, no_memorization: bool) -> list[dict]:
-    """Each goal of issue 12 with its measured value, 95% interval and n, met or not (None: not measured)."""
+    """Each headline goal with its measured value, 95% interval and n, met or not (None: not measured)."""
     t, s, f = report["teacher"], report["student"], report["filter"]
     cal, audit = f.get("calibration") or {}, f.get("audit") or {}
     alpha = cal.get("alpha")
@@ -272,7 +272,7 @@ def render_md(res: dict) -> str:
             f"{fr['memorized_in_kept']} of them were kept by the filter (filter recall on copies: "
             f"{_fmt(fr['filter_recall_on_memorized'])})."
         )
-    lines += ["", "Goals (issue 12), every number with its 95% interval and n:", "", *render_goals(g["table"]), ""]
+    lines += ["", "Goals of the headline, every number with its 95% interval and n:", "", *render_goals(g["table"]), ""]
     if aud.get("recall"):
         lines += ["Filter recall per kind of copy (the filter was not built around these; "
                   f"kinds with < {aud.get('min_cases', {}).get('n')} cases or < {aud.get('min_cases', {}).get('n_patients')} "

@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     # paired ratio: per repetition, ours' block mean over plain's block mean; median over repetitions
     paired = {
-        k: statistics.median(o / p for o, p in zip(block_means["ours"], block_means[k])) for k in ("plain", "plain_full")
+        k: statistics.median(o / p for o, p in zip(block_means["ours"], block_means[k], strict=True)) for k in ("plain", "plain_full")
     }
     result = {
         "config": {

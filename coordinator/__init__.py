@@ -1,1 +1,2 @@
-"""Coordinator: receives and verifies signed shards and trains the shareable student (see issue 3)."""
+"""Coordinator: receives and verifies signed shards from the sites, keeps them, and trains, evaluates and
+releases the shareable student (directly or through Flower federation)."""

@@ -139,7 +139,7 @@ def create_app(config: CoordinatorConfig) -> FastAPI:
 
     mount_admin(app, config, ledger)  # /admin when config.admin_token_file is set; never in the OpenAPI schema
     app.openapi_tags = [{"name": "uploads", "description": "signed (X-Privdistill-* headers), resumable uploads"}]
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]  # FastAPI's documented way to extend the schema
     return app
 
 

@@ -184,12 +184,13 @@ def federate(config_path: Path, training: Path, out: Path, *, superlink: str | N
     problems = []
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         problems.append(f"--out {out} exists and is not empty; federated runs never overwrite (choose a new dir)")
-    if cfg.tls.ca is None or not cfg.tls.ca.is_file():
+    ca = cfg.tls.ca
+    if ca is None or not ca.is_file():
         problems.append("tls.ca: federated mode needs the CA certificate (the SuperNodes verify the SuperLink with it)")
     for name in ("cert", "key"):
         if not getattr(cfg.tls, name).is_file():
             problems.append(f"tls.{name}: {getattr(cfg.tls, name)} does not exist")
-    if problems:
+    if problems or ca is None:
         raise ConfigError(problems, str(config_path))
     home = cfg.state_dir / FLOWER_HOME
     env = flower_env(home)
@@ -202,7 +203,7 @@ def federate(config_path: Path, training: Path, out: Path, *, superlink: str | N
             address = link.address
         else:
             address = superlink
-        write_connection(home, address, cfg.tls.ca)
+        write_connection(home, address, ca)
         nodes = register_nodes(env, config_path.resolve().parent / NODE_PUBS_DIR)
         log.info("federate.ready", superlink=address, registered=sorted(nodes))
         if on_ready is not None:

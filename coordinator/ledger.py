@@ -122,6 +122,10 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = self._connect()
         try:
+            found = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if found > SCHEMA_VERSION:  # a newer version's tables: migrating "down" could lose what it records
+                raise ConfigError([f"the ledger {self.path} has schema version {found}, newer than the {SCHEMA_VERSION} "
+                                   "this privdistill reads; run the privdistill version that wrote it (or newer)"])
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
             cols = {r[1] for r in db.execute("PRAGMA table_info(shards)")}

@@ -25,7 +25,7 @@ from privdistill.identity import generate_key, public_key_b64, save_private_key,
 from privdistill.shard import ID_PATTERN
 
 RESERVED = {"ca", "coordinator"}
-# a site kit: what a site's install needs (deploy/compose/site.yaml mounts the first four as secrets)
+# a site kit: what a site's install needs (deploy/compose/site.compose.yaml mounts the first four as secrets)
 SITE_KEY_FILE, CA_FILE, CONNECTION_FILE, KIT_README = "site.key", "ca.pem", "site-connection.yaml", "README.md"
 KIT_FILES = (SITE_KEY_FILE, NODE_KEY_FILE, CA_FILE, CONNECTION_FILE, "site.pub", NODE_PUB_FILE, KIT_README)
 
@@ -308,7 +308,7 @@ _SITE_README = """# privdistill site kit for site `{site}`
 Made by the coordinator operator with `privdistill-coordinator provision` (or `sites rotate`). Carry this
 folder to site `{site}`'s agent machine on removable media or another channel you trust, and nowhere else.
 
-| file | what it is | where it goes (docker compose install, `deploy/compose/site.yaml`) |
+| file | what it is | where it goes (docker compose install, `deploy/compose/site.compose.yaml`) |
 |---|---|---|
 | `site.key` | the site's Ed25519 **private** key: signs every shard and every upload request | secret `site_key` -> `/run/secrets/site.key` |
 | `flower-node.key` | federated mode only: the site's Flower SuperNode **private** key (ECDSA P-256) | secret `flower_node_key` -> `/run/secrets/flower-node.key` |
@@ -326,7 +326,7 @@ Then write the site config (`SITE_CONFIG`, e.g. config/site.yaml beside the comp
 this kit; the key and CA paths in it point at /run/secrets/:
 
     mkdir -p config && touch config/site.yaml
-    docker compose -f site.yaml run --rm -T site-agent sh -c \\
+    docker compose -f site.compose.yaml run --rm -T site-agent sh -c \\
       'privdistill-site init /tmp/cfg --connection /run/secrets/site-connection.yaml >/dev/null && cat /tmp/cfg/site.yaml' > config/site.new
     mv config/site.new config/site.yaml
 

@@ -28,7 +28,7 @@ from coordinator.student import (
     stage_state,
 )
 from privdistill import __version__
-from privdistill.errors import PrivacyPolicyError
+from privdistill.errors import PrivacyPolicyError, StageError
 from privdistill.privacy_report import Limits, PrivacyReport, evaluate_criteria
 from privdistill.stages import hash_tree, read_record, stage_dir, workdir_lock
 
@@ -82,9 +82,9 @@ def load_attestations(paths: list[Path], site_keys: dict[str, str]) -> tuple[lis
 def _attested(training: dict[str, Any], policy: ReleasePolicy, attestations: list[dict[str, Any]],
               model_digest: str | None) -> list[str]:
     """Student criteria measured by the sites: every contributing site must attest this very model."""
-    limits = {"max_student_mia_auc": ("mia_auc_ci95", policy.max_student_mia_auc),
+    wanted = {"max_student_mia_auc": ("mia_auc_ci95", policy.max_student_mia_auc),
               "max_student_memorization_rate": ("memorization_rate", policy.max_student_memorization_rate)}
-    limits = {k: v for k, v in limits.items() if v[1] is not None}
+    limits = {name: (key, limit) for name, (key, limit) in wanted.items() if limit is not None}
     failures: list[str] = []
     if not limits:
         return failures
@@ -93,17 +93,19 @@ def _attested(training: dict[str, Any], policy: ReleasePolicy, attestations: lis
     for site in sorted({s["site"] for s in training["shards"]}):
         a = mine.get(site)
         for name, (key, limit) in limits.items():
-            value = None if a is None else a["student"].get(key)
-            if key == "memorization_rate" and _number(value) and a["student"].get("memorization_undecidable"):
-                # samples the metric could not decide count as memorized
-                value += a["student"]["memorization_undecidable"] / max(int(a["student"].get("n_samples") or 1), 1)
-            if key == "mia_auc_ci95":  # the interval's upper end, not the point estimate
-                value = value[1] if isinstance(value, list) and len(value) == 2 else None
             if a is None:
                 failures.append(f"{name}: site {site} has not attested this student (model "
                                 f"{str(model_digest)[:12]}); it runs `privdistill-site evaluate-student` on it "
                                 "and sends student-eval/attestation.*")
-            elif not _number(value):
+                continue
+            student = a["student"]
+            value = student.get(key)
+            if key == "memorization_rate" and _number(value) and student.get("memorization_undecidable"):
+                # samples the metric could not decide count as memorized
+                value += student["memorization_undecidable"] / max(int(student.get("n_samples") or 1), 1)
+            if key == "mia_auc_ci95":  # the interval's upper end, not the point estimate
+                value = value[1] if isinstance(value, list) and len(value) == 2 else None
+            if not _number(value):
                 failures.append(f"{name}: site {site}'s attestation reports no {key}")
             elif value > limit:
                 what = "the upper end of the 95% interval of mia_auc" if key == "mia_auc_ci95" else key
@@ -158,6 +160,13 @@ def check_policy(training: dict[str, Any], policy: ReleasePolicy, *, attestation
     return failures
 
 
+def _fingerprint(work_dir: Path, name: str) -> str:
+    rec = read_record(work_dir, name)
+    if rec is None:
+        raise StageError(f"{name}: has not run; run `privdistill-coordinator {_COMMAND[name]}` first")
+    return str(rec["fingerprint"])
+
+
 def _evidence(shards: Shards, cfg: TrainingConfig, work_dir: Path) -> list[str]:
     """Missing or stale train/evaluate stages, and stage outputs changed after they were recorded."""
     failures = []
@@ -169,7 +178,7 @@ def _evidence(shards: Shards, cfg: TrainingConfig, work_dir: Path) -> list[str]:
             failures.append(f"{name}: is stale (accepted shards or training config changed since); re-run {cmd}")
         else:
             rec = read_record(work_dir, name)
-            if hash_tree(stage_dir(work_dir, name)) != rec["outputs"]:
+            if rec is None or hash_tree(stage_dir(work_dir, name)) != rec["outputs"]:
                 failures.append(f"{name}: its files changed after the stage wrote them; re-run {cmd} --force")
     return failures
 
@@ -204,7 +213,7 @@ def _release_record(training: dict[str, Any], evaluation: dict[str, Any], cfg: T
         "evaluation_config": cfg.evaluation.model_dump(mode="json"),
         "sample_config": cfg.sample.model_dump(mode="json"),
         "policy": {**cfg.release.model_dump(mode="json"), "failures": []},
-        "stages": {n: read_record(work_dir, n)["fingerprint"] for n in (TRAIN_STAGE, EVAL_STAGE)},
+        "stages": {n: _fingerprint(work_dir, n) for n in (TRAIN_STAGE, EVAL_STAGE)},
         "not_measured": NOT_MEASURED,
     }
 

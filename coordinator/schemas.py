@@ -53,18 +53,21 @@ class UploadInfo(BaseModel):
     duplicate: bool = False
 
 
+Responses = dict[int | str, dict[str, Any]]  # FastAPI's `responses=` type: status code -> OpenAPI fields
+
+
 def _err(description: str) -> dict[str, Any]:
     return {"model": ErrorResponse, "description": description}
 
 
-E400 = {400: _err("invalid request (missing/invalid Upload-Offset header or request body)")}
-E401 = {401: _err("authentication failed: " + " | ".join(AUTH_REASONS))}
-E403 = {403: _err("revoked_site: the site's key was revoked (answered only to a correctly signed request)")}
-E408 = {408: _err("body_timeout: the body did not arrive in time")}
-E429 = {429: _err("too_many_requests | too_many_open_uploads | open_bytes_quota: a per-site quota")}
-E503 = {503: _err("busy: too many requests at once; retry after Retry-After")}
-E404 = {404: _err("unknown_upload: no such upload for this site")}
-E409 = {409: _err("offset_mismatch: Upload-Offset is not the current offset (returned in `offset`)")}
-E413 = {413: _err("request_too_large (body or chunk over the limit) | shard_too_large (tar_size over the limit)")}
-E422 = {422: _err("malformed_manifest | bad_manifest_signature | site_mismatch | other shard verification reason")}
-AUTH_ERRORS = {**E400, **E401, **E403, **E408, **E413, **E429, **E503}
+E400: Responses = {400: _err("invalid request (missing/invalid Upload-Offset header or request body)")}
+E401: Responses = {401: _err("authentication failed: " + " | ".join(AUTH_REASONS))}
+E403: Responses = {403: _err("revoked_site: the site's key was revoked (answered only to a correctly signed request)")}
+E408: Responses = {408: _err("body_timeout: the body did not arrive in time")}
+E429: Responses = {429: _err("too_many_requests | too_many_open_uploads | open_bytes_quota: a per-site quota")}
+E503: Responses = {503: _err("busy: too many requests at once; retry after Retry-After")}
+E404: Responses = {404: _err("unknown_upload: no such upload for this site")}
+E409: Responses = {409: _err("offset_mismatch: Upload-Offset is not the current offset (returned in `offset`)")}
+E413: Responses = {413: _err("request_too_large (body or chunk over the limit) | shard_too_large (tar_size over the limit)")}
+E422: Responses = {422: _err("malformed_manifest | bad_manifest_signature | site_mismatch | other shard verification reason")}
+AUTH_ERRORS: Responses = {**E400, **E401, **E403, **E408, **E413, **E429, **E503}

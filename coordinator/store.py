@@ -76,8 +76,3 @@ def remove_stale_temp(state_dir: Path) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
         n += 1
     return n
-
-
-def stored_shards(state_dir: Path) -> list[Path]:
-    """Every shard directory on disk (accepted or orphaned by a crash); the ledger decides what is visible."""
-    return sorted(p for p in (Path(state_dir) / "store").glob("*/*") if p.is_dir() and not p.name.startswith("."))

@@ -261,6 +261,8 @@ def load_accepted(
     sizes = {}
     for d, m in entries:
         size = _first_png_size(d / SHARD_TAR)
+        if size is None:
+            raise ShardVerificationError(f"shard {m.site_id}/{m.shard_id} holds no sample", "empty_shard")
         sizes[f"{m.site_id}/{m.shard_id}"] = size
         if resolution is not None and size != (resolution, resolution):
             raise ShardVerificationError(
@@ -366,15 +368,15 @@ def _train(shards: list[Path | ShardRef], cfg: TrainingConfig, ctx: StageContext
     model.save(ctx.out / "model")
     if data.prompts is not None:
         (ctx.out / PROMPTS_FILE).write_text(json.dumps(prompt_label_map(data), indent=2))
-    shards = [shard_record(m) for m in manifests]
+    records = [shard_record(m) for m in manifests]
     training = {
         "name": cfg.name, "n_samples": len(data), "class_names": data.class_names, "conditioning": kind,
-        "sites": sorted({m.site_id for m in manifests}), "shards": shards,
+        "sites": sorted({m.site_id for m in manifests}), "shards": records,
         "config": _training_section(cfg), "train": report,
     }
     atomic_write_json(ctx.out / TRAINING_FILE, training)
-    log.info("student.trained", shards=len(shards), samples=len(data), final_loss=report.get("final_loss"))
-    return {k: v for k, v in report.items() if k != "loss_curve"} | {"n_shards": len(shards), "n_samples": len(data)}
+    log.info("student.trained", shards=len(records), samples=len(data), final_loss=report.get("final_loss"))
+    return {k: v for k, v in report.items() if k != "loss_curve"} | {"n_shards": len(records), "n_samples": len(data)}
 
 
 def _evaluate(shards: list[Path | ShardRef], cfg: TrainingConfig, ctx: StageContext) -> dict[str, Any]:

@@ -93,14 +93,15 @@ class Uploads:
             raise self._refuse_shard(site, None, 422, err) from None
         sha = manifest.tar_sha256
         if manifest.tar_size > limits.max_shard_bytes:
-            err = ShardVerificationError(f"shard is {manifest.tar_size} bytes; the coordinator accepts at most "
-                                         f"{limits.max_shard_bytes} (split it into smaller shards)", "shard_too_large")
-            raise self._refuse_shard(site, sha, 413, err)
+            too_large = ShardVerificationError(f"shard is {manifest.tar_size} bytes; the coordinator accepts at most "
+                                               f"{limits.max_shard_bytes} (split it into smaller shards)",
+                                               "shard_too_large")
+            raise self._refuse_shard(site, sha, 413, too_large)
         existing = self.ledger.shard(sha)
         if existing is not None and existing.status == "removed":
-            err = ShardVerificationError("the coordinator's operator removed this shard; it is not taken again "
-                                         "(package a new shard, or ask the operator)", "shard_removed")
-            raise self._refuse_shard(site, sha, 409, err)
+            removed = ShardVerificationError("the coordinator's operator removed this shard; it is not taken again "
+                                             "(package a new shard, or ask the operator)", "shard_removed")
+            raise self._refuse_shard(site, sha, 409, removed)
         if existing is not None:
             self.audit.event("duplicate", site=site, shard_sha256=sha)
             return UploadInfo(upload_id=existing.upload_id, state="accepted", offset=manifest.tar_size,

@@ -23,7 +23,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the Orthanc launcher and seeder the e2e tests use
 
-from _orthanc import (  # noqa: E402
+from _orthanc import (  # noqa: E402  # importable only after the sys.path line above
     CLASS_NAMES,
     FMNIST,
     LABEL_TAG,

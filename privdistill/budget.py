@@ -112,7 +112,7 @@ class PrivacyLedger:
             touching = None if hashes is None else self._touching(db, hashes)
         keys = ("id", "run_id", "kind", "pool", "n_units", "history", "delta", "epsilon_alone", "reason",
                 "config_hash", "created_at")
-        out = [dict(zip(keys, r)) for r in rows if touching is None or r[0] in touching]
+        out = [dict(zip(keys, r, strict=True)) for r in rows if touching is None or r[0] in touching]
         for c in out:
             c["history"] = [tuple(h) for h in json.loads(c["history"])]
         return out
@@ -149,13 +149,13 @@ class PrivacyLedger:
         for cid, units in sorted(touching.items()):
             for u in units:
                 by_unit[u].append(cid)
-        worst = {"epsilon": epsilon_of(list(extra), delta) if extra else 0.0, "charges": []}
+        worst_epsilon: float = epsilon_of(list(extra), delta) if extra else 0.0
+        worst_charges: list[int] = []
         for ids in {tuple(v) for v in by_unit.values()}:
             eps = epsilon_of([tuple(h) for cid in ids for h in history[cid]] + list(extra), delta)
-            if eps > worst["epsilon"]:
-                worst = {"epsilon": eps, "charges": list(ids)}
-        worst["n_charges"] = len(worst["charges"])
-        return worst
+            if eps > worst_epsilon:
+                worst_epsilon, worst_charges = eps, list(ids)
+        return {"epsilon": worst_epsilon, "charges": worst_charges, "n_charges": len(worst_charges)}
 
     # ------------------------------------------------------------------ writing
     def charge(self, *, run_id: str, kind: str, unit_ids: Sequence[str], history: Sequence[tuple[float, float, int]],
@@ -167,7 +167,7 @@ class PrivacyLedger:
 
         hashes = self.unit_hashes(unit_ids)
         pool = self.pool_of(hashes)
-        history = [tuple(float(x) if i < 2 else int(x) for i, x in enumerate(h)) for h in history]
+        history = [(float(noise), float(rate), int(steps)) for noise, rate, steps in history]
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             try:

@@ -45,7 +45,7 @@ class Classifier:
 def _random_shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Light augmentation: each image rolled by up to one pixel in each direction."""
     shifts = torch.randint(-1, 2, (len(x), 2), generator=g)
-    return torch.stack([torch.roll(img, (int(dy), int(dx)), (1, 2)) for img, (dy, dx) in zip(x, shifts)])
+    return torch.stack([torch.roll(img, (int(dy), int(dx)), (1, 2)) for img, (dy, dx) in zip(x, shifts, strict=True)])
 
 
 def train_classifier(

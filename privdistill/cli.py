@@ -99,7 +99,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _audit(cfg: Any, args: argparse.Namespace) -> int:
-    from privdistill.audit.fingerprint import run_fingerprint_audit
+    from privdistill.audit.fingerprint_audit import run_fingerprint_audit
     from privdistill.errors import ConfigError
 
     bad = [f"--{n}: must be at least 1 (got {v})" for n, v in

@@ -389,7 +389,6 @@ class DPConfig(Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     noise_multiplier: float | None = Field(None, gt=0)
     physical_batch_size: int | None = Field(None, ge=1)
-    accountant: Literal["rdp"] = "rdp"
     poisson_sampling: bool = True
     augment_multiplicity: int = Field(1, ge=1, le=64)  # (t, noise) draws averaged inside one per-unit gradient
     privacy_unit: Literal["patient", "image"] = "patient"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ History = list[tuple[float, float, int]]  # Opacus RDP history: (noise_multiplie
 def epsilon_of(history: History, delta: float) -> float:
     """(epsilon, delta)-DP of the composed mechanisms in ``history`` (Opacus RDP accountant)."""
     acc = RDPAccountant()
-    acc.history = [tuple(h) for h in history]  # type: ignore[misc]
+    acc.history = [tuple(h) for h in history]
     return float(acc.get_epsilon(delta)) if history else 0.0
 
 
@@ -43,7 +44,7 @@ def gaussian_query_entry(noise_std: float, l2_sensitivity: float) -> tuple[float
 
 
 def noise_for_budget(
-    target_epsilon: float, delta: float, *, sample_rate: float, steps: int, prior: History = (), tol: float = 1e-3,
+    target_epsilon: float, delta: float, *, sample_rate: float, steps: int, prior: Sequence[tuple[float, float, int]] = (), tol: float = 1e-3,
 ) -> float:
     """Smallest noise multiplier whose run (after ``prior``) stays within ``target_epsilon`` (bisection)."""
     prior = list(prior)
@@ -105,7 +106,7 @@ class DPPlan:
                 "planned_epsilon": self.planned_epsilon}
 
 
-def plan_dp(dp: DPConfig, train: TrainConfig, n_units: int, *, prior: History = ()) -> DPPlan:
+def plan_dp(dp: DPConfig, train: TrainConfig, n_units: int, *, prior: Sequence[tuple[float, float, int]] = ()) -> DPPlan:
     """Sample rate batch_size/N, delta, and the noise multiplier (given, or the smallest within the budget)."""
     problems = []
     if train.batch_size >= n_units:
@@ -188,7 +189,7 @@ def _secret_generator() -> torch.Generator:
 
 def _csprng() -> Any:
     try:
-        import torchcsprng  # type: ignore[import-not-found]
+        import torchcsprng
     except ImportError:
         return None
     return torchcsprng
@@ -278,7 +279,7 @@ class DPTrainer(Trainer):
         noise = torch.randn((n * k, *self.images.shape[1:]), generator=g)
         x0 = self.images[idx.to(self.device)]
         with autocast_for(self.device, self.cfg.mixed_precision):
-            cond = self.model.condition(self.labels[idx], None, self.device)
+            cond = self.model.condition(None if self.labels is None else self.labels[idx], None, self.device)
             loss = diffusion_loss(self.model, self.unet, x0, t.to(self.device), noise.to(self.device), cond)
         loss.backward()
         params = [p for p in self.model.unet.parameters() if p.requires_grad]

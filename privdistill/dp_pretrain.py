@@ -56,8 +56,8 @@ def semantic_query(
     from privdistill.classifier import train_classifier
     from privdistill.dp import gaussian_query_entry
 
-    if sensitive.labels is None:
-        raise StageError("the semantic query needs class labels on the sensitive images")
+    if sensitive.labels is None or public.labels is None:
+        raise StageError("the semantic query needs class labels on the sensitive and on the public images")
     n_public = len(public.class_names)
     k = min(pp.classes_k, n_public)
     clf = train_classifier(public.images, public.labels, n_public, steps=pp.classifier_steps, batch_size=128,
@@ -84,6 +84,8 @@ def semantic_query(
 
 def public_subset(public: ImageSet, selected_idx: dict[str, list[int]], class_names: list[str]) -> ImageSet:
     """Public images of each sensitive class's selected public classes, labelled with that sensitive class."""
+    if public.labels is None:
+        raise StageError("public pretraining needs class labels on the public images")
     parts, labels = [], []
     for c, js in selected_idx.items():
         idx = np.flatnonzero(np.isin(public.labels, js))
@@ -149,7 +151,8 @@ def prepare_start(
             tmp_dir = pre_dir.with_name(PRETRAINED_DIR + ".tmp")
             model.save(tmp_dir)
             tmp_dir.replace(pre_dir)
-    entry = tuple(query["history_entry"])
+    noise, rate, steps = query["history_entry"]
+    entry = (float(noise), float(rate), int(steps))
     report = {k: query[k] for k in ("classes_k", "query_sigma", "l2_sensitivity", "selected", "noisy_counts")}
     report["pretrain_steps"] = pp.steps
-    return [entry], {"public_pretraining": report}  # type: ignore[list-item]
+    return [entry], {"public_pretraining": report}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +237,7 @@ def calibrate_filter(scorer: GalleryScorer, null_images: np.ndarray, cfg: Filter
         raise DataError("filter.detectors is empty: the filter needs at least one detector")
     a = cfg.max_fresh_drop / len(detectors)
     null = scorer.scores(null_images, detectors)
-    thr = {d: conformal_threshold(null[d], a) for d in detectors}
+    thr: dict[str, float] = {d: conformal_threshold(null[d], a) for d in detectors}
     cal = FilterCalibration(alpha=cfg.max_fresh_drop, n_null=int(len(null_images)), thresholds=thr,
                             reid_score=scorer.reid_score, cohort_k=scorer.cohort_k, local_patch=scorer.local_patch)
     log.info("filter.calibrated", alpha=cal.alpha, n_null=cal.n_null, **{f"threshold_{k}": round(v, 4) for k, v in thr.items()})
@@ -271,7 +271,6 @@ class FilterResult:
     pixel_threshold: float | None
     enabled: bool = True
     review_grid_max: int = 32
-    synthetic: ImageSet | None = field(default=None, repr=False)
     local_match: np.ndarray | None = None  # bool [N]: a patch-level copy (calibrated filter only)
     calibration: FilterCalibration | None = None
 
@@ -288,15 +287,8 @@ class FilterResult:
         """Why each synthetic image was (or, with the filter off, would have been) dropped."""
         return [
             tuple(r for r, hit in (("reid", a), ("pixel", b), ("local", c)) if hit)
-            for a, b, c in zip(self.reid_match.tolist(), self.pixel_match.tolist(), self.local.tolist())
+            for a, b, c in zip(self.reid_match.tolist(), self.pixel_match.tolist(), self.local.tolist(), strict=True)
         ]
-
-    def kept_set(self) -> ImageSet:
-        if self.synthetic is None:
-            raise DataError("this FilterResult holds no synthetic set")
-        out = self.synthetic.subset(self.kept)
-        out.patient_ids = None
-        return out
 
 
 def _normalise(e: np.ndarray) -> torch.Tensor:
@@ -370,7 +362,8 @@ def filter_synthetic(
     pixel_match = np.zeros(n, bool)
     local_match = None
     if calibration is None:
-        reid_match = best >= float(threshold)  # type: ignore[arg-type]
+        assert threshold is not None  # refused above when there is no calibration
+        reid_match = best >= float(threshold)
         if cfg.pixel_near_duplicate and len(real_train) and n:
             # shift-tolerant: a copy displaced by a pixel or two is as identifying as an exact one
             neg_d, pix_i = sc.pixel(synthetic.images)
@@ -406,11 +399,10 @@ def filter_synthetic(
         pixel_match=pixel_match,
         pixel_distance=pix_d,
         pixel_real_index=None if pix_i is None else pix_i.astype(np.int64),
-        threshold=float(threshold),  # type: ignore[arg-type]
+        threshold=float(threshold),
         pixel_threshold=pix_thr,
         enabled=cfg.enabled,
         review_grid_max=cfg.review_grid_max,
-        synthetic=synthetic,
         local_match=local_match,
         calibration=calibration,
     )

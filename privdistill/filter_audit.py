@@ -50,7 +50,7 @@ def _planted(train: ImageSet, n: int, seed: int) -> dict[str, tuple[np.ndarray, 
         "shift_1px": (np.roll(x, shift=1, axis=-1), idx),
         "noise_0.1": (_clip(x + rng.normal(0, 0.1, x.shape)), idx),
         "contrast_0.9": (_clip(x * 0.9), idx),
-        "blur_0.5-1px": (_clip(np.stack([gaussian_filter(im, sigma=(0, s, s)) for im, s in zip(x, blur_sigma)])), idx),
+        "blur_0.5-1px": (_clip(np.stack([gaussian_filter(im, sigma=(0, s, s)) for im, s in zip(x, blur_sigma, strict=True)])), idx),
         "correlated_noise": (_clip(x + corr), idx),
     }
 

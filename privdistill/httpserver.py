@@ -28,10 +28,12 @@ class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol plus a header deadline and close-after-unread-body (see the module docstring)."""
 
     header_timeout_s = HEADER_TIMEOUT_S
+    _header_timer: asyncio.TimerHandle | None = None
+    _drain_timer: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn's own
         super().connection_made(transport)
-        self._header_timer: asyncio.TimerHandle | None = None
+        self._header_timer = None
         if self.limit_concurrency is not None and len(self.connections) > self.limit_concurrency:
             transport.abort()  # over the limit: dropped on arrival, not held open until its first request
             return
@@ -42,8 +44,8 @@ class GuardedH11Protocol(H11Protocol):
         self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
 
     def _cancel_header_timer(self) -> None:
-        if getattr(self, "_header_timer", None) is not None:
-            self._header_timer.cancel()  # type: ignore[union-attr]
+        if self._header_timer is not None:
+            self._header_timer.cancel()
             self._header_timer = None
 
     def _headers_too_slow(self) -> None:
@@ -56,7 +58,7 @@ class GuardedH11Protocol(H11Protocol):
         super().handle_events()
         if self.cycle is not before:  # a request's headers are complete
             self._cancel_header_timer()
-        drain = getattr(self, "_drain_timer", None)
+        drain = self._drain_timer
         if drain is not None and self.conn.their_state is not h11.SEND_BODY:
             drain.cancel()  # the unread body ended in time: close after it (the client has read the answer)
             self._drain_timer = None
@@ -82,8 +84,8 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
-        if getattr(self, "_drain_timer", None) is not None:
-            self._drain_timer.cancel()  # type: ignore[union-attr]
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
         super().connection_lost(exc)
 
 

@@ -27,18 +27,6 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return x[..., 0] if x.shape[-1] == 1 else x
 
 
-def from_uint8(arr: np.ndarray) -> np.ndarray:
-    """HW / HWC / NHW / NHWC uint8 -> float32 in [-1, 1], NCHW (adds N and C as needed)."""
-    a = np.asarray(arr)
-    if a.ndim == 2:
-        a = a[None, ..., None]
-    elif a.ndim == 3 and a.shape[-1] in (1, 3):
-        a = a[None]
-    elif a.ndim == 3:
-        a = a[..., None]
-    return np.transpose(a.astype(np.float32) / 127.5 - 1.0, (0, 3, 1, 2))
-
-
 def grid(images: np.ndarray, ncols: int = 8, pad: int = 2, scale: int = 1) -> Image.Image:
     """Tile NCHW [-1, 1] images into one PIL image (white padding)."""
     u8 = to_uint8(images)
@@ -55,7 +43,7 @@ def grid(images: np.ndarray, ncols: int = 8, pad: int = 2, scale: int = 1) -> Im
         canvas[y : y + h, x : x + w] = img
     out = Image.fromarray(canvas)
     if scale > 1:
-        out = out.resize((out.width * scale, out.height * scale), Image.NEAREST)
+        out = out.resize((out.width * scale, out.height * scale), Image.Resampling.NEAREST)
     return out
 
 

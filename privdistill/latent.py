@@ -13,9 +13,11 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from transformers import CLIPTextModel
 
 from privdistill.config import LoraConfig, ModelConfig
 from privdistill.errors import ConfigError, StageError
+from privdistill.models import UNet
 
 INDEX_FILE = "model_index.json"
 UNETS = {"UNet2DConditionModel": UNet2DConditionModel, "UNet2DModel": UNet2DModel}
@@ -41,10 +43,10 @@ def pipeline_problems(path: Path, model: ModelConfig, resolution: int) -> list[s
     if not path.is_dir():
         return [f"not a directory: {path}; {hint}"]
     vae, unet = _read_json(path / "vae" / "config.json"), _read_json(path / "unet" / "config.json")
-    problems = [f"{path} has no readable {sub}/config.json; {hint}" for sub, c in (("vae", vae), ("unet", unet))
+    if vae is None or unet is None:
+        return [f"{path} has no readable {sub}/config.json; {hint}" for sub, c in (("vae", vae), ("unet", unet))
                 if c is None]
-    if problems:
-        return problems
+    problems: list[str] = []
     if vae.get("_class_name") != "AutoencoderKL":
         problems.append(f"{path}/vae is a {vae.get('_class_name')}, not an AutoencoderKL")
     kind = unet.get("_class_name")
@@ -75,9 +77,9 @@ class LatentParts:
     """What a pretrained pipeline folder contributes to a DiffusionModel."""
 
     vae: AutoencoderKL
-    unet: torch.nn.Module
+    unet: UNet
     scheduler: DDPMScheduler
-    text_encoder: torch.nn.Module | None = None
+    text_encoder: CLIPTextModel | None = None
     tokenizer: Any = None
     text_trainable: bool = False
     text_max_length: int = 77
@@ -89,7 +91,7 @@ def load_vae(path: Path) -> AutoencoderKL:
     return vae.eval()
 
 
-def load_unet(path: Path, *, num_classes: int | None = None) -> torch.nn.Module:
+def load_unet(path: Path, *, num_classes: int | None = None) -> UNet:
     """The folder's UNet; with ``num_classes``, a (new, randomly initialised) class embedding of that size."""
     config = _read_json(path / "unet" / "config.json") or {}
     cls = UNETS[config["_class_name"]]
@@ -113,8 +115,8 @@ def load_scheduler(path: Path, cfg: ModelConfig) -> DDPMScheduler:
                          prediction_type="epsilon", clip_sample=False)
 
 
-def load_text(path: Path) -> tuple[torch.nn.Module, Any]:
-    from transformers import AutoTokenizer, CLIPTextModel
+def load_text(path: Path) -> tuple[CLIPTextModel, Any]:
+    from transformers import AutoTokenizer
 
     encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
@@ -127,6 +129,8 @@ def build_parts(cfg: ModelConfig, *, resolution: int, class_names: list[str], pr
     ``text_encoder_path``, or a small one trained from scratch on the prompts when neither exists)."""
     from privdistill.text import build_text_encoder, load_text_encoder, train_tokenizer
 
+    if cfg.pretrained_path is None:
+        raise ConfigError(["model.pretrained_path: required by model.type: latent (a local diffusers pipeline folder)"])
     path = Path(cfg.pretrained_path)
     problems = pipeline_problems(path, cfg, resolution)
     if problems:
@@ -137,38 +141,40 @@ def build_parts(cfg: ModelConfig, *, resolution: int, class_names: list[str], pr
     parts = LatentParts(vae=vae, unet=unet, scheduler=load_scheduler(path, cfg))
     if cfg.conditioning != "text":
         return parts
+    tokenizer: Any
     if cfg.text_encoder_path is not None:
-        parts.text_encoder, parts.tokenizer = load_text_encoder(cfg.text_encoder_path)
+        encoder, tokenizer = load_text_encoder(cfg.text_encoder_path)
     elif (path / "text_encoder").is_dir():
-        parts.text_encoder, parts.tokenizer = load_text(path)
+        encoder, tokenizer = load_text(path)
     else:
         if not prompts:
             raise StageError("text conditioning needs prompts in the training data")
         dim = int(unet.config.cross_attention_dim)
-        parts.tokenizer = train_tokenizer(prompts)
-        parts.text_encoder = build_text_encoder(cfg.model_copy(update={"text_encoder_dim": dim}), parts.tokenizer)
+        tokenizer = train_tokenizer(prompts)
+        encoder = build_text_encoder(cfg.model_copy(update={"text_encoder_dim": dim}), tokenizer)
         parts.text_trainable = True
-    hidden = int(parts.text_encoder.config.hidden_size)
+    parts.text_encoder, parts.tokenizer = encoder, tokenizer
+    hidden = int(encoder.config.hidden_size)
     if hidden != int(unet.config.cross_attention_dim):
         raise ConfigError([f"model: the text encoder's width {hidden} differs from the UNet's cross_attention_dim "
                            f"{unet.config.cross_attention_dim}"])
     if parts.text_trainable:
         parts.text_max_length = cfg.text_max_length
     else:
-        parts.text_encoder.requires_grad_(False)
-        parts.text_max_length = min(int(parts.tokenizer.model_max_length),
-                                    int(parts.text_encoder.config.max_position_embeddings))
+        encoder.requires_grad_(False)
+        parts.text_max_length = min(int(tokenizer.model_max_length), int(encoder.config.max_position_embeddings))
     parts.tokenizer.model_max_length = parts.text_max_length
     return parts
 
 
-def add_lora(unet: torch.nn.Module, lora: LoraConfig) -> None:
+def add_lora(unet: UNet, lora: LoraConfig) -> None:
     """Freeze the UNet and train rank-``lora.rank`` adapters on ``lora.target_modules`` (plus the class
     embedding, which is new and has no pretrained value to keep)."""
     from peft import LoraConfig as PeftLoraConfig
 
     unet.requires_grad_(False)
-    peft_cfg = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, lora_dropout=lora.dropout,
+    alpha = lora.alpha or lora.rank  # peft annotates lora_alpha as int but scales by lora_alpha / r, a float
+    peft_cfg = PeftLoraConfig(r=lora.rank, lora_alpha=alpha, lora_dropout=lora.dropout,  # type: ignore[arg-type]  # float alpha, see above
                               init_lora_weights="gaussian", target_modules=list(lora.target_modules))
     try:
         unet.add_adapter(peft_cfg)
@@ -180,11 +186,11 @@ def add_lora(unet: torch.nn.Module, lora: LoraConfig) -> None:
         unet.class_embedding.requires_grad_(True)
 
 
-def has_lora(unet: torch.nn.Module) -> bool:
+def has_lora(unet: UNet) -> bool:
     return bool(getattr(unet, "_hf_peft_config_loaded", False))
 
 
-def plain_unet(unet: torch.nn.Module) -> torch.nn.Module:
+def plain_unet(unet: UNet) -> UNet:
     """The UNet with its LoRA adapters merged into the base weights (a copy; ``unet`` itself is unchanged),
     so the saved folder needs neither peft nor an adapter file."""
     if not has_lora(unet):
@@ -196,8 +202,8 @@ def plain_unet(unet: torch.nn.Module) -> torch.nn.Module:
     return merged
 
 
-def save_pipeline(path: Path, *, vae: AutoencoderKL, unet: torch.nn.Module, scheduler: DDPMScheduler,
-                  text_encoder: torch.nn.Module | None, tokenizer: Any) -> None:
+def save_pipeline(path: Path, *, vae: AutoencoderKL, unet: UNet, scheduler: DDPMScheduler,
+                  text_encoder: CLIPTextModel | None, tokenizer: Any) -> None:
     """A diffusers pipeline folder: StableDiffusionPipeline for text conditioning, else the class-conditional
     LatentClassPipeline whose code is written beside the weights (open it with trust_remote_code=True)."""
     unet = plain_unet(unet)

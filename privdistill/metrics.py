@@ -120,6 +120,7 @@ def copy_distances(
         near.append(np.sqrt(np.maximum(d**2 - noise2, 0.0)))
         other.append(np.sqrt(np.maximum(d_o**2 - noise2, 0.0)))
         index.append(i)
+    assert sig is not None  # blurs is non-empty (checked above), so the first pass set it
     return {
         "nearest_distance": np.stack(near, 1),
         "other_distance": np.stack(other, 1),
@@ -276,6 +277,8 @@ def reid_rate(
 
 def tstr_accuracy(synthetic: ImageSet, test: ImageSet, n_classes: int, *, steps: int, batch_size: int, seed: int) -> float:
     """Train on synthetic samples and their labels, test on the real held-out test set."""
+    if synthetic.labels is None or test.labels is None:
+        raise DataError("TSTR accuracy needs class labels on both the synthetic and the test set")
     clf = train_classifier(synthetic.images, synthetic.labels, n_classes, steps=steps, batch_size=batch_size, seed=seed)
     return accuracy(clf, test.images, test.labels)
 

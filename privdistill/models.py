@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeAlias
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
 from privdistill.config import ModelConfig
@@ -18,6 +19,7 @@ from privdistill.errors import ConfigError, StageError
 from privdistill.text import build_text_encoder, encode_prompts, load_text_encoder, train_tokenizer
 
 META_FILE = "privdistill_model.json"
+UNet: TypeAlias = UNet2DModel | UNet2DConditionModel
 
 
 def check_resolution(cfg: ModelConfig, resolution: int) -> None:
@@ -31,7 +33,7 @@ def check_resolution(cfg: ModelConfig, resolution: int) -> None:
         )
 
 
-def build_unet(cfg: ModelConfig, *, resolution: int, channels: int, num_classes: int) -> torch.nn.Module:
+def build_unet(cfg: ModelConfig, *, resolution: int, channels: int, num_classes: int) -> UNet:
     check_resolution(cfg, resolution)
     n = len(cfg.block_out_channels)
     common = dict(
@@ -77,7 +79,7 @@ def build_scheduler(cfg: ModelConfig) -> DDPMScheduler:
 class DiffusionModel:
     """A UNet with its noise scheduler and (for prompts) its text encoder and tokenizer."""
 
-    unet: torch.nn.Module
+    unet: UNet
     scheduler: DDPMScheduler
     conditioning: str
     resolution: int
@@ -88,7 +90,7 @@ class DiffusionModel:
     text_max_length: int = 16
     # latent models: the frozen autoencoder the UNet denoises the latents of; the text encoder is trained
     # only when it was built here (a pretrained one stays frozen)
-    vae: torch.nn.Module | None = None
+    vae: AutoencoderKL | None = None
     text_trainable: bool = True
     vae_batch_size: int = 16  # images per VAE encode/decode pass (bounds its activation memory)
 
@@ -230,6 +232,8 @@ class DiffusionModel:
         if prompts is None:
             raise StageError("text-conditional model needs prompts")
         enc = text_encoder if text_encoder is not None else self.text_encoder
+        if enc is None or self.tokenizer is None:
+            raise StageError("text-conditional model has no text encoder or tokenizer")
         return {"encoder_hidden_states": encode_prompts(enc, self.tokenizer, prompts, self.text_max_length, device)}
 
     def predict_noise(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:

@@ -253,7 +253,7 @@ def _checkpoint(model: Any) -> dict[str, str]:
 
 def stage_config(cfg: RunConfig, name: str) -> dict[str, Any]:
     """The resolved config sections a stage depends on (its fingerprint's config part)."""
-    sections = {
+    by_stage: dict[str, dict[str, Any]] = {
         "ingest": {"data": cfg.section("data"), "files": source_fingerprint(cfg)},
         "train-teacher": {"teacher": cfg.section("teacher"), **_checkpoint(cfg.teacher.model),
                           **({"privacy": cfg.section("privacy")} if cfg.privacy is not None else {})},
@@ -263,8 +263,8 @@ def stage_config(cfg: RunConfig, name: str) -> dict[str, Any]:
         "train-student": {"student": cfg.section("student"), **_checkpoint(cfg.student_config.model)},
         "evaluate": {"evaluate": cfg.section("evaluate"), "sample": cfg.section("sample"), "reid": cfg.section("reid"),
                      **_analysis(cfg)},
-    }[name]
-    return {"seed": cfg.seed, **sections}
+    }
+    return {"seed": cfg.seed, **by_stage[name]}
 
 
 def build_stage(cfg: RunConfig, name: str) -> Stage:

@@ -54,16 +54,17 @@ def usable_shift(shape: tuple[int, ...], max_shift: int) -> int:
 
 
 def nearest_over_shifts(
-    query: np.ndarray, ref: np.ndarray, max_shift: int, **feature_kw: float
+    query: np.ndarray, ref: np.ndarray, max_shift: int, *, sigma: float = DEFAULT_SIGMA, pool: int = DEFAULT_POOL,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Nearest reference (in ``pixel_features`` space) of each query image, minimised over integer
     shifts of the query by up to ``max_shift`` px: (distance [N], index [N], reference features)."""
-    d, i, _, ref_feats = knn_over_shifts(query, ref, max_shift, k=1, **feature_kw)
+    d, i, _, ref_feats = knn_over_shifts(query, ref, max_shift, k=1, sigma=sigma, pool=pool)
     return d[:, 0], i[:, 0], ref_feats
 
 
 def knn_over_shifts(
-    query: np.ndarray, ref: np.ndarray, max_shift: int, k: int = 1, **feature_kw: float
+    query: np.ndarray, ref: np.ndarray, max_shift: int, k: int = 1, *, sigma: float = DEFAULT_SIGMA,
+    pool: int = DEFAULT_POOL,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The ``k`` nearest references of each query image in ``pixel_features`` space for every
     integer shift of the query by up to ``max_shift`` px (the interiors are compared, see
@@ -71,11 +72,11 @@ def knn_over_shifts(
     shifts [N, K, 2] as (dy, dx), reference features), K = k·(2s+1)². A reference may appear once
     per shift; the minimum over shifts of any reference among the k nearest of some shift is exact."""
     s = usable_shift(query.shape, max_shift)
-    ref_feats = pixel_features(shifted_crop(ref, 0, 0, s), **feature_kw)
+    ref_feats = pixel_features(shifted_crop(ref, 0, 0, s), sigma=sigma, pool=pool)
     dists, idxs, shifts = [], [], []
     for dy in range(-s, s + 1):
         for dx in range(-s, s + 1):
-            d, i = knn(pixel_features(shifted_crop(query, dy, dx, s), **feature_kw), ref_feats, k=k)
+            d, i = knn(pixel_features(shifted_crop(query, dy, dx, s), sigma=sigma, pool=pool), ref_feats, k=k)
             dists.append(d)
             idxs.append(i)
             shifts.append(np.broadcast_to(np.array([dy, dx], np.int64), (*i.shape, 2)))

@@ -97,7 +97,7 @@ class PrivacyReport(_Loose):
     mia: MiaSection = MiaSection()
     teacher_dp: TeacherDp | None = None
     policy: PolicyVerdict | None = None
-    # the fingerprint audit's aggregate verdict (privdistill.audit.fingerprint.export_summary), when run
+    # the fingerprint audit's aggregate verdict (privdistill.audit.fingerprint_audit.export_summary), when run
     fingerprint_audit: dict[str, Any] | None = None
     # which of these numbers are computed on real patients outside any DP guarantee
     non_dp_aggregates: dict[str, Any] | None = None
@@ -190,8 +190,15 @@ class Criterion:
         return {"name": self.name, "value": self.value, "limit": self.limit, "passed": self.passed}
 
 
+def _ci_low(ci: list[float] | None) -> float:
+    """The lower end of an interval for ordering; a missing or non-finite one sorts first."""
+    low = number(ci[0]) if ci else None
+    return -1.0 if low is None else low
+
+
 def _worst(values: list[float | None]) -> float | None:
-    return min(values) if values and all(v is not None for v in values) else None  # type: ignore[type-var]
+    present = [v for v in values if v is not None]
+    return min(present) if values and len(present) == len(values) else None
 
 
 def evaluate_criteria(report: PrivacyReport | dict[str, Any], limits: Limits) -> list[Criterion]:
@@ -227,7 +234,7 @@ def evaluate_criteria(report: PrivacyReport | dict[str, Any], limits: Limits) ->
         measured = {k: e for k, e in r.audit.recall.items() if k not in r.audit.too_few}
         lows = [number(e.ci[0]) if e.ci else None for e in measured.values()]
         v = _worst(lows) if measured else None
-        worst_kind = min(measured, key=lambda k: number((measured[k].ci or [None])[0]) or -1.0) if measured else None
+        worst_kind = min(measured, key=lambda k: _ci_low(measured[k].ci)) if measured else None
         add("min_recall_lower_bound", v, lim, v is not None and v >= lim,
             "reports no per-kind recall interval of its filter" if v is None
             else f"reports a recall 95% lower bound {v:.4f} < {lim} (kind {worst_kind})")
@@ -252,7 +259,8 @@ def evaluate_criteria(report: PrivacyReport | dict[str, Any], limits: Limits) ->
             else f"reports a teacher MIA AUC 95% upper bound {v:.4f} > {lim}")
         if limits.min_mia_patients is not None:
             ns = [m.n_member_units, m.n_nonmember_units]
-            n = min(ns) if all(isinstance(x, int) and not isinstance(x, bool) for x in ns) else None  # type: ignore[type-var]
+            counts = [x for x in ns if isinstance(x, int) and not isinstance(x, bool)]
+            n = min(counts) if len(counts) == len(ns) else None
             add("min_mia_patients", n, limits.min_mia_patients, n is not None and n >= limits.min_mia_patients,
                 f"'s teacher MIA AUC rests on {n} patient(s) per side < {limits.min_mia_patients}")
     if limits.max_epsilon is not None:  # no DP section: the teacher was trained without DP, epsilon is unbounded

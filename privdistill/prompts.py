@@ -41,7 +41,7 @@ def describe_char(ch: str) -> str:
     return f"U+{ord(ch):04X} {unicodedata.name(ch, 'unnamed character')}"
 
 
-def character_problem(text: str, *, limit: int = MAX_PROMPT_CHARS) -> str | None:
+def character_problem(text: object, *, limit: int = MAX_PROMPT_CHARS) -> str | None:
     """Why ``text`` may not leave a site as conditioning text, or None. The text itself is never quoted:
     it may be a patient's name."""
     if not isinstance(text, str):
@@ -67,11 +67,11 @@ def is_vocabulary_word(word: str) -> bool:
 
 def prompt_problem(prompt: object, vocabulary: Iterable[str]) -> tuple[str, str] | None:
     """(reason, message) when ``prompt`` may not leave a site, else None; characters first, then words."""
-    problem = character_problem(prompt)  # type: ignore[arg-type]
-    if problem is not None:
+    problem = character_problem(prompt)
+    if problem is not None or not isinstance(prompt, str):  # (character_problem refuses anything but text)
         return "prompt_disallowed_character", f"a prompt {problem}"
     allowed = vocabulary if isinstance(vocabulary, (set, frozenset)) else set(vocabulary)
-    outside = sorted({w for w in words(prompt) if w not in allowed})  # type: ignore[arg-type]
+    outside = sorted({w for w in words(prompt) if w not in allowed})
     if outside:
         return "prompt_outside_vocabulary", (f"a prompt uses {len(outside)} word(s) outside the allow-listed "
                                              "vocabulary")

@@ -88,7 +88,10 @@ class ReidNet(nn.Module):
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """A re-acquisition / near-copy: shift <= 1.5 px, rotation <= 4 deg, scale +-3%, contrast, brightness, noise."""
     n, _, h, w = x.shape
-    u = lambda *s: torch.rand(*s, generator=gen) * 2 - 1  # noqa: E731  uniform in [-1, 1]
+
+    def u(*shape: int) -> torch.Tensor:  # uniform in [-1, 1]
+        return torch.rand(*shape, generator=gen) * 2 - 1
+
     ang, scale = u(n) * math.radians(4.0), 1 + 0.03 * u(n)
     tx, ty = u(n) * 1.5 * 2 / w, u(n) * 1.5 * 2 / h
     cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale

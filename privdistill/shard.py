@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -45,7 +45,7 @@ from privdistill.shard_content import (  # noqa: F401 - part of the wire format
     write_canonical_tar,
 )
 
-FORMAT = "privdistill-shard/2"
+FORMAT: Final = "privdistill-shard/2"
 SHARD_TAR, MANIFEST, SIGNATURE = "shard.tar", "manifest.json", "manifest.sig"
 MAX_MEMBER_BYTES = 4 << 20
 MAX_MEMBERS = 400_000
@@ -163,14 +163,10 @@ def sample_members(kept: ImageSet, shard_id: str) -> list[tuple[str, bytes]]:
     for i in range(len(kept)):
         key = sample_key(shard_id, i)
         label = None if kept.labels is None else int(kept.labels[i])
-        meta = {
-            "key": key,
-            "label": label,
-            "class_name": None if label is None or not kept.class_names else kept.class_names[label],
-            "prompt": None if kept.prompts is None else kept.prompts[i],
-        }
+        class_name = None if label is None or not kept.class_names else kept.class_names[label]
+        prompt = None if kept.prompts is None else kept.prompts[i]
         members.append((f"{key}.png", encode_png(kept.images[i])))
-        members.append((f"{key}.json", sample_json(**meta)))
+        members.append((f"{key}.json", sample_json(key, label, class_name, prompt)))
     return members
 
 
@@ -375,7 +371,9 @@ def load_shards(shards: list[tuple[Path, Manifest]], channels: int = 1) -> Image
     names: list[str] = []
     for _, m in shards:
         names += [n for n in m.conditioning.class_names if n not in names]
-    images, labels, prompts = [], [], []
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    prompts: list[str | None] = []
     for _, png, meta in iter_samples([p for p, _ in shards]):
         images.append(decode_png(png, channels))
         cname = meta.get("class_name")
@@ -384,10 +382,10 @@ def load_shards(shards: list[tuple[Path, Manifest]], channels: int = 1) -> Image
     if not images:
         raise ShardVerificationError("the accepted shards hold no sample", "empty_shard")
     has_labels = all(v >= 0 for v in labels)
-    has_prompts = all(p is not None for p in prompts)
+    present = [p for p in prompts if p is not None]
     return ImageSet(
         images=np.stack(images).astype(np.float32),
         labels=np.asarray(labels, np.int64) if has_labels else None,
-        prompts=prompts if has_prompts else None,
+        prompts=present if len(present) == len(prompts) else None,
         class_names=names if has_labels else [],
     )

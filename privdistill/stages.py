@@ -112,8 +112,10 @@ def record_mac(key: bytes, record: dict[str, Any]) -> str:
 
 
 def mac_valid(key: bytes, record: dict[str, Any] | None) -> bool:
-    mac = None if record is None else record.get(MAC_FIELD)
-    return isinstance(mac, str) and hmac.compare_digest(mac, record_mac(key, record))  # type: ignore[arg-type]
+    if record is None:
+        return False
+    mac = record.get(MAC_FIELD)
+    return isinstance(mac, str) and hmac.compare_digest(mac, record_mac(key, record))
 
 
 def authenticated_record(workdir: Path, name: str, key: bytes, *, check_outputs: bool = True) -> dict[str, Any]:
@@ -167,8 +169,7 @@ def is_current(stage: Stage, workdir: Path) -> bool:
 def workdir_lock(workdir: Path):
     """Exclusive lock on a work directory: two runs never write the same stages at once."""
     workdir.mkdir(parents=True, exist_ok=True)
-    fh = open(workdir / ".privdistill.lock", "a+")
-    try:
+    with open(workdir / ".privdistill.lock", "a+") as fh:  # closing it releases the lock
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -176,8 +177,6 @@ def workdir_lock(workdir: Path):
                 f"another privdistill process is using {workdir}; wait for it or use another --workdir"
             ) from None
         yield
-    finally:
-        fh.close()
 
 
 def remove_stale(workdir: Path, name: str) -> None:

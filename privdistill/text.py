@@ -67,10 +67,11 @@ def load_text_encoder(path: Path) -> tuple[CLIPTextModel, PreTrainedTokenizerFas
 
 
 def encode_prompts(
-    encoder: CLIPTextModel, tokenizer: PreTrainedTokenizerFast, prompts: list[str], max_length: int,
+    encoder: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, prompts: list[str], max_length: int,
     device: torch.device,
 ) -> torch.Tensor:
-    """Prompts -> [B, L, D] hidden states used as cross-attention context."""
+    """Prompts -> [B, L, D] hidden states used as cross-attention context (``encoder``: a CLIPTextModel, or a
+    wrapper of one such as DistributedDataParallel)."""
     batch = tokenizer(
         prompts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
     )

@@ -113,7 +113,7 @@ class Trainer:
         self.labels = None if data.labels is None else torch.from_numpy(data.labels).long()
         self.prompts = data.prompts
         self.unet: torch.nn.Module = model.unet
-        self.text_encoder = model.text_encoder
+        self.text_encoder: torch.nn.Module | None = model.text_encoder
         if self.dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 

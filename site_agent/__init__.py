@@ -1,1 +1,2 @@
-"""Site agent: runs the pipeline inside a hospital and enforces the export gate (see issue 3)."""
+"""Site agent: runs the stages inside a hospital; only signed, filtered synthetic shards (or, in federated
+mode, student updates trained on them) leave, through the export gate."""

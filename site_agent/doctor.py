@@ -136,10 +136,10 @@ def check_coordinator_tls(url: str, ca_file: Path, now: dt.datetime, timeout_s: 
     except (OSError, ssl.SSLError) as err:
         return Check("coordinator_tls", "fail", f"cannot use {ca_file} as the trust anchor ({err})")
     try:
-        with socket.create_connection((host, port), timeout=timeout_s) as raw:
-            with ctx.wrap_socket(raw, server_hostname=host) as tls:
-                der = tls.getpeercert(binary_form=True)
-                version = tls.version()
+        with socket.create_connection((host, port), timeout=timeout_s) as raw, \
+                ctx.wrap_socket(raw, server_hostname=host) as tls:
+            der = tls.getpeercert(binary_form=True)
+            version = tls.version()
     except ssl.SSLCertVerificationError as err:
         return Check("coordinator_tls", "fail", f"{host}:{port} answered, but its certificate is NOT trusted by "
                      f"{ca_file.name} ({err.verify_message}); check coordinator_url and ca_file from the kit")

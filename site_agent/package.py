@@ -20,7 +20,7 @@ from privdistill.pipeline import KEPT_FILE, open_filtered_set
 from privdistill.privacy_report import Limits, PrivacyReport, evaluate_criteria
 from privdistill.prompts import check_prompts
 from privdistill.shard import MANIFEST, SHARD_TAR, SIGNATURE, sha256_path, verify_shard_dir, write_shard
-from privdistill.stages import STAGE_FILE, Stage, StageContext, read_record, sha256_file
+from privdistill.stages import STAGE_FILE, Stage, StageContext, sha256_file
 from site_agent.audit import audit
 from site_agent.config import PolicyConfig, SiteConfig, shard_config_hash, vocabulary
 from site_agent.records import verify_shard_stages
@@ -132,7 +132,7 @@ def _memorization_numbers(samples: ImageSet, kept: ImageSet, train: ImageSet, ra
 def fingerprint_audit_summary(cfg: SiteConfig, workdir: Path) -> dict[str, Any] | None:
     """The aggregate verdict of WORKDIR/audit/report.json (`privdistill audit`) when it audited this very
     configuration; None when there is no audit or it audited another one."""
-    from privdistill.audit.fingerprint import audit_config_hash, export_summary
+    from privdistill.audit.fingerprint_audit import audit_config_hash, export_summary
 
     path = Path(workdir) / AUDIT_REPORT
     if not path.is_file():
@@ -258,7 +258,3 @@ def _remove_orphan(out: Path) -> None:
 
 def shard_root(workdir: Path) -> Path:
     return Path(workdir) / SHARDS_DIR
-
-
-def package_done(workdir: Path) -> bool:
-    return read_record(Path(workdir), PACKAGE) is not None

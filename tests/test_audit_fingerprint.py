@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from privdistill.audit.detector import detector_accuracy, train_detector
-from privdistill.audit.fingerprint import audit_failures, raise_if_survivors, survivors
+from privdistill.audit.fingerprint_audit import audit_failures, raise_if_survivors, survivors
 from privdistill.audit.fingerprints import Fingerprint, make_fingerprints, plant
 from privdistill.audit.tprime import estimate_tprime, model_tprime
 from privdistill.config import FilterConfig, ModelConfig, TrainConfig
@@ -58,7 +59,7 @@ def test_plant_marks_copies_of_k_distinct_patients_and_leaves_the_source_alone()
 
 
 # ----------------------------------------------------------------------------- t' search on a stub
-def _stub(reproduced: callable) -> tuple[np.ndarray, callable, callable]:  # type: ignore[valid-type]
+def _stub(reproduced: Callable[[int, int], bool]) -> tuple[np.ndarray, Callable, Callable]:
     """A fingerprinted image, a stub denoiser returning it marked when ``reproduced(t, seed)``, and a detector."""
     fp = Fingerprint("circle", 5, 5, 3)
     clean = _small("t10k", 0, 1)
@@ -126,7 +127,7 @@ def test_plant_with_doses_repeats_each_fingerprinted_image() -> None:
     train = with_visits(_small("train", 0, 12), visits=2, seed=0)
     planted = plant(train, 3, seed=1, doses=(1, 2, 4))
     assert planted.doses == [1, 2, 4] and len(planted.data) == len(train) + 1 + 3
-    for i, d in zip(planted.indices, planted.doses):
+    for i, d in zip(planted.indices, planted.doses, strict=True):
         same = (planted.data.images == planted.data.images[i]).reshape(len(planted.data), -1).all(1)
         assert same.sum() == d and len(set(planted.data.patient_ids[same])) == 1
     with pytest.raises(DataError, match="positive"):
@@ -134,7 +135,7 @@ def test_plant_with_doses_repeats_each_fingerprinted_image() -> None:
 
 
 def test_probability_bound_says_what_it_would_take() -> None:
-    from privdistill.audit.fingerprint import _probability_bound
+    from privdistill.audit.fingerprint_audit import _probability_bound
     from privdistill.audit.tprime import samples_needed
 
     b = _probability_bound(0, 201, None)

@@ -13,12 +13,17 @@ import numpy as np
 import pytest
 import yaml
 from fastapi.testclient import TestClient
-from test_coordinator_api import CHUNK, A, B, count_rows, env, keys, make_app, send_all, shard_files, start  # noqa: F401 - fixtures
+from test_coordinator_api import CHUNK, A, B, count_rows, make_app, send_all, shard_files, start
 
 from coordinator.store import shard_dir, staging_path
 from privdistill.data.types import ImageSet
-from privdistill.identity import public_key_b64, sign
+from privdistill.identity import generate_key, public_key_b64, sign
 from privdistill.shard import write_shard
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return {A: generate_key(), B: generate_key(), "other": generate_key()}
 
 
 def make_shard(root: Path, key, shard_id: str, seed: int) -> Path:

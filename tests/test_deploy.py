@@ -25,8 +25,8 @@ DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "compose"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 COMPOSE_V1 = ROOT / ".venv-compose" / "bin" / "docker-compose"
-SITE, COORD = COMPOSE / "site.yaml", COMPOSE / "coordinator.yaml"
-OVERRIDES = (COMPOSE / "site.pacs.yaml", COMPOSE / "site.gpu.yaml")
+SITE, COORD = COMPOSE / "site.compose.yaml", COMPOSE / "coordinator.compose.yaml"
+OVERRIDES = (COMPOSE / "site.pacs.compose.yaml", COMPOSE / "site.gpu.compose.yaml")
 UID = "10001:10001"
 VAR = re.compile(r"\$\{(\w+)(?::?[-?]([^}]*))?\}")
 
@@ -449,7 +449,7 @@ def test_airgap_bundle_then_install_verifies_before_loading(tmp_path: Path, stub
     listed = {line.split("  ", 1)[1] for line in sums}
     on_disk = {"./" + str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "SHA256SUMS"}
     assert listed == on_disk
-    assert {"./wheels/constraints.txt", "./compose/site.yaml", "./compose/coordinator.yaml", "./README.md",
+    assert {"./wheels/constraints.txt", "./compose/site.compose.yaml", "./compose/coordinator.compose.yaml", "./README.md",
             "./airgap-install.sh", "./IMAGE", "./privdistill-image-0.1.0.tar.gz"} <= listed
     assert "./wheels/README.md" not in listed
     install = out / "airgap-install.sh"

@@ -61,9 +61,9 @@ def test_tiny_vit_learns_from_few_labels_and_is_deterministic(data: dict) -> Non
     assert a.stats == {"n_labelled": 30, "n_unlabelled": 0}
     acc = accuracy(a.model, data["xte"], data["yte"])
     assert acc > 0.6, acc  # chance 1/3
-    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+    for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0)
-    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.model.parameters(), c.model.parameters()))
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.model.parameters(), c.model.parameters(), strict=True))
 
 
 def test_pseudo_labels_from_unlabelled_images_are_learnt_from(data: dict) -> None:

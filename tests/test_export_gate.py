@@ -395,7 +395,8 @@ def test_refuses_a_shard_whose_signature_is_not_this_sites_key(site: Site) -> No
 
 
 def test_undecidable_kept_samples_count_as_memorized_at_the_gate() -> None:
-    """The memorization metric may be unable to decide a sample (issue 12): the gate never lets one through."""
+    """The memorization metric may be unable to decide a sample (its nearest image and the nearest other
+    patient's are both ~0 away, e.g. patients sharing an image): the gate never lets one through."""
     from site_agent.config import PolicyConfig
     from site_agent.package import evaluate_policy
 

@@ -16,7 +16,7 @@ from test_export_gate import CLASSES, Site, approved_shard, flip_png_byte, rewri
 from privdistill.config import ModelConfig, TrainConfig
 from privdistill.federated import FAILED_CODE, REFUSED_CODE, StudentSpec, parse_refusal
 from privdistill.models import DiffusionModel
-from site_agent import federated
+from site_agent import client_app
 from site_agent.audit import read_audit
 
 pytestmark = [pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed"),
@@ -73,7 +73,7 @@ def assert_refused(reply: Message, site: Site | None, reason: str, code: int = R
 def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*_: Any, **__: Any) -> None:
         raise AssertionError("training ran although the gate refused")
-    monkeypatch.setattr(federated, "train_local", fail)
+    monkeypatch.setattr(client_app, "train_local", fail)
 
 
 # ----------------------------------------------------------------------------- the one case that trains
@@ -81,7 +81,7 @@ def test_trains_the_global_student_on_the_approved_shard_only(site: Site) -> Non
     sid = approved_shard(site)
     arrays = global_arrays()
     before = {k: a.numpy().copy() for k, a in arrays.items()}
-    reply = federated.handle_train(train_message(arrays), context(site))
+    reply = client_app.handle_train(train_message(arrays), context(site))
     assert not reply.has_error()
     out = reply.content["arrays"]
     assert set(out.keys()) == set(before)
@@ -99,7 +99,7 @@ def test_start_weights_are_the_servers_and_a_mismatching_global_model_is_refused
     approved_shard(site)
     arrays = global_arrays()
     del arrays[next(iter(arrays.keys()))]
-    reply = federated.handle_train(train_message(arrays), context(site))
+    reply = client_app.handle_train(train_message(arrays), context(site))
     assert_refused(reply, site, "bad_global_model", code=FAILED_CODE)
 
 
@@ -107,7 +107,7 @@ def test_start_weights_are_the_servers_and_a_mismatching_global_model_is_refused
 def test_refuses_without_an_approved_shard(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
     no_training(monkeypatch)
     site.package()  # packaged, not approved
-    parsed = assert_refused(federated.handle_train(train_message(global_arrays()), context(site)), site,
+    parsed = assert_refused(client_app.handle_train(train_message(global_arrays()), context(site)), site,
                             "no_approved_shard")
     assert "approve" in parsed["detail"]
 
@@ -116,7 +116,7 @@ def test_refuses_when_the_approved_shard_fails_the_gate(site: Site, monkeypatch:
     no_training(monkeypatch)
     sid = approved_shard(site)
     rewrite_tar(site.workdir / "shards" / sid, flip_png_byte)
-    assert_refused(federated.handle_train(train_message(global_arrays()), context(site)), site, "hash_mismatch")
+    assert_refused(client_app.handle_train(train_message(global_arrays()), context(site)), site, "hash_mismatch")
     assert events(site, "export_refused")[-1]["reason"] == "hash_mismatch", "the gate audits its own refusal"
 
 
@@ -124,17 +124,17 @@ def test_an_exported_shard_still_trains_but_a_rejected_one_never(site: Site, mon
     from site_agent.state import SiteState
 
     calls: list[int] = []
-    monkeypatch.setattr(federated, "train_local", lambda *a, **k: calls.append(1) or (_ for _ in ()).throw(
-        federated.Refusal("stop_here", "training reached", code=FAILED_CODE)))
+    monkeypatch.setattr(client_app, "train_local", lambda *a, **k: calls.append(1) or (_ for _ in ()).throw(
+        client_app.Refusal("stop_here", "training reached", code=FAILED_CODE)))
     sid = approved_shard(site)
     SiteState(site.workdir).mark_exported(sid, destination="https://127.0.0.1:9", upload_id="u1")
     # already shared with the coordinator, so the gate lets it train the federated student too
-    assert_refused(federated.handle_train(train_message(global_arrays()), context(site)), site, "stop_here",
+    assert_refused(client_app.handle_train(train_message(global_arrays()), context(site)), site, "stop_here",
                    code=FAILED_CODE)
     assert calls == [1]
     with SiteState(site.workdir)._db() as db:
         db.execute("UPDATE shards SET state = 'rejected', reason = 'steward said no' WHERE shard_id = ?", (sid,))
-    assert_refused(federated.handle_train(train_message(global_arrays()), context(site)), site, "no_approved_shard")
+    assert_refused(client_app.handle_train(train_message(global_arrays()), context(site)), site, "no_approved_shard")
     assert calls == [1]
 
 
@@ -143,7 +143,7 @@ def test_refuses_classes_the_federation_does_not_have(site: Site, monkeypatch: p
     approved_shard(site)
     spec = StudentSpec(model=SPEC.model, train=SPEC.train, resolution=28, channels=1,
                        class_names=["Trouser", "Sneaker"], seed=3)
-    parsed = assert_refused(federated.handle_train(train_message(global_arrays(spec), spec), context(site)), site,
+    parsed = assert_refused(client_app.handle_train(train_message(global_arrays(spec), spec), context(site)), site,
                             "class_mismatch")
     assert "Bag" in parsed["detail"]
 
@@ -152,11 +152,11 @@ def test_refuses_a_request_without_a_student_spec(site: Site, monkeypatch: pytes
     no_training(monkeypatch)
     approved_shard(site)
     msg = delivered(RecordDict({"arrays": global_arrays(), "config": ConfigRecord({"server-round": 1})}))
-    assert_refused(federated.handle_train(msg, context(site)), site, "bad_request")
+    assert_refused(client_app.handle_train(msg, context(site)), site, "bad_request")
 
 
 def test_refuses_on_a_supernode_started_without_the_site_config(monkeypatch: pytest.MonkeyPatch) -> None:
     no_training(monkeypatch)
-    reply = federated.handle_train(train_message(global_arrays()), context(None))
+    reply = client_app.handle_train(train_message(global_arrays()), context(None))
     assert parse_refusal(reply.error.reason)["site"] == "unknown"
     assert_refused(reply, None, "node_misconfigured")

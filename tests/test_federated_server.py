@@ -8,7 +8,7 @@ import time
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
 
-from coordinator.federated import GatedFedAvg, arrays_sha256
+from coordinator.server_app import GatedFedAvg, arrays_sha256
 from privdistill.federated import REFUSED_CODE, refusal_reason
 
 
@@ -66,7 +66,7 @@ def test_a_round_where_every_site_refuses_keeps_the_global_weights() -> None:
 def test_server_side_evaluation_scores_weights_on_the_accepted_shards_and_the_spec_needs_classes() -> None:
     import pytest
 
-    from coordinator.federated import _eval_loss_fn, student_spec
+    from coordinator.server_app import _eval_loss_fn, student_spec
     from coordinator.student import TrainingConfig
     from privdistill.data.types import ImageSet
     from privdistill.errors import ConfigError

@@ -52,7 +52,7 @@ def _img(seed: int) -> np.ndarray:
 
 def _instance(seed: int, pid: str = "P1", label: str = "Bag", **kw: object) -> bytes:
     return dicom_bytes(_img(seed), patient_id=pid, study_uid="1.2.3.4.555", series_uid="1.2.3.4.556",
-                       label=label, phi=PHI, **kw)  # type: ignore[arg-type]
+                       label=label, phi=PHI, **kw)  # type: ignore[arg-type]  # each test passes its own keywords
 
 
 def _src(tmp_path: Path, **over: object) -> PacsSource:
@@ -283,7 +283,7 @@ def test_instance_deleted_after_the_search_is_skipped(tmp_path: Path) -> None:
 
 def test_refused_credentials_are_a_config_error(tmp_path: Path) -> None:
     src = _src(tmp_path)
-    src.credentials.password_file.write_text("wrong\n")  # type: ignore[union-attr]
+    src.credentials.password_file.write_text("wrong\n")  # type: ignore[union-attr]  # _src sets credentials
     with pytest.raises(ConfigError, match=r"refused the credentials.*HTTP 401.*password_file") as err:
         read_pacs(src, transport=httpx.MockTransport(FakeOrthanc({})))
     assert "wrong" not in str(err.value)

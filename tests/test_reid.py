@@ -121,7 +121,7 @@ def test_training_is_deterministic_for_a_seed(train_set: ImageSet) -> None:
     a = train_reid(train_set, short, seed=3)
     b = train_reid(train_set, short, seed=3)
     c = train_reid(train_set, short, seed=4)
-    for pa, pb in zip(a.net.state_dict().values(), b.net.state_dict().values()):
+    for pa, pb in zip(a.net.state_dict().values(), b.net.state_dict().values(), strict=True):
         assert torch.equal(pa, pb)
     assert a.calibration == b.calibration
     assert not torch.equal(a.net.head.weight, c.net.head.weight)

@@ -66,6 +66,6 @@ def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path: Path) -> None:
 def test_second_run_on_a_locked_workdir_is_refused(tmp_path: Path) -> None:
     from privdistill.stages import workdir_lock
 
-    with workdir_lock(tmp_path), pytest.raises(StageError, match="another privdistill process is using"):
-        with workdir_lock(tmp_path):
-            pass
+    with workdir_lock(tmp_path), pytest.raises(StageError, match="another privdistill process is using"), \
+            workdir_lock(tmp_path):
+        pass

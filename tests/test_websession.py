@@ -29,7 +29,7 @@ def review_client(tmp_path: Path, base_url: str = "http://127.0.0.1", **kw) -> T
     from site_agent.ui.app import create_app
 
     cfg = SimpleNamespace(site=SimpleNamespace(id="site-a"))  # the login page needs only the site's name
-    return TestClient(create_app(cfg, tmp_path, token=TOKEN, **kw), base_url=base_url)  # type: ignore[arg-type]
+    return TestClient(create_app(cfg, tmp_path, token=TOKEN, **kw), base_url=base_url)  # type: ignore[arg-type]  # a stand-in config
 
 
 def admin_client(tmp_path: Path) -> TestClient:

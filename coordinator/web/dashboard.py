@@ -61,7 +61,9 @@ def _manifest_shard_id(text: str) -> str | None:
 
 def ledger_view(ledger: Ledger, d: Dashboard) -> None:
     d.accepted = ledger.accepted_shards()
-    shard_ids = {(u.site, u.tar_sha256): _manifest_shard_id(u.manifest) for u in ledger.uploads("rejected")}
+    # keyed like the rejection events, whose site and shard hash may be unknown (None)
+    shard_ids: dict[tuple[str | None, str | None], str | None] = {
+        (u.site, u.tar_sha256): _manifest_shard_id(u.manifest) for u in ledger.uploads("rejected")}
     d.rejected = [{"time": e.time, "site": e.site, "sha": e.shard_sha256, "reason": e.reason,
                    "shard_id": shard_ids.get((e.site, e.shard_sha256))} for e in reversed(ledger.events("rejected"))]
     for s in ledger.sites():

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from privdistill.audit.fingerprints import Fingerprint
+from privdistill.audit.fingerprints import Fingerprint, Kind
 from privdistill.errors import DataError
 
 log = structlog.get_logger(__name__)
@@ -77,7 +77,7 @@ def decoys(images: np.ndarray, fingerprints: list[Fingerprint], rng: np.random.G
             y, x = int(rng.integers(0, h - size - 1)), int(rng.integers(0, w - size - 1))
             if all(abs(y - ty) > 2 or abs(x - tx) > 2 for ty, tx in taken):
                 break
-        kind = "circle" if rng.random() < 0.5 else "patch"
+        kind: Kind = "circle" if rng.random() < 0.5 else "patch"
         fake = Fingerprint(kind, y, x, size, int(rng.integers(1 << 30)))
         out[i] = fake.apply(images[i : i + 1], float(rng.uniform(0.6, 1.0)))[0]
     return out

@@ -105,10 +105,10 @@ def plant(train: ImageSet, k: int, *, seed: int, doses: tuple[int, ...] = (1,)) 
     _, _, h, w = train.images.shape
     fps = make_fingerprints(k, height=h, width=w, seed=seed)
     data = train.subset(np.arange(len(train)))  # a copy: the run's own training set is not touched
-    for i, fp in zip(idx, fps):
+    for i, fp in zip(idx, fps, strict=True):
         data.images[i] = fp.apply(data.images[i : i + 1])[0]
     dose = [int(doses[j % len(doses)]) for j in range(k)]
-    extra = np.concatenate([np.full(d - 1, i, np.int64) for i, d in zip(idx, dose)]) if max(dose) > 1 else None
+    extra = np.concatenate([np.full(d - 1, i, np.int64) for i, d in zip(idx, dose, strict=True)]) if max(dose) > 1 else None
     if extra is not None:
         data = _concat(data, data.subset(extra))
     return Planted(data=data, indices=idx, fingerprints=fps, doses=dose)

@@ -96,7 +96,7 @@ def lira_attack(target: DiffusionModel, members: ImageSet, nonmembers: ImageSet,
         log.info("lira.shadow", k=k, n_units_in=int(inside[k].sum()))
     target_scores = unit_scores(target, pool, uid, units, levels=levels, seeds=seeds)
     online, offline = likelihood_ratio(target_scores, shadow, inside)
-    out = {
+    out: dict[str, Any] = {
         "attack": f"LiRA (Carlini et al. 2022), {n_shadows} shadow models on paired random halves of the "
                   f"{len(units)}-patient pool, fixed variance; score = minus the mean denoising loss per patient",
         "n_shadows": n_shadows,

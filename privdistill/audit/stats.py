@@ -3,6 +3,7 @@ bootstrap for any two-sample statistic. Every function returns its n beside the 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -112,7 +113,7 @@ def attack_summary(member_scores: np.ndarray, nonmember_scores: np.ndarray, *, m
             continue
         tprs[f"{f:g}"] = {
             "tpr": tpr_at_fpr(pm, pn, f), "n_member_units": len(pm), "n_nonmember_units": len(pn),
-            "ci95": cluster_bootstrap(lambda a, b, f=f: tpr_at_fpr(a, b, f), pm, pn, n_boot=n_boot, seed=seed + 2),
+            "ci95": cluster_bootstrap(functools.partial(tpr_at_fpr, fpr=f), pm, pn, n_boot=n_boot, seed=seed + 2),
         }
     out["tpr_at_fpr"] = tprs
     return out

@@ -93,7 +93,8 @@ def estimate_tprime(
             if reconstruct_seeds is not None:
                 rec = np.asarray(reconstruct_seeds(i, t, seed_list))
                 return np.array([bool(np.asarray(detect(r))[0]) for r in rec])
-            return np.array([bool(np.asarray(detect(reconstruct(one, t, s)))[0]) for s in seed_list])  # type: ignore[misc]
+            assert reconstruct is not None  # exactly one of reconstruct / reconstruct_seeds (checked above)
+            return np.array([bool(np.asarray(detect(reconstruct(one, t, s)))[0]) for s in seed_list])
 
         seen = _bisect_one(rate_at, t_min, t_max, tol, check_below)
         tp = first_failure_tprime(seen)
@@ -131,7 +132,7 @@ def ddim_reconstruct(model: DiffusionModel, data: ImageSet, t: int, seeds: int |
     with deterministic DDIM in ~``full_steps * t / T`` steps (at least 2). NCHW in [-1, 1]; with a list of
     seeds, [S, N, C, H, W] from one batched pass."""
     many = isinstance(seeds, list)
-    seed_list = seeds if many else [seeds]
+    seed_list = seeds if isinstance(seeds, list) else [seeds]
     device = device or next(model.unet.parameters()).device
     keep, labels, prompts = conditioning_for(model, data)
     if len(keep) != len(data):

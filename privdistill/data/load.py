@@ -248,7 +248,8 @@ def load_dataset(cfg: DataConfig, *, seed: int) -> LoadedData:
         )
     elif cfg.visits is not None:
         train, visits = apply_visits(train, cfg.visits, seed=seed), cfg.visits.count
-    assert set(train.patient_ids).isdisjoint(test.patient_ids)  # type: ignore[arg-type]
+    assert train.patient_ids is not None and test.patient_ids is not None  # both splits carry patient ids here
+    assert set(train.patient_ids).isdisjoint(test.patient_ids)
     report: dict[str, Any] = {
         "source": _source_report(src),
         "test_source": _source_report(test_src) if test_src is not None else None,

@@ -173,12 +173,13 @@ class PacsClient:
         self._check_find(r)
         if r.status_code == 204:
             return []
-        out = []
+        out: list[tuple[str, ...]] = []
         for item in _json(r, "QIDO-RS /instances"):  # holds names etc.: only the three UIDs are read
-            uids = tuple(_first(item, tag) for tag in _UIDS)
-            if all(uids):
-                out.append(uids)
-        return out  # type: ignore[return-value]
+            uids = [_first(item, tag) for tag in _UIDS]
+            present = [u for u in uids if u]
+            if len(present) == len(uids):
+                out.append(tuple(present))
+        return out
 
     def _check_find(self, r: httpx.Response) -> None:
         if r.status_code >= 400:
@@ -353,7 +354,10 @@ def read_pacs(src: PacsSource, *, transport: httpx.BaseTransport | None = None) 
                 continue
             failing = 0
             item = parse_instance(blob, name, src)
-            (out.skipped if isinstance(item, Skipped) else out.records).append(item)
+            if isinstance(item, Skipped):
+                out.skipped.append(item)
+            else:
+                out.records.append(item)
     return out
 
 

@@ -308,7 +308,10 @@ def read_dicom(src: DicomSource) -> RawSource:
             out.skipped.append(Skipped(ref, "malformed_dicom", f"malformed DICOM ({type(err).__name__})"))
             continue
         item = dicom_record(ds, ref, label_tag=src.label_tag, patient_id_tag=src.patient_id_tag)
-        (out.skipped if isinstance(item, Skipped) else out.records).append(item)  # type: ignore[arg-type]
+        if isinstance(item, Skipped):
+            out.skipped.append(item)
+        else:
+            out.records.append(item)
     return out
 
 

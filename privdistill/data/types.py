@@ -52,7 +52,7 @@ class ImageSet:
         meta = {"class_names": self.class_names, "prompts": self.prompts}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         with open(path, "wb") as fh:
-            np.savez(fh, **arrays)
+            np.savez(fh, allow_pickle=False, **arrays)
 
     @classmethod
     def load(cls, path: Path) -> ImageSet:
@@ -62,8 +62,8 @@ class ImageSet:
             meta = json.loads(z["meta"].tobytes().decode())
             return cls(
                 images=z["images"],
-                labels=z["labels"] if "labels" in z else None,
+                labels=z.get("labels"),
                 prompts=meta.get("prompts"),
-                patient_ids=z["patient_ids"] if "patient_ids" in z else None,
+                patient_ids=z.get("patient_ids"),
                 class_names=meta.get("class_names", []),
             )

@@ -95,7 +95,7 @@ def _pseudo_mixup(x: torch.Tensor, conf: torch.Tensor, y: torch.Tensor, keep: to
 
 @torch.no_grad()
 def _ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
-    for pt, ps in zip(teacher.parameters(), student.parameters()):
+    for pt, ps in zip(teacher.parameters(), student.parameters(), strict=True):
         pt.mul_(decay).add_(ps.detach(), alpha=1 - decay)
 
 

@@ -23,10 +23,10 @@ class ViTClassifier(nn.Module):
             num_hidden_layers=arch.num_layers,
             num_attention_heads=arch.num_heads,
             intermediate_size=arch.mlp_ratio * arch.hidden_size,
-            num_labels=n_classes,
             hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0,
         )
+        self.config.num_labels = n_classes  # a property (sets id2label), not an __init__ argument
         self.vit = ViTForImageClassification(self.config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ throttles them, and a minimal HTTP CONNECT proxy that records the tunnels it ope
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import struct
@@ -15,12 +16,12 @@ def _hard_close(*socks: socket.socket) -> None:
     """Abort (SO_LINGER 0, so close sends RST) like a broken network path; shutdown first wakes a
     thread blocked in recv on the same socket (close alone would not)."""
     for s in socks:
-        for op in (lambda: s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)),
-                   lambda: s.shutdown(socket.SHUT_RDWR), s.close):
-            try:
-                op()
-            except OSError:
-                pass
+        with contextlib.suppress(OSError):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            s.close()
 
 
 @dataclass
@@ -113,19 +114,15 @@ class _Server:
             except OSError:
                 data = b""
             if not data:
-                try:
+                with contextlib.suppress(OSError):
                     dst.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
                 if done.is_set():
                     _hard_close(src, dst)
                 done.set()
                 return
             if budget is not None and sent + len(data) >= budget:
-                try:
+                with contextlib.suppress(OSError):
                     dst.sendall(data[: budget - sent])
-                except OSError:
-                    pass
                 self.on_cut(direction, budget)
                 _hard_close(src, dst)
                 done.set()

@@ -240,7 +240,7 @@ class Stack:
             f"COORDINATOR_PORT={self.cport}\nCOORDINATOR_CONFIG={self.tmp / 'coordinator.yaml'}\n"
             f"TRAINING_DIR={self.tmp / 'training'}\nREFERENCE_DATA_DIR={self.tmp / 'reference-data'}\n"
             f"SUPERLINK_BIND=127.0.0.1\nSUPERLINK_PORT={self.superlink_port}\n")
-        self.files["coordinator"] = self._resolved("coordinator", [COMPOSE / "coordinator.yaml",
+        self.files["coordinator"] = self._resolved("coordinator", [COMPOSE / "coordinator.compose.yaml",
                                                                    LOOPBACK / "loopback.coordinator.yaml"],
                                                    self.tmp / "coordinator.env")
         for site in SITES:
@@ -248,7 +248,7 @@ class Stack:
                 common + f"SITE_KIT_DIR={self.prov.site_dirs[site]}\nSITE_CONFIG={self.tmp / site / 'site.yaml'}\n"
                 f"SITE_DATA_DIR={FMNIST}\nUI_TOKEN_FILE={self.tmp / 'secrets' / f'ui_token-{site}'}\n"
                 f"UI_PORT={self.ui_ports[site]}\n")
-            self.files[site] = self._resolved(site, [COMPOSE / "site.yaml", LOOPBACK / "loopback.site.yaml"],
+            self.files[site] = self._resolved(site, [COMPOSE / "site.compose.yaml", LOOPBACK / "loopback.site.yaml"],
                                               self.tmp / site / "site.env")
 
     def _resolved(self, name: str, files: list[Path], env: Path) -> Path:
@@ -388,7 +388,7 @@ def test_air_gap_bundle_saves_and_install_verifies_and_loads_the_image(image: st
 def test_each_site_container_exports_its_shard_to_the_coordinator_container(stack: Stack) -> None:
     accepted = stack.accepted()
     assert [r["site"] for r in accepted] == list(SITES)
-    for row, site in zip(accepted, SITES):
+    for row, site in zip(accepted, SITES, strict=True):
         assert row["shard_id"].startswith(site) and row["sample_count"] > 0
         exported = [s for s in stack.site_shards(site) if s["state"] == "exported"]
         assert [s["shard_id"] for s in exported] == [row["shard_id"]]

@@ -5,6 +5,7 @@ without); an unregistered SuperNode tries to join. Two FedAvg rounds on a tiny c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -43,8 +44,8 @@ def env() -> dict[str, str]:
 
 
 def spawn(cmd: list[str], log: Path) -> subprocess.Popen:
-    fh = open(log, "wb")
-    return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env(), cwd=ROOT, start_new_session=True)
+    with open(log, "wb") as fh:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env(), cwd=ROOT, start_new_session=True)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -54,10 +55,8 @@ def stop(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=20)
         except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             proc.wait(timeout=10)
 
 

@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ from _require import missing
 from privdistill.config import PacsSource
 from privdistill.data import pacs
 from privdistill.data.pacs import probe, read_pacs
-from privdistill.data.sources import read_source
+from privdistill.data.sources import RawSource, read_source
 from privdistill.errors import ConfigError, DataError, RetryableNetworkError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,14 +82,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         orthanc.stop()
 
 
-def _expected(s: Seeded, keep: callable) -> dict[bytes, tuple[int, str]]:  # type: ignore[valid-type]
+def _expected(s: Seeded, keep: Callable[..., bool]) -> dict[bytes, tuple[int, str]]:
     return {img.tobytes(): (lab, pid) for img, lab, pid, mod in zip(s.images, s.labels, s.patient_ids, s.modalities,
                                                                   strict=True) if keep(lab, pid, mod)}
 
 
-def _got(raw: object) -> dict[bytes, tuple[int, str]]:
+def _got(raw: RawSource) -> dict[bytes, tuple[int, str]]:
     out = {}
-    for r in raw.records:  # type: ignore[attr-defined]
+    for r in raw.records:
         assert r.image.dtype == np.float32 and r.image.shape == (28, 28)
         out[r.image.astype(np.uint8).tobytes()] = (CLASS_NAMES.index(r.label), r.patient_id)
         np.testing.assert_array_equal(r.image.astype(np.uint8).astype(np.float32), r.image)  # integral, unscaled

@@ -148,8 +148,9 @@ def test_connections_over_the_limit_are_dropped_and_proxy_headers_ignored(server
 
 def test_coordinator_memory_stays_bounded_under_a_flood_while_a_site_uploads(tmp_path) -> None:
     spec = importlib.util.spec_from_file_location("coordinator_flood", ROOT / "benchmarks" / "coordinator_flood.py")
+    assert spec is not None and spec.loader is not None
     flood = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(flood)  # type: ignore[union-attr]
+    spec.loader.exec_module(flood)
 
     res = flood.run(conns=6, seconds=6.0, workdir=tmp_path)
 

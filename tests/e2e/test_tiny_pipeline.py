@@ -90,7 +90,7 @@ def test_kill_resume_report_and_noop_rerun(tmp_path: Path) -> None:
                 "student.reid_rate", "teacher.tstr_accuracy", "student.tstr_accuracy", "real.trtr_accuracy"):
         assert 0.0 <= _get(report, key) <= 1.0, key
     assert report["filter"]["kept"] + report["filter"]["dropped"] == 90
-    # the memorization rate's interval and undecidable count, and the data-copying AUC (issue 12)
+    # the memorization rate's interval and undecidable count, and the data-copying AUC
     for who in ("teacher", "student"):
         lo, hi = report[who]["memorization_ci"]
         assert 0.0 <= lo <= report[who]["memorization_rate"] <= hi <= 1.0, who

@@ -3,6 +3,7 @@ coordinator and of the client, an HTTPS_PROXY CONNECT tunnel, a revoked site and
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -208,7 +209,7 @@ def test_random_connection_cuts_every_shard_accepted_exactly_once(coord, tmp_pat
     assert sum("error" in e for e in attempts) >= 15
     for uid in {e["upload_id"] for e in attempts} - {None}:
         mine = [e for e in attempts if e["upload_id"] == uid]
-        assert all(nxt["method"] == "HEAD" for e, nxt in zip(mine, mine[1:]) if "error" in e)
+        assert all(nxt["method"] == "HEAD" for e, nxt in itertools.pairwise(mine) if "error" in e)
         assert sum(e["method"] == "HEAD" for e in mine) >= sum("error" in e for e in mine[:-1])
     assert not [e for e in attempts if e.get("status") == 409], "a PATCH was sent at a stale offset"
     shas = {s: _sha(p) for s, p in shards.items()}

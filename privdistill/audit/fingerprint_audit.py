@@ -45,13 +45,13 @@ def _teacher(cfg: RunConfig, data: ImageSet, steps: int | None) -> tuple[Any, di
     tcfg = cfg.teacher.train if steps is None else cfg.teacher.train.model_copy(update={"steps": steps})
     model = DiffusionModel.from_config(cfg.teacher.model, resolution=cfg.data.resolution, channels=cfg.data.channels,
                                        class_names=data.class_names, prompts=data.prompts, seed=cfg.seed)
-    dp = cfg.privacy.dp if cfg.privacy is not None else None
-    if dp is not None:  # audit the teacher the run would train: DP-SGD when the config asks for it
+    privacy = cfg.privacy
+    if privacy is not None and privacy.dp is not None:  # audit the teacher the run would train: DP-SGD when the config asks for it
         from privdistill.dp import train_teacher_dp
 
         # the audit's DP teacher sees the same real patients: charged to the same ledger and budget
-        report = train_teacher_dp(model, data, tcfg, dp, seed=cfg.seed, resolution=cfg.data.resolution,
-                                  channels=cfg.data.channels, budget=cfg.privacy.budget)
+        report = train_teacher_dp(model, data, tcfg, privacy.dp, seed=cfg.seed, resolution=cfg.data.resolution,
+                                  channels=cfg.data.channels, budget=privacy.budget)
     else:
         report = train_diffusion(model, data, tcfg, seed=cfg.seed)
     return model, {k: v for k, v in report.items() if k != "loss_curve"}
@@ -127,7 +127,7 @@ def run_fingerprint_audit(
         if student and len(result.kept) else None
 
     per_fp = []
-    for j, (fp, i) in enumerate(zip(fps, idx)):
+    for j, (fp, i) in enumerate(zip(fps, idx, strict=True)):
         mine = carrier & (nearest == j)
         row = {
             "fingerprint": j, **fp.to_dict(), "training_index": int(i),

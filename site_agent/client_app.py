@@ -124,7 +124,9 @@ def train_local(spec: StudentSpec, global_arrays: ArrayRecord, data: ImageSet, s
 
 def handle_train(msg: Message, context: Context) -> Message:
     """Gate, then train, then reply; every refusal is an error reply (no weights) and an audit record."""
-    rnd = int(msg.content[CONFIG_KEY].get("server-round", 0)) if CONFIG_KEY in msg.content else 0
+    config = msg.content.config_records.get(CONFIG_KEY)
+    announced = config.get("server-round", 0) if config is not None else 0
+    rnd = announced if isinstance(announced, int) and not isinstance(announced, bool) else 0
     where: dict[str, Any] = {"server_round": rnd, "run_id": msg.metadata.run_id}
     site: _Site | None = None
     snap: Path | None = None

@@ -71,13 +71,17 @@ class GatedFedAvg(FedAvg):
     def _well_formed(self, msg: Message) -> str | None:
         """Why a non-error reply cannot be aggregated, or None."""
         content = msg.content
-        if PROVENANCE_KEY not in content or METRICS_KEY not in content or ARRAYS_KEY not in content:
+        if (PROVENANCE_KEY not in content.config_records or METRICS_KEY not in content.metric_records
+                or ARRAYS_KEY not in content.array_records):
             return "the reply lacks the privdistill provenance, metrics or arrays records"
-        shapes = {k: tuple(a.shape) for k, a in content[ARRAYS_KEY].items()}
+        shapes = {k: tuple(a.shape) for k, a in content.array_records[ARRAYS_KEY].items()}
         if shapes != self._shapes:
             return "the reply's arrays do not match the global student's parameters"
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
             return "the reply carries extra records"
+        metrics = content.metric_records[METRICS_KEY]
+        if _number(metrics.get(WEIGHT_FIELD)) is None or _number(metrics.get("train-loss")) is None:
+            return "the reply's metrics lack a numeric example count or training loss"
         return None
 
     def aggregate_train(self, server_round: int,
@@ -99,11 +103,11 @@ class GatedFedAvg(FedAvg):
                 refusals.append({"node_id": node, "code": None, "site": None, "reason": "malformed_reply",
                                  "detail": problem})
                 continue
-            prov, metrics = msg.content[PROVENANCE_KEY], msg.content[METRICS_KEY]
+            prov, reply = msg.content.config_records[PROVENANCE_KEY], msg.content.metric_records[METRICS_KEY]
             accepted.append(msg)
             participants.append({"node_id": node, "site": prov["site"], "shard_id": prov["shard-id"],
-                                 "tar_sha256": prov["tar-sha256"], "num_examples": int(metrics[WEIGHT_FIELD]),
-                                 "train_loss": float(metrics["train-loss"])})
+                                 "tar_sha256": prov["tar-sha256"], "num_examples": int(_number(reply[WEIGHT_FIELD]) or 0),
+                                 "train_loss": _number(reply["train-loss"])})
         replied = {int(m.metadata.src_node_id) for m in replies}
         for node in self._sampled:
             if node not in replied:
@@ -112,9 +116,14 @@ class GatedFedAvg(FedAvg):
         arrays, metrics = super().aggregate_train(server_round, accepted) if accepted else (None, None)
         self.rounds.append({"round": server_round, "sampled_node_ids": sorted(self._sampled),
                             "participants": participants, "refusals": refusals, "aggregated": arrays is not None,
-                            "train_metrics": None if metrics is None else {k: float(v) for k, v in metrics.items()}})
+                            "train_metrics": None if metrics is None else {k: _number(v) for k, v in metrics.items()}})
         log.info("federated.round", round=server_round, participants=len(participants), refusals=len(refusals))
         return arrays, metrics
+
+
+def _number(value: object) -> float | None:
+    """A metric value that is one finite-or-not number (not a bool, not a list), else None."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 # ----------------------------------------------------------------------------- server-side evaluation
@@ -128,6 +137,9 @@ def _eval_loss_fn(spec: StudentSpec, data: ImageSet | None):
     from privdistill.models import DiffusionModel
     from privdistill.train import diffusion_loss
 
+    if data.labels is None:
+        raise StageError("server-side evaluation needs class labels on the accepted shards (federated mode trains "
+                         "class-conditioned students only)")
     n = min(EVAL_SAMPLES, len(data))
     g = torch.Generator().manual_seed(spec.seed + 17)
     pick = torch.randperm(len(data), generator=g)[:n].numpy()
@@ -178,7 +190,7 @@ def student_spec(cfg: TrainingConfig, eval_data: ImageSet | None) -> StudentSpec
 
 
 # ----------------------------------------------------------------------------- the run
-def _publish(out: Path, model_arrays: ArrayRecord, spec: StudentSpec, result: dict[str, Any]) -> None:
+def _publish(out: Path, model_arrays: ArrayRecord | None, spec: StudentSpec, result: dict[str, Any]) -> None:
     """Write model/ and federated.json into a sibling temp dir, then rename it to ``out`` (all or nothing)."""
     from privdistill.models import DiffusionModel
 
@@ -220,7 +232,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
                          evaluate_fn=_eval_loss_fn(spec, eval_data))
     trained = any(r["aggregated"] for r in strategy.rounds)
     participants = [p for r in strategy.rounds for p in r["participants"]]
-    result = {
+    result: dict[str, Any] = {
         "status": "completed" if trained else "failed",
         "name": cfg.name, "flwr_version": flwr.__version__,
         "rounds_planned": fed.rounds, "rounds_completed": len(strategy.rounds),
@@ -232,7 +244,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
             "enabled": eval_data is not None,
             "note": ("DDPM loss on the coordinator's accepted shards (fixed timesteps and noise)" if eval_data is not None
                      else "skipped: the coordinator holds no accepted shard to evaluate on"),
-            "per_round": {str(k): {m: float(v) for m, v in rec.items()}
+            "per_round": {str(k): {m: _number(v) for m, v in rec.items()}
                           for k, rec in res.evaluate_metrics_serverapp.items()},
         },
         "student": {"resolution": spec.resolution, "channels": spec.channels, "class_names": spec.class_names,
