@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import ssl
+import time
 from collections.abc import Callable
 
 import structlog
@@ -39,10 +43,15 @@ def build_server(config: CoordinatorConfig, *, host: str | None = None, port: in
     return uvicorn.Server(uv)
 
 
-def serve(config: CoordinatorConfig, *, host: str | None = None, port: int | None = None) -> int:
-    """Serve until SIGINT/SIGTERM; returns the exit code."""
+def serve(config: CoordinatorConfig, *, host: str | None = None, port: int | None = None,
+          workers: int | None = None) -> int:
+    """Serve until SIGINT/SIGTERM; returns the exit code. ``workers`` (default ``listen.workers``) processes share
+    one listening socket; staging is reconciled once, before any of them starts."""
     server = build_server(config, host=host, port=port)
     where = f"{server.config.host}:{server.config.port}"
+    n = config.listen.workers if workers is None else workers
+    if n > 1:
+        return _serve_workers(server, n, where)
     try:
         server.run()
     except SystemExit:  # uvicorn exits when it cannot bind
@@ -51,3 +60,74 @@ def serve(config: CoordinatorConfig, *, host: str | None = None, port: int | Non
         raise RetryableNetworkError(f"could not serve on {where} (port in use or not permitted?); free the port or "
                                     "pass --port")
     return 0
+
+
+RESTART_BACKOFF_S = 1.0
+
+
+def _serve_workers(server: uvicorn.Server, n: int, where: str) -> int:
+    """Bind once, fork ``n`` workers that each run ``server`` on the shared socket; restart a worker that dies
+    (at most once per RESTART_BACKOFF_S each); on SIGINT/SIGTERM pass it on and wait for them all."""
+    try:
+        sock = server.config.bind_socket()
+    except SystemExit:
+        raise RetryableNetworkError(f"could not serve on {where} (port in use or not permitted?); free the port or "
+                                    "pass --port") from None
+    stopping = False
+
+    def _stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            _signal(pid, signal.SIGTERM)
+
+    def _spawn(index: int) -> int:
+        pid = os.fork()
+        if pid == 0:  # the worker: uvicorn installs its own SIGINT/SIGTERM handlers
+            code = 0
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                server.run(sockets=[sock])
+            except BaseException:  # a worker must never return into the parent's code
+                log.exception("coordinator_worker_failed", worker=index)
+                code = 1
+            finally:
+                os._exit(code)
+        log.info("coordinator_worker_started", worker=index, pid=pid)
+        return pid
+
+    children: dict[int, int] = {}
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for i in range(n):
+            children[_spawn(i)] = i
+        started = {i: time.monotonic() for i in range(n)}
+        while children:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            except InterruptedError:  # pragma: no cover - PEP 475 retries wait() itself
+                continue
+            index = children.pop(pid, None)
+            if index is None or stopping:
+                continue
+            log.warning("coordinator_worker_exited", worker=index, pid=pid, status=os.waitstatus_to_exitcode(status))
+            time.sleep(max(0.0, RESTART_BACKOFF_S - (time.monotonic() - started[index])))
+            if not stopping:
+                started[index] = time.monotonic()
+                children[_spawn(index)] = index
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for pid in list(children):
+            _signal(pid, signal.SIGTERM)
+        sock.close()
+    return 0
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
