@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         kinds = {"ours": (coord, ours), "bare": (bare, plain), "bare_fsync": (bare, lambda j: plain(j, "?fsync=1"))}
         passes: dict[str, list[dict]] = {k: [] for k in kinds}
         warm = [(s, shards[(0, s)]) for s in sites]
-        for kind, (_, fn) in kinds.items():  # warm-up (lazy imports, first connections); not recorded
+        for _kind, (_, fn) in kinds.items():  # warm-up (lazy imports, first connections); not recorded
             run_pass(fn, warm)
         for r in range(args.reps):
             jobs = [(s, shards[(r + 1, s)]) for s in sites]

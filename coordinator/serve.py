@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -66,11 +67,12 @@ RESTART_BACKOFF_S = 1.0
 
 
 def _serve_workers(server: uvicorn.Server, n: int, where: str) -> int:
-    """Bind once, fork ``n`` workers that each run ``server`` on the shared socket; restart a worker that dies
+    """Bind ``n`` SO_REUSEPORT sockets (the kernel spreads connections over them evenly; one shared socket would let
+    the first worker to wake accept a whole burst), fork a worker per socket; restart a worker that dies
     (at most once per RESTART_BACKOFF_S each); on SIGINT/SIGTERM pass it on and wait for them all."""
     try:
-        sock = server.config.bind_socket()
-    except SystemExit:
+        socks = _reuseport_sockets(server.config.host, server.config.port, n)
+    except OSError:
         raise RetryableNetworkError(f"could not serve on {where} (port in use or not permitted?); free the port or "
                                     "pass --port") from None
     stopping = False
@@ -88,7 +90,9 @@ def _serve_workers(server: uvicorn.Server, n: int, where: str) -> int:
             try:
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                server.run(sockets=[sock])
+                for other in socks[:index] + socks[index + 1:]:
+                    other.close()
+                server.run(sockets=[socks[index]])
             except BaseException:  # a worker must never return into the parent's code
                 log.exception("coordinator_worker_failed", worker=index)
                 code = 1
@@ -123,8 +127,34 @@ def _serve_workers(server: uvicorn.Server, n: int, where: str) -> int:
             signal.signal(sig, handler)
         for pid in list(children):
             _signal(pid, signal.SIGTERM)
-        sock.close()
+        for sock in socks:
+            sock.close()
     return 0
+
+
+def _reuseport_sockets(host: str, port: int, n: int) -> list[socket.socket]:
+    """``n`` listening sockets on (host, port) with SO_REUSEPORT. A plain bind first: it fails if anything, another
+    coordinator's SO_REUSEPORT group included, holds the port, so two coordinators never share one."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+        port = probe.getsockname()[1]
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            sock = socket.socket(family)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            sock.listen(2048)
+            sock.set_inheritable(True)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
 
 
 def _signal(pid: int, sig: int) -> None:
