@@ -27,11 +27,13 @@ def _tls12_or_newer(config: uvicorn.Config, default: Callable[[], ssl.SSLContext
     return ctx
 
 
-def build_server(config: CoordinatorConfig, *, host: str | None = None, port: int | None = None) -> uvicorn.Server:
-    """A ready uvicorn.Server for ``config`` (TLS always on); staging is reconciled before it is returned."""
+def build_server(config: CoordinatorConfig, *, host: str | None = None, port: int | None = None,
+                 reconcile: bool = True) -> uvicorn.Server:
+    """A ready uvicorn.Server for ``config`` (TLS always on); staging is reconciled before it is returned (unless
+    ``reconcile`` is False: a worker process, after the parent reconciled)."""
     check_tls_files(config)
     app = create_app(config)
-    counts = app.state.uploads.reconcile()
+    counts = app.state.uploads.reconcile() if reconcile else {}
     host = host or config.listen.host
     port = config.listen.port if port is None else port
     lim = config.limits
@@ -40,7 +42,8 @@ def build_server(config: CoordinatorConfig, *, host: str | None = None, port: in
         header_timeout_s=lim.header_timeout_s, ssl_certfile=str(config.tls.cert), ssl_keyfile=str(config.tls.key),
         ssl_context_factory=_tls12_or_newer, timeout_graceful_shutdown=10,
     )
-    log.info("coordinator_starting", url=f"https://{host}:{port}", state_dir=str(config.state_dir), **counts)
+    if reconcile:
+        log.info("coordinator_starting", url=f"https://{host}:{port}", state_dir=str(config.state_dir), **counts)
     return uvicorn.Server(uv)
 
 
@@ -52,7 +55,11 @@ def serve(config: CoordinatorConfig, *, host: str | None = None, port: int | Non
     where = f"{server.config.host}:{server.config.port}"
     n = config.listen.workers if workers is None else workers
     if n > 1:
-        return _serve_workers(server, n, where)
+        app = server.config.app
+        app.state.ledger.close()  # no SQLite connection may cross a fork: each worker builds its own app
+        app.state.replay.close()
+        return _serve_workers(lambda: build_server(config, host=host, port=port, reconcile=False),
+                              server.config.host, server.config.port, n, where)
     try:
         server.run()
     except SystemExit:  # uvicorn exits when it cannot bind
@@ -66,12 +73,12 @@ def serve(config: CoordinatorConfig, *, host: str | None = None, port: int | Non
 RESTART_BACKOFF_S = 1.0
 
 
-def _serve_workers(server: uvicorn.Server, n: int, where: str) -> int:
+def _serve_workers(make_server: Callable[[], uvicorn.Server], host: str, port: int, n: int, where: str) -> int:
     """Bind ``n`` SO_REUSEPORT sockets (the kernel spreads connections over them evenly; one shared socket would let
-    the first worker to wake accept a whole burst), fork a worker per socket; restart a worker that dies
+    the first worker to wake accept a whole burst), fork a worker per socket (each builds its own app and server); restart a worker that dies
     (at most once per RESTART_BACKOFF_S each); on SIGINT/SIGTERM pass it on and wait for them all."""
     try:
-        socks = _reuseport_sockets(server.config.host, server.config.port, n)
+        socks = _reuseport_sockets(host, port, n)
     except OSError:
         raise RetryableNetworkError(f"could not serve on {where} (port in use or not permitted?); free the port or "
                                     "pass --port") from None
@@ -92,7 +99,7 @@ def _serve_workers(server: uvicorn.Server, n: int, where: str) -> int:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 for other in socks[:index] + socks[index + 1:]:
                     other.close()
-                server.run(sockets=[socks[index]])
+                make_server().run(sockets=[socks[index]])
             except BaseException:  # a worker must never return into the parent's code
                 log.exception("coordinator_worker_failed", worker=index)
                 code = 1
