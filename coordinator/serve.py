@@ -9,9 +9,11 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
+from typing import cast
 
 import structlog
 import uvicorn
+from fastapi import FastAPI
 
 from coordinator.api import create_app
 from coordinator.config import CoordinatorConfig, check_tls_files
@@ -55,7 +57,7 @@ def serve(config: CoordinatorConfig, *, host: str | None = None, port: int | Non
     where = f"{server.config.host}:{server.config.port}"
     n = config.listen.workers if workers is None else workers
     if n > 1:
-        app = server.config.app
+        app = cast(FastAPI, server.config.app)
         app.state.ledger.close()  # no SQLite connection may cross a fork: each worker builds its own app
         app.state.replay.close()
         return _serve_workers(lambda: build_server(config, host=host, port=port, reconcile=False),

@@ -106,20 +106,40 @@ def _remap(data: ImageSet, spec: StudentSpec) -> ImageSet:
     return ImageSet(data.images, labels=index[data.labels], class_names=list(spec.class_names))
 
 
-def train_local(spec: StudentSpec, global_arrays: ArrayRecord, data: ImageSet, seed: int) -> tuple[dict, dict]:
-    """Rebuild the student, load the server's global weights (strictly), train locally; (state_dict, report)."""
+def train_state(spec: StudentSpec, state: dict[str, Any], data: ImageSet, seed: int) -> tuple[dict, dict]:
+    """Rebuild the student, load ``state`` (the global weights, strictly), train locally; (state_dict, report)."""
     from privdistill.models import DiffusionModel
     from privdistill.train import Dist, Trainer
 
     model = DiffusionModel.from_config(spec.model, resolution=spec.resolution, channels=spec.channels,
                                        class_names=spec.class_names, seed=spec.seed)
     try:
-        model.unet.load_state_dict(global_arrays.to_torch_state_dict(), strict=True)
+        model.unet.load_state_dict(state, strict=True)
     except (RuntimeError, KeyError, ValueError) as err:
         raise Refusal("bad_global_model", f"the global weights do not fit the announced student ({err})",
                       code=FAILED_CODE) from None
     report = Trainer(model, data, spec.train, seed=seed, dist_info=Dist()).fit()
     return {k: v.detach().cpu() for k, v in model.unet.state_dict().items()}, report
+
+
+def train_local(spec: StudentSpec, global_arrays: ArrayRecord, data: ImageSet, seed: int,
+                workdir: Path | None = None) -> tuple[dict, dict]:
+    """``train_state`` on the server's global weights: in the site's warm trainer when one runs for ``workdir``
+    (site_agent.trainer: the training stack already imported), else in this process."""
+    from site_agent import trainer
+
+    conn = trainer.connect(workdir) if workdir is not None else None
+    if conn is not None:
+        import torch
+
+        job = {"spec": spec.to_json(), "arrays": {k: a.numpy() for k, a in global_arrays.items()},
+               "images": data.images, "labels": data.labels, "class_names": list(data.class_names), "seed": seed}
+        try:
+            weights, report = trainer.train_remote(conn, job)
+        except trainer.TrainerRefusal as r:
+            raise Refusal(r.reason, r.detail, code=FAILED_CODE) from None
+        return {k: torch.from_numpy(v) for k, v in weights.items()}, report
+    return train_state(spec, global_arrays.to_torch_state_dict(), data, seed)
 
 
 def handle_train(msg: Message, context: Context) -> Message:
@@ -140,7 +160,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         data = _remap(data, spec)
         seed = spec.seed * 1000 + rnd * 7919 + zlib.crc32(site.cfg.site.id.encode()) % 997
         try:
-            weights, report = train_local(spec, msg.content[ARRAYS_KEY], data, seed)
+            weights, report = train_local(spec, msg.content[ARRAYS_KEY], data, seed, workdir=site.workdir)
         except Refusal:
             raise
         except Exception as err:
