@@ -4,8 +4,10 @@ Flower 1.41's SuperNode runs every train message in a fresh `flwr-clientapp` pro
 with `--isolation process` the long-running SuperExec still starts one `flwr-clientapp --token` per message), so a
 round pays, before any training: the interpreter start, importing Flower and the ClientApp, then importing the
 training stack (torch, diffusers) that ``train_local`` needs, and building the student. This benchmark times those
-steps in a fresh process per round (what Flower does today) and in one warm process (what a long-running trainer
-would pay), with the same local training in both, so the difference is the overhead a warm trainer removes.
+steps in a fresh process per round (Flower without the site's trainer), in one warm process (the floor), and as
+`privdistill-site join` runs it now: a fresh ClientApp process per round (importing Flower and the ClientApp only)
+handing the training to the warm site trainer (site_agent.trainer) over its local socket. Same local training in
+all three; overhead = round wall time minus local training time.
 
 Not measured here: Flower's own message transport and polling between SuperLink, SuperNode and ClientApp, and the
 site's export gate + shard snapshot (see tests/e2e/test_federated.py for the whole path).
@@ -77,6 +79,79 @@ print(json.dumps(rounds))
 '''
 
 
+CLIENT = r'''
+import json, sys, time
+t0 = float(sys.argv[1])
+start = time.time() - t0
+t = time.perf_counter()
+from collections import OrderedDict
+import numpy as np
+from flwr.app import Array, ArrayRecord
+from site_agent import federated
+from privdistill.data.types import ImageSet
+from privdistill.federated import StudentSpec
+imported = time.perf_counter() - t
+spec = StudentSpec.from_json(open(sys.argv[2]).read())
+arrays = ArrayRecord(OrderedDict((k, Array(v)) for k, v in np.load(sys.argv[3]).items()))
+rng = np.random.default_rng(0)
+data = ImageSet(rng.uniform(-1, 1, (64, 1, 28, 28)).astype(np.float32), labels=rng.integers(0, 2, 64),
+                class_names=["a", "b"])
+from pathlib import Path
+weights, report = federated.train_local(spec, arrays, data, 0, workdir=Path(sys.argv[4]))
+wall = time.perf_counter() - t + start
+print(json.dumps({"process_start_s": start, "import_clientapp_s": imported, "train_s": report["seconds"],
+                  "wall_s": wall}))
+'''
+
+
+def _spec_json(steps: int) -> str:
+    from privdistill.config import ModelConfig, TrainConfig
+    from privdistill.federated import StudentSpec
+
+    return StudentSpec(model=ModelConfig(block_out_channels=[16, 32], norm_num_groups=8, num_train_timesteps=100),
+                       train=TrainConfig(steps=steps, batch_size=16, warmup_steps=0, log_every=10_000,
+                                         checkpoint_every=10_000, mixed_precision="no"),
+                       resolution=28, channels=1, class_names=["a", "b"], seed=0).to_json()
+
+
+def run_with_trainer(steps: int, rounds: int) -> list[dict]:
+    """A fresh ClientApp process per round (as Flower runs it) handing the training to a warm site trainer."""
+    import signal
+    import tempfile
+
+    import numpy as np
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "FLWR_TELEMETRY_ENABLED": "0"}
+    work = Path(tempfile.mkdtemp(prefix="privdistill-flower-bench-"))
+    spec_file, arrays_file = work / "spec.json", work / "arrays.npz"
+    spec_file.write_text(_spec_json(steps))
+    from privdistill.federated import StudentSpec
+    from privdistill.models import DiffusionModel
+
+    spec = StudentSpec.from_json(spec_file.read_text())
+    model = DiffusionModel.from_config(spec.model, resolution=28, channels=1, class_names=spec.class_names, seed=0)
+    np.savez(arrays_file, **{k: v.detach().numpy() for k, v in model.unet.state_dict().items()})
+    trainer = subprocess.Popen([sys.executable, "-m", "site_agent.trainer", "--workdir", str(work)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (work / ".flwr" / "trainer" / "trainer.key").exists():
+            if trainer.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the site trainer did not start")
+            time.sleep(0.2)
+        out = []
+        for i in range(rounds):
+            res = subprocess.run([sys.executable, "-c", CLIENT, repr(time.time()), str(spec_file), str(arrays_file),
+                                  str(work)], env=env, check=True, capture_output=True, text=True, timeout=1800)
+            out.append(json.loads(res.stdout.strip().splitlines()[-1]))
+            print(f"fresh ClientApp + warm trainer round {i}: {json.dumps({k: round(v, 2) for k, v in out[-1].items()})}",
+                  flush=True)
+        return out
+    finally:
+        os.killpg(trainer.pid, signal.SIGTERM)
+        trainer.wait(timeout=30)
+
+
 def run(steps: int, repeats: int) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "FLWR_TELEMETRY_ENABLED": "0"}
     t0 = time.time()
@@ -101,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     for i, r in enumerate(warm):
         print(f"warm process round {i}: {json.dumps({k: round(v, 2) for k, v in r.items()})}", flush=True)
 
+    with_trainer = run_with_trainer(args.steps, args.rounds)
+
     def overhead(rs: list[dict]) -> float:
         return statistics.median(r["wall_s"] - r["train_s"] for r in rs)
 
@@ -112,14 +189,18 @@ def main(argv: list[str] | None = None) -> int:
                     "load_avg_1min": os.getloadavg()[0], "note": "CPU shared with other jobs; numbers vary"},
         "fresh_process_per_round": fresh,
         "warm_process": warm,
+        "fresh_clientapp_with_warm_trainer": with_trainer,
         "median_overhead_fresh_s": round(overhead(fresh), 2),
         "median_overhead_warm_s": round(overhead(warm), 2),
+        "median_overhead_fresh_clientapp_warm_trainer_s": round(overhead(with_trainer), 2),
         "median_train_s": round(statistics.median(r["train_s"] for r in fresh + warm), 2),
         "goal_overhead_s": 5.0,
         "not_measured": "Flower message transport/polling; export gate and shard snapshot",
     }
-    print(f"median per-round overhead (wall - training): fresh process {result['median_overhead_fresh_s']} s, "
-          f"warm process {result['median_overhead_warm_s']} s (goal <= 5 s); training {result['median_train_s']} s")
+    print(f"median per-round overhead (wall - training): fresh process {result['median_overhead_fresh_s']} s "
+          f"(Flower today without a trainer), fresh ClientApp + warm trainer "
+          f"{result['median_overhead_fresh_clientapp_warm_trainer_s']} s (with `privdistill-site join`), warm process "
+          f"{result['median_overhead_warm_s']} s; goal <= 5 s; training {result['median_train_s']} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
