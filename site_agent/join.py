@@ -4,6 +4,7 @@ authenticated with the site's Flower node key, telemetry off); its ClientApp tra
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -60,6 +61,10 @@ def supernode_env(workdir: Path) -> dict[str, str]:
             "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
 
 
+def _terminated(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _tool(name: str) -> str:
     path = Path(sys.executable).parent / name
     return str(path) if path.exists() else name
@@ -76,13 +81,15 @@ def join(cfg: SiteConfig, config_path: Path, workdir: Path, *, warm_trainer: boo
     cmd = supernode_command(cfg, config_path, workdir, **kwargs)  # type: ignore[arg-type]
     helper = subprocess.Popen(trainer_command(workdir), env=supernode_env(workdir)) if warm_trainer else None
     proc = subprocess.Popen(cmd, env=supernode_env(workdir))
+    previous = signal.signal(signal.SIGTERM, _terminated)  # a stopped join stops both children
     try:
         return proc.wait()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         proc.terminate()
         proc.wait(timeout=30)
         raise
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if helper is not None:
             helper.terminate()
             try:
