@@ -18,6 +18,7 @@ import importlib
 import os
 import secrets
 import sys
+import time
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,9 @@ def _train(job: dict[str, Any]) -> dict[str, Any]:
     spec = StudentSpec.from_json(job["spec"])
     data = ImageSet(job["images"], labels=job["labels"], class_names=list(job["class_names"]))
     state = {k: torch.from_numpy(v) for k, v in job["arrays"].items()}
+    t0 = time.perf_counter()
     weights, report = train_state(spec, state, data, int(job["seed"]))
+    report = {**report, "trainer_seconds": round(time.perf_counter() - t0, 3)}  # model build + Trainer + fit
     return {"weights": {k: v.numpy() for k, v in weights.items()}, "report": report}
 
 
