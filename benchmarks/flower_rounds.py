@@ -6,7 +6,8 @@ round pays, before any training: the interpreter start, importing Flower and the
 training stack (torch, diffusers) that ``train_local`` needs, and building the student. This benchmark times those
 steps in a fresh process per round (Flower without the site's trainer), in one warm process (the floor), and as
 `privdistill-site join` runs it now: a fresh ClientApp process per round (importing Flower and the ClientApp only)
-handing the training to the warm site trainer (site_agent.trainer) over its local socket. Same local training in
+handing loading and training of the gated snapshot to the warm site trainer (site_agent.trainer) over its
+local socket. Same local training in
 all three; overhead = round wall time minus local training time.
 
 Not measured here: Flower's own message transport and polling between SuperLink, SuperNode and ClientApp, and the
@@ -88,20 +89,21 @@ t = time.perf_counter()
 from collections import OrderedDict
 import numpy as np
 from flwr.app import Array, ArrayRecord
-from site_agent import federated
-from privdistill.data.types import ImageSet
+from site_agent import federated, trainer
 from privdistill.federated import StudentSpec
+from privdistill.shard import parse_manifest
 imported = time.perf_counter() - t
+from pathlib import Path
 spec = StudentSpec.from_json(open(sys.argv[2]).read())
 arrays = ArrayRecord(OrderedDict((k, Array(v)) for k, v in np.load(sys.argv[3]).items()))
-rng = np.random.default_rng(0)
-data = ImageSet(rng.uniform(-1, 1, (64, 1, 28, 28)).astype(np.float32), labels=rng.integers(0, 2, 64),
-                class_names=["a", "b"])
-from pathlib import Path
-weights, report = federated.train_local(spec, arrays, data, 0, workdir=Path(sys.argv[4]))
+snap = Path(sys.argv[5])
+manifest = parse_manifest((snap / "manifest.json").read_bytes())
+conn = trainer.connect(Path(sys.argv[4]))
+assert conn is not None, "no trainer"
+weights, report, n = trainer.train_round(conn, spec, arrays, snap / "shard.tar", manifest, 0)
 wall = time.perf_counter() - t + start
 print(json.dumps({"process_start_s": start, "import_clientapp_s": imported, "train_s": report["trainer_seconds"],
-                  "wall_s": wall}))
+                  "wall_s": wall, "torch_imported": "torch" in sys.modules}))
 '''
 
 
@@ -132,6 +134,14 @@ def run_with_trainer(steps: int, rounds: int) -> list[dict]:
     spec = StudentSpec.from_json(spec_file.read_text())
     model = DiffusionModel.from_config(spec.model, resolution=28, channels=1, class_names=spec.class_names, seed=0)
     np.savez(arrays_file, **{k: v.detach().numpy() for k, v in model.unet.state_dict().items()})
+    from privdistill.data.types import ImageSet
+    from privdistill.identity import generate_key
+    from privdistill.shard import write_shard
+
+    rng = np.random.default_rng(0)  # the gated snapshot: 64 samples, as in the other modes
+    write_shard(ImageSet(rng.uniform(-1, 1, (64, 1, 28, 28)).astype(np.float32), labels=rng.integers(0, 2, 64),
+                         class_names=["a", "b"]), work / "snap", site_id="bench", shard_id="snap",
+                config_hash="0" * 64, privacy={"kept": 64}, key=generate_key())
     trainer = subprocess.Popen([sys.executable, "-m", "site_agent.trainer", "--workdir", str(work)], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -143,7 +153,7 @@ def run_with_trainer(steps: int, rounds: int) -> list[dict]:
         out = []
         for i in range(rounds):
             res = subprocess.run([sys.executable, "-c", CLIENT, repr(time.time()), str(spec_file), str(arrays_file),
-                                  str(work)], env=env, check=True, capture_output=True, text=True, timeout=1800)
+                                  str(work), str(work / "snap")], env=env, check=True, capture_output=True, text=True, timeout=1800)
             out.append(json.loads(res.stdout.strip().splitlines()[-1]))
             print(f"fresh ClientApp + warm trainer round {i}: {json.dumps({k: round(v, 2) for k, v in out[-1].items()})}",
                   flush=True)

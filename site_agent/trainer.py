@@ -32,14 +32,6 @@ SOCKET_NAME, KEY_NAME = "trainer.sock", "trainer.key"
 CONNECT_TIMEOUT_S = 5.0
 
 
-class TrainerRefusal(Exception):
-    """The trainer refused the job (e.g. weights that do not fit the spec); ``reason`` is the refusal code."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
-
-
 def trainer_dir(workdir: Path) -> Path:
     return Path(workdir) / ".flwr" / "trainer"
 
@@ -47,17 +39,17 @@ def trainer_dir(workdir: Path) -> Path:
 def _train(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from privdistill.data.types import ImageSet
     from privdistill.federated import StudentSpec
-    from site_agent.federated import train_state
+    from privdistill.shard import parse_manifest
+    from site_agent.federated import load_gated, train_state
 
     spec = StudentSpec.from_json(job["spec"])
-    data = ImageSet(job["images"], labels=job["labels"], class_names=list(job["class_names"]))
+    data = load_gated(Path(job["tar"]), parse_manifest(job["manifest"]), spec)  # the snapshot the gate passed
     state = {k: torch.from_numpy(v) for k, v in job["arrays"].items()}
     t0 = time.perf_counter()
     weights, report = train_state(spec, state, data, int(job["seed"]))
     report = {**report, "trainer_seconds": round(time.perf_counter() - t0, 3)}  # model build + Trainer + fit
-    return {"weights": {k: v.numpy() for k, v in weights.items()}, "report": report}
+    return {"weights": {k: v.numpy() for k, v in weights.items()}, "report": report, "n": len(data)}
 
 
 def _answer(conn: Connection) -> bool:
@@ -70,7 +62,7 @@ def _answer(conn: Connection) -> bool:
     try:
         conn.send(_train(job))
     except Refusal as r:
-        conn.send({"refusal": [r.reason, r.detail]})
+        conn.send({"refusal": [r.reason, r.detail, r.code]})
     except Exception as err:  # reported to the ClientApp, which refuses the round as training_failed
         conn.send({"error": f"{type(err).__name__}: {err}"})
     return True
@@ -118,16 +110,29 @@ def connect(workdir: Path) -> Connection | None:
     return conn
 
 
-def train_remote(conn: Connection, job: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Send one job; (weights as numpy arrays, report). Raises TrainerRefusal or RuntimeError."""
+def train_round(conn: Connection, spec: Any, global_arrays: Any, tar: Path, manifest: Any,
+                seed: int) -> tuple[Any, dict[str, Any], int]:
+    """One round in the trainer: it loads the gated snapshot ``tar`` (checked against ``manifest``), trains the
+    global weights and returns (an ArrayRecord of the trained weights, report, examples). Refusals come back as
+    the ClientApp's Refusal; other failures as RuntimeError."""
+    from collections import OrderedDict
+
+    from flwr.app import Array, ArrayRecord
+
+    from site_agent.federated import Refusal
+
+    job = {"spec": spec.to_json(), "arrays": {k: a.numpy() for k, a in global_arrays.items()},
+           "tar": str(tar), "manifest": manifest.to_bytes(), "seed": seed}
     with conn:
         conn.send(job)
         reply = conn.recv()
     if "refusal" in reply:
-        raise TrainerRefusal(*reply["refusal"])
+        reason, detail, code = reply["refusal"]
+        raise Refusal(reason, detail, code=code)
     if "error" in reply:
         raise RuntimeError(reply["error"])
-    return reply["weights"], reply["report"]
+    arrays = ArrayRecord(array_dict=OrderedDict((k, Array(v)) for k, v in reply["weights"].items()))
+    return arrays, reply["report"], int(reply["n"])
 
 
 def stop(workdir: Path) -> None:

@@ -1,5 +1,5 @@
-"""The site's warm trainer (site_agent.trainer): a round handed to it trains exactly as in the ClientApp's own
-process; its refusals and failures come back as the ClientApp's; without it the ClientApp trains itself."""
+"""The site's warm trainer (site_agent.trainer): a round handed to it (load the gated snapshot, check it, train)
+gives exactly what the ClientApp's own process gives; its refusals come back as the ClientApp's refusals."""
 
 from __future__ import annotations
 
@@ -10,18 +10,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flwr.app import ArrayRecord
 from test_federated_client import SPEC, global_arrays
 
 from privdistill.data.types import ImageSet
+from privdistill.identity import generate_key
+from privdistill.shard import SHARD_TAR, parse_manifest, write_shard
 from site_agent import federated, trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _data() -> ImageSet:
+def _snapshot(root: Path, class_names: list[str], name: str = "snap") -> tuple[Path, object]:
     rng = np.random.default_rng(0)
-    return ImageSet(rng.uniform(-1, 1, (8, 1, 28, 28)).astype(np.float32), labels=rng.integers(0, 2, 8),
-                    class_names=list(SPEC.class_names))
+    kept = ImageSet(rng.uniform(-1, 1, (8, 1, 28, 28)).astype(np.float32), labels=rng.integers(0, 2, 8),
+                    class_names=class_names)
+    write_shard(kept, root / name, site_id="s", shard_id=name, config_hash="0" * 64, privacy={"kept": 8},
+                key=generate_key())
+    return root / name / SHARD_TAR, parse_manifest((root / name / "manifest.json").read_bytes())
 
 
 @pytest.fixture()
@@ -39,26 +45,35 @@ def running(tmp_path: Path):
 
 
 def test_a_round_in_the_warm_trainer_equals_one_in_process(running: Path) -> None:
-    arrays, data = global_arrays(), _data()
     assert trainer.trainer_dir(running).stat().st_mode & 0o777 == 0o700
     assert (trainer.trainer_dir(running) / trainer.KEY_NAME).stat().st_mode & 0o777 == 0o600
-    remote, r_report = federated.train_local(SPEC, arrays, data, seed=11, workdir=running)
-    local, l_report = federated.train_local(SPEC, arrays, data, seed=11)  # no workdir: this process
-    assert sorted(remote) == sorted(local)
-    assert all(torch.equal(remote[k], local[k]) for k in local)
-    assert r_report["steps"] == l_report["steps"] == SPEC.train.steps
+    tar, manifest = _snapshot(running, list(SPEC.class_names))
+    arrays = global_arrays()
+    conn = trainer.connect(running)
+    assert conn is not None
+    remote, r_report, n = trainer.train_round(conn, SPEC, arrays, tar, manifest, seed=11)
+    local, l_report = federated.train_local(SPEC, arrays, federated.load_gated(tar, manifest, SPEC), seed=11)
+    assert n == 8 and r_report["steps"] == l_report["steps"] == SPEC.train.steps
+    got = remote.to_torch_state_dict()
+    assert sorted(got) == sorted(local)
+    assert all(torch.equal(got[k], local[k]) for k in local)
     assert not all(torch.equal(local[k], torch.from_numpy(arrays[k].numpy())) for k in local)  # it did train
 
 
-def test_weights_that_do_not_fit_are_refused_by_the_trainer(running: Path) -> None:
-    arrays = global_arrays()
-    bad = {k: a.numpy() for k, a in arrays.items()}
-    bad.pop(sorted(bad)[0])
-    from flwr.app import ArrayRecord
-
+def test_the_trainers_refusals_are_the_clientapps(running: Path) -> None:
+    tar, manifest = _snapshot(running, ["cat", "dog"], "other")  # classes the student does not have
+    conn = trainer.connect(running)
+    assert conn is not None
     with pytest.raises(federated.Refusal) as exc:
-        federated.train_local(SPEC, ArrayRecord({k: torch.from_numpy(v) for k, v in bad.items()}), _data(), seed=1,
-                              workdir=running)
+        trainer.train_round(conn, SPEC, global_arrays(), tar, manifest, seed=1)
+    assert exc.value.reason == "class_mismatch"
+    tar, manifest = _snapshot(running, list(SPEC.class_names))
+    bad = {k: torch.from_numpy(a.numpy()) for k, a in global_arrays().items()}
+    bad.pop(sorted(bad)[0])
+    conn = trainer.connect(running)
+    assert conn is not None
+    with pytest.raises(federated.Refusal) as exc:
+        trainer.train_round(conn, SPEC, ArrayRecord(bad), tar, manifest, seed=1)
     assert exc.value.reason == "bad_global_model"
 
 
