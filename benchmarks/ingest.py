@@ -98,8 +98,16 @@ def free_port() -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU of ``pid`` and its live child processes (the coordinator's workers)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        if stat.parent.name == str(pid) or fields[1] == str(pid):
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def wait_healthy(proc: subprocess.Popen, url: str, ca: Path, log: Path, timeout: float = 120.0) -> None:
@@ -176,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sites", type=int, default=20)
     p.add_argument("--shard-mib", type=float, default=2.0, help="approximate shard.tar size per site and pass")
-    p.add_argument("--chunk-mib", type=float, default=1.0, help="upload_shard chunk_size")
+    p.add_argument("--chunk-mib", type=float, default=None, help="upload_shard chunk_size (default: its default)")
+    p.add_argument("--workers", type=int, default=None, help="coordinator worker processes (default: listen.workers)")
     p.add_argument("--reps", type=int, default=3, help="bare/ours pass pairs")
     p.add_argument("--quick", action="store_true", help="4 sites x 0.25 MiB, 1 repetition")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -216,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(work / "coordinator.log", "wb") as clog, open(work / "bare.log", "wb") as blog:
             procs.append(subprocess.Popen(
                 [sys.executable, "-c", "import sys; from coordinator.cli import main; sys.exit(main())", "serve",
-                 "--config", str(bundle / "coordinator" / "coordinator.yaml"), "--port", str(port)],
+                 "--config", str(bundle / "coordinator" / "coordinator.yaml"), "--port", str(port),
+                 *([] if args.workers is None else ["--workers", str(args.workers)])],
                 env=env, stdout=clog, stderr=subprocess.STDOUT, start_new_session=True))
             procs.append(subprocess.Popen([sys.executable, "-c", BARE_APP, str(bare_port), str(cert), str(key),
                                            str(work / "bare")], env=env, stdout=blog, stderr=subprocess.STDOUT,
@@ -226,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         wait_healthy(coord, url, ca, work / "coordinator.log")
         wait_healthy(bare, bare_url, ca, work / "bare.log")
         ctx = ssl.create_default_context(cafile=str(ca))
-        chunk = int(args.chunk_mib * MiB)
+        from site_agent.upload import DEFAULT_CHUNK_BYTES
+
+        chunk = DEFAULT_CHUNK_BYTES if args.chunk_mib is None else int(args.chunk_mib * MiB)
 
         def ours(job: tuple[str, Path]):
             site, shard = job

@@ -48,7 +48,7 @@ def _upload_headers(info: UploadInfo) -> dict[str, str]:
 def create_app(config: CoordinatorConfig) -> FastAPI:
     """A self-contained app over ``config.state_dir`` (ledger, store, staging, audit log, its own metrics)."""
     store.ensure_layout(config.state_dir)
-    ledger = Ledger(config.ledger_path)
+    ledger = Ledger(config.ledger_path, keep_open=True)
     metrics = Metrics()
     audit = AuditLog(config.state_dir)
     uploads = Uploads(config, ledger, audit, metrics)
@@ -59,7 +59,9 @@ def create_app(config: CoordinatorConfig) -> FastAPI:
     app.state.config, app.state.ledger, app.state.metrics, app.state.uploads = config, ledger, metrics, uploads
 
     replay = ReplayCache(config.state_dir, max_skew_s=limits.max_clock_skew_s,
-                         max_future_skew_s=limits.max_future_skew_s, max_per_site=limits.max_requests_per_site)
+                         max_future_skew_s=limits.max_future_skew_s, max_per_site=limits.max_requests_per_site,
+                         keep_open=True)
+    app.state.replay = replay
     auth = app.state.auth = SiteAuth(ledger, replay, limits)
     auth_create = auth.dependency(2 * limits.max_manifest_bytes + 65536)
     auth_chunk = auth.dependency(limits.max_chunk_bytes)

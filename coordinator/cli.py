@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     _with_config(sv)
     sv.add_argument("--port", type=int, default=None, help="override listen.port")
     sv.add_argument("--host", default=None, help="override listen.host")
+    sv.add_argument("--workers", type=int, default=None, help="override listen.workers (server processes)")
 
     sh = sub.add_parser("shards", help="accepted shards")
     sh_sub = sh.add_subparsers(dest="shards_command", required=True)
@@ -173,7 +174,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from coordinator.config import load_coordinator_config
         from coordinator.serve import serve
 
-        return serve(load_coordinator_config(args.config), host=args.host, port=args.port)
+        return serve(load_coordinator_config(args.config), host=args.host, port=args.port, workers=args.workers)
     if args.command == "federate":
         from coordinator.federate import federate
 

@@ -21,6 +21,9 @@ class _Strict(BaseModel):
 class ListenConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8443, ge=0, le=65535)
+    # server processes sharing the listening socket (the ledger, replay cache and upload locks are shared through
+    # STATE); per-process limits (max_connections, max_buffered_bodies) then hold per worker
+    workers: int = Field(2, ge=1, le=64)
 
 
 class TLSConfig(_Strict):

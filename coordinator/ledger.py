@@ -115,10 +115,14 @@ class Event:
 class Ledger:
     """One short sqlite connection per call (safe from any thread); writes use BEGIN IMMEDIATE transactions."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, keep_open: bool = False) -> None:
+        """``keep_open``: hold one idle connection for this object's life (the server does), so that closing each
+        call's connection is never the last close of the database, which in WAL mode checkpoints and deletes the
+        WAL file (fsyncs on every call). ``close`` releases it; close it before forking worker processes."""
         self.path = Path(path)
         self.state_dir = self.path.parent
         self._touched: dict[str, float] = {}
+        self._keepalive: sqlite3.Connection | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = self._connect()
         try:
@@ -135,6 +139,14 @@ class Ledger:
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         finally:
             db.close()
+        if keep_open:
+            self._keepalive = self._connect()
+
+    def close(self) -> None:
+        """Release the connection ``keep_open`` holds (each call opens its own anyway)."""
+        if self._keepalive is not None:
+            self._keepalive.close()
+            self._keepalive = None
 
     # ------------------------------------------------------------------ plumbing
     def _connect(self) -> sqlite3.Connection:

@@ -21,7 +21,8 @@ PRUNE_EVERY = 256
 class ReplayCache:
     """``seen_before(site, nonce, timestamp)`` records the nonce; raises ApiError on a replay or a full cache."""
 
-    def __init__(self, state_dir: Path, *, max_skew_s: int, max_future_skew_s: int, max_per_site: int) -> None:
+    def __init__(self, state_dir: Path, *, max_skew_s: int, max_future_skew_s: int, max_per_site: int,
+                 keep_open: bool = False) -> None:
         self.path = Path(state_dir) / NONCE_FILE
         self.window_s = max_skew_s + max_future_skew_s
         self.max_skew_s, self.max_per_site = max_skew_s, max_per_site
@@ -34,6 +35,14 @@ class ReplayCache:
             db.execute("CREATE INDEX IF NOT EXISTS nonces_expires ON nonces(expires)")
         finally:
             db.close()
+        # an idle connection held open: closing each request's connection then never checkpoints the WAL
+        # (see Ledger's keep_open); ``close`` releases it
+        self._keepalive: sqlite3.Connection | None = self._connect() if keep_open else None
+
+    def close(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.close()
+            self._keepalive = None
 
     def _connect(self) -> sqlite3.Connection:
         return connect(self.path)

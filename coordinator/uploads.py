@@ -3,6 +3,7 @@ exactly once, and reconcile staging files with the ledger after a crash."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import math
 import os
@@ -10,6 +11,9 @@ import secrets
 import threading
 import time
 import zlib
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,10 +28,18 @@ from coordinator.ledger import Ledger, QuotaExceeded, UploadRow
 from coordinator.metrics import Metrics
 from coordinator.schemas import ApiError, CreateUploadRequest, UploadInfo
 from privdistill.errors import ShardVerificationError
-from privdistill.shard import Manifest, parse_manifest, verify_manifest_signature, verify_tar
+from privdistill.shard import parse_manifest, verify_manifest_signature
+from privdistill.shard_stream import TarStreamVerifier
 
 LOCK_STRIPES = 64
 HOUSEKEEPING_EVERY_S = 60.0
+# bytes received after the last durable offset before the staging file is fsync'd and the ledger offset advanced
+# (the last chunk is always made durable before verification); a crash loses at most this much per upload, which
+# the site re-sends from the offset HEAD reports
+GROUP_FSYNC_BYTES = 32 << 20
+# uploads whose streaming verification state a worker keeps in memory (each holds at most one partial member, at
+# most MAX_MEMBER_BYTES); an evicted one is rebuilt from its staging file on its next chunk
+STREAMS_KEPT = 32
 
 
 def _iso(t: float) -> str:
@@ -37,8 +49,10 @@ def _iso(t: float) -> str:
 log = structlog.get_logger("coordinator.uploads")
 
 
-def info(row: UploadRow) -> UploadInfo:
-    return UploadInfo(upload_id=row.id, state=row.state, offset=row.offset, size=row.size, reason=row.reason,
+def info(row: UploadRow, received: int | None = None) -> UploadInfo:
+    """``received``: where the next chunk goes (bytes in staging, possibly ahead of the ledger's durable offset)."""
+    offset = row.offset if received is None or row.state != "receiving" else received
+    return UploadInfo(upload_id=row.id, state=row.state, offset=offset, size=row.size, reason=row.reason,
                       shard_sha256=row.tar_sha256, duplicate=row.reason == "duplicate")
 
 
@@ -48,12 +62,25 @@ class Uploads:
     def __init__(self, config: CoordinatorConfig, ledger: Ledger, audit: AuditLog, metrics: Metrics) -> None:
         self.config, self.ledger, self.audit, self.metrics = config, ledger, audit, metrics
         self.state_dir = config.state_dir
-        # striped: a bounded set of locks however many uploads a long-running coordinator sees
+        # striped: a bounded set of locks however many uploads a long-running coordinator sees; each stripe is a
+        # thread lock (this process) plus an flock on STATE/locks/NN.lock (the other worker processes)
         self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
         self._last_housekeeping = -math.inf
+        self._streams: OrderedDict[str, TarStreamVerifier] = OrderedDict()
+        self._streams_lock = threading.Lock()
+        self._lock_dir = Path(self.state_dir) / "locks"
 
-    def _lock(self, upload_id: str) -> threading.Lock:
-        return self._locks[zlib.crc32(upload_id.encode()) % LOCK_STRIPES]
+    @contextmanager
+    def _lock(self, upload_id: str) -> Iterator[None]:
+        stripe = zlib.crc32(upload_id.encode()) % LOCK_STRIPES
+        with self._locks[stripe]:
+            self._lock_dir.mkdir(exist_ok=True)
+            fd = os.open(self._lock_dir / f"{stripe:02d}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # releases the flock
 
     def _acceptance(self) -> Acceptance:
         try:
@@ -116,7 +143,7 @@ class Uploads:
         if not created:
             with self._lock(upload.id):
                 upload = self._sync(upload)
-            return info(upload), 200
+                return info(upload, self._received(upload)), 200
         self.metrics.uploads_created.inc()
         self.audit.event("upload_created", site=site, shard_sha256=sha, upload_id=upload.id, size=upload.size)
         return info(upload), 201
@@ -131,7 +158,8 @@ class Uploads:
     def status(self, site: str, upload_id: str) -> UploadInfo:
         row = self.owned(site, upload_id)
         with self._lock(upload_id):
-            return info(self._sync(row))
+            row = self._sync(row)
+            return info(row, self._received(row))
 
     # ------------------------------------------------------------------ PATCH
     def append(self, site: str, upload_id: str, offset_header: str | None, chunk: bytes) -> UploadInfo:
@@ -145,68 +173,113 @@ class Uploads:
                            "of this chunk (HEAD the upload to learn it)")
         with self._lock(upload_id):
             row = self._sync(self.owned(site, upload_id))
+            received = self._received(row)
             if row.state != "receiving" and offset == row.offset and not chunk:
                 return info(row)
-            if row.state != "receiving" or offset != row.offset:
-                raise ApiError(409, "offset_mismatch", f"upload is {row.state} at offset {row.offset}; resume "
-                               "from there", offset=row.offset, headers={"Upload-Offset": str(row.offset)})
+            if row.state != "receiving" or offset != received:
+                raise ApiError(409, "offset_mismatch", f"upload is {row.state} at offset {received}; resume "
+                               "from there", offset=received, headers={"Upload-Offset": str(received)})
             end = offset + len(chunk)
             if end > row.size:
                 raise ApiError(413, "request_too_large", f"chunk ends at byte {end}, past the shard size {row.size}")
             if chunk:
-                self._write(store.staging_path(self.state_dir, upload_id), offset, chunk)
-                if not self.ledger.set_offset(upload_id, offset, end):  # pragma: no cover - guarded by the lock
-                    raise ApiError(409, "offset_mismatch", "upload moved concurrently", offset=row.offset)
+                durable = end == row.size or end - row.offset >= GROUP_FSYNC_BYTES
+                self._write(store.staging_path(self.state_dir, upload_id), offset, chunk, durable=durable)
+                self._stream(row, offset).feed(chunk)  # verified as it arrives: the tar is never read again
+                if durable:  # under the lock the ledger is still at row.offset
+                    self.ledger.set_offset(upload_id, row.offset, end)
                 self.metrics.upload_bytes.inc(len(chunk))
-            row = self.ledger.upload(upload_id)
-            assert row is not None
-            if row.offset == row.size and row.state == "receiving":
+            if end == row.size:  # every byte is here and durable (fsync'd above): verify, install, accept
                 row = self._finalize(row)
-            return info(row)
+            return info(row, end)
+
+    def _received(self, row: UploadRow) -> int:
+        """Bytes of a receiving upload in its staging file: at or past the ledger's (durable) offset. Caller holds
+        the upload's lock."""
+        part = store.staging_path(self.state_dir, row.id)
+        return part.stat().st_size if row.state == "receiving" and part.exists() else row.offset
 
     @staticmethod
-    def _write(part: Path, offset: int, chunk: bytes) -> None:
-        """Bytes first, durably; only then does the caller advance the ledger offset."""
+    def _write(part: Path, offset: int, chunk: bytes, *, durable: bool) -> None:
+        """Write the chunk at ``offset`` (fsync'd when ``durable``); the caller advances the ledger offset only over
+        durable bytes. On failure the file is cut back to ``offset``, so its size is always a chunk boundary."""
         part.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            os.lseek(fd, offset, os.SEEK_SET)
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view):]
-            os.ftruncate(fd, offset + len(chunk))
-            os.fsync(fd)
+            try:
+                os.lseek(fd, offset, os.SEEK_SET)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.ftruncate(fd, offset + len(chunk))
+                if durable:
+                    os.fsync(fd)
+            except BaseException:
+                os.ftruncate(fd, offset)
+                raise
         finally:
             os.close(fd)
 
+    def _stream(self, row: UploadRow, offset: int) -> TarStreamVerifier:
+        """This upload's streaming verifier, positioned at ``offset``: kept in memory from its earlier chunks, or
+        caught up from the staging file (after a restart, an eviction, or chunks taken by another worker)."""
+        with self._streams_lock:
+            stream = self._streams.pop(row.id, None)
+        if stream is None or stream.offset > offset:
+            stream = TarStreamVerifier(parse_manifest(row.manifest.encode()))
+        if stream.offset < offset:
+            stream.feed_file(store.staging_path(self.state_dir, row.id), offset)
+        with self._streams_lock:
+            self._streams[row.id] = stream
+            while len(self._streams) > STREAMS_KEPT:
+                self._streams.popitem(last=False)
+        return stream
+
+    def _forget_stream(self, upload_id: str) -> None:
+        with self._streams_lock:
+            self._streams.pop(upload_id, None)
+
     # ------------------------------------------------------------------ completion and recovery
-    def _sync(self, row: UploadRow) -> UploadRow:
-        """Make the .part file agree with the ledger offset (truncate extra bytes, or lower the offset if bytes
-        were lost) and finish an upload that has all its bytes. Caller holds the upload's lock."""
+    def _sync(self, row: UploadRow, *, startup: bool = False) -> UploadRow:
+        """Make the .part file agree with the ledger offset (lower the offset if durable bytes were lost; at startup
+        also cut off bytes past it, which may not have reached the disk) and finish an upload that has all its
+        bytes. Bytes past the offset while serving are chunks received since the last group fsync (or from a worker
+        process that died mid-write: a prefix of an authenticated chunk); they stand. Caller holds the lock."""
         if row.state != "receiving":
             return row
         part = store.staging_path(self.state_dir, row.id)
         actual = part.stat().st_size if part.exists() else 0
-        if actual > row.offset:
+        if actual > row.offset and startup:
             os.truncate(part, row.offset)
+            actual = row.offset
         elif actual < row.offset:
             log.warning("staging_shorter_than_ledger", upload_id=row.id, ledger_offset=row.offset, on_disk=actual)
             self.ledger.set_offset(row.id, row.offset, actual)
         fresh = self.ledger.upload(row.id)
         assert fresh is not None
-        if fresh.offset == fresh.size and fresh.state == "receiving":
+        if actual == fresh.size and fresh.state == "receiving":
+            fd = os.open(part, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # durable before the ledger's offset says so
+            finally:
+                os.close(fd)
+            self.ledger.set_offset(fresh.id, fresh.offset, actual)
             fresh = self._finalize(fresh)
         return fresh
 
     def _finalize(self, row: UploadRow) -> UploadRow:
+        """All ``row.size`` bytes are in staging and durable: check, then install and accept, or reject."""
         part = store.staging_path(self.state_dir, row.id)
         manifest_bytes = row.manifest.encode()
-        manifest: Manifest = parse_manifest(manifest_bytes)
         acceptance = self._acceptance()  # unreadable config: 503, the bytes stay staged for a retry
+        stream = self._stream(row, row.size)
+        manifest = stream.manifest
         try:
             check_manifest(manifest, acceptance, self.ledger)
-            verify_tar(part, manifest, vocabulary=acceptance.vocabulary)  # the coordinator's words, not the manifest's
+            # the coordinator's words, not the manifest's; a refusal's reason comes from verify_tar on the file
+            stream.finish_or_explain(part, vocabulary=acceptance.vocabulary)
         except ShardVerificationError as err:
+            self._forget_stream(row.id)
             self.ledger.reject(row.id, err.reason)
             part.unlink(missing_ok=True)
             self.metrics.shards_rejected.labels(reason=err.reason).inc()
@@ -217,6 +290,7 @@ class Uploads:
             added = self.ledger.accept(row.id, shard_id=manifest.shard_id, sample_count=manifest.sample_count,
                                        manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest())
             part.unlink(missing_ok=True)
+            self._forget_stream(row.id)
             if added:
                 self.metrics.shards_accepted.inc()
             self.audit.event("accepted" if added else "duplicate", site=row.site, shard_sha256=row.tar_sha256,
@@ -261,7 +335,7 @@ class Uploads:
         for row in open_rows.values():
             with self._lock(row.id):
                 try:
-                    self._sync(row)
+                    self._sync(row, startup=True)
                 except ApiError as err:  # e.g. an unreadable training config: finished on the next request
                     log.warning("reconcile_deferred", upload_id=row.id, reason=err.reason)
             counts["open"] += 1

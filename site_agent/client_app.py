@@ -31,6 +31,7 @@ from privdistill.federated import (
     refusal_reason,
 )
 from privdistill.shard import SHARD_TAR, Manifest, load_shards
+from site_agent import trainer
 from site_agent.audit import audit
 from site_agent.config import SiteConfig, load_site_config
 from site_agent.gate import check_export, exportable
@@ -106,20 +107,34 @@ def _remap(data: ImageSet, spec: StudentSpec) -> ImageSet:
     return ImageSet(data.images, labels=index[data.labels], class_names=list(spec.class_names))
 
 
-def train_local(spec: StudentSpec, global_arrays: ArrayRecord, data: ImageSet, seed: int) -> tuple[dict, dict]:
-    """Rebuild the student, load the server's global weights (strictly), train locally; (state_dict, report)."""
+def load_gated(tar: Path, manifest: Manifest, spec: StudentSpec) -> ImageSet:
+    """The gated snapshot's samples, labels re-indexed into the federation's classes (a refusal otherwise)."""
+    try:
+        data = load_shards([(tar, manifest)], channels=spec.channels)
+    except ShardVerificationError as err:
+        raise Refusal(err.reason, str(err)) from None
+    return _remap(data, spec)
+
+
+def train_state(spec: StudentSpec, state: dict[str, Any], data: ImageSet, seed: int) -> tuple[dict, dict]:
+    """Rebuild the student, load ``state`` (the global weights, strictly), train locally; (state_dict, report)."""
     from privdistill.models import DiffusionModel
     from privdistill.train import Dist, Trainer
 
     model = DiffusionModel.from_config(spec.model, resolution=spec.resolution, channels=spec.channels,
                                        class_names=spec.class_names, seed=spec.seed)
     try:
-        model.unet.load_state_dict(global_arrays.to_torch_state_dict(), strict=True)
+        model.unet.load_state_dict(state, strict=True)
     except (RuntimeError, KeyError, ValueError) as err:
         raise Refusal("bad_global_model", f"the global weights do not fit the announced student ({err})",
                       code=FAILED_CODE) from None
     report = Trainer(model, data, spec.train, seed=seed, dist_info=Dist()).fit()
     return {k: v.detach().cpu() for k, v in model.unet.state_dict().items()}, report
+
+
+def train_local(spec: StudentSpec, global_arrays: ArrayRecord, data: ImageSet, seed: int) -> tuple[dict, dict]:
+    """``train_state`` on the server's global weights, in this process."""
+    return train_state(spec, global_arrays.to_torch_state_dict(), data, seed)
 
 
 def handle_train(msg: Message, context: Context) -> Message:
@@ -135,14 +150,16 @@ def handle_train(msg: Message, context: Context) -> Message:
         spec = _spec(msg)
         manifest, snap = gated_shard(site)
         where |= {"shard_id": manifest.shard_id, "tar_sha256": manifest.tar_sha256}
-        try:
-            data = load_shards([(snap / SHARD_TAR, manifest)], channels=spec.channels)
-        except ShardVerificationError as err:
-            raise Refusal(err.reason, str(err)) from None
-        data = _remap(data, spec)
         seed = spec.seed * 1000 + rnd * 7919 + zlib.crc32(site.cfg.site.id.encode()) % 997
+        conn = trainer.connect(site.workdir)
         try:
-            weights, report = train_local(spec, msg.content[ARRAYS_KEY], data, seed)
+            if conn is not None:  # the warm trainer loads, checks and trains: this process never imports torch
+                arrays, report, n_examples = trainer.train_round(conn, spec, msg.content[ARRAYS_KEY],
+                                                                 snap / SHARD_TAR, manifest, seed)
+            else:
+                data = load_gated(snap / SHARD_TAR, manifest, spec)
+                weights, report = train_local(spec, msg.content[ARRAYS_KEY], data, seed)
+                arrays, n_examples = ArrayRecord(weights), len(data)
         except Refusal:
             raise
         except Exception as err:
@@ -158,12 +175,12 @@ def handle_train(msg: Message, context: Context) -> Message:
         if snap is not None:
             shutil.rmtree(snap, ignore_errors=True)
     loss = float(report["final_loss"]) if report.get("final_loss") is not None else float("nan")
-    audit(site.workdir, "federated_round", site_id=site.cfg.site.id, num_examples=len(data), local_steps=report["steps"],
+    audit(site.workdir, "federated_round", site_id=site.cfg.site.id, num_examples=n_examples, local_steps=report["steps"],
           train_loss=loss, **where)
-    log.info("federated.trained", site_id=site.cfg.site.id, server_round=rnd, samples=len(data), loss=round(loss, 5))
+    log.info("federated.trained", site_id=site.cfg.site.id, server_round=rnd, samples=n_examples, loss=round(loss, 5))
     content = RecordDict({
-        ARRAYS_KEY: ArrayRecord(weights),
-        METRICS_KEY: MetricRecord({WEIGHT_FIELD: len(data), "train-loss": loss}),
+        ARRAYS_KEY: arrays,
+        METRICS_KEY: MetricRecord({WEIGHT_FIELD: n_examples, "train-loss": loss}),
         PROVENANCE_KEY: ConfigRecord({"site": site.cfg.site.id, "shard-id": where["shard_id"],
                                       "tar-sha256": where["tar_sha256"]}),
     })

@@ -4,6 +4,7 @@ authenticated with the site's Flower node key, telemetry off); its ClientApp tra
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -60,18 +61,39 @@ def supernode_env(workdir: Path) -> dict[str, str]:
             "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
 
 
+def _terminated(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _tool(name: str) -> str:
     path = Path(sys.executable).parent / name
     return str(path) if path.exists() else name
 
 
-def join(cfg: SiteConfig, config_path: Path, workdir: Path, **kwargs: object) -> int:
-    """Run the SuperNode in the foreground until it exits (Ctrl-C stops it); returns its exit code."""
+def trainer_command(workdir: Path) -> list[str]:
+    """The site's warm federated trainer (site_agent.trainer) for ``workdir``."""
+    return [sys.executable, "-m", "site_agent.trainer", "--workdir", str(Path(workdir).resolve())]
+
+
+def join(cfg: SiteConfig, config_path: Path, workdir: Path, *, warm_trainer: bool = True, **kwargs: object) -> int:
+    """Run the SuperNode in the foreground until it exits (Ctrl-C stops it); returns its exit code. With
+    ``warm_trainer`` a trainer process runs beside it (the training stack imported once, not every round)."""
     cmd = supernode_command(cfg, config_path, workdir, **kwargs)  # type: ignore[arg-type]
+    helper = subprocess.Popen(trainer_command(workdir), env=supernode_env(workdir)) if warm_trainer else None
     proc = subprocess.Popen(cmd, env=supernode_env(workdir))
+    previous = signal.signal(signal.SIGTERM, _terminated)  # a stopped join stops both children
     try:
         return proc.wait()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         proc.terminate()
         proc.wait(timeout=30)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if helper is not None:
+            helper.terminate()
+            try:
+                helper.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                helper.kill()
+                helper.wait(timeout=10)

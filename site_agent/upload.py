@@ -31,6 +31,9 @@ RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _sleep = time.sleep
 _rng = random.Random()
 
+# the coordinator's default limits.max_chunk_bytes: a shard of up to 8 MiB is one request
+DEFAULT_CHUNK_BYTES = 8 << 20
+
 
 @dataclass(frozen=True)
 class UploadResult:
@@ -66,7 +69,7 @@ class _UnknownUpload(Exception):
 
 def upload_shard(
     shard_dir: Path, *, url: str, ca_file: Path, site_id: str, key: Ed25519PrivateKey,
-    chunk_size: int = 1 << 20, max_attempts: int = 8, backoff_s: float = 0.5, timeout_s: float = 30.0,
+    chunk_size: int = DEFAULT_CHUNK_BYTES, max_attempts: int = 8, backoff_s: float = 0.5, timeout_s: float = 30.0,
     transport: httpx.BaseTransport | None = None,
 ) -> UploadResult:
     """Upload one packaged shard directory; resumes an earlier, interrupted upload of the same shard.

@@ -1,0 +1,84 @@
+"""The streamed shard check takes exactly what verify_tar takes: the same decision on a good shard, on every chunking,
+and on hundreds of damaged copies (byte flips, truncations, appended bytes, swapped members), with verify_tar's
+reason for every refusal."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from privdistill.data.types import ImageSet
+from privdistill.errors import ShardVerificationError
+from privdistill.identity import generate_key
+from privdistill.shard import parse_manifest, verify_tar, write_shard
+from privdistill.shard_stream import TarStreamVerifier
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
+    rng = np.random.default_rng(0)
+    kept = ImageSet(rng.uniform(-1, 1, (5, 1, 16, 16)).astype(np.float32), labels=np.array([0, 1, 0, 1, 1]),
+                    class_names=["cat", "dog"])
+    out = tmp_path_factory.mktemp("stream") / "s"
+    write_shard(kept, out, site_id="a", shard_id="s1", config_hash="0" * 64, privacy={"kept": 5}, key=generate_key())
+    return out, (out / "shard.tar").read_bytes()
+
+
+def _streamed(manifest, data: bytes, path: Path, chunk: int) -> str | None:
+    v = TarStreamVerifier(manifest)
+    for i in range(0, len(data), chunk):
+        v.feed(data[i:i + chunk])
+    try:
+        v.finish_or_explain(path)
+    except ShardVerificationError as err:
+        return err.reason
+    return None
+
+
+def _reference(manifest, path: Path) -> str | None:
+    try:
+        verify_tar(path, manifest)
+    except ShardVerificationError as err:
+        return err.reason
+    return None
+
+
+@pytest.mark.parametrize("chunk", [1, 511, 512, 4096, 1 << 20])
+def test_a_good_shard_passes_in_any_chunking(shard, chunk: int) -> None:
+    out, data = shard
+    manifest = parse_manifest((out / "manifest.json").read_bytes())
+    assert _streamed(manifest, data, out / "shard.tar", chunk) is None
+
+
+def test_damaged_copies_get_the_reference_decision_and_reason(shard, tmp_path: Path) -> None:
+    out, data = shard
+    manifest = parse_manifest((out / "manifest.json").read_bytes())
+    rng = np.random.default_rng(1)
+    variants: list[bytes] = []
+    for pos in rng.choice(len(data), 150, replace=False):  # one flipped bit anywhere (headers, data, padding)
+        variants.append(data[:pos] + bytes([data[pos] ^ (1 << int(rng.integers(8)))]) + data[pos + 1:])
+    variants += [data[:n] for n in (0, 100, 512, len(data) // 2, len(data) - 1)]
+    variants += [data + b"\0" * 512, data + b"x"]
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:  # the same members re-packed in another order or format
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
+    members[0][0].mtime = 1  # a header field the canonical form fixes
+    for fmt, order in ((tarfile.PAX_FORMAT, members), (tarfile.USTAR_FORMAT, members[2:] + members[:2])):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+            for info, body in order:
+                tar.addfile(info, io.BytesIO(body))
+        variants.append(buf.getvalue())
+    variants = [v for v in variants if v != data]  # (the PAX writer emits plain ustar headers for these members)
+    refused = 0
+    for i, bad in enumerate(variants):
+        path = tmp_path / f"v{i}.tar"
+        path.write_bytes(bad)
+        expected = _reference(manifest, path)
+        refused += expected is not None
+        for chunk in (700, 1 << 20):
+            assert _streamed(manifest, bad, path, chunk) == expected, (i, chunk)
+    assert refused == len(variants)  # every variant is damaged: none may pass either check
