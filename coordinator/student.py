@@ -8,7 +8,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import structlog
 from pydantic import Field, field_validator
@@ -132,7 +132,7 @@ class TrainingConfig(Strict):
     # THIS list (never the one a manifest declares); empty = text-conditioned shards are refused
     vocabulary: list[str] = Field(default_factory=list, max_length=10_000)
 
-    checks = (CrossCheck(("student.model", "resolution"), _student_fits),)
+    checks: ClassVar[tuple[CrossCheck, ...]] = (CrossCheck(("student.model", "resolution"), _student_fits),)
 
     @field_validator("vocabulary")
     @classmethod

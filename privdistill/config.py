@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, Field, ValidationInfo, field_validator, model_validator
@@ -513,7 +513,7 @@ class RunConfig(Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     privacy: PrivacyConfig | None = None  # absent: no formal guarantee (filter only)
 
-    checks = (
+    checks: ClassVar[tuple[CrossCheck, ...]] = (
         _model_fits("teacher"), _model_fits("student"), _prompts_for("teacher"), _prompts_for("student"),
         CrossCheck(("privacy.dp.epsilon", "teacher.model.conditioning"), _dp_conditioning),
         CrossCheck(("privacy.dp.physical_batch_size", "teacher.train.batch_size"), _dp_batch),

@@ -147,7 +147,9 @@ class _Place:
 
 
 def _place(model: type[BaseModel], loc: tuple[int | str, ...]) -> _Place:
-    shown, parent, info, tp = "", None, None, model
+    shown, info = "", None
+    parent: Any = None
+    tp: Any = model
     for part in loc:
         if isinstance(part, str) and part.startswith("function-"):
             continue
@@ -272,8 +274,9 @@ def _value_at(model: type[BaseModel], raw: Any, dotted: str, context: dict[str, 
         value, tp = value[part], info.annotation
     if info is None:
         return _MISSING
+    annotated: Any = Annotated[info.annotation, info]  # the field's type with its constraints
     try:
-        return TypeAdapter(Annotated[info.annotation, info]).validate_python(value, context=context)
+        return TypeAdapter(annotated).validate_python(value, context=context)
     except ValidationError:
         return _MISSING
 

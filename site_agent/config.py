@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -138,9 +138,11 @@ class SiteConfig(RunConfig):
 
     site: SiteSection
 
-    checks = (*RunConfig.checks,
-              CrossCheck(("filter.enabled",), _filter_on, strict_when="site.production"),
-              CrossCheck(("site.policy.require_filter",), _filter_required, strict_when="site.production"))
+    checks: ClassVar[tuple[CrossCheck, ...]] = (
+        *RunConfig.checks,
+        CrossCheck(("filter.enabled",), _filter_on, strict_when="site.production"),
+        CrossCheck(("site.policy.require_filter",), _filter_required, strict_when="site.production"),
+    )
 
 
 def parse_site_config(raw: Any, source: str | None = None, base_dir: Path | None = None) -> SiteConfig:
@@ -243,5 +245,5 @@ def render_template(connection: dict[str, str] | None = None) -> str:
     if connection:
         for key in ("id", "coordinator_url", "ca_file", "key_file"):
             line = yaml.safe_dump(connection[key]).splitlines()[0]
-            text = re.sub(rf"^(  {key}: )\S+", lambda m, line=line: m.group(1) + line, text, count=1, flags=re.M)
+            text = re.sub(rf"^(  {key}: )\S+", r"\g<1>" + line.replace("\\", r"\\"), text, count=1, flags=re.M)
     return text
