@@ -415,16 +415,18 @@ class DPConfig(Strict):
     public_pretraining: PublicPretrainingConfig | None = None
     init_from: ExistingDir | None = None  # a local, non-sensitive model directory (DiffusionModel.save layout)
 
+    @field_validator("poisson_sampling")
+    @classmethod
+    def _poisson(cls, v: bool) -> bool:
+        if not v:
+            raise ValueError("false is not supported: the RDP accountant's epsilon only holds for Poisson-sampled "
+                             "batches; delete the key or set it true")
+        return v
+
     @model_validator(mode="after")
-    def _sound(self) -> DPConfig:
-        problems = []
-        if not self.poisson_sampling:
-            problems.append("poisson_sampling: false is not supported: the RDP accountant's epsilon only holds "
-                            "for Poisson-sampled batches")
+    def _one_start(self) -> DPConfig:
         if self.public_pretraining is not None and self.init_from is not None:
-            problems.append("set either public_pretraining or init_from, not both")
-        if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("set either public_pretraining or init_from, not both")
         return self
 
 
