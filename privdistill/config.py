@@ -174,11 +174,8 @@ class PartitionConfig(Strict):
     index: int = Field(ge=0)
     count: int = Field(ge=2, le=1000)
 
-    @model_validator(mode="after")
-    def _index_in_range(self) -> PartitionConfig:
-        if self.index >= self.count:
-            raise ValueError(f"partition index {self.index} must be below count {self.count}")
-        return self
+    rules = (CrossCheck(("index", "count"), lambda index, count: [f"partition index {index} must be below count "
+                                                                  f"{count}"] if index >= count else []),)
 
 
 class DataConfig(Strict):
@@ -213,6 +210,20 @@ class LoraConfig(Strict):
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
 
 
+def _groups_divide(widths: list[int], groups: int) -> list[str]:
+    bad = [c for c in widths if c % groups]
+    return [f"block_out_channels {bad} are not divisible by norm_num_groups={groups}"] if bad else []
+
+
+def _model_source(kind: str, pretrained_path: Path | None, lora: LoraConfig | None) -> list[str]:
+    if kind == "latent" and pretrained_path is None:
+        return ["type: latent needs pretrained_path: a local diffusers pipeline folder (model_index.json, vae/, "
+                "unet/, scheduler/[, text_encoder/, tokenizer/]), e.g. a Stable Diffusion checkpoint"]
+    if kind == "pixel" and (pretrained_path is not None or lora is not None):
+        return ["pretrained_path and lora need type: latent (a pixel model is built from this section)"]
+    return []
+
+
 class ModelConfig(Strict):
     # pixel: a UNet built from this section and trained from scratch on images;
     # latent: a frozen AutoencoderKL + pretrained UNet read from pretrained_path (a local diffusers pipeline
@@ -222,7 +233,7 @@ class ModelConfig(Strict):
     pretrained_path: ConfigPath | None = None  # checked with the data's resolution (privdistill.latent)
     lora: LoraConfig | None = None  # latent only
     conditioning: Literal["class", "text"] = "class"
-    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
+    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64], min_length=1)
     layers_per_block: int = Field(1, ge=1, le=4)
     norm_num_groups: int = Field(8, ge=1)
     attention: bool = False  # attention blocks at the lowest resolution (class conditioning)
@@ -234,21 +245,8 @@ class ModelConfig(Strict):
     text_max_length: int = Field(16, ge=4)
     text_encoder_path: ExistingDir | None = None
 
-    @model_validator(mode="after")
-    def _groups_divide(self) -> ModelConfig:
-        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
-        if bad:
-            raise ValueError(
-                f"block_out_channels {bad} are not divisible by norm_num_groups={self.norm_num_groups}"
-            )
-        if not self.block_out_channels:
-            raise ValueError("block_out_channels must list at least one width")
-        if self.type == "latent" and self.pretrained_path is None:
-            raise ValueError("type: latent needs pretrained_path: a local diffusers pipeline folder (model_index.json, "
-                             "vae/, unet/, scheduler/[, text_encoder/, tokenizer/]), e.g. a Stable Diffusion checkpoint")
-        if self.type == "pixel" and (self.pretrained_path is not None or self.lora is not None):
-            raise ValueError("pretrained_path and lora need type: latent (a pixel model is built from this section)")
-        return self
+    rules = (CrossCheck(("block_out_channels", "norm_num_groups"), _groups_divide),
+             CrossCheck(("type", "pretrained_path", "lora"), _model_source))
 
 
 class TrainConfig(Strict):
@@ -329,11 +327,8 @@ class ViTArchConfig(Strict):
     num_heads: int = Field(4, ge=1)
     mlp_ratio: int = Field(2, ge=1)
 
-    @model_validator(mode="after")
-    def _heads_divide(self) -> ViTArchConfig:
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
-        return self
+    rules = (CrossCheck(("hidden_size", "num_heads"), lambda size, heads: [
+        f"hidden_size={size} is not a multiple of num_heads={heads}"] if size % heads else []),)
 
     def patch_for(self, resolution: int) -> int:
         """The patch size for square images of ``resolution`` px; ValueError when it does not tile them."""
@@ -423,11 +418,8 @@ class DPConfig(Strict):
                              "batches; delete the key or set it true")
         return v
 
-    @model_validator(mode="after")
-    def _one_start(self) -> DPConfig:
-        if self.public_pretraining is not None and self.init_from is not None:
-            raise ValueError("set either public_pretraining or init_from, not both")
-        return self
+    rules = (CrossCheck(("public_pretraining", "init_from"), lambda pre, init: [
+        "set either public_pretraining or init_from, not both"] if pre is not None and init is not None else []),)
 
 
 class BudgetConfig(Strict):

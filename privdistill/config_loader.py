@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import difflib
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar, Union, get_args, get_origin
 
 import structlog
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, TypeAdapter, ValidationError, ValidationInfo
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 
 from privdistill.errors import ConfigError
@@ -47,8 +55,19 @@ class Strict(BaseModel):
 
     # keys that were renamed or removed -> what to write instead (reported in place of "unknown key")
     renamed: ClassVar[Mapping[str, str]] = {}
-    # rules across sections, run by the loader (parse_model) once the file is read
+    # rules between this model's own fields (needs: field names). The loader runs them, wherever the model
+    # sits in the file, even when other fields of it are wrong; a model built in code runs them when built
+    rules: ClassVar[tuple[CrossCheck, ...]] = ()
+    # rules across sections of a whole file (needs: dotted paths from the root), run by the loader only
     checks: ClassVar[tuple[CrossCheck, ...]] = ()
+
+    @model_validator(mode="after")
+    def _rules_in_code(self, info: ValidationInfo) -> Self:
+        if load_context(info) is None:
+            problems = [p for rule in self.rules for p in rule.run(*(getattr(self, n) for n in rule.needs))]
+            if problems:
+                raise ValueError("; ".join(problems))
+        return self
 
 
 # --------------------------------------------------------------------------- paths
@@ -281,6 +300,16 @@ def _value_at(model: type[BaseModel], raw: Any, dotted: str, context: dict[str, 
         return _MISSING
 
 
+def _rules(model: type[BaseModel], prefix: str = "", depth: int = 0) -> Iterator[tuple[str, CrossCheck]]:
+    """(where, rule with dotted needs) for the rules of ``model`` and of every model section below it."""
+    for rule in model.rules if issubclass(model, Strict) else ():
+        yield prefix, CrossCheck(tuple(prefix + n for n in rule.needs), rule.run)
+    for name, info in model.model_fields.items():
+        sub = _unwrap(info.annotation)
+        if _is_model(sub) and depth < 8:
+            yield from _rules(sub, f"{prefix}{name}.", depth + 1)
+
+
 def _attribute_at(cfg: BaseModel, dotted: str) -> Any:
     value: Any = cfg
     for part in dotted.split("."):
@@ -311,11 +340,12 @@ def parse_model(model: type[M], raw: Any, *, source: str | None = None, base_dir
             return _attribute_at(cfg, dotted)
         return _value_at(model, raw, dotted, {CONTEXT_KEY: LoadContext(base_dir)})  # its warnings are not kept
 
-    for check in getattr(model, "checks", ()):
+    checks = getattr(model, "checks", ())
+    for where, check in [*_rules(model), *(("", c) for c in checks)]:
         values = [value(need) for need in check.needs]
         if any(v is _MISSING for v in values):
             continue
-        found = check.run(*values)
+        found = [f"{where[:-1]}: {p}" if where else p for p in check.run(*values)]
         strict = check.strict_when is None or value(check.strict_when) is not False
         (problems if strict else load.warnings).extend(found)
     if problems or cfg is None:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from privdistill.cli import main
-from privdistill.config import IdxSource, NpzSource, load_config, parse_config
+from privdistill.config import IdxSource, ModelConfig, NpzSource, load_config, parse_config
 from privdistill.errors import ConfigError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -141,3 +141,18 @@ def test_models_built_in_code_neither_resolve_nor_check_paths() -> None:
     # a config re-read from a manifest or built by a script: no loader context, no file system
     src = IdxSource(type="idx", images=Path("not/here.gz"))
     assert src.images == Path("not/here.gz")
+
+
+def test_rules_inside_a_section_run_although_a_key_of_it_is_mistyped() -> None:
+    raw = {"data": {"source": {"type": "idx", "images": "/"}, "partition": {"index": 3, "count": 2, "idx": 1}},
+           "teacher": {"model": {"block_out_channels": [30, 64], "atention": True}}}
+    with pytest.raises(ConfigError) as exc:
+        parse_config(raw)
+    assert exc.value.problems == [
+        "data.partition.idx: unknown key; did you mean `index`?",
+        "teacher.model.atention: unknown key; did you mean `attention`?",
+        "data.partition: partition index 3 must be below count 2",
+        "teacher.model: block_out_channels [30] are not divisible by norm_num_groups=8",
+    ]
+    with pytest.raises(ValueError, match=r"block_out_channels \[30\] are not divisible"):  # built in code: the same
+        ModelConfig(block_out_channels=[30])
