@@ -11,7 +11,15 @@ import yaml
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
 from privdistill.config import RunConfig, config_hash
-from privdistill.config_loader import CrossCheck, Strict, load_context, load_model, parse_model, resolve_path, resolved
+from privdistill.config_loader import (
+    ConfigPath,
+    CrossCheck,
+    Strict,
+    load_context,
+    load_model,
+    parse_model,
+    resolved,
+)
 from privdistill.errors import ConfigError
 from privdistill.privacy_report import RENAMED_REQUIRE_FILTER
 from privdistill.prompts import is_vocabulary_word
@@ -56,6 +64,11 @@ class PolicyConfig(Strict):
     renamed = {"require_filter_enabled": RENAMED_REQUIRE_FILTER}
 
 
+# a site's name as the coordinator registered it (and as shards carry it)
+SiteId = Annotated[str, Field(pattern=ID_PATTERN,
+                              description="1 to 63 lower-case letters, digits, '-' and '_', the first a letter or digit")]
+
+
 def _provisioned_file(path: Path, info: ValidationInfo) -> Path:
     """A file from the provisioning bundle: missing is an error in production, a warning on a test site."""
     full = resolved(path, info)
@@ -86,7 +99,7 @@ class SiteSection(Strict):
     """Who this site is, where it sends shards, and who must approve them."""
 
     # the site name the coordinator registered (site-connection.yaml: site_id)
-    id: str = Field(pattern=ID_PATTERN, description="1 to 63 lower-case letters, digits, '-' and '_', the first a letter or digit")
+    id: SiteId
     coordinator_url: str  # https://HOST:PORT
     # production: a disabled filter or a missing key/CA file is an error, not a warning (before the files:
     # their validators read it)
@@ -167,16 +180,22 @@ def vocabulary(cfg: SiteConfig, class_names: list[str]) -> list[str]:
     return prompt_vocabulary(cfg.data.prompt_template, class_names, cfg.site.vocabulary_extra)
 
 
+class SiteConnection(Strict):
+    """The provisioning bundle's site-connection.yaml (written by `privdistill-coordinator provision`)."""
+
+    site_id: SiteId
+    coordinator_url: str
+    ca_file: ConfigPath
+    key_file: ConfigPath
+    superlink: str | None = None  # HOST:PORT of the Flower SuperLink
+    flower_node_key: ConfigPath | None = None
+
+
 def read_connection(path: Path) -> dict[str, str]:
-    """The provisioned site-connection.yaml, with its file paths made absolute."""
-    raw = yaml.safe_load(Path(path).read_text())
-    need = ("site_id", "coordinator_url", "ca_file", "key_file")
-    if not isinstance(raw, dict) or any(k not in raw for k in need):
-        raise ConfigError([f"{path}: a site-connection.yaml needs the keys {', '.join(need)}"], str(path))
-    base = Path(path).resolve().parent
-    return {"id": str(raw["site_id"]), "coordinator_url": str(raw["coordinator_url"]),
-            "ca_file": str(resolve_path(Path(str(raw["ca_file"])), base)),
-            "key_file": str(resolve_path(Path(str(raw["key_file"])), base))}
+    """The provisioned site-connection.yaml as `site:` values, with its file paths made absolute."""
+    conn = load_model(SiteConnection, path, missing_hint=" (it is in the site's provisioning bundle)")
+    return {"id": conn.site_id, "coordinator_url": conn.coordinator_url, "ca_file": str(conn.ca_file),
+            "key_file": str(conn.key_file)}
 
 
 TEMPLATE = """\
