@@ -62,8 +62,9 @@ class Strict(BaseModel):
     checks: ClassVar[tuple[CrossCheck, ...]] = ()
 
     @model_validator(mode="after")
-    def _rules_in_code(self, info: ValidationInfo) -> Self:
-        if load_context(info) is None:
+    def _own_rules(self, info: ValidationInfo) -> Self:
+        ctx = load_context(info)
+        if ctx is None or type(self) not in ctx.deferred:  # else the loader runs them (_rules)
             problems = [p for rule in self.rules for p in rule.run(*(getattr(self, n) for n in rule.needs))]
             if problems:
                 raise ValueError("; ".join(problems))
@@ -78,6 +79,8 @@ class LoadContext:
 
     base_dir: Path | None
     warnings: list[str] = field(default_factory=list)
+    # models whose rules the loader runs itself, with every other check (the rest run them when validated)
+    deferred: frozenset[type] = frozenset()
 
 
 def load_context(info: ValidationInfo) -> LoadContext | None:
@@ -300,14 +303,31 @@ def _value_at(model: type[BaseModel], raw: Any, dotted: str, context: dict[str, 
         return _MISSING
 
 
-def _rules(model: type[BaseModel], prefix: str = "", depth: int = 0) -> Iterator[tuple[str, CrossCheck]]:
-    """(where, rule with dotted needs) for the rules of ``model`` and of every model section below it."""
+def _rules(model: type[BaseModel], prefix: str = "", depth: int = 0) -> Iterator[tuple[type, str, CrossCheck]]:
+    """(model, where, rule with dotted needs) for the rules of ``model`` and of every model section below it
+    (through plain and optional fields; a model inside a list or a union runs its rules when validated)."""
     for rule in model.rules if issubclass(model, Strict) else ():
-        yield prefix, CrossCheck(tuple(prefix + n for n in rule.needs), rule.run)
+        yield model, prefix, CrossCheck(tuple(prefix + n for n in rule.needs), rule.run)
     for name, info in model.model_fields.items():
         sub = _unwrap(info.annotation)
         if _is_model(sub) and depth < 8:
             yield from _rules(sub, f"{prefix}{name}.", depth + 1)
+
+
+def _off_path(tp: Any, on_path: bool = True, depth: int = 0) -> set[type]:
+    """The model classes in ``tp`` that sit where no dotted path reaches (inside a list, dict or union)."""
+    tp, found = _unwrap(tp), set()
+    if depth > 8:
+        return found
+    if _is_model(tp):
+        if not on_path:
+            found.add(tp)
+        for info in tp.model_fields.values():
+            found |= _off_path(info.annotation, on_path, depth + 1)
+    else:
+        for arg in get_args(tp):
+            found |= _off_path(arg, False, depth + 1)
+    return found
 
 
 def _attribute_at(cfg: BaseModel, dotted: str) -> Any:
@@ -327,7 +347,9 @@ def parse_model(model: type[M], raw: Any, *, source: str | None = None, base_dir
     if not isinstance(raw, dict):
         raise ConfigError([f"<root>: the configuration must be a YAML mapping of keys ({', '.join(model.model_fields)}),"
                            f" not {_kind(raw)}"], source)
-    load = LoadContext(base_dir)
+    rules = list(_rules(model))
+    # a class that also sits in a list or union keeps running its rules in pydantic (there is no path to it)
+    load = LoadContext(base_dir, deferred=frozenset({owner for owner, _, _ in rules} - _off_path(model)))
     cfg: M | None = None
     problems: list[str] = []
     try:
@@ -338,10 +360,10 @@ def parse_model(model: type[M], raw: Any, *, source: str | None = None, base_dir
     def value(dotted: str) -> Any:
         if cfg is not None:
             return _attribute_at(cfg, dotted)
-        return _value_at(model, raw, dotted, {CONTEXT_KEY: LoadContext(base_dir)})  # its warnings are not kept
+        return _value_at(model, raw, dotted, {CONTEXT_KEY: LoadContext(base_dir, deferred=load.deferred)})
 
-    checks = getattr(model, "checks", ())
-    for where, check in [*_rules(model), *(("", c) for c in checks)]:
+    every = [(where, rule) for _, where, rule in rules] + [("", check) for check in getattr(model, "checks", ())]
+    for where, check in every:
         values = [value(need) for need in check.needs]
         if any(v is _MISSING for v in values):
             continue
@@ -349,7 +371,7 @@ def parse_model(model: type[M], raw: Any, *, source: str | None = None, base_dir
         strict = check.strict_when is None or value(check.strict_when) is not False
         (problems if strict else load.warnings).extend(found)
     if problems or cfg is None:
-        raise ConfigError(problems, source)
+        raise ConfigError(list(dict.fromkeys(problems)), source)  # a rule run by both pydantic and the loader
     for warning in load.warnings:
         log.warning("config.unsafe_for_production", problem=warning, source=source)
     return cfg

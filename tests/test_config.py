@@ -156,3 +156,28 @@ def test_rules_inside_a_section_run_although_a_key_of_it_is_mistyped() -> None:
     ]
     with pytest.raises(ValueError, match=r"block_out_channels \[30\] are not divisible"):  # built in code: the same
         ModelConfig(block_out_channels=[30])
+
+
+def test_a_section_no_dotted_path_reaches_still_runs_its_rules() -> None:
+    # Prepare: the same section under a field (the loader runs its rule) and in a list (pydantic runs it)
+    from privdistill.config_loader import CrossCheck, Strict, parse_model
+
+    class Pair(Strict):
+        lo: int
+        hi: int
+        rules = (CrossCheck(("lo", "hi"), lambda lo, hi: ["lo must be below hi"] if lo >= hi else []),)
+
+    class Root(Strict):
+        one: Pair | None = None
+        many: list[Pair] = []
+
+    # Execute / Assert: each problem once, with its place
+    for raw, expected in [
+        ({"one": {"lo": 2, "hi": 1, "x": 0}, "many": [{"lo": 3, "hi": 1}]},
+         ["one.x: unknown key; valid keys here: lo, hi", "many[0]: lo must be below hi", "one: lo must be below hi"]),
+        ({"one": {"lo": 2, "hi": 1}, "many": [{"lo": 1, "hi": 2}, {"lo": 3, "hi": 1}]},
+         ["one: lo must be below hi", "many[1]: lo must be below hi"]),
+    ]:
+        with pytest.raises(ConfigError) as exc:
+            parse_model(Root, raw)
+        assert exc.value.problems == expected
