@@ -316,7 +316,8 @@ def _rules(model: type[BaseModel], prefix: str = "", depth: int = 0) -> Iterator
 
 def _off_path(tp: Any, on_path: bool = True, depth: int = 0) -> set[type]:
     """The model classes in ``tp`` that sit where no dotted path reaches (inside a list, dict or union)."""
-    tp, found = _unwrap(tp), set()
+    tp = _unwrap(tp)
+    found: set[type] = set()
     if depth > 8:
         return found
     if _is_model(tp):
