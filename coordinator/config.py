@@ -5,20 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
-from privdistill.config import _format_pydantic, read_yaml
+from privdistill.config_loader import ConfigPath, Strict, load_model, parse_model
 from privdistill.errors import ConfigError
 
 KiB = 1 << 10
 MiB = 1 << 20
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ListenConfig(_Strict):
+class ListenConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8443, ge=0, le=65535)
     # server processes sharing the listening socket (the ledger, replay cache and upload locks are shared through
@@ -26,15 +22,15 @@ class ListenConfig(_Strict):
     workers: int = Field(2, ge=1, le=64)
 
 
-class TLSConfig(_Strict):
+class TLSConfig(Strict):
     """Server certificate, its key and the CA that signed it (relative paths resolve against the yaml)."""
 
-    cert: Path
-    key: Path
-    ca: Path | None = None
+    cert: ConfigPath  # checked when serving (check_tls_files): provisioning writes the config first
+    key: ConfigPath
+    ca: ConfigPath | None = None
 
 
-class LimitsConfig(_Strict):
+class LimitsConfig(Strict):
     max_chunk_bytes: int = Field(8 * MiB, ge=1, le=1 << 30)
     max_shard_bytes: int = Field(2 << 30, ge=1)
     # a manifest holds aggregate numbers and one sha256 per tar member (~180 bytes per sample): 1 MiB takes
@@ -57,17 +53,17 @@ class LimitsConfig(_Strict):
     max_buffered_bodies: int = Field(16, ge=1)  # authenticated bodies held in memory at once (then 503)
 
 
-class CoordinatorConfig(_Strict):
+class CoordinatorConfig(Strict):
     listen: ListenConfig = ListenConfig()
     tls: TLSConfig
-    state_dir: Path
+    state_dir: ConfigPath
     limits: LimitsConfig = LimitsConfig()
     # the monitoring page under /admin (absent: /admin answers 404). A file holding the admin token, mode 0600.
-    admin_token_file: Path | None = None
+    admin_token_file: ConfigPath | None = None
     # what the monitoring page reads (each optional): `train-student --workdir`, `release --out`, `--training`
-    student_workdir: Path | None = None
-    releases_dir: Path | None = None
-    training_config: Path | None = None
+    student_workdir: ConfigPath | None = None
+    releases_dir: ConfigPath | None = None
+    training_config: ConfigPath | None = None
 
     @property
     def ledger_path(self) -> Path:
@@ -76,28 +72,12 @@ class CoordinatorConfig(_Strict):
 
 def parse_coordinator_config(raw: Any, *, base_dir: Path, source: str | None = None) -> CoordinatorConfig:
     """Validate ``raw`` (parsed YAML) and resolve relative paths against ``base_dir``."""
-    if not isinstance(raw, dict):
-        raise ConfigError(["the file must be a YAML mapping with keys tls, state_dir (and listen, limits)"], source)
-    try:
-        cfg = CoordinatorConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_format_pydantic(err), source) from None
-
-    def resolve(p: Path) -> Path:
-        return p if p.is_absolute() else (base_dir / p).resolve()
-
-    tls = TLSConfig(cert=resolve(cfg.tls.cert), key=resolve(cfg.tls.key),
-                    ca=None if cfg.tls.ca is None else resolve(cfg.tls.ca))
-    optional = {k: resolve(getattr(cfg, k)) for k in ("admin_token_file", "student_workdir", "releases_dir",
-                                                       "training_config") if getattr(cfg, k) is not None}
-    return cfg.model_copy(update={"tls": tls, "state_dir": resolve(cfg.state_dir), **optional})
+    return parse_model(CoordinatorConfig, raw, source=source, base_dir=base_dir)
 
 
 def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
     """Read coordinator.yaml; raise ConfigError listing every problem."""
-    path = Path(path)
-    raw = read_yaml(path, missing_hint=" (run `privdistill-coordinator provision` first)")
-    return parse_coordinator_config(raw, base_dir=path.resolve().parent, source=str(path))
+    return load_model(CoordinatorConfig, path, missing_hint=" (run `privdistill-coordinator provision` first)")
 
 
 def check_tls_files(cfg: CoordinatorConfig) -> None:

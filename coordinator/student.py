@@ -8,24 +8,16 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator
 
-from privdistill.config import (
-    DataConfig,
-    DiffusionConfig,
-    SampleConfig,
-    Source,
-    _format_pydantic,
-    _source_paths,
-    latent_problems,
-    read_yaml,
-)
+from privdistill.config import DataConfig, DiffusionConfig, ModelConfig, SampleConfig, Source, model_problems
+from privdistill.config_loader import CrossCheck, Strict, load_model, parse_model
 from privdistill.data.types import ImageSet
-from privdistill.errors import ConfigError, ShardVerificationError, StageError
-from privdistill.privacy_report import PrivacyReport, renamed_field
+from privdistill.errors import ShardVerificationError, StageError
+from privdistill.privacy_report import RENAMED_REQUIRE_FILTER, PrivacyReport
 from privdistill.shard import (
     MANIFEST,
     SHARD_TAR,
@@ -51,11 +43,7 @@ NO_PATIENT_DATA = (
 
 
 # ----------------------------------------------------------------------------- configuration
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ReferenceConfig(_Strict):
+class ReferenceConfig(Strict):
     """A PUBLIC labelled image set the coordinator owns (never patient data), for utility metrics.
     Split like privdistill's DataConfig: ``test_source``, else ``test_fraction`` of its images."""
 
@@ -67,15 +55,22 @@ class ReferenceConfig(_Strict):
     max_per_class: int | None = Field(None, ge=1)
     max_test_per_class: int | None = Field(None, ge=1)
 
+    @field_validator("classes")
+    @classmethod
+    def _distinct(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("duplicate class values")
+        return v
 
-class EvaluationConfig(_Strict):
+
+class EvaluationConfig(Strict):
     reference: ReferenceConfig | None = None
     classifier_steps: int = Field(600, ge=1)
     classifier_batch_size: int = Field(128, ge=1)
     memorization_ratio: float = Field(1 / 3, gt=0, lt=1)  # student copies of training-shard images
 
 
-class ReleasePolicy(_Strict):
+class ReleasePolicy(Strict):
     min_shards: int = Field(1, ge=1)
     min_sites: int = Field(1, ge=1)
     max_site_kept_memorization_rate: float = Field(0.0, ge=0, le=1)
@@ -100,13 +95,10 @@ class ReleasePolicy(_Strict):
     # every shard's site ran the fingerprint audit on its config through the student, and it passed
     require_fingerprint_audit: bool = False
 
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed(cls, data: Any) -> Any:
-        return renamed_field(data, "require_filter_enabled", "require_filter", "release")
+    renamed = {"require_filter_enabled": RENAMED_REQUIRE_FILTER}
 
 
-class FederatedConfig(_Strict):
+class FederatedConfig(Strict):
     """Federated mode (Flower FedAvg over the student's UNet weights): each site trains locally on its own
     approved shard for ``local_steps`` per round; ``class_names`` fixes the student's classes (default: those
     of the coordinator's accepted shards)."""
@@ -119,10 +111,15 @@ class FederatedConfig(_Strict):
     round_timeout_s: float = Field(600, gt=0)
 
 
-class TrainingConfig(_Strict):
+def _student_fits(model: ModelConfig, resolution: int) -> list[str]:
+    return model_problems("student", model, resolution, "resolution")
+
+
+class TrainingConfig(Strict):
     """What the coordinator trains, how it evaluates it and when it may release it."""
 
-    name: str = Field("privdistill-student", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    name: str = Field("privdistill-student", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
+                      description="1 to 63 letters, digits, '_', '.' and '-', the first a letter or digit")
     seed: int = 0
     resolution: int = Field(ge=8, le=1024)
     channels: Literal[1, 3] = 1
@@ -134,6 +131,8 @@ class TrainingConfig(_Strict):
     # the prompt words a text-conditioned shard may use: the coordinator checks every prompt it receives against
     # THIS list (never the one a manifest declares); empty = text-conditioned shards are refused
     vocabulary: list[str] = Field(default_factory=list, max_length=10_000)
+
+    checks: ClassVar[tuple[CrossCheck, ...]] = (CrossCheck(("student.model", "resolution"), _student_fits),)
 
     @field_validator("vocabulary")
     @classmethod
@@ -158,44 +157,12 @@ class TrainingConfig(_Strict):
 
 def parse_training_config(raw: Any, source: str | None = None, base_dir: Path | None = None) -> TrainingConfig:
     """Validate a mapping; relative reference paths resolve against ``base_dir``; every problem listed."""
-    if not isinstance(raw, dict):
-        raise ConfigError(["<root>: the training configuration must be a YAML mapping"], source)
-    try:
-        cfg = TrainingConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_format_pydantic(err), source) from None
-    problems, resolved = [], cfg.model_dump()
-    ref = cfg.evaluation.reference
-    for key in ("source", "test_source"):
-        src = None if ref is None else getattr(ref, key)
-        for name, path in _source_paths(src) if src is not None else []:
-            full = path if path.is_absolute() or base_dir is None else base_dir / path
-            resolved["evaluation"]["reference"][key][name] = full
-            if not full.exists():
-                problems.append(f"evaluation.reference.{key}.{name}: path does not exist: {full}")
-    model = cfg.student.model
-    factor = 2 ** (len(model.block_out_channels) - 1)
-    if model.type == "latent":
-        problems += latent_problems("student", model, cfg.resolution, base_dir, resolved["student"]["model"])
-    elif cfg.resolution % factor:
-        problems.append(f"student.model.block_out_channels: {len(model.block_out_channels)} levels downsample by "
-                        f"{factor}, which does not divide resolution={cfg.resolution}")
-    if model.text_encoder_path is not None:
-        full = model.text_encoder_path if model.text_encoder_path.is_absolute() or base_dir is None \
-            else base_dir / model.text_encoder_path
-        resolved["student"]["model"]["text_encoder_path"] = full
-        if not full.is_dir():
-            problems.append(f"student.model.text_encoder_path: not a directory: {full}")
-    if ref is not None and ref.classes is not None and len(set(ref.classes)) != len(ref.classes):
-        problems.append("evaluation.reference.classes: duplicate class values")
-    if problems:
-        raise ConfigError(problems, source)
-    return TrainingConfig.model_validate(resolved)
+    return parse_model(TrainingConfig, raw, source=source, base_dir=base_dir)
 
 
 def load_training_config(path: str | Path) -> TrainingConfig:
-    path = Path(path)
-    return parse_training_config(read_yaml(path), source=str(path), base_dir=path.resolve().parent)
+    """Read and validate a training YAML file; its relative paths resolve against the file's folder."""
+    return load_model(TrainingConfig, path)
 
 
 # ----------------------------------------------------------------------------- reading shards

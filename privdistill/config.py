@@ -1,21 +1,28 @@
-"""Typed run configuration: YAML -> pydantic models that reject unknown keys and list every problem."""
+"""Typed run configuration: YAML -> pydantic models that reject unknown keys and list every problem
+(loaded by privdistill.config_loader in one pass; relative paths resolve against the config file's folder)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, ValidationInfo, field_validator, model_validator
 
-from privdistill.errors import ConfigError
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from privdistill.config_loader import (
+    ConfigPath,
+    CrossCheck,
+    ExistingDir,
+    ExistingFile,
+    ExistingPath,
+    Strict,
+    load_context,
+    load_model,
+    parse_model,
+    resolved,
+)
 
 
 # --------------------------------------------------------------------------- data sources
@@ -23,8 +30,8 @@ class IdxSource(Strict):
     """gzip (or raw) IDX files, as Fashion-MNIST / MNIST ship them."""
 
     type: Literal["idx"]
-    images: Path
-    labels: Path | None = None
+    images: ExistingPath
+    labels: ExistingPath | None = None
     class_names: list[str] | None = None
 
 
@@ -32,7 +39,7 @@ class NpzSource(Strict):
     """A MedMNIST-layout .npz (``{split}_images``, ``{split}_labels``)."""
 
     type: Literal["npz"]
-    path: Path
+    path: ExistingPath
     split: str = "train"
     class_names: list[str] | None = None
 
@@ -41,8 +48,8 @@ class FolderSource(Strict):
     """A folder of images plus a CSV manifest with columns file, and optionally label, prompt, patient_id."""
 
     type: Literal["folder"]
-    root: Path
-    manifest: Path | None = None  # default: root/manifest.csv
+    root: ExistingPath
+    manifest: ExistingPath | None = None  # default: root/manifest.csv
     class_names: list[str] | None = None
 
 
@@ -50,7 +57,7 @@ class DicomSource(Strict):
     """A folder tree of DICOM files; label and patient id come from named tags only."""
 
     type: Literal["dicom"]
-    root: Path
+    root: ExistingPath
     label_tag: str | None = None
     patient_id_tag: str = "PatientID"
     class_names: list[str] | None = None
@@ -68,11 +75,25 @@ def _dicom_keyword(value: str) -> str:
     return value
 
 
+def _private_file(path: Path, info: ValidationInfo) -> Path:
+    """A secret's file: there, and readable by its owner only."""
+    full = resolved(path, info)
+    if load_context(info) is None:
+        return full
+    if not full.is_file():
+        raise ValueError(f"file not found: {full} (write the PACS password there, then chmod 600 it)")
+    from privdistill.identity import loose_mode
+
+    if (mode := loose_mode(full)) is not None:
+        raise ValueError(f"{full} is readable by group or others (mode {mode:04o}); run `chmod 600 {full}`")
+    return full
+
+
 class PacsCredentials(Strict):
     """HTTP basic credentials for a PACS; the password is read from a file (mode 0600), never written inline."""
 
     username: str = Field(min_length=1)
-    password_file: Path
+    password_file: Annotated[Path, AfterValidator(_private_file)]
 
     @model_validator(mode="before")
     @classmethod
@@ -92,7 +113,7 @@ class PacsSource(Strict):
     url: str  # http(s)://HOST:PORT[/prefix] of the server
     api: Literal["orthanc", "dicomweb"] = "orthanc"
     dicomweb_root: str = "/dicom-web"  # api: dicomweb only; path of the DICOMweb service under url
-    ca_file: Path | None = None  # https: CA bundle that signed the server's certificate (default: system CAs)
+    ca_file: ExistingFile | None = None  # https: CA bundle that signed the server's certificate (default: system CAs)
     credentials: PacsCredentials | None = None
     query: dict[str, str] = Field(default_factory=dict)  # DICOM keyword -> matching value (wildcards * ?)
     label_tag: str | None = None
@@ -153,11 +174,8 @@ class PartitionConfig(Strict):
     index: int = Field(ge=0)
     count: int = Field(ge=2, le=1000)
 
-    @model_validator(mode="after")
-    def _index_in_range(self) -> PartitionConfig:
-        if self.index >= self.count:
-            raise ValueError(f"partition index {self.index} must be below count {self.count}")
-        return self
+    rules = (CrossCheck(("index", "count"), lambda index, count: [f"partition index {index} must be below count "
+                                                                  f"{count}"] if index >= count else []),)
 
 
 class DataConfig(Strict):
@@ -173,6 +191,13 @@ class DataConfig(Strict):
     partition: PartitionConfig | None = None  # train source only; the test source is not partitioned
     prompt_template: str | None = None  # e.g. "an image of a {label}"; enables text conditioning data
 
+    @field_validator("classes")
+    @classmethod
+    def _distinct(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("duplicate class values")
+        return v
+
 
 # --------------------------------------------------------------------------- models / training
 class LoraConfig(Strict):
@@ -185,16 +210,30 @@ class LoraConfig(Strict):
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
 
 
+def _groups_divide(widths: list[int], groups: int) -> list[str]:
+    bad = [c for c in widths if c % groups]
+    return [f"block_out_channels {bad} are not divisible by norm_num_groups={groups}"] if bad else []
+
+
+def _model_source(kind: str, pretrained_path: Path | None, lora: LoraConfig | None) -> list[str]:
+    if kind == "latent" and pretrained_path is None:
+        return ["type: latent needs pretrained_path: a local diffusers pipeline folder (model_index.json, vae/, "
+                "unet/, scheduler/[, text_encoder/, tokenizer/]), e.g. a Stable Diffusion checkpoint"]
+    if kind == "pixel" and (pretrained_path is not None or lora is not None):
+        return ["pretrained_path and lora need type: latent (a pixel model is built from this section)"]
+    return []
+
+
 class ModelConfig(Strict):
     # pixel: a UNet built from this section and trained from scratch on images;
     # latent: a frozen AutoencoderKL + pretrained UNet read from pretrained_path (a local diffusers pipeline
     # folder, e.g. a Stable Diffusion checkpoint), fine-tuned on VAE latents; the architecture keys below
     # (block_out_channels ... beta_schedule) are then the checkpoint's and are ignored
     type: Literal["pixel", "latent"] = "pixel"
-    pretrained_path: Path | None = None
+    pretrained_path: ConfigPath | None = None  # checked with the data's resolution (privdistill.latent)
     lora: LoraConfig | None = None  # latent only
     conditioning: Literal["class", "text"] = "class"
-    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
+    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64], min_length=1)
     layers_per_block: int = Field(1, ge=1, le=4)
     norm_num_groups: int = Field(8, ge=1)
     attention: bool = False  # attention blocks at the lowest resolution (class conditioning)
@@ -204,23 +243,10 @@ class ModelConfig(Strict):
     text_encoder_dim: int = Field(64, ge=8)
     text_encoder_layers: int = Field(2, ge=1)
     text_max_length: int = Field(16, ge=4)
-    text_encoder_path: Path | None = None
+    text_encoder_path: ExistingDir | None = None
 
-    @model_validator(mode="after")
-    def _groups_divide(self) -> ModelConfig:
-        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
-        if bad:
-            raise ValueError(
-                f"block_out_channels {bad} are not divisible by norm_num_groups={self.norm_num_groups}"
-            )
-        if not self.block_out_channels:
-            raise ValueError("block_out_channels must list at least one width")
-        if self.type == "latent" and self.pretrained_path is None:
-            raise ValueError("type: latent needs pretrained_path: a local diffusers pipeline folder (model_index.json, "
-                             "vae/, unet/, scheduler/[, text_encoder/, tokenizer/]), e.g. a Stable Diffusion checkpoint")
-        if self.type == "pixel" and (self.pretrained_path is not None or self.lora is not None):
-            raise ValueError("pretrained_path and lora need type: latent (a pixel model is built from this section)")
-        return self
+    rules = (CrossCheck(("block_out_channels", "norm_num_groups"), _groups_divide),
+             CrossCheck(("type", "pretrained_path", "lora"), _model_source))
 
 
 class TrainConfig(Strict):
@@ -248,6 +274,12 @@ class SampleConfig(Strict):
     batch_size: int = Field(128, ge=1)
 
 
+TARGET_TPR_REMOVED = (
+    "removed: the filter is now calibrated on the decision it makes (each fresh image's best match against the "
+    "training gallery); set filter.max_fresh_drop instead (alpha, the share of fresh images of new patients the "
+    "filter may drop; default 0.05) and delete this key")
+
+
 class ReidConfig(Strict):
     embedding_dim: int = Field(64, ge=8)
     width: int = Field(32, ge=4)
@@ -257,20 +289,7 @@ class ReidConfig(Strict):
     temperature: float = Field(0.1, gt=0)
     calibration_fraction: float = Field(0.2, gt=0, lt=1)  # patients held out for the pair diagnostics
 
-    @model_validator(mode="before")
-    @classmethod
-    def _moved(cls, data: Any) -> Any:
-        return _refuse_target_tpr(data, "reid.target_tpr")
-
-
-def _refuse_target_tpr(data: Any, where: str) -> Any:
-    """The removed ``target_tpr`` key (reid or filter section): an error that names its replacement."""
-    if isinstance(data, dict) and "target_tpr" in data:
-        raise ValueError(
-            f"{where} was removed: the filter is now calibrated on the decision it makes (each fresh image's best "
-            "match against the training gallery); set filter.max_fresh_drop instead (alpha, the share of fresh "
-            f"images of new patients the filter may drop; default 0.05) and delete {where}")
-    return data
+    renamed = {"target_tpr": TARGET_TPR_REMOVED}
 
 
 class FilterConfig(Strict):
@@ -296,10 +315,7 @@ class FilterConfig(Strict):
     # downsampled to this size (never upsampled); null = data.resolution
     analysis_resolution: int | None = Field(None, ge=8, le=1024)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _moved(cls, data: Any) -> Any:
-        return _refuse_target_tpr(data, "filter.target_tpr")
+    renamed = {"target_tpr": TARGET_TPR_REMOVED}
 
 
 class ViTArchConfig(Strict):
@@ -311,11 +327,8 @@ class ViTArchConfig(Strict):
     num_heads: int = Field(4, ge=1)
     mlp_ratio: int = Field(2, ge=1)
 
-    @model_validator(mode="after")
-    def _heads_divide(self) -> ViTArchConfig:
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
-        return self
+    rules = (CrossCheck(("hidden_size", "num_heads"), lambda size, heads: [
+        f"hidden_size={size} is not a multiple of num_heads={heads}"] if size % heads else []),)
 
     def patch_for(self, resolution: int) -> int:
         """The patch size for square images of ``resolution`` px; ValueError when it does not tile them."""
@@ -394,19 +407,18 @@ class DPConfig(Strict):
     privacy_unit: Literal["patient", "image"] = "patient"
     grad_sample_mode: Literal["hooks", "functorch"] = "hooks"
     public_pretraining: PublicPretrainingConfig | None = None
-    init_from: Path | None = None  # a local, non-sensitive model directory (DiffusionModel.save layout)
+    init_from: ExistingDir | None = None  # a local, non-sensitive model directory (DiffusionModel.save layout)
 
-    @model_validator(mode="after")
-    def _sound(self) -> DPConfig:
-        problems = []
-        if not self.poisson_sampling:
-            problems.append("poisson_sampling: false is not supported: the RDP accountant's epsilon only holds "
-                            "for Poisson-sampled batches")
-        if self.public_pretraining is not None and self.init_from is not None:
-            problems.append("set either public_pretraining or init_from, not both")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+    @field_validator("poisson_sampling")
+    @classmethod
+    def _poisson(cls, v: bool) -> bool:
+        if not v:
+            raise ValueError("false is not supported: the RDP accountant's epsilon only holds for Poisson-sampled "
+                             "batches; delete the key or set it true")
+        return v
+
+    rules = (CrossCheck(("public_pretraining", "init_from"), lambda pre, init: [
+        "set either public_pretraining or init_from, not both"] if pre is not None and init is not None else []),)
 
 
 class BudgetConfig(Strict):
@@ -417,12 +429,67 @@ class BudgetConfig(Strict):
 
     epsilon: float | None = Field(None, gt=0)
     delta: float | None = Field(None, gt=0, lt=1)
-    ledger: Path | None = None
+    ledger: ConfigPath | None = None
 
 
 class PrivacyConfig(Strict):
     dp: DPConfig | None = None
     budget: BudgetConfig | None = None
+
+
+# --------------------------------------------------------------------------- rules across sections
+def model_problems(where: str, model: ModelConfig, resolution: int, resolution_key: str) -> list[str]:
+    """A model section against the image size: a pixel UNet's downsampling must divide it; a latent model's
+    pretrained_path must be a usable local pipeline folder that can make it."""
+    if model.type == "latent" and model.pretrained_path is not None:
+        from privdistill.latent import pipeline_problems
+
+        return [f"{where}.model.pretrained_path: {p}"
+                for p in pipeline_problems(model.pretrained_path, model, resolution)]
+    factor = 2 ** (len(model.block_out_channels) - 1)
+    if model.type == "pixel" and resolution % factor:
+        return [f"{where}.model.block_out_channels: {len(model.block_out_channels)} levels downsample by {factor}, "
+                f"which does not divide {resolution_key}={resolution}"]
+    return []
+
+
+def _model_fits(where: str) -> CrossCheck:
+    return CrossCheck((f"{where}.model", "data.resolution"),
+                      lambda model, res: model_problems(where, model, res, "data.resolution"))
+
+
+def _prompts_for(where: str) -> CrossCheck:
+    def run(conditioning: str, template: str | None, source: Any) -> list[str]:
+        if conditioning == "text" and template is None and source.type != "folder":
+            return [f"{where}.model.conditioning: 'text' needs prompts: set data.prompt_template or use a folder "
+                    "source whose manifest has a prompt column"]
+        return []
+    return CrossCheck((f"{where}.model.conditioning", "data.prompt_template", "data.source"), run)
+
+
+def _dp_conditioning(epsilon: float, conditioning: str) -> list[str]:  # epsilon: privacy.dp is set
+    if conditioning != "class":
+        return ["privacy.dp: DP-SGD supports class conditioning only (the text encoder and its tokenizer would be "
+                "trained on real prompts outside the guarantee); set teacher.model.conditioning: class"]
+    return []
+
+
+def _dp_batch(physical: int | None, logical: int) -> list[str]:
+    if physical is not None and physical > logical:
+        return [f"privacy.dp.physical_batch_size: {physical} exceeds the logical batch "
+                f"teacher.train.batch_size={logical}"]
+    return []
+
+
+def _vit_patches(downstream: DownstreamConfig, resolution: int) -> list[str]:
+    """The ViT's patches must tile the images."""
+    if downstream.model == "cnn":
+        return []
+    try:
+        downstream.vit.patch_for(resolution)
+    except ValueError as err:
+        return [f"evaluate.downstream.vit.patch_size: {err}"]
+    return []
 
 
 class RunConfig(Strict):
@@ -438,6 +505,13 @@ class RunConfig(Strict):
     filter: FilterConfig = FilterConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     privacy: PrivacyConfig | None = None  # absent: no formal guarantee (filter only)
+
+    checks: ClassVar[tuple[CrossCheck, ...]] = (
+        _model_fits("teacher"), _model_fits("student"), _prompts_for("teacher"), _prompts_for("student"),
+        CrossCheck(("privacy.dp.epsilon", "teacher.model.conditioning"), _dp_conditioning),
+        CrossCheck(("privacy.dp.physical_batch_size", "teacher.train.batch_size"), _dp_batch),
+        CrossCheck(("evaluate.downstream", "data.resolution"), _vit_patches),
+    )
 
     @property
     def student_config(self) -> DiffusionConfig:
@@ -457,163 +531,16 @@ class RunConfig(Strict):
         return value
 
 
-def _format_pydantic(err: ValidationError) -> list[str]:
-    problems = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check spelling; see examples/*.yaml for valid keys)"
-        problems.append(f"{loc or '<root>'}: {msg}")
-    return problems
-
-
-def _source_paths(src: BaseModel) -> list[tuple[str, Path]]:
-    names = {"idx": ["images", "labels"], "npz": ["path"], "folder": ["root", "manifest"], "dicom": ["root"],
-             "pacs": ["ca_file"]}
-    return [(n, getattr(src, n)) for n in names[src.type] if getattr(src, n) is not None]
-
-
-def _password_file_problems(key: str, src: BaseModel, base_dir: Path | None, resolved: dict[str, Any]) -> list[str]:
-    """A PACS source's password_file must exist and be readable by its owner only; resolves it against base_dir."""
-    creds = getattr(src, "credentials", None)
-    if creds is None:
-        return []
-    path = creds.password_file
-    full = path if path.is_absolute() or base_dir is None else (base_dir / path)
-    resolved["data"][key]["credentials"]["password_file"] = full
-    where = f"data.{key}.credentials.password_file"
-    if not full.is_file():
-        return [f"{where}: file not found: {full} (write the PACS password there, then chmod 600 it)"]
-    from privdistill.identity import loose_mode
-
-    if (mode := loose_mode(full)) is not None:
-        return [f"{where}: {full} is readable by group or others (mode {mode:04o}); run `chmod 600 {full}`"]
-    return []
-
-
-def latent_problems(where: str, model: ModelConfig, resolution: int, base_dir: Path | None,
-                    resolved: dict[str, Any]) -> list[str]:
-    """A latent model's pretrained_path must be a usable local pipeline folder; resolves it against base_dir."""
-    from privdistill.latent import pipeline_problems
-
-    path = model.pretrained_path
-    full = path if path.is_absolute() or base_dir is None else base_dir / path
-    resolved["pretrained_path"] = full
-    return [f"{where}.model.pretrained_path: {p}" for p in pipeline_problems(full, model, resolution)]
-
-
-def _dp_problems(cfg: RunConfig, base_dir: Path | None, resolved: dict[str, Any]) -> list[str]:
-    """Cross-section checks of privacy.dp; resolves its paths against base_dir."""
-    budget = cfg.privacy.budget if cfg.privacy is not None else None
-    if budget is not None and budget.ledger is not None and not budget.ledger.is_absolute() and base_dir is not None:
-        resolved["privacy"]["budget"]["ledger"] = base_dir / budget.ledger
-    dp = cfg.privacy.dp if cfg.privacy is not None else None
-    if dp is None:
-        return []
-    problems, where, out = [], "privacy.dp", resolved["privacy"]["dp"]
-    if cfg.teacher.model.conditioning != "class":
-        problems.append(f"{where}: DP-SGD supports class conditioning only (the text encoder and its tokenizer "
-                        "would be trained on real prompts outside the guarantee); set teacher.model.conditioning: class")
-    if dp.physical_batch_size is not None and dp.physical_batch_size > cfg.teacher.train.batch_size:
-        problems.append(f"{where}.physical_batch_size: {dp.physical_batch_size} exceeds the logical batch "
-                        f"teacher.train.batch_size={cfg.teacher.train.batch_size}")
-    if dp.init_from is not None:
-        full = dp.init_from if dp.init_from.is_absolute() or base_dir is None else base_dir / dp.init_from
-        out["init_from"] = full
-        if not full.is_dir():
-            problems.append(f"{where}.init_from: not a directory: {full}")
-    if dp.public_pretraining is not None:
-        src = dp.public_pretraining.source
-        for name, path in _source_paths(src):
-            full = path if path.is_absolute() or base_dir is None else (base_dir / path)
-            out["public_pretraining"]["source"][name] = full
-            if not full.exists():
-                problems.append(f"{where}.public_pretraining.source.{name}: path does not exist: {full}")
-    return problems
-
-
-def _downstream_problems(cfg: RunConfig) -> list[str]:
-    """The ViT's patches must tile the images."""
-    ds = cfg.evaluate.downstream
-    if ds.model == "cnn":
-        return []
-    try:
-        ds.vit.patch_for(cfg.data.resolution)
-    except ValueError as err:
-        return [f"evaluate.downstream.vit.patch_size: {err}"]
-    return []
-
-
 def parse_config(
     raw: Any, source: str | None = None, base_dir: Path | None = None, *, model: type[RunConfig] = RunConfig
 ) -> RunConfig:
     """Validate a mapping into a RunConfig (or the subclass ``model``); relative paths resolve against ``base_dir``."""
-    if not isinstance(raw, dict):
-        raise ConfigError(["<root>: the configuration must be a YAML mapping"], source)
-    try:
-        cfg = model.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_format_pydantic(err), source) from None
-    problems = []
-    resolved = cfg.model_dump()
-    for key in ("source", "test_source"):
-        src = getattr(cfg.data, key)
-        if src is None:
-            continue
-        for name, path in _source_paths(src):
-            full = path if path.is_absolute() or base_dir is None else (base_dir / path)
-            resolved["data"][key][name] = full
-            if not full.exists():
-                problems.append(f"data.{key}.{name}: path does not exist: {full}")
-        problems.extend(_password_file_problems(key, src, base_dir, resolved))
-    for sec in ("teacher", "student"):
-        m = getattr(cfg, sec)
-        if m is not None and m.model.text_encoder_path is not None:
-            p = m.model.text_encoder_path
-            full = p if p.is_absolute() or base_dir is None else (base_dir / p)
-            resolved[sec]["model"]["text_encoder_path"] = full
-            if not full.is_dir():
-                problems.append(f"{sec}.model.text_encoder_path: not a directory: {full}")
-        if m is not None and m.model.type == "latent":
-            problems.extend(latent_problems(sec, m.model, cfg.data.resolution, base_dir, resolved[sec]["model"]))
-        elif m is not None:
-            factor = 2 ** (len(m.model.block_out_channels) - 1)
-            if cfg.data.resolution % factor:
-                problems.append(
-                    f"{sec}.model.block_out_channels: {len(m.model.block_out_channels)} levels downsample by "
-                    f"{factor}, which does not divide data.resolution={cfg.data.resolution}"
-                )
-        if m is not None and m.model.conditioning == "text" and cfg.data.prompt_template is None:
-            if cfg.data.source.type not in ("folder",):
-                problems.append(
-                    f"{sec}.model.conditioning: 'text' needs prompts: set data.prompt_template "
-                    "or use a folder source whose manifest has a prompt column"
-                )
-    if cfg.data.classes is not None and len(set(cfg.data.classes)) != len(cfg.data.classes):
-        problems.append("data.classes: duplicate class values")
-    problems.extend(_dp_problems(cfg, base_dir, resolved))
-    problems.extend(_downstream_problems(cfg))
-    if problems:
-        raise ConfigError(problems, source)
-    return model.model_validate(resolved)
-
-
-def read_yaml(path: str | Path, *, missing_hint: str = "") -> Any:
-    """A config file's parsed YAML; a missing file or a syntax error is a ConfigError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"config file not found: {path}{missing_hint}"], str(path))
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError([f"YAML syntax error: {err}"], str(path)) from None
+    return parse_model(model, raw, source=source, base_dir=base_dir)
 
 
 def load_config(path: str | Path, *, model: type[RunConfig] = RunConfig) -> RunConfig:
     """Read and validate a YAML config file; raise ConfigError listing every problem."""
-    path = Path(path)
-    return parse_config(read_yaml(path), source=str(path), base_dir=path.resolve().parent, model=model)
+    return load_model(model, path)
 
 
 def config_hash(data: Any) -> str:

@@ -289,12 +289,9 @@ def evaluate_criteria(report: PrivacyReport | dict[str, Any], limits: Limits) ->
     return out
 
 
-def renamed_field(data: Any, old: str, new: str, where: str) -> Any:
-    """A policy key that was renamed: a clear error naming the new key (used in model validators)."""
-    if isinstance(data, dict) and old in data:
-        raise ValueError(f"{where}.{old} was renamed to {where}.{new} (the same criterion for the site's export "
-                         f"gate and the coordinator's release gate); rename the key")
-    return data
+# the policy key require_filter_enabled, renamed (config_loader.Strict.renamed of both policy sections)
+RENAMED_REQUIRE_FILTER = ("renamed to `require_filter` (the same criterion for the site's export gate and the "
+                          "coordinator's release gate); rename the key")
 
 
-__all__ = ["Criterion", "Limits", "PrivacyReport", "evaluate_criteria", "number", "renamed_field"]
+__all__ = ["Criterion", "Limits", "PrivacyReport", "evaluate_criteria", "RENAMED_REQUIRE_FILTER", "number"]

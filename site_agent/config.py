@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
-import structlog
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
-from privdistill.config import FilterConfig, RunConfig, Strict, _format_pydantic, config_hash, parse_config, read_yaml
+from privdistill.config import RunConfig, config_hash
+from privdistill.config_loader import (
+    ConfigPath,
+    CrossCheck,
+    Strict,
+    load_context,
+    load_model,
+    parse_model,
+    resolved,
+)
 from privdistill.errors import ConfigError
-from privdistill.privacy_report import renamed_field
+from privdistill.privacy_report import RENAMED_REQUIRE_FILTER
 from privdistill.prompts import is_vocabulary_word
 from privdistill.shard import ID_PATTERN, prompt_vocabulary
-
-log = structlog.get_logger(__name__)
 
 # site fields that say how to reach the coordinator or how strict to be, not what is in a shard:
 # changing them neither re-packages nor renames a shard
@@ -40,11 +46,6 @@ class PolicyConfig(Strict):
     max_fresh_drop_rate: float | None = Field(None, ge=0, le=1)
     # the re-identification filter must have been enabled for the kept set
     require_filter: bool = True
-
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed(cls, data: Any) -> Any:
-        return renamed_field(data, "require_filter_enabled", "require_filter", "site.policy")
     # fewest kept images a shard may hold
     min_kept: int = Field(1, ge=1)
     # the teacher's membership-inference ROC AUC (privdistill.audit.mia; 0.5 = no leak); null = not a criterion.
@@ -60,16 +61,54 @@ class PolicyConfig(Strict):
     # (`privdistill audit CONFIG --workdir WORKDIR` before `privdistill-site run`)
     require_fingerprint_audit: bool = False
 
+    renamed = {"require_filter_enabled": RENAMED_REQUIRE_FILTER}
+
+
+# a site's name as the coordinator registered it (and as shards carry it)
+SiteId = Annotated[str, Field(pattern=ID_PATTERN,
+                              description="1 to 63 lower-case letters, digits, '-' and '_', the first a letter or digit")]
+
+
+def _provisioned_file(path: Path, info: ValidationInfo) -> Path:
+    """A file from the provisioning bundle: missing is an error in production, a warning on a test site."""
+    full = resolved(path, info)
+    ctx = load_context(info)
+    if ctx is None or full.is_file():
+        return full
+    problem = f"file not found: {full} (copy it from the site's provisioning bundle)"
+    if info.data.get("production", True) is False:
+        ctx.warnings.append(f"site.{info.field_name}: {problem}")
+        return full
+    raise ValueError(problem)
+
+
+def _site_key(path: Path, info: ValidationInfo) -> Path:
+    """The site's private key: see _provisioned_file; when it is there it must load and be private (any site)."""
+    from privdistill.identity import load_private_key
+
+    full = _provisioned_file(path, info)
+    if load_context(info) is not None and full.is_file():
+        try:
+            load_private_key(full)
+        except ConfigError as err:
+            raise ValueError("; ".join(err.problems)) from None
+    return full
+
 
 class SiteSection(Strict):
     """Who this site is, where it sends shards, and who must approve them."""
 
-    id: str = Field(pattern=ID_PATTERN)  # the site name the coordinator registered (site-connection.yaml: site_id)
+    # the site name the coordinator registered (site-connection.yaml: site_id)
+    id: SiteId
     coordinator_url: str  # https://HOST:PORT
-    ca_file: Path  # CA certificate that signed the coordinator's TLS certificate (relative to this yaml)
-    key_file: Path  # the site's Ed25519 private key, mode 0600 (relative to this yaml)
+    # production: a disabled filter or a missing key/CA file is an error, not a warning (before the files:
+    # their validators read it)
+    production: bool = True
+    # CA certificate that signed the coordinator's TLS certificate (relative to this yaml)
+    ca_file: Annotated[Path, AfterValidator(_provisioned_file)]
+    # the site's Ed25519 private key, mode 0600 (relative to this yaml)
+    key_file: Annotated[Path, AfterValidator(_site_key)]
     approval: Literal["manual", "auto"] = "manual"  # auto: a shard that passes the policy is approved at once
-    production: bool = True  # production: a disabled filter or a missing key/CA file is an error, not a warning
     vocabulary_extra: list[str] = Field(default_factory=list)  # extra allow-listed prompt words (lowercase)
     policy: PolicyConfig = PolicyConfig()
 
@@ -93,90 +132,40 @@ class SiteSection(Strict):
         return v
 
 
+def _filter_on(enabled: bool) -> list[str]:
+    if not enabled:
+        return ["filter.enabled: false lets unfiltered synthetic images leave the site; "
+                "set it true (or site.production: false for a test site)"]
+    return []
+
+
+def _filter_required(required: bool) -> list[str]:
+    if not required:
+        return ["site.policy.require_filter: false lets an unfiltered shard pass the export policy; "
+                "set it true (or site.production: false for a test site)"]
+    return []
+
+
 class SiteConfig(RunConfig):
     """The run configuration of a site agent: every privdistill section plus `site:`."""
 
     site: SiteSection
 
-
-def _resolve(value: Any, base_dir: Path) -> Any:
-    if isinstance(value, str) and value and not Path(value).is_absolute():
-        return str(base_dir / value)
-    return value
-
-
-def _site_checks(site: SiteSection, filter_enabled: bool) -> tuple[list[str], list[str]]:
-    """(problems, warnings) that need more than the schema: files, key mode, production rules."""
-    from privdistill.identity import load_private_key
-
-    problems: list[str] = []
-    warnings: list[str] = []
-    strict = problems if site.production else warnings
-    for name in ("ca_file", "key_file"):
-        path: Path = getattr(site, name)
-        if not path.is_file():
-            strict.append(f"site.{name}: file not found: {path} (copy it from the site's provisioning bundle)")
-    if site.key_file.is_file():
-        try:
-            load_private_key(site.key_file)
-        except ConfigError as err:
-            problems.extend(f"site.key_file: {p}" for p in err.problems)
-    if not filter_enabled:
-        strict.append("filter.enabled: false lets unfiltered synthetic images leave the site; "
-                      "set it true (or site.production: false for a test site)")
-    if not site.policy.require_filter:
-        strict.append("site.policy.require_filter: false lets an unfiltered shard pass the export policy; "
-                      "set it true (or site.production: false for a test site)")
-    return problems, warnings
+    checks: ClassVar[tuple[CrossCheck, ...]] = (
+        *RunConfig.checks,
+        CrossCheck(("filter.enabled",), _filter_on, strict_when="site.production"),
+        CrossCheck(("site.policy.require_filter",), _filter_required, strict_when="site.production"),
+    )
 
 
 def parse_site_config(raw: Any, source: str | None = None, base_dir: Path | None = None) -> SiteConfig:
     """Validate a mapping into a SiteConfig, listing every problem of the run part and the site part at once."""
-    if not isinstance(raw, dict):
-        raise ConfigError(["<root>: the configuration must be a YAML mapping"], source)
-    if isinstance(raw.get("site"), dict) and base_dir is not None:
-        site_raw = dict(raw["site"])
-        for name in ("ca_file", "key_file"):
-            site_raw[name] = _resolve(site_raw.get(name), base_dir)
-        raw = {**raw, "site": site_raw}
-    problems: list[str] = []
-    run: RunConfig | None = None
-    try:  # the run part alone, so its path problems are listed even when the site part is wrong
-        run = parse_config({k: v for k, v in raw.items() if k != "site"}, source, base_dir)
-    except ConfigError as err:
-        problems.extend(err.problems)
-    warnings: list[str] = []
-    try:
-        site = _SiteOnly.model_validate({"site": raw.get("site")} if "site" in raw else {})
-    except ValidationError as err:
-        problems.extend(_format_pydantic(err))
-    else:
-        filt = run.filter if run is not None else _try(FilterConfig, raw.get("filter", {}))
-        more, warnings = _site_checks(site.site, True if filt is None else filt.enabled)
-        problems.extend(more)
-    if problems:
-        raise ConfigError(problems, source)
-    for w in warnings:
-        log.warning("site.config.unsafe_for_production", problem=w, production=False)
-    return parse_config(raw, source, base_dir, model=SiteConfig)  # type: ignore[return-value]
-
-
-class _SiteOnly(Strict):
-    site: SiteSection
-
-
-def _try(model: type[Strict], raw: Any) -> Any:
-    try:
-        return model.model_validate(raw)
-    except ValidationError:
-        return None
+    return parse_model(SiteConfig, raw, source=source, base_dir=base_dir)
 
 
 def load_site_config(path: str | Path) -> SiteConfig:
     """Read and validate a site YAML file; relative paths resolve against the file's folder."""
-    path = Path(path)
-    raw = read_yaml(path, missing_hint=" (create one with `privdistill-site init DIR`)")
-    return parse_site_config(raw, source=str(path), base_dir=path.resolve().parent)
+    return load_model(SiteConfig, path, missing_hint=" (create one with `privdistill-site init DIR`)")
 
 
 def shard_config_hash(cfg: SiteConfig) -> str:
@@ -191,15 +180,22 @@ def vocabulary(cfg: SiteConfig, class_names: list[str]) -> list[str]:
     return prompt_vocabulary(cfg.data.prompt_template, class_names, cfg.site.vocabulary_extra)
 
 
+class SiteConnection(Strict):
+    """The provisioning bundle's site-connection.yaml (written by `privdistill-coordinator provision`)."""
+
+    site_id: SiteId
+    coordinator_url: str
+    ca_file: ConfigPath
+    key_file: ConfigPath
+    superlink: str | None = None  # HOST:PORT of the Flower SuperLink
+    flower_node_key: ConfigPath | None = None
+
+
 def read_connection(path: Path) -> dict[str, str]:
-    """The provisioned site-connection.yaml, with its file paths made absolute."""
-    raw = yaml.safe_load(Path(path).read_text())
-    need = ("site_id", "coordinator_url", "ca_file", "key_file")
-    if not isinstance(raw, dict) or any(k not in raw for k in need):
-        raise ConfigError([f"{path}: a site-connection.yaml needs the keys {', '.join(need)}"], str(path))
-    base = Path(path).resolve().parent
-    return {"id": str(raw["site_id"]), "coordinator_url": str(raw["coordinator_url"]),
-            "ca_file": str(_resolve(str(raw["ca_file"]), base)), "key_file": str(_resolve(str(raw["key_file"]), base))}
+    """The provisioned site-connection.yaml as `site:` values, with its file paths made absolute."""
+    conn = load_model(SiteConnection, path, missing_hint=" (it is in the site's provisioning bundle)")
+    return {"id": conn.site_id, "coordinator_url": conn.coordinator_url, "ca_file": str(conn.ca_file),
+            "key_file": str(conn.key_file)}
 
 
 TEMPLATE = """\
@@ -267,7 +263,6 @@ def render_template(connection: dict[str, str] | None = None) -> str:
     text = TEMPLATE
     if connection:
         for key in ("id", "coordinator_url", "ca_file", "key_file"):
-            value = connection[key]
-            text = re.sub(rf"^(  {key}: )\S+", lambda m: m.group(1) + yaml.safe_dump(value).splitlines()[0], text,
-                          count=1, flags=re.M)
+            line = yaml.safe_dump(connection[key]).splitlines()[0]
+            text = re.sub(rf"^(  {key}: )\S+", r"\g<1>" + line.replace("\\", r"\\"), text, count=1, flags=re.M)
     return text

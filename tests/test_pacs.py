@@ -92,8 +92,8 @@ def test_missing_password_file_and_every_other_problem_listed_at_once(tmp_path: 
     problems = _problems(raw, tmp_path)
     joined = "\n".join(problems)
     assert len(problems) == 4, problems
-    for needle in ("data.source.pacs.url", "http(s)://", "'NotATag' is not a DICOM keyword", "['Modalty']",
-                   "data.source.pacs.timeout_s"):
+    for needle in ("data.source.url", "http(s)://", "'NotATag' is not a DICOM keyword", "['Modalty']",
+                   "data.source.timeout_s"):
         assert needle in joined
     raw = _cfg({"credentials": {"username": "u", "password_file": "nope"}}, tmp_path)
     assert _problems(raw, tmp_path) == [

@@ -77,7 +77,7 @@ def test_target_tpr_moved_to_the_filter_with_a_clear_error() -> None:
     from privdistill.errors import ConfigError
 
     for section in ("reid", "filter"):
-        with pytest.raises(ConfigError, match=rf"{section}.target_tpr was removed.*filter.max_fresh_drop"):
+        with pytest.raises(ConfigError, match=rf"{section}.target_tpr: removed: .*set filter.max_fresh_drop instead"):
             parse_config({"data": {"source": {"type": "npz", "path": "x.npz"}}, section: {"target_tpr": 0.8}})
 
 

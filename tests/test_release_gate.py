@@ -16,7 +16,7 @@ from coordinator.student import ReleasePolicy
 from privdistill import identity
 from privdistill.audit.attestation import ATTESTATION, ATTESTATION_SIG, make_attestation, model_digest
 from privdistill.data.types import ImageSet
-from privdistill.errors import PrivacyPolicyError
+from privdistill.errors import ConfigError, PrivacyPolicyError
 from privdistill.privacy_report import PrivacyReport
 from privdistill.stages import atomic_write_json
 from site_agent.config import PolicyConfig
@@ -247,9 +247,15 @@ def test_recall_lower_bound_and_fresh_drop_mean_the_same_at_the_site_and_the_coo
 def test_the_old_require_filter_enabled_key_names_the_new_one() -> None:
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="release.require_filter_enabled was renamed to release.require_filter"):
-        ReleasePolicy.model_validate({"require_filter_enabled": True})
-    with pytest.raises(ValidationError, match="site.policy.require_filter_enabled was renamed"):
+    from privdistill.config_loader import parse_model
+
+    with pytest.raises(ConfigError) as err:
+        parse_model(ReleasePolicy, {"require_filter_enabled": True})
+    assert err.value.problems == ["require_filter_enabled: renamed to `require_filter` (the same criterion for the "
+                                  "site's export gate and the coordinator's release gate); rename the key"]
+    with pytest.raises(ConfigError, match="require_filter_enabled: renamed to `require_filter`"):
+        parse_model(PolicyConfig, {"require_filter_enabled": True})
+    with pytest.raises(ValidationError, match="require_filter_enabled"):  # refused without the loader too
         PolicyConfig.model_validate({"require_filter_enabled": True})
 
 

@@ -45,11 +45,13 @@ def test_every_problem_of_the_run_and_site_parts_is_listed_at_once(tmp_path: Pat
         parse_site_config(raw, base_dir=tmp_path)
     # Assert
     joined = "\n".join(exc.value.problems)
-    assert len(exc.value.problems) == 9, joined
-    for where in ("data.resolutoin: unknown key", "sample.per_class", "site.id", "site.coordinator_url: Value error, "
-                  "must be an https", "site.approval", "site.vocabulary_extra", "site.policy.max_kept_memorization_rate",
-                  "site.policy.min_kept", "site.policy.max_recall: unknown key"):
-        assert where in joined
+    assert len(exc.value.problems) == 11, joined
+    for where in ("data.resolutoin: unknown key; did you mean `resolution`?", "sample.per_class: must be at least 1",
+                  "site.id: use 1 to 63 lower-case letters", "site.coordinator_url: must be an https",
+                  "site.approval: must be 'manual' or 'auto' (got 'sometimes')", "site.vocabulary_extra",
+                  "site.policy.max_kept_memorization_rate", "site.policy.min_kept", "site.policy.max_recall: unknown key",
+                  f"site.ca_file: file not found: {tmp_path / 'ca.pem'}", "site.key_file: file not found"):
+        assert where in joined  # the site's files are checked although the site section has other mistakes
 
 
 def test_file_and_production_problems_are_listed_together(tmp_path: Path) -> None:
@@ -144,3 +146,39 @@ def test_template_filled_from_the_provisioned_connection_file(tmp_path: Path) ->
     cfg = load_site_config(tmp_path / "site.yaml")
     assert cfg.site.id == "site-b" and cfg.site.key_file == bundle / "site.key"
     assert cfg.site.coordinator_url == "https://127.0.0.1:8443"
+
+
+def test_mistakes_in_three_sections_are_all_listed_in_one_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # Prepare: a typo in teacher.train, a bad site.id and a data file that is not there (relative to the yaml)
+    from site_agent.cli import main
+
+    site = _files(tmp_path)
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump({
+        "data": {"source": {"type": "idx", "images": "train-images.gz"}, "resolution": 16},
+        "teacher": {"train": {"learning_rte": 1e-3}},
+        "site": {**site, "id": "Site A"},
+    }))
+    # Execute
+    with pytest.raises(ConfigError) as exc:
+        load_site_config(path)
+    code = main(["run", str(path), "--workdir", str(tmp_path / "work")])
+    # Assert: the three, in words, and nothing else; the CLI prints each on its own line and writes nothing
+    expected = [
+        f"data.source.images: path does not exist: {tmp_path / 'train-images.gz'}",
+        "teacher.train.learning_rte: unknown key; did you mean `learning_rate`?",
+        "site.id: use 1 to 63 lower-case letters, digits, '-' and '_', the first a letter or digit (got 'Site A')",
+    ]
+    assert exc.value.problems == expected
+    err_lines = capsys.readouterr().err.splitlines()
+    assert code == 2 and all(any(line.endswith(f"- {p}") for line in err_lines) for p in expected), err_lines
+    assert not (tmp_path / "work").exists()
+
+
+def test_production_rules_run_when_the_site_section_has_other_mistakes(tmp_path: Path) -> None:
+    site = _files(tmp_path)
+    raw = {"data": DATA, "filter": {"enabled": False}, "site": {**site, "id": "-a", "approval": "automatic"}}
+    with pytest.raises(ConfigError) as exc:
+        parse_site_config(raw, base_dir=tmp_path)
+    assert [p.split(":")[0] for p in exc.value.problems] == ["site.id", "site.approval", "filter.enabled"]
+    assert "did you mean `auto`?" in exc.value.problems[1]
