@@ -42,7 +42,7 @@ marks = {"process_start_s": time.time() - t0}
 def round_once(steps):
     t = time.perf_counter()
     import flwr.clientapp  # noqa: F401
-    import site_agent.federated  # noqa: F401
+    import site_agent.client_app  # noqa: F401
     out = {"import_clientapp_s": time.perf_counter() - t}
     t = time.perf_counter()
     import numpy as np
@@ -89,7 +89,7 @@ t = time.perf_counter()
 from collections import OrderedDict
 import numpy as np
 from flwr.app import Array, ArrayRecord
-from site_agent import federated, trainer
+from site_agent import client_app, trainer
 from privdistill.federated import StudentSpec
 from privdistill.shard import parse_manifest
 imported = time.perf_counter() - t

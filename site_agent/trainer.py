@@ -41,7 +41,7 @@ def _train(job: dict[str, Any]) -> dict[str, Any]:
 
     from privdistill.federated import StudentSpec
     from privdistill.shard import parse_manifest
-    from site_agent.federated import load_gated, train_state
+    from site_agent.client_app import load_gated, train_state
 
     spec = StudentSpec.from_json(job["spec"])
     data = load_gated(Path(job["tar"]), parse_manifest(job["manifest"]), spec)  # the snapshot the gate passed
@@ -54,7 +54,7 @@ def _train(job: dict[str, Any]) -> dict[str, Any]:
 
 def _answer(conn: Connection) -> bool:
     """One job on ``conn``; False when asked to stop."""
-    from site_agent.federated import Refusal
+    from site_agent.client_app import Refusal
 
     job = conn.recv()
     if job.get("op") == "stop":
@@ -119,7 +119,7 @@ def train_round(conn: Connection, spec: Any, global_arrays: Any, tar: Path, mani
 
     from flwr.app import Array, ArrayRecord
 
-    from site_agent.federated import Refusal
+    from site_agent.client_app import Refusal
 
     job = {"spec": spec.to_json(), "arrays": {k: a.numpy() for k, a in global_arrays.items()},
            "tar": str(tar), "manifest": manifest.to_bytes(), "seed": seed}

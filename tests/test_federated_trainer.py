@@ -16,7 +16,7 @@ from test_federated_client import SPEC, global_arrays
 from privdistill.data.types import ImageSet
 from privdistill.identity import generate_key
 from privdistill.shard import SHARD_TAR, parse_manifest, write_shard
-from site_agent import federated, trainer
+from site_agent import client_app, trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,7 +52,7 @@ def test_a_round_in_the_warm_trainer_equals_one_in_process(running: Path) -> Non
     conn = trainer.connect(running)
     assert conn is not None
     remote, r_report, n = trainer.train_round(conn, SPEC, arrays, tar, manifest, seed=11)
-    local, l_report = federated.train_local(SPEC, arrays, federated.load_gated(tar, manifest, SPEC), seed=11)
+    local, l_report = client_app.train_local(SPEC, arrays, client_app.load_gated(tar, manifest, SPEC), seed=11)
     assert n == 8 and r_report["steps"] == l_report["steps"] == SPEC.train.steps
     got = remote.to_torch_state_dict()
     assert sorted(got) == sorted(local)
@@ -64,7 +64,7 @@ def test_the_trainers_refusals_are_the_clientapps(running: Path) -> None:
     tar, manifest = _snapshot(running, ["cat", "dog"], "other")  # classes the student does not have
     conn = trainer.connect(running)
     assert conn is not None
-    with pytest.raises(federated.Refusal) as exc:
+    with pytest.raises(client_app.Refusal) as exc:
         trainer.train_round(conn, SPEC, global_arrays(), tar, manifest, seed=1)
     assert exc.value.reason == "class_mismatch"
     tar, manifest = _snapshot(running, list(SPEC.class_names))
@@ -72,7 +72,7 @@ def test_the_trainers_refusals_are_the_clientapps(running: Path) -> None:
     bad.pop(sorted(bad)[0])
     conn = trainer.connect(running)
     assert conn is not None
-    with pytest.raises(federated.Refusal) as exc:
+    with pytest.raises(client_app.Refusal) as exc:
         trainer.train_round(conn, SPEC, ArrayRecord(bad), tar, manifest, seed=1)
     assert exc.value.reason == "bad_global_model"
 
