@@ -115,10 +115,18 @@ class Event:
 class Ledger:
     """One short sqlite connection per call (safe from any thread); writes use BEGIN IMMEDIATE transactions."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        """Open (or create) the ledger at ``path``; ``read_only``: open an existing one for reading only (list
+        commands), ConfigError when there is none, so a mistyped state_dir creates nothing."""
         self.path = Path(path)
         self.state_dir = self.path.parent
         self._touched: dict[str, float] = {}
+        self.read_only = read_only
+        if read_only:
+            if not self.path.is_file():
+                raise ConfigError([f"no ledger at {self.path}: check state_dir in the coordinator config (it is "
+                                   "created by `provision` and `serve`)"])
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = self._connect()
         try:
@@ -137,7 +145,7 @@ class Ledger:
         # WAL + NORMAL: a commit survives a killed process; after a power cut the last commits may roll
         # back, which leaves an offset behind the bytes on disk (truncated at start) or an accepted
         # upload back at "receiving" with every byte present (re-verified and accepted at start).
-        return connect(self.path, foreign_keys=True)
+        return connect(self.path, foreign_keys=True, read_only=self.read_only)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
