@@ -26,6 +26,7 @@ from privdistill.config import (
 from privdistill.data.types import ImageSet
 from privdistill.errors import ConfigError, ShardVerificationError, StageError
 from privdistill.privacy_report import PrivacyReport, renamed_field
+from privdistill.seeds import derive_seed
 from privdistill.shard import (
     MANIFEST,
     SHARD_TAR,
@@ -391,7 +392,7 @@ def _evaluate(shards: list[Path | ShardRef], cfg: TrainingConfig, ctx: StageCont
     device = pick_device(Dist())
     model = DiffusionModel.load(tdir / "model").to(device)
     prompts = tdir / PROMPTS_FILE
-    samples = sample_dataset(model, cfg.sample, seed=cfg.seed + 3, device=device,
+    samples = sample_dataset(model, cfg.sample, seed=derive_seed(cfg.seed, "student-samples"), device=device,
                              prompt_labels=json.loads(prompts.read_text()) if prompts.is_file() else None)
     save_grid(samples.images[:64], ctx.out / GRID_FILE)
     pooled, _ = load_accepted(shards, resolution=cfg.resolution, channels=cfg.channels)
