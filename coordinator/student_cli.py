@@ -77,8 +77,8 @@ def _site_keys(config_path: Path) -> dict[str, str]:
     from coordinator.config import load_coordinator_config
     from coordinator.ledger import Ledger
 
-    return {s.name: s.public_key for s in Ledger(load_coordinator_config(config_path).ledger_path, read_only=True).sites()
-            if not s.revoked}
+    ledger = Ledger(load_coordinator_config(config_path).ledger_path, read_only=True)
+    return {s.name: s.public_key for s in ledger.sites() if not s.revoked}
 
 
 def _release(args: argparse.Namespace) -> int:
