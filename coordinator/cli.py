@@ -6,89 +6,69 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-import structlog
+from typing import Any
 
 from coordinator import student_cli
-from privdistill import __version__
-from privdistill.cli import run_guarded
-
-EXIT_CODES = {
-    0: "success",
-    1: "unexpected internal error (a bug: please report it with the log)",
-    2: "configuration invalid (every problem is listed; nothing was written)",
-    3: "input data unusable (e.g. the public reference set for evaluation is missing)",
-    4: "privacy policy refused the action (e.g. the release gate failed; the criteria are listed)",
-    5: "hash or signature verification failed",
-    6: "the server could not start (port in use?) or a service is unavailable",
-    7: "a stage could not run (train-student / evaluate missing or stale, no accepted shard)",
-    130: "interrupted (Ctrl-C)",
-}
+from privdistill import cli_base
 
 
 def _with_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, required=True, help="DIR/coordinator/coordinator.yaml")
+    cli_base.add_config(p, option=True, help="DIR/coordinator/coordinator.yaml")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    epilog = "exit codes:\n" + "\n".join(f"  {k:>3}  {v}" for k, v in EXIT_CODES.items())
-    p = argparse.ArgumentParser(prog="privdistill-coordinator", epilog=epilog,
-                                description="Receive signed shards from sites over HTTPS; train the student.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", action="version", version=f"privdistill-coordinator {__version__}")
-    p.add_argument("--log-format", choices=["console", "json"], default="console")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
-    sub = p.add_subparsers(dest="command", required=True)
+    p, sub = cli_base.root_parser("privdistill-coordinator",
+                                  "Receive signed shards from sites over HTTPS; train the student.")
 
-    pr = sub.add_parser("provision", help="make the CA, the coordinator's TLS cert/config and site identities")
+    pr = cli_base.command(sub, "provision", _provision,
+                          "make the CA, the coordinator's TLS cert/config and site identities")
     pr.add_argument("--sites", required=True, help="comma-separated site names, e.g. hospital-a,hospital-b")
     pr.add_argument("--out", type=Path, required=True, help="new (or empty) directory to write into")
     pr.add_argument("--host", default="127.0.0.1", help="name/IP sites use to reach the coordinator")
     pr.add_argument("--port", type=int, default=8443)
     pr.add_argument("--days", type=int, default=397, help="certificate validity")
 
-    st = sub.add_parser("sites", help="the allow-list of site public keys")
-    st_sub = st.add_subparsers(dest="sites_command", required=True)
-    add = st_sub.add_parser("add", help="register a site's public key (base64 from its site.pub)")
+    st_sub = cli_base.subcommands(cli_base.command(sub, "sites", None, "the allow-list of site public keys"),
+                                  "sites_command")
+    add = cli_base.command(st_sub, "add", _sites_add, "register a site's public key (base64 from its site.pub)")
     add.add_argument("name")
     add.add_argument("pubkey")
     _with_config(add)
-    ls = st_sub.add_parser("list", help="registered sites")
-    ls.add_argument("--json", action="store_true")
+    ls = cli_base.command(st_sub, "list", _sites_list, "registered sites")
+    cli_base.add_json(ls)
     _with_config(ls)
-    rv = st_sub.add_parser("revoke", help="refuse every further request signed by this site")
+    rv = cli_base.command(st_sub, "revoke", _sites_revoke, "refuse every further request signed by this site")
     rv.add_argument("name")
     _with_config(rv)
-    ro = st_sub.add_parser("rotate", help="new key pair and kit for a site; the old key is refused from now on, the "
-                                          "site's shards and history stay under its name")
+    ro = cli_base.command(st_sub, "rotate", _sites_rotate, "new key pair and kit for a site; the old key is refused "
+                          "from now on, the site's shards and history stay under its name")
     ro.add_argument("name")
     _with_config(ro)
     ro.add_argument("--out", type=Path, required=True, help="new (or empty) directory for the site's new kit")
     ro.add_argument("--host", help="coordinator host name for the kit (default: from the server certificate)")
     ro.add_argument("--port", type=int, help="coordinator port for the kit (default: listen.port)")
 
-    rc = sub.add_parser("renew-cert", help="re-issue the coordinator's TLS certificate from the kit's CA")
+    rc = cli_base.command(sub, "renew-cert", _renew_cert, "re-issue the coordinator's TLS certificate from the kit's CA")
     rc.add_argument("--kit", type=Path, required=True, help="the provisioning folder (holds ca/ca.key)")
     rc.add_argument("--host", help="host name for the certificate (default: the current certificate's)")
     rc.add_argument("--days", type=int, help="validity (default: 397, at most until the CA expires)")
 
-    sv = sub.add_parser("serve", help="run the HTTPS upload service")
+    sv = cli_base.command(sub, "serve", _serve, "run the HTTPS upload service")
     _with_config(sv)
     sv.add_argument("--port", type=int, default=None, help="override listen.port")
     sv.add_argument("--host", default=None, help="override listen.host")
     sv.add_argument("--workers", type=int, default=None, help="override listen.workers (server processes)")
 
-    sh = sub.add_parser("shards", help="accepted shards")
-    sh_sub = sh.add_subparsers(dest="shards_command", required=True)
-    sl = sh_sub.add_parser("list", help="accepted shards that training uses (--all: with excluded, quarantined and "
-                                        "removed ones)")
-    sl.add_argument("--json", action="store_true")
+    sh_sub = cli_base.subcommands(cli_base.command(sub, "shards", None, "accepted shards"), "shards_command")
+    sl = cli_base.command(sh_sub, "list", _shards_list, "accepted shards that training uses (--all: with excluded, "
+                          "quarantined and removed ones)")
+    cli_base.add_json(sl)
     sl.add_argument("--all", action="store_true", help="every accepted shard, with its status")
     _with_config(sl)
     for name, what in (("quarantine", "hold a shard back from training (its files stay; `shards include` undoes it)"),
                        ("remove", "delete a shard's files and keep it out of training for good"),
                        ("include", "let a quarantined shard, or one excluded by `sites revoke`, into training again")):
-        sp = sh_sub.add_parser(name, help=what)
+        sp = cli_base.command(sh_sub, name, _shard_status, what)
         sp.add_argument("shard", nargs="?", help="tar sha256 (or its first 8+ hex digits) or shard id")
         if name == "include":
             sp.add_argument("--site", help="instead of one shard: every excluded or quarantined shard of this site")
@@ -96,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="why (recorded in the ledger and the audit log)")
         _with_config(sp)
 
-    fd = sub.add_parser("federate", help="federated mode: train the student with Flower FedAvg across the sites "
-                                         "(each trains only on its own approved shard)")
+    fd = cli_base.command(sub, "federate", _federate, "federated mode: train the student with Flower FedAvg across "
+                          "the sites (each trains only on its own approved shard)")
     _with_config(fd)
     fd.add_argument("--training", type=Path, required=True, help="training config (with a federated: section)")
     fd.add_argument("--out", type=Path, required=True, help="new (or empty) directory for model/ and federated.json")
@@ -109,105 +89,125 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _ledger(config_path: Path):
+def _ledger(config_path: Path, *, read_only: bool = False) -> Any:
+    """The ledger of the coordinator config's state_dir; ``read_only``: never create it (ConfigError if absent)."""
     from coordinator.config import load_coordinator_config
     from coordinator.ledger import Ledger
 
     cfg = load_coordinator_config(config_path)
-    return Ledger(cfg.ledger_path)
+    return Ledger(cfg.ledger_path, read_only=read_only)
 
 
-def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "provision":
-        from coordinator.provision import provision
+def _audit_log(ledger: Any) -> Any:
+    from coordinator.audit import AuditLog
 
-        sites = [s.strip() for s in args.sites.split(",") if s.strip()]
-        done = provision(args.out, sites, host=args.host, port=args.port, days=args.days)
-        print(f"provisioned {len(sites)} site(s) in {done.root}")
-        print(f"  coordinator: privdistill-coordinator serve --config {done.config}")
-        for site, d in done.site_dirs.items():
-            print(f"  site {site}: copy {d}/ to that site (contains its private key)")
+    return AuditLog(ledger.state_dir)
+
+
+def _provision(args: argparse.Namespace) -> int:
+    from coordinator.provision import provision
+
+    sites = [s.strip() for s in args.sites.split(",") if s.strip()]
+    done = provision(args.out, sites, host=args.host, port=args.port, days=args.days)
+    print(f"provisioned {len(sites)} site(s) in {done.root}")
+    print(f"  coordinator: privdistill-coordinator serve --config {done.config}")
+    for site, d in done.site_dirs.items():
+        print(f"  site {site}: copy {d}/ to that site (contains its private key)")
+    return 0
+
+
+def _sites_add(args: argparse.Namespace) -> int:
+    ledger = _ledger(args.config)
+    row = ledger.add_site(args.name, args.pubkey)
+    _audit_log(ledger).event("site_added", site=row.name)
+    print(f"site {row.name} registered")
+    return 0
+
+
+def _sites_rotate(args: argparse.Namespace) -> int:
+    from coordinator.provision import rotate_site
+
+    ledger = _ledger(args.config)
+    done = rotate_site(args.config, args.name, args.out, host=args.host, port=args.port)
+    print(f"site {done.site}: new key (old key sha256 {done.old_key_sha256[:16]}... refused from now on)"
+          f"{'; it was revoked and is active again' if done.was_revoked else ''}")
+    held = [s for s in ledger.all_shards() if s.site == done.site and s.status == "excluded"]
+    if held:
+        print(f"  {len(held)} shard(s) of {done.site} stay excluded from training since the revocation: "
+              f"`shards include --site {done.site}` after checking them")
+    print(f"  hand {done.kit}/ to the site (it holds the new private keys), then delete your copy")
+    if done.node_pub is None:
+        print(f"  federated mode: copy {done.kit}/flower-node.pub to the coordinator's flower-nodes/"
+              f"{done.site}.pub (its folder was not writable here)")
+    return 0
+
+
+def _sites_revoke(args: argparse.Namespace) -> int:
+    ledger = _ledger(args.config)
+    row, excluded, closed = ledger.revoke_site(args.name)
+    _audit_log(ledger).event("site_revoked", site=row.name, shards_excluded=excluded, uploads_closed=closed)
+    print(f"site {row.name} revoked at {row.revoked_at}; {excluded} shard(s) excluded from training (`shards "
+          f"include --site {row.name}` to let them in again), {closed} open upload(s) closed")
+    return 0
+
+
+def _sites_list(args: argparse.Namespace) -> int:
+    rows = _ledger(args.config, read_only=True).sites()
+    if args.json:
+        print(json.dumps([r.__dict__ for r in rows], indent=2))
         return 0
-    if args.command == "sites":
-        from coordinator.audit import AuditLog
+    for r in rows:
+        print(f"{r.name:<24} {'revoked' if r.revoked else 'active':<8} added {r.added_at}  "
+              f"last seen {r.last_seen_at or 'never'}")
+    return 0
 
-        ledger = _ledger(args.config)
-        if args.sites_command == "add":
-            row = ledger.add_site(args.name, args.pubkey)
-            AuditLog(ledger.state_dir).event("site_added", site=row.name)
-            print(f"site {row.name} registered")
-        elif args.sites_command == "rotate":
-            from coordinator.provision import rotate_site
 
-            done = rotate_site(args.config, args.name, args.out, host=args.host, port=args.port)
-            print(f"site {done.site}: new key (old key sha256 {done.old_key_sha256[:16]}... refused from now on)"
-                  f"{'; it was revoked and is active again' if done.was_revoked else ''}")
-            held = [s for s in ledger.all_shards() if s.site == done.site and s.status == "excluded"]
-            if held:
-                print(f"  {len(held)} shard(s) of {done.site} stay excluded from training since the revocation: "
-                      f"`shards include --site {done.site}` after checking them")
-            print(f"  hand {done.kit}/ to the site (it holds the new private keys), then delete your copy")
-            if done.node_pub is None:
-                print(f"  federated mode: copy {done.kit}/flower-node.pub to the coordinator's flower-nodes/"
-                      f"{done.site}.pub (its folder was not writable here)")
-        elif args.sites_command == "revoke":
-            row, excluded, closed = ledger.revoke_site(args.name)
-            AuditLog(ledger.state_dir).event("site_revoked", site=row.name, shards_excluded=excluded,
-                                             uploads_closed=closed)
-            print(f"site {row.name} revoked at {row.revoked_at}; {excluded} shard(s) excluded from training (`shards "
-                  f"include --site {row.name}` to let them in again), {closed} open upload(s) closed")
-        else:
-            rows = ledger.sites()
-            if args.json:
-                print(json.dumps([r.__dict__ for r in rows], indent=2))
-            for r in rows if not args.json else []:
-                print(f"{r.name:<24} {'revoked' if r.revoked else 'active':<8} added {r.added_at}  "
-                      f"last seen {r.last_seen_at or 'never'}")
+def _renew_cert(args: argparse.Namespace) -> int:
+    from coordinator.provision import renew_server_cert
+
+    pem = renew_server_cert(args.kit, host=args.host, days=args.days)
+    print(f"renewed {pem} (and server.key beside it); restart the coordinator (and SuperLink) to use it")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from coordinator.config import load_coordinator_config
+    from coordinator.serve import serve
+
+    return serve(load_coordinator_config(args.config), host=args.host, port=args.port, workers=args.workers)
+
+
+def _federate(args: argparse.Namespace) -> int:
+    from coordinator.federate import federate
+
+    def ready(address: str) -> None:
+        print(f"SuperLink ready at {address} (TLS, SuperNode authentication on); sites may now run "
+              "`privdistill-site join SITE_CONFIG --workdir WORKDIR`", flush=True)
+
+    res = federate(args.config, args.training, args.out, superlink=args.superlink, port=args.port,
+                   timeout=args.timeout, on_ready=ready)
+    print(f"federated student: {args.out / 'model'}; {res['rounds_completed']} round(s) with sites "
+          f"{', '.join(res['participating_sites'])}; {len(res['refusals'])} refusal(s); see "
+          f"{args.out / 'federated.json'}")
+    return 0
+
+
+def _shards_list(args: argparse.Namespace) -> int:
+    ledger = _ledger(args.config, read_only=True)
+    rows = ledger.all_shards() if args.all else ledger.accepted_shards()
+    if args.json:
+        print(json.dumps([{**r.__dict__, "dir": str(r.dir)} for r in rows], indent=2))
         return 0
-    if args.command == "renew-cert":
-        from coordinator.provision import renew_server_cert
-
-        pem = renew_server_cert(args.kit, host=args.host, days=args.days)
-        print(f"renewed {pem} (and server.key beside it); restart the coordinator (and SuperLink) to use it")
-        return 0
-    if args.command == "serve":
-        from coordinator.config import load_coordinator_config
-        from coordinator.serve import serve
-
-        return serve(load_coordinator_config(args.config), host=args.host, port=args.port, workers=args.workers)
-    if args.command == "federate":
-        from coordinator.federate import federate
-
-        def ready(address: str) -> None:
-            print(f"SuperLink ready at {address} (TLS, SuperNode authentication on); sites may now run "
-                  "`privdistill-site join SITE_CONFIG --workdir WORKDIR`", flush=True)
-
-        res = federate(args.config, args.training, args.out, superlink=args.superlink, port=args.port,
-                       timeout=args.timeout, on_ready=ready)
-        print(f"federated student: {args.out / 'model'}; {res['rounds_completed']} round(s) with sites "
-              f"{', '.join(res['participating_sites'])}; {len(res['refusals'])} refusal(s); see "
-              f"{args.out / 'federated.json'}")
-        return 0
-    if args.command == "shards":
-        if args.shards_command != "list":
-            return _shard_status(args)
-        ledger = _ledger(args.config)
-        rows = ledger.all_shards() if args.all else ledger.accepted_shards()
-        if args.json:
-            print(json.dumps([{**r.__dict__, "dir": str(r.dir)} for r in rows], indent=2))
-        else:
-            for r in rows:
-                print(f"{r.tar_sha256[:16]}  {r.site:<16} {r.shard_id:<24} {r.sample_count:>7} samples  "
-                      f"{r.accepted_at}" + (f"  {r.status} ({r.status_reason})" if args.all else ""))
-        return 0
-    raise SystemExit(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
+    for r in rows:
+        print(f"{r.tar_sha256[:16]}  {r.site:<16} {r.shard_id:<24} {r.sample_count:>7} samples  "
+              f"{r.accepted_at}" + (f"  {r.status} ({r.status_reason})" if args.all else ""))
+    return 0
 
 
 def _shard_status(args: argparse.Namespace) -> int:
     """`shards quarantine | remove | include`: one ledger status change (and audit record) per shard."""
     import shutil
 
-    from coordinator.audit import AuditLog
     from privdistill.errors import ConfigError
 
     ledger = _ledger(args.config)
@@ -224,7 +224,7 @@ def _shard_status(args: argparse.Namespace) -> int:
         raise ConfigError(["name a shard (its sha256 prefix or shard id)" +
                            (" or --site NAME" if args.shards_command == "include" else "")])
     status = {"quarantine": "quarantined", "remove": "removed", "include": "active"}[args.shards_command]
-    audit = AuditLog(ledger.state_dir)
+    audit = _audit_log(ledger)
     for shard in targets:
         done = ledger.set_shard_status(shard.tar_sha256, status, args.reason)
         if status == "removed":
@@ -238,15 +238,8 @@ def _shard_status(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from privdistill.logs import configure_logging
-
-    args = build_parser().parse_args(argv)
-    configure_logging(args.log_format, args.log_level)
-    log = structlog.get_logger("coordinator.cli")
-    return run_guarded(lambda: args.func(args) if hasattr(args, "func") else _dispatch(args), log,
-                       command=args.command)
+    return cli_base.main(build_parser(), argv)
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -115,14 +115,24 @@ class Event:
 class Ledger:
     """One short sqlite connection per call (safe from any thread); writes use BEGIN IMMEDIATE transactions."""
 
-    def __init__(self, path: Path, *, keep_open: bool = False) -> None:
-        """``keep_open``: hold one idle connection for this object's life (the server does), so that closing each
-        call's connection is never the last close of the database, which in WAL mode checkpoints and deletes the
-        WAL file (fsyncs on every call). ``close`` releases it; close it before forking worker processes."""
+    def __init__(self, path: Path, *, keep_open: bool = False, read_only: bool = False) -> None:
+        """Open (or create) the ledger at ``path``.
+
+        ``read_only``: open an existing one for reading only (list commands), ConfigError when there is none, so a
+        mistyped state_dir creates nothing. ``keep_open``: hold one idle connection for this object's life (the
+        server does), so that closing each call's connection is never the last close of the database, which in WAL
+        mode checkpoints and deletes the WAL file (fsyncs on every call). ``close`` releases it; close it before
+        forking worker processes."""
         self.path = Path(path)
         self.state_dir = self.path.parent
         self._touched: dict[str, float] = {}
         self._keepalive: sqlite3.Connection | None = None
+        self.read_only = read_only
+        if read_only:
+            if not self.path.is_file():
+                raise ConfigError([f"no ledger at {self.path}: check state_dir in the coordinator config (it is "
+                                   "created by `provision` and `serve`)"])
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = self._connect()
         try:
@@ -153,7 +163,7 @@ class Ledger:
         # WAL + NORMAL: a commit survives a killed process; after a power cut the last commits may roll
         # back, which leaves an offset behind the bytes on disk (truncated at start) or an accepted
         # upload back at "receiving" with every byte present (re-verified and accepted at start).
-        return connect(self.path, foreign_keys=True)
+        return connect(self.path, foreign_keys=True, read_only=self.read_only)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

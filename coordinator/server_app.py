@@ -30,6 +30,7 @@ from privdistill.federated import (
     StudentSpec,
     parse_refusal,
 )
+from privdistill.seeds import derive_seed
 from privdistill.stages import atomic_write_json
 
 log = structlog.get_logger(__name__)
@@ -141,7 +142,7 @@ def _eval_loss_fn(spec: StudentSpec, data: ImageSet | None):
         raise StageError("server-side evaluation needs class labels on the accepted shards (federated mode trains "
                          "class-conditioned students only)")
     n = min(EVAL_SAMPLES, len(data))
-    g = torch.Generator().manual_seed(spec.seed + 17)
+    g = torch.Generator().manual_seed(derive_seed(spec.seed, "federated-eval-picks"))
     pick = torch.randperm(len(data), generator=g)[:n].numpy()
     labels = torch.as_tensor([spec.class_names.index(data.class_names[i]) for i in data.labels[pick]])
     x0 = torch.from_numpy(np.ascontiguousarray(data.images[pick], dtype=np.float32))

@@ -18,6 +18,7 @@ from privdistill.config_loader import CrossCheck, Strict, load_model, parse_mode
 from privdistill.data.types import ImageSet
 from privdistill.errors import ShardVerificationError, StageError
 from privdistill.privacy_report import RENAMED_REQUIRE_FILTER, PrivacyReport
+from privdistill.seeds import derive_seed
 from privdistill.shard import (
     MANIFEST,
     SHARD_TAR,
@@ -360,7 +361,7 @@ def _evaluate(shards: list[Path | ShardRef], cfg: TrainingConfig, ctx: StageCont
     device = pick_device(Dist())
     model = DiffusionModel.load(tdir / "model").to(device)
     prompts = tdir / PROMPTS_FILE
-    samples = sample_dataset(model, cfg.sample, seed=cfg.seed + 3, device=device,
+    samples = sample_dataset(model, cfg.sample, seed=derive_seed(cfg.seed, "student-samples"), device=device,
                              prompt_labels=json.loads(prompts.read_text()) if prompts.is_file() else None)
     save_grid(samples.images[:64], ctx.out / GRID_FILE)
     pooled, _ = load_accepted(shards, resolution=cfg.resolution, channels=cfg.channels)

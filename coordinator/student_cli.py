@@ -6,15 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import structlog
-
-from privdistill.errors import PrivdistillError
-
-log = structlog.get_logger(__name__)
+from privdistill import cli_base
 
 
 def _accepted(config_path: Path) -> tuple[Path, list[Any]]:
@@ -24,7 +19,7 @@ def _accepted(config_path: Path) -> tuple[Path, list[Any]]:
     from coordinator.student import ShardRef
 
     ccfg = load_coordinator_config(config_path)
-    shards = Ledger(ccfg.ledger_path).accepted_shards()
+    shards = Ledger(ccfg.ledger_path, read_only=True).accepted_shards()
     refs = [ShardRef(Path(s.dir), s.tar_sha256, getattr(s, "manifest_sha256", None) or None) for s in shards]
     return ccfg.state_dir, refs
 
@@ -82,11 +77,12 @@ def _site_keys(config_path: Path) -> dict[str, str]:
     from coordinator.config import load_coordinator_config
     from coordinator.ledger import Ledger
 
-    return {s.name: s.public_key for s in Ledger(load_coordinator_config(config_path).ledger_path).sites()
-            if not s.revoked}
+    ledger = Ledger(load_coordinator_config(config_path).ledger_path, read_only=True)
+    return {s.name: s.public_key for s in ledger.sites() if not s.revoked}
 
 
 def _release(args: argparse.Namespace) -> int:
+    from coordinator.audit import AuditLog
     from coordinator.release import RELEASE_FILE, release
     from coordinator.student import load_training_config
 
@@ -95,45 +91,27 @@ def _release(args: argparse.Namespace) -> int:
     path = release(args.workdir, args.out, cfg, shards=shards, site_evidence=args.site_evidence,
                    site_keys=_site_keys(args.config))
     rec = json.loads((path / RELEASE_FILE).read_text())
-    try:
-        from coordinator.audit import AuditLog
-    except ImportError:  # pragma: no cover - audit module ships with the coordinator
-        AuditLog = None
-    if AuditLog is not None:
-        AuditLog(state_dir).event("released", name=rec["name"], version=rec["version"], path=str(path),
-                                  shards=[s["tar_sha256"] for s in rec["training_data"]["shards"]],
-                                  sites=rec["training_data"]["sites"])
+    AuditLog(state_dir).event("released", name=rec["name"], version=rec["version"], path=str(path),
+                              shards=[s["tar_sha256"] for s in rec["training_data"]["shards"]],
+                              sites=rec["training_data"]["sites"])
     print(f"released {rec['name']} v{rec['version']}:")
     print(path)  # last line: the release directory (scripts read it)
     return 0
 
 
-def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except PrivdistillError as err:
-            log.error("command.failed", command=args.command, error_type=type(err).__name__, exit_code=err.exit_code,
-                      reason=getattr(err, "reason", None))
-            print(f"error: {err}", file=sys.stderr)
-            return err.exit_code
-    return run
-
-
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add train-student, evaluate and release; each sets ``func`` (args -> exit code, errors -> err.exit_code)."""
-    def common(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
-        sp = subparsers.add_parser(name, help=help_)
-        sp.add_argument("--config", type=Path, required=True, help="coordinator.yaml (its state_dir holds the ledger)")
+    """Add train-student, evaluate and release (each ``cli_base.command``: args -> exit code)."""
+    def common(name: str, fn: cli_base.Command, help_: str) -> argparse.ArgumentParser:
+        sp = cli_base.command(subparsers, name, fn, help_)
+        cli_base.add_config(sp, option=True, help="coordinator.yaml (its state_dir holds the ledger)")
         sp.add_argument("--training", type=Path, required=True, help="student training YAML (TrainingConfig)")
-        sp.add_argument("--workdir", type=Path, required=True, help="coordinator work dir for student stages")
-        sp.set_defaults(func=_guard(fn))
+        cli_base.add_workdir(sp, help="coordinator work dir for student stages")
         return sp
 
-    common("train-student", _train, "train the student on every accepted shard (no-op if none is new)").add_argument(
-        "--force", action="store_true", help="re-train even if nothing changed")
-    common("evaluate", _evaluate, "sample the student; utility on the public reference set").add_argument(
-        "--force", action="store_true", help="re-evaluate even if nothing changed")
+    cli_base.add_force(common("train-student", _train, "train the student on every accepted shard (no-op if none is "
+                                                       "new)"), help="re-train even if nothing changed")
+    cli_base.add_force(common("evaluate", _evaluate, "sample the student; utility on the public reference set"),
+                       help="re-evaluate even if nothing changed")
     rel = common("release", _release, "release the student with a model card (refused if the policy fails)")
     rel.add_argument("--out", type=Path, required=True, help="releases directory; a new <name>-v<N> is created in it")
     rel.add_argument("--site-evidence", type=Path, action="append", default=[], metavar="PATH",
@@ -144,15 +122,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry (``python -m coordinator.student_cli``); the coordinator CLI mounts the same commands."""
-    from privdistill.logs import configure_logging
-
-    p = argparse.ArgumentParser(prog="privdistill-coordinator")
-    p.add_argument("--log-format", choices=["console", "json"], default="console")
-    sub = p.add_subparsers(dest="command", required=True)
+    p, sub = cli_base.root_parser("privdistill-coordinator", "The coordinator's student commands.")
     add_commands(sub)
-    args = p.parse_args(argv)
-    configure_logging(args.log_format, "info")
-    return args.func(args)
+    return cli_base.main(p, argv)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import numpy as np
 
 from privdistill.data.types import ImageSet
 from privdistill.errors import DataError
+from privdistill.seeds import derive_seed
 
 if TYPE_CHECKING:
     from coordinator.student import TrainingConfig
@@ -49,7 +50,7 @@ def utility_report(samples: ImageSet, shards: ImageSet, cfg: TrainingConfig) -> 
     if data_cfg is None:
         if shards.labels is not None:
             clf = train_classifier(shards.images, shards.labels, len(shards.class_names), steps=steps,
-                                   batch_size=bs, seed=cfg.seed + 11)
+                                   batch_size=bs, seed=derive_seed(cfg.seed, "eval-classifier"))
             utility["fid_domain"] = fid_domain(features(clf, shards.images), features(clf, samples.images))
             utility["fid_feature_classifier"] = (
                 "classifier trained on the pooled synthetic training shards; FID is student samples vs those "
@@ -60,17 +61,18 @@ def utility_report(samples: ImageSet, shards: ImageSet, cfg: TrainingConfig) -> 
     ref_train, ref_test = _restrict(loaded.train, names, "train"), _restrict(loaded.test, names, "test")
     if len(ref_train) == 0 or len(ref_test) == 0:
         raise DataError("the reference set has no image of the student's classes in its train or test part")
-    clf = train_classifier(ref_train.images, ref_train.labels, len(names), steps=steps, batch_size=bs, seed=cfg.seed + 11)
+    clf = train_classifier(ref_train.images, ref_train.labels, len(names), steps=steps, batch_size=bs,
+                           seed=derive_seed(cfg.seed, "eval-classifier"))
     utility["fid_domain"] = fid_domain(features(clf, ref_test.images), features(clf, samples.images))
     utility["fid_feature_classifier"] = (
         "classifier trained on the public reference set's train part; FID is student samples vs its test part; "
         "domain-specific, comparable only between runs with the same reference and classifier settings")
     if samples.labels is not None:
         utility["tstr_accuracy"] = tstr_accuracy(samples, ref_test, len(names), steps=steps, batch_size=bs,
-                                                 seed=cfg.seed + 13)
+                                                 seed=derive_seed(cfg.seed, "coordinator-tstr-student"))
     if shards.labels is not None:
         utility["shards_tstr_accuracy"] = tstr_accuracy(shards, ref_test, len(names), steps=steps, batch_size=bs,
-                                                        seed=cfg.seed + 14)
+                                                        seed=derive_seed(cfg.seed, "coordinator-tstr-shards"))
     reference = {
         "configured": True,
         "description": ev.reference.description,

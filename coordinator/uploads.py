@@ -89,10 +89,17 @@ class Uploads:
             log.error("training_config_unreadable", path=str(self.config.training_config))
             raise ApiError(503, "coordinator_misconfigured", f"{err}; retry later") from None
 
-    def _refuse_shard(self, site: str, sha: str | None, status: int, err: ShardVerificationError) -> ApiError:
+    def _refuse_shard(self, site: str, sha: str | None, status: int, err: ShardVerificationError, *,
+                      upload_id: str | None = None) -> ApiError:
+        """The one place a refused shard is counted (metrics), recorded (ledger: the upload rejected, or an event
+        when no upload exists yet) and audited; returns the error to answer with."""
         self.metrics.shards_rejected.labels(reason=err.reason).inc()
-        self.ledger.record_event("rejected", site=site, shard_sha256=sha, reason=err.reason)
-        self.audit.event("rejected", site=site, shard_sha256=sha, reason=err.reason)
+        if upload_id is None:
+            self.ledger.record_event("rejected", site=site, shard_sha256=sha, reason=err.reason)
+        else:
+            self.ledger.reject(upload_id, err.reason)
+        self.audit.event("rejected", site=site, shard_sha256=sha, reason=err.reason,
+                         **({} if upload_id is None else {"upload_id": upload_id}))
         return ApiError(status, err.reason, str(err))
 
     # ------------------------------------------------------------------ POST /v1/uploads
@@ -280,11 +287,8 @@ class Uploads:
             stream.finish_or_explain(part, vocabulary=acceptance.vocabulary)
         except ShardVerificationError as err:
             self._forget_stream(row.id)
-            self.ledger.reject(row.id, err.reason)
+            self._refuse_shard(row.site, row.tar_sha256, 422, err, upload_id=row.id)
             part.unlink(missing_ok=True)
-            self.metrics.shards_rejected.labels(reason=err.reason).inc()
-            self.audit.event("rejected", site=row.site, shard_sha256=row.tar_sha256, reason=err.reason,
-                             upload_id=row.id)
         else:
             store.install(self.state_dir, row.tar_sha256, part, manifest_bytes, row.signature)
             added = self.ledger.accept(row.id, shard_id=manifest.shard_id, sample_count=manifest.sample_count,

@@ -5,62 +5,37 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import structlog
-
-from privdistill import __version__
-from privdistill.errors import PrivdistillError
-
-EXIT_CODES = {
-    0: "success",
-    1: "unexpected internal error (a bug: please report it with the log)",
-    2: "configuration invalid (every problem is listed; nothing was written)",
-    3: "input data unusable (missing files, no readable image)",
-    4: "privacy policy refused the action",
-    5: "hash or signature verification failed",
-    6: "network/service unavailable; retrying later may succeed",
-    7: "a stage could not run (missing upstream stage or inconsistent inputs)",
-    130: "interrupted (Ctrl-C); rerun to resume",
-}
+from privdistill import cli_base
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     from privdistill.pipeline import STAGES
 
-    epilog = "exit codes:\n" + "\n".join(f"  {k:>3}  {v}" for k, v in EXIT_CODES.items())
-    p = argparse.ArgumentParser(
-        prog="privdistill", description="Privacy Distillation: teacher -> filter -> student, on one machine.",
-        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--version", action="version", version=f"privdistill {__version__}")
-    p.add_argument("--log-format", choices=["console", "json"], default="console")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    sub = p.add_subparsers(dest="command", required=True)
+    p, sub = cli_base.root_parser("privdistill", "Privacy Distillation: teacher -> filter -> student, on one machine.")
 
     def with_workdir(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("config", type=Path, help="YAML run configuration")
-        sp.add_argument("--workdir", type=Path, required=True, help="directory for all stage outputs")
-        sp.add_argument("--force", action="store_true", help="re-run even if inputs are unchanged")
+        cli_base.add_config(sp, help="YAML run configuration")
+        cli_base.add_workdir(sp, help="directory for all stage outputs")
+        cli_base.add_force(sp)
 
-    with_workdir(sub.add_parser("run", help="run every stage (skipping those already up to date)"))
+    with_workdir(cli_base.command(sub, "run", _run, "run every stage (skipping those already up to date)"))
     for name in STAGES:
-        with_workdir(sub.add_parser(name, help=f"run the {name} stage alone"))
-    st = sub.add_parser("status", help="which stages are done and up to date")
-    st.add_argument("config", type=Path)
-    st.add_argument("--workdir", type=Path, required=True)
-    va = sub.add_parser("validate", help="check a config file and print the resolved config")
-    va.add_argument("config", type=Path)
-    au = sub.add_parser(
-        "audit", help="fingerprint audit: plant K fingerprints, train a teacher, measure t', check the filter",
+        with_workdir(cli_base.command(sub, name, _run, f"run the {name} stage alone"))
+    st = cli_base.command(sub, "status", _status, "which stages are done and up to date")
+    cli_base.add_config(st)
+    cli_base.add_workdir(st)
+    cli_base.add_config(cli_base.command(sub, "validate", _validate, "check a config file and print the resolved config"))
+    au = cli_base.command(
+        sub, "audit", _audit,
+        "fingerprint audit: plant K fingerprints, train a teacher, measure t', check the filter",
         description="Plants K fingerprints into copies of K patients' training images (the run's ingest split), "
                     "trains a teacher on that data, estimates t' per fingerprint, counts fingerprinted free samples "
                     "and checks that the run's filter drops every one. Writes report.json/report.md (LOCAL ONLY: "
                     "they name patients). Exit 4 when a fingerprinted sample survives the filter.")
-    au.add_argument("config", type=Path, help="YAML run configuration")
-    au.add_argument("--workdir", type=Path, required=True, help="the run's work directory (ingest, train-reid)")
+    cli_base.add_config(au, help="YAML run configuration")
+    cli_base.add_workdir(au, help="the run's work directory (ingest, train-reid)")
     au.add_argument("--fingerprints", type=int, default=4, metavar="K", help="fingerprints to plant (default 4)")
     au.add_argument("--out", type=Path, default=None, help="output directory (default WORKDIR/audit)")
     au.add_argument("--steps", type=int, default=None, help="teacher training steps (default: teacher.train.steps)")
@@ -75,21 +50,29 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _validate(args: argparse.Namespace) -> int:
     from privdistill.config import load_config
-    from privdistill.pipeline import STAGES, run_pipeline, stage_status
+
+    print(json.dumps(load_config(args.config).model_dump(mode="json"), indent=2))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from privdistill.config import load_config
+    from privdistill.pipeline import stage_status
+
+    for row in stage_status(load_config(args.config), args.workdir):
+        state = "up to date" if row["current"] else ("stale" if row["done"] else "not run")
+        print(f"{row['stage']:<14} {state}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    """`run` (every stage) or one stage, named by the command."""
+    from privdistill.config import load_config
+    from privdistill.pipeline import STAGES, run_pipeline
 
     cfg = load_config(args.config)
-    if args.command == "validate":
-        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
-        return 0
-    if args.command == "status":
-        for row in stage_status(cfg, args.workdir):
-            state = "up to date" if row["current"] else ("stale" if row["done"] else "not run")
-            print(f"{row['stage']:<14} {state}")
-        return 0
-    if args.command == "audit":
-        return _audit(cfg, args)
     stages = list(STAGES) if args.command == "run" else [args.command]
     run_pipeline(cfg, args.workdir, stages=stages, force=args.force)
     if args.command in ("run", "evaluate"):
@@ -98,8 +81,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _audit(cfg: Any, args: argparse.Namespace) -> int:
+def _audit(args: argparse.Namespace) -> int:
     from privdistill.audit.fingerprint_audit import run_fingerprint_audit
+    from privdistill.config import load_config
     from privdistill.errors import ConfigError
 
     bad = [f"--{n}: must be at least 1 (got {v})" for n, v in
@@ -114,6 +98,7 @@ def _audit(cfg: Any, args: argparse.Namespace) -> int:
         bad.append(f"--doses: comma-separated positive integers, e.g. 1,2,4 (got {args.doses!r})")
     if bad:
         raise ConfigError(bad)
+    cfg = load_config(args.config)
     out = args.out if args.out is not None else args.workdir / "audit"
     r = run_fingerprint_audit(cfg, args.workdir, fingerprints=args.fingerprints, out_dir=out, steps=args.steps,
                               n_samples=args.samples, seeds=args.seeds, doses=doses, student=not args.no_student,
@@ -158,25 +143,7 @@ def summary(report_path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from privdistill.logs import configure_logging
-
-    args = _parser().parse_args(argv)
-    configure_logging(args.log_format, args.log_level)
-    return run_guarded(lambda: _dispatch(args), structlog.get_logger("privdistill.cli"))
-
-
-def run_guarded(body: Callable[[], int], log: Any, **context: Any) -> int:
-    """Run one CLI command: a PrivdistillError becomes its one-line message and exit code, Ctrl-C 130.
-    Shared by the privdistill, privdistill-site and privdistill-coordinator commands."""
-    try:
-        return int(body())
-    except PrivdistillError as err:
-        log.error("failed", error_type=type(err).__name__, exit_code=err.exit_code, **context)
-        print(f"error: {err}", file=sys.stderr)  # the message says what is wrong and who must act
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
-        return 130
+    return cli_base.main(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from privdistill.config import DataConfig, DPConfig, PublicPretrainingConfig, Tr
 from privdistill.data.types import ImageSet
 from privdistill.errors import DataError, StageError
 from privdistill.models import DiffusionModel
+from privdistill.seeds import derive_seed
 
 log = structlog.get_logger(__name__)
 QUERY_FILE = "semantic_query.json"
@@ -145,7 +146,7 @@ def prepare_start(
             public = load_public(pp, resolution=resolution, channels=channels, seed=seed)
         subset = public_subset(public, query["selected_idx"], sensitive.class_names)
         pre_cfg = train.model_copy(update={"steps": pp.steps, "checkpoint_every": pp.steps})
-        pre_report = Trainer(model, subset, pre_cfg, seed=seed + 7).fit()
+        pre_report = Trainer(model, subset, pre_cfg, seed=derive_seed(seed, "dp-public-pretrain")).fit()
         log.info("dp.pretrained", steps=pre_report["steps"], n_public=len(subset), loss=pre_report["final_loss"])
         if pre_dir is not None:
             tmp_dir = pre_dir.with_name(PRETRAINED_DIR + ".tmp")

@@ -12,6 +12,7 @@ import structlog
 from privdistill.config import RunConfig
 from privdistill.data.types import ImageSet
 from privdistill.errors import StageError
+from privdistill.seeds import derive_seed
 from privdistill.stages import StageContext
 
 log = structlog.get_logger(__name__)
@@ -47,7 +48,7 @@ def _downstream(report: dict[str, Any], train: ImageSet, test: ImageSet, sets: d
             report[name][key] = None
             continue
         detail[name] = downstream_accuracy(data.images, data.labels, test.images, test.labels, n_classes, ds,
-                                           seed=cfg.seed + 21 + i)
+                                           seed=derive_seed(cfg.seed, "downstream", i))
         report[name][key] = detail[name]["accuracy"]
     report["downstream"] = {"model": ds.model, "label_fraction": ds.label_fraction, **detail}
 
@@ -113,7 +114,7 @@ def evaluate_run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     student = DiffusionModel.load(student_dir / "model")
     prompts_file = student_dir / "prompts.json"
     prompt_labels = json.loads(prompts_file.read_text()) if prompts_file.is_file() else None
-    student_samples = sample_dataset(student, cfg.sample, seed=cfg.seed + 3, prompt_labels=prompt_labels)
+    student_samples = sample_dataset(student, cfg.sample, seed=derive_seed(cfg.seed, "student-samples"), prompt_labels=prompt_labels)
 
     # An independent re-identification model: other architecture, other seed than the filter's.
     seed_ind = cfg.seed + cfg.evaluate.independent_reid_seed_offset
@@ -125,7 +126,7 @@ def evaluate_run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
 
     real_clf = train_classifier(
         train.images, train.labels, len(train.class_names), steps=cfg.evaluate.classifier_steps,
-        batch_size=cfg.evaluate.classifier_batch_size, seed=cfg.seed + 11,
+        batch_size=cfg.evaluate.classifier_batch_size, seed=derive_seed(cfg.seed, "eval-classifier"),
     )
     report: dict[str, Any] = {
         "real": {"trtr_accuracy": accuracy(real_clf, test.images, test.labels), "n_train": len(train), "n_test": len(test)},
@@ -145,7 +146,8 @@ def evaluate_run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
         **({"teacher_dp": filter_report["teacher_dp"]} if "teacher_dp" in filter_report else {}),
         "independent_reid": {"arch": "resnet", "seed": seed_ind, "threshold": reid.threshold, "calibration": reid.calibration},
     }
-    for name, samples, seed in (("teacher", teacher_samples, cfg.seed + 12), ("student", student_samples, cfg.seed + 13)):
+    for name, samples, seed in (("teacher", teacher_samples, derive_seed(cfg.seed, "measure-teacher")),
+                                ("student", student_samples, derive_seed(cfg.seed, "measure-student"))):
         report[name] = {
             **_privacy(samples, train, reid.embed, train_emb, reid.threshold, cfg, test.images),
             **_utility(samples, test, real_clf, cfg, seed),

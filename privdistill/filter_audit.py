@@ -15,6 +15,7 @@ from scipy.stats import binomtest
 
 from privdistill.data.types import ImageSet
 from privdistill.filter import FilterCalibration, GalleryScorer
+from privdistill.seeds import derive_seed
 
 log = structlog.get_logger(__name__)
 
@@ -63,7 +64,7 @@ def _homogeneous_class(train: ImageSet, n: int, seed: int) -> tuple[np.ndarray, 
     spread = [train.images[train.labels == c].std(0).mean() for c in classes]
     c = classes[int(np.argmin(spread))]
     members = np.flatnonzero(train.labels == c)
-    rng = np.random.default_rng(seed + 3)
+    rng = np.random.default_rng(derive_seed(seed, "filter-audit-homogeneous"))
     idx = np.sort(rng.choice(members, size=min(n, len(members)), replace=False))
     name = train.class_names[int(c)] if train.class_names and int(c) < len(train.class_names) else str(c)
     return _clip(train.images[idx] + rng.normal(0, 0.1, train.images[idx].shape)), idx, name
@@ -74,7 +75,7 @@ def local_marks(train: ImageSet, fresh: np.ndarray, n: int, patch: int, seed: in
     place, onto an otherwise fresh image of another patient: (images, index of the training image)."""
     if len(fresh) == 0 or len(train) == 0:
         return np.zeros((0, *train.images.shape[1:]), np.float32), np.zeros(0, np.int64)
-    rng = np.random.default_rng(seed + 4)
+    rng = np.random.default_rng(derive_seed(seed, "filter-audit-marks"))
     k = min(n, len(train), len(fresh))
     idx = np.sort(rng.choice(len(train), k, replace=False))
     base = fresh[rng.choice(len(fresh), k, replace=False)].copy()
@@ -99,7 +100,7 @@ def repeat_visits(train: ImageSet, n: int, seed: int) -> np.ndarray:
         return np.zeros(0, np.int64)
     pids, inv, counts = np.unique(train.patient_ids, return_inverse=True, return_counts=True)
     multi = np.flatnonzero(counts[inv] > 1)
-    rng = np.random.default_rng(seed + 5)
+    rng = np.random.default_rng(derive_seed(seed, "filter-audit-visits"))
     order = rng.permutation(multi)
     _, first = np.unique(inv[order], return_index=True)  # one visit of each patient before a second one
     ranked = np.concatenate([order[np.sort(first)], np.delete(order, first)])
@@ -117,7 +118,7 @@ def teacher_near_copies(model: Any, train: ImageSet, n: int, seed: int, *, fract
         return {}
     if model.conditioning != "class" and train.prompts is None:
         return {}
-    rng = np.random.default_rng(seed + 6)
+    rng = np.random.default_rng(derive_seed(seed, "filter-audit-near-copies"))
     idx = np.sort(rng.choice(len(train), size=min(n, len(train)), replace=False))
     device = next(model.unet.parameters()).device
     x0 = model.encode(torch.from_numpy(np.ascontiguousarray(train.images[idx], np.float32)).to(device)).cpu()
@@ -127,7 +128,7 @@ def teacher_near_copies(model: Any, train: ImageSet, n: int, seed: int, *, fract
         m.eval()
     cond = model.condition(labels, prompts, device)
     total = int(model.scheduler.config.num_train_timesteps)
-    g = torch.Generator().manual_seed(seed + 7)
+    g = torch.Generator().manual_seed(derive_seed(seed, "filter-audit-near-noise"))
     out = {}
     for f in fractions:
         sched = DDIMScheduler.from_config(model.scheduler.config)
@@ -186,7 +187,7 @@ def audit_filter(train: ImageSet, fresh: ImageSet, *, scorer: GalleryScorer, cal
     ``teacher_train`` (the training set at the teacher's resolution; default ``train``) and resized to the
     resolution of ``train`` (the analysis resolution the filter decides at)."""
     pids = train.patient_ids if train.patient_ids is not None else np.arange(len(train)).astype(str)
-    sel = np.random.default_rng(seed + 1).permutation(len(fresh))[:MAX_HELDOUT]
+    sel = np.random.default_rng(derive_seed(seed, "filter-audit-heldout")).permutation(len(fresh))[:MAX_HELDOUT]
     fresh_imgs = fresh.images[sel]
     fresh_hit = flagged(scorer, calibration, fresh_imgs)
     k, n = int(fresh_hit.sum()), int(len(fresh_hit))
@@ -215,7 +216,7 @@ def audit_filter(train: ImageSet, fresh: ImageSet, *, scorer: GalleryScorer, cal
         owners = np.asarray(pids)[src] if len(src) else np.zeros(0, str)
         n_pat = int(len(np.unique(owners)))
         recall[kind] = {"value": float(hit.mean()) if len(hit) else None,
-                        "ci": patient_bootstrap(hit, owners, seed=seed + 100 + j), "n": int(len(hit)),
+                        "ci": patient_bootstrap(hit, owners, seed=derive_seed(seed, "filter-audit-bootstrap", j)), "n": int(len(hit)),
                         "n_patients": n_pat}
         if len(hit) < MIN_CASES or n_pat < MIN_PATIENTS:
             too_few.append(kind)

@@ -14,6 +14,7 @@ import structlog
 from privdistill.config import RunConfig, config_hash
 from privdistill.data.types import ImageSet
 from privdistill.errors import PrivacyPolicyError, StageError
+from privdistill.seeds import derive_seed
 from privdistill.stages import (
     STAGE_FILE,
     Stage,
@@ -116,7 +117,7 @@ def _train_diffusion_stage(cfg: RunConfig, ctx: StageContext, which: str, data: 
     from privdistill.train import train_diffusion
 
     dcfg = cfg.teacher if which == "teacher" else cfg.student_config
-    seed = cfg.seed if which == "teacher" else cfg.seed + 1
+    seed = cfg.seed if which == "teacher" else derive_seed(cfg.seed, "student-train")
     model = DiffusionModel.from_config(
         dcfg.model, resolution=cfg.data.resolution, channels=cfg.data.channels,
         class_names=data.class_names, prompts=data.prompts, seed=seed,
@@ -172,7 +173,8 @@ def _sample(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     from privdistill.sample import sample_dataset
 
     model = DiffusionModel.load(ctx.input("train-teacher") / "model")
-    samples = sample_dataset(model, cfg.sample, seed=cfg.seed + 2, prompt_labels=_prompt_labels(ctx.input("train-teacher")))
+    samples = sample_dataset(model, cfg.sample, seed=derive_seed(cfg.seed, "teacher-samples"),
+                             prompt_labels=_prompt_labels(ctx.input("train-teacher")))
     samples.save(ctx.out / "samples.npz")
     save_grid(samples.images[:64], ctx.out / "samples_grid.png")
     if (ctx.input("train-teacher") / DP_FILE).is_file():
@@ -201,7 +203,8 @@ def _filter(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     embedder = OnnxEmbedder(ctx.input("train-reid") / "reid.onnx")
     scorer = scorer_for(train_a, embedder.embed, cfg.filter)
     # held-out patients (outside the gallery and the re-id training): one part calibrates, the other audits
-    null_idx, audit_idx = split_null(heldout_a, cfg.filter.null_fraction, seed=cfg.seed + 5)
+    null_idx, audit_idx = split_null(heldout_a, cfg.filter.null_fraction,
+                                     seed=derive_seed(cfg.seed, "filter-null-split"))
     calibration = calibrate_filter(scorer, heldout_a.images[null_idx], cfg.filter)
     result = filter_synthetic(samples_a, train_a, embed=embedder.embed, cfg=cfg.filter, calibration=calibration,
                               scorer=scorer)

@@ -21,6 +21,7 @@ from privdistill.audit.roc import roc_auc
 from privdistill.config import ReidConfig
 from privdistill.data.types import ImageSet
 from privdistill.errors import DataError
+from privdistill.seeds import derive_seed
 
 log = structlog.get_logger(__name__)
 
@@ -228,8 +229,8 @@ def calibrate(model: ReidModel, data: ImageSet, groups: list[np.ndarray], *, see
     """Threshold at which ``target_tpr`` of held-out same-patient pairs match; TPR/FPR/AUC on those pairs.
 
     Pairs are distinct (no pair counted twice, drawn without replacement); n_pos / n_neg count them."""
-    rng = np.random.default_rng(seed + 1)
-    gen = torch.Generator().manual_seed(seed + 1)
+    rng = np.random.default_rng(derive_seed(seed, "reid-pairs"))
+    gen = torch.Generator().manual_seed(derive_seed(seed, "reid-pairs"))
     idx = np.concatenate(groups)
     emb = model.embed(data.images[idx]).astype(np.float64)
     owner = np.concatenate([np.full(len(g), k) for k, g in enumerate(groups)])

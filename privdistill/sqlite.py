@@ -7,18 +7,28 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 
 def connect(path: Path | str, *, timeout: float = 30.0, synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
-            wal: bool = False, rows: bool = False, foreign_keys: bool = False) -> sqlite3.Connection:
+            wal: bool = False, rows: bool = False, foreign_keys: bool = False,
+            read_only: bool = False) -> sqlite3.Connection:
     """An autocommit connection (transactions are explicit: see ``transaction``). ``synchronous=FULL`` for
-    files whose last commit must survive a power cut (the privacy budget, the site's shard register)."""
-    db = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+    files whose last commit must survive a power cut (the privacy budget, the site's shard register).
+    ``read_only``: open an existing file with ``mode=ro`` (never creates it; FileNotFoundError when absent)."""
+    if read_only:
+        if not Path(path).is_file():
+            raise FileNotFoundError(path)
+        uri = Path(path).resolve().as_uri() + "?mode=ro"
+        db = sqlite3.connect(uri, timeout=timeout, isolation_level=None, uri=True)
+    else:
+        db = sqlite3.connect(path, timeout=timeout, isolation_level=None)
     if rows:
         db.row_factory = sqlite3.Row
     if foreign_keys:
         db.execute("PRAGMA foreign_keys=ON")
+    if read_only:
+        return db
     if wal:
         db.execute("PRAGMA journal_mode=WAL")
     db.execute(f"PRAGMA synchronous={synchronous}")
@@ -26,7 +36,7 @@ def connect(path: Path | str, *, timeout: float = 30.0, synchronous: Literal["NO
 
 
 @contextmanager
-def connection(path: Path | str, **kwargs) -> Iterator[sqlite3.Connection]:
+def connection(path: Path | str, **kwargs: Any) -> Iterator[sqlite3.Connection]:
     """``connect(path, **kwargs)``, closed on exit."""
     db = connect(path, **kwargs)
     try:

@@ -1,17 +1,15 @@
-"""The site's audit trail of what was packaged, approved, rejected, refused and exported: one JSON
-line per event (structlog), appended to WORKDIR/audit.log with flush+fsync. Never a patient id or
-the path of a real image: shard ids, hashes, reason codes, the coordinator URL and the OS user."""
+"""The site's audit log (privdistill.audit_log) of what was packaged, approved, rejected, refused and exported,
+in WORKDIR/audit.log. Never a patient id or the path of a real image: shard ids, hashes, reason codes, the
+coordinator URL and the OS user."""
 
 from __future__ import annotations
 
-import fcntl
 import getpass
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-import structlog
+from privdistill.audit_log import AuditLog
 
 AUDIT_FILE = "audit.log"
 EVENTS = ("packaged", "approved", "rejected", "export_refused", "export_failed", "exported",
@@ -26,60 +24,20 @@ def operator() -> str:
         return f"uid:{os.getuid()}"
 
 
-class _AppendFsync:
-    """structlog output: append one line, flush and fsync before returning (under an exclusive lock)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def msg(self, message: str) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        with os.fdopen(fd, "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            fh.write(message + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    info = msg
+def audit_log(workdir: Path) -> AuditLog:
+    """WORKDIR/audit.log."""
+    return AuditLog(Path(workdir) / AUDIT_FILE, EVENTS)
 
 
 def audit(workdir: Path, event: str, **fields: Any) -> dict[str, Any]:
-    """Append one audit record; returns it. ``fields`` must be aggregate (ids, hashes, codes)."""
-    if event not in EVENTS:
-        raise ValueError(f"unknown audit event {event!r}; events are {EVENTS}")
-    record: dict[str, Any] = {}
-
-    def keep(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-        record.update(event_dict)
-        return event_dict
-
-    logger = structlog.wrap_logger(
-        _AppendFsync(Path(workdir) / AUDIT_FILE),
-        processors=[
-            structlog.processors.TimeStamper(fmt="iso", utc=True, key="time"),
-            keep,
-            structlog.processors.JSONRenderer(sort_keys=True, default=str),
-        ],
-        wrapper_class=structlog.BoundLogger,
-        context_class=dict,
-    )
-    logger.info(event, operator=fields.pop("operator", None) or operator(), **fields)
-    return record
+    """Append one audit record (with the operator: the OS user unless given); returns it. ``fields`` must be
+    aggregate (ids, hashes, codes)."""
+    return audit_log(workdir).append(event, operator=fields.pop("operator", None) or operator(), **fields)
 
 
 def read_audit(workdir: Path) -> list[dict[str, Any]]:
     """Every record of WORKDIR/audit.log, oldest first (a torn last line from a crash is skipped)."""
-    path = Path(workdir) / AUDIT_FILE
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+    return audit_log(workdir).read()
 
 
 def format_table(records: list[dict[str, Any]]) -> str:

@@ -10,8 +10,7 @@ from typing import Any
 
 import structlog
 
-from privdistill import __version__
-from privdistill.cli import EXIT_CODES, run_guarded
+from privdistill import cli_base
 from privdistill.errors import (
     ConfigError,
     PrivacyPolicyError,
@@ -24,66 +23,53 @@ CONFIG_NAME = "site.yaml"
 log = structlog.get_logger("site_agent.cli")
 
 
-def _parser() -> argparse.ArgumentParser:
-    epilog = "exit codes:\n" + "\n".join(f"  {k:>3}  {v}" for k, v in EXIT_CODES.items())
-    p = argparse.ArgumentParser(
-        prog="privdistill-site", epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Site agent: train and filter inside the hospital; export only approved, signed shards.",
-    )
-    p.add_argument("--version", action="version", version=f"privdistill-site {__version__}")
-    p.add_argument("--log-format", choices=["console", "json"], default="console")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    sub = p.add_subparsers(dest="command", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    p, sub = cli_base.root_parser(
+        "privdistill-site", "Site agent: train and filter inside the hospital; export only approved, signed shards.")
 
-    def wd(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument("--workdir", type=Path, required=True, help="the site's work directory")
+    def cmd(name: str, func: cli_base.Command, help: str, *, config: str = "required", **kw: Any) -> argparse.ArgumentParser:
+        """A command on the site's work directory; ``config``: required, optional (validated when given) or none."""
+        sp = cli_base.command(sub, name, func, help, **kw)
+        cli_base.add_workdir(sp, help="the site's work directory")
+        if config != "none":
+            cli_base.add_config(sp, optional=config == "optional", help=f"the site config ({CONFIG_NAME})" +
+                                (" (optional: validated when given)" if config == "optional" else ""))
         return sp
 
-    sp = sub.add_parser("init", help=f"write a commented {CONFIG_NAME} template into DIR")
+    sp = cli_base.command(sub, "init", _init, f"write a commented {CONFIG_NAME} template into DIR")
     sp.add_argument("dir", type=Path)
     sp.add_argument("--connection", type=Path, help="the provisioned site-connection.yaml: fills the site: section")
-    sp.add_argument("--force", action="store_true", help=f"overwrite an existing {CONFIG_NAME}")
-    sp = wd(sub.add_parser("run", help="ingest, train teacher and re-id, sample, filter, then package a shard"))
-    sp.add_argument("config", type=Path)
-    sp.add_argument("--force", action="store_true", help="re-run every stage even if inputs are unchanged")
-    wd(sub.add_parser("status", help="stages and shards of a work directory")).add_argument("config", type=Path)
-    sp = wd(sub.add_parser("shards", help="list packaged shards"))
-    sp.add_argument("config", type=Path, nargs="?", help="optional: the site config (validated when given)")
-    sp.add_argument("--json", action="store_true")
-    sp = wd(sub.add_parser("approve", help="approve a packaged shard for export (data steward)"))
+    cli_base.add_force(sp, help=f"overwrite an existing {CONFIG_NAME}")
+    sp = cmd("run", _run, "ingest, train teacher and re-id, sample, filter, then package a shard")
+    cli_base.add_force(sp, help="re-run every stage even if inputs are unchanged")
+    cmd("status", _status, "stages and shards of a work directory")
+    cli_base.add_json(cmd("shards", _shards, "list packaged shards", config="optional"))
+    sp = cmd("approve", _approve, "approve a packaged shard for export (data steward)", config="none")
     sp.add_argument("shard")
     sp.add_argument("--by", help="who approves (default: the OS user)")
-    sp = wd(sub.add_parser("reject", help="reject a shard for good"))
+    sp = cmd("reject", _reject, "reject a shard for good", config="none")
     sp.add_argument("shard")
     sp.add_argument("--reason", required=True)
     sp.add_argument("--by", help="who rejects (default: the OS user)")
-    sp = wd(sub.add_parser("export", help="upload approved shards (all not yet exported, or SHARD)"))
-    sp.add_argument("config", type=Path)
-    sp.add_argument("shard", nargs="?")
-    sp = wd(sub.add_parser("audit-log", help="print the audit trail"))
-    sp.add_argument("config", type=Path, nargs="?", help="optional: the site config (validated when given)")
-    sp.add_argument("--json", action="store_true")
-    sp = wd(sub.add_parser("evaluate-student", help="measure a released student on this site's own data"))
-    sp.add_argument("config", type=Path)
-    sp.add_argument("model_dir", type=Path)
-    sp = wd(sub.add_parser("join", help="federated mode: run this site's Flower SuperNode (trains only on the "
-                                       "approved shard, behind the export gate)"))
-    sp.add_argument("config", type=Path)
+    cmd("export", _export, "upload approved shards (all not yet exported, or SHARD)").add_argument("shard", nargs="?")
+    cli_base.add_json(cmd("audit-log", _audit_log, "print the audit trail", config="optional"))
+    cmd("evaluate-student", _evaluate_student, "measure a released student on this site's own data").add_argument(
+        "model_dir", type=Path)
+    sp = cmd("join", _join, "federated mode: run this site's Flower SuperNode (trains only on the approved shard, "
+                            "behind the export gate)")
     sp.add_argument("--superlink", help="SuperLink HOST:PORT (default: the coordinator's host, port 9092)")
     sp.add_argument("--node-key", type=Path, help="Flower node key (default: flower-node.key beside site.key)")
     sp.add_argument("--runtime-port", type=int, help="local port of the SuperNode's runtime API (default: free port)")
-    sp = wd(sub.add_parser("doctor", help="preflight: config, keys, certificates, coordinator, data source, disk, GPU",
-                           description="Checks a site install before its first run. Exit codes: 0 every check passed "
-                           "(warnings allowed), 1 at least one check failed, 2 the config does not validate."))
-    sp.add_argument("config", type=Path)
-    sp.add_argument("--json", action="store_true")
+    sp = cmd("doctor", _doctor, "preflight: config, keys, certificates, coordinator, data source, disk, GPU",
+             description="Checks a site install before its first run. Exit codes: 0 every check passed "
+                         "(warnings allowed), 1 at least one check failed, 2 the config does not validate.")
+    cli_base.add_json(sp)
     sp.add_argument("--offline", action="store_true", help="skip the coordinator and PACS checks")
     sp.add_argument("--timeout", type=float, default=10.0, help="seconds per network check")
-    sp = wd(sub.add_parser("ui", help="the data steward's review page (shards, images, privacy report, approve/reject)",
-                           description="Serve the review page on HOST:PORT. Log in with the access token (from "
-                           "--token-file, or generated and printed once on stderr). Approvals and rejections made "
-                           "there are audited as by 'ui:NAME' (NAME: the name given at login, else the OS user)."))
-    sp.add_argument("config", type=Path)
+    sp = cmd("ui", _ui, "the data steward's review page (shards, images, privacy report, approve/reject)",
+             description="Serve the review page on HOST:PORT. Log in with the access token (from --token-file, or "
+                         "generated and printed once on stderr). Approvals and rejections made there are audited as "
+                         "by 'ui:NAME' (NAME: the name given at login, else the OS user).")
     sp.add_argument("--host", default="127.0.0.1", help="listen address (default loopback; anything else is warned "
                                                         "about: the page shows real images)")
     sp.add_argument("--port", type=int, default=8765)
@@ -167,7 +153,8 @@ def _status(args: argparse.Namespace) -> int:
             current = is_current(build_stage(cfg, name), args.workdir)
         print(f"{name:<14} {'up to date' if current else ('stale' if done else 'not run')}")
     print()
-    return _shards(args)
+    _print_shards(_shard_rows(args.workdir) if args.workdir.is_dir() else [])
+    return 0
 
 
 def _shard_table(rows: list[Any]) -> str:
@@ -187,19 +174,28 @@ def _check_optional_config(args: argparse.Namespace) -> None:
 
 
 def _shards(args: argparse.Namespace) -> int:
-    from site_agent.state import SiteState
+    _check_optional_config(args)
+    _print_shards(_shard_rows(args.workdir), as_json=args.json)
+    return 0
 
-    if args.command == "shards":
-        _check_optional_config(args)
 
-    rows = SiteState(args.workdir).list()
-    if getattr(args, "json", False):
+def _shard_rows(workdir: Path) -> list[Any]:
+    """The register's shards, read-only: none in a work directory that has packaged nothing yet; exit 2 (and
+    nothing created) for a work directory that does not exist."""
+    from site_agent.state import STATE_FILE, SiteState
+
+    if workdir.is_dir() and not (workdir / STATE_FILE).exists():
+        return []
+    return SiteState(workdir, read_only=True).list()
+
+
+def _print_shards(rows: list[Any], *, as_json: bool = False) -> None:
+    if as_json:
         print(json.dumps([r.public() for r in rows], indent=2))
     elif rows:
         print(_shard_table(rows))
     else:
         print("no shards yet: `privdistill-site run CONFIG --workdir WORKDIR` packages one")
-    return 0
 
 
 def _approve(args: argparse.Namespace) -> int:
@@ -308,17 +304,8 @@ def _doctor(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
-COMMANDS = {"doctor": _doctor, "init": _init, "run": _run, "status": _status, "shards": _shards, "approve": _approve,
-            "reject": _reject, "export": _export, "audit-log": _audit_log, "evaluate-student": _evaluate_student,
-            "join": _join, "ui": _ui}
-
-
 def main(argv: list[str] | None = None) -> int:
-    from privdistill.logs import configure_logging
-
-    args = _parser().parse_args(argv)
-    configure_logging(args.log_format, args.log_level)
-    return run_guarded(lambda: COMMANDS[args.command](args), log, command=args.command)
+    return cli_base.main(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def gated_shard(site: _Site) -> tuple[Manifest, Path]:
         checked = check_export(site.workdir, candidates[-1], site.cfg, for_federation=True)  # audits refusals
         snap, manifest, _ = snapshot_approved(site.workdir, checked.shard_id, site.cfg)
     except (PrivacyPolicyError, ShardVerificationError) as err:
-        raise Refusal(getattr(err, "reason", type(err).__name__), str(err)) from None
+        raise Refusal(err.reason, str(err)) from None
     return manifest, snap
 
 

@@ -104,8 +104,7 @@ def export_shard(workdir: Path, ref: str | Path, cfg: SiteConfig, key: Ed25519Pr
         audit(workdir, "export_failed", reason="network", detail=str(err), **common)
         raise
     except (PrivacyPolicyError, ShardVerificationError) as err:
-        audit(workdir, "export_refused", by="coordinator", reason=getattr(err, "reason", type(err).__name__),
-              detail=str(err), **common)
+        audit(workdir, "export_refused", by="coordinator", reason=err.reason, detail=str(err), **common)
         raise
     finally:
         shutil.rmtree(snap, ignore_errors=True)

@@ -32,10 +32,6 @@ from site_agent.state import ShardRow, SiteState, workdir_id
 class ExportRefused(PrivacyPolicyError):
     """The export policy refused a shard; ``reason`` is a short code for the audit trail."""
 
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
 
 @dataclass
 class _Target:
@@ -52,7 +48,7 @@ def check_export(workdir: Path, shard_id_or_path: str | Path, cfg: SiteConfig, *
         return _check(workdir, shard_id_or_path, cfg, target, for_federation)
     except (PrivacyPolicyError, ShardVerificationError) as err:
         audit(workdir, "export_refused", shard_id=target.shard_id, site_id=cfg.site.id,
-              reason=getattr(err, "reason", type(err).__name__), detail=str(err))
+              reason=err.reason, detail=str(err))
         raise
 
 

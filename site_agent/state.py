@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from privdistill.errors import PrivacyPolicyError, StageError
+from privdistill.errors import ConfigError, PrivacyPolicyError, StageError
 from privdistill.sqlite import connection
 
 STATE_FILE = "site_state.sqlite"
@@ -98,15 +98,23 @@ class ShardRow:
 class SiteState:
     """Shard register of one work directory. Every state change is one conditional UPDATE."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, read_only: bool = False) -> None:
+        """The register of ``workdir`` (created on first use); ``read_only``: an existing one for reading only (list
+        commands), ConfigError when there is none, so a mistyped --workdir creates nothing."""
         self.workdir = Path(workdir)
         self.path = self.workdir / STATE_FILE
+        self.read_only = read_only
+        if read_only:
+            if not self.path.is_file():
+                raise ConfigError([f"no ledger at {self.path}: check --workdir (the site's shard register is "
+                                   "created when `privdistill-site run` packages the first shard)"])
+            return
         self.workdir.mkdir(parents=True, exist_ok=True)
         with self._db() as db:
             db.executescript(_SCHEMA)
 
     def _db(self) -> AbstractContextManager[sqlite3.Connection]:
-        return connection(self.path, timeout=30, synchronous="FULL", wal=True, rows=True)
+        return connection(self.path, timeout=30, synchronous="FULL", wal=True, rows=True, read_only=self.read_only)
 
     def register(self, *, shard_id: str, site_id: str, dir: Path, state: str, policy: dict[str, Any],
                  manifest_sha256: str, tar_sha256: str, sample_count: int, filter_record_sha256: str,

@@ -12,6 +12,7 @@ import structlog
 
 from privdistill.data.types import ImageSet
 from privdistill.errors import DataError, StageError
+from privdistill.seeds import derive_seed
 from privdistill.stages import atomic_write_json, hash_tree, read_record
 from site_agent.config import SiteConfig
 
@@ -69,7 +70,7 @@ def evaluate_student(cfg: SiteConfig, workdir: Path, model_dir: Path) -> dict[st
     if (model.resolution, model.channels) != (cfg.data.resolution, cfg.data.channels):
         raise DataError(f"the student makes {model.channels}x{model.resolution}px images and this site's data is "
                         f"{cfg.data.channels}x{cfg.data.resolution}px: it was not trained for this site's data")
-    samples = sample_dataset(model, cfg.sample, seed=cfg.seed + 21, prompt_labels=_prompt_labels(model_dir, model_path))
+    samples = sample_dataset(model, cfg.sample, seed=derive_seed(cfg.seed, "released-student-samples"), prompt_labels=_prompt_labels(model_dir, model_path))
     teacher_samples = ImageSet.load(workdir / "sample" / "samples.npz") if read_record(workdir, "sample") else None
     train = ImageSet.load(workdir / "ingest" / "train.npz")
     test = ImageSet.load(workdir / "ingest" / "test.npz")
@@ -118,9 +119,9 @@ def evaluate_student(cfg: SiteConfig, workdir: Path, model_dir: Path) -> dict[st
         "reid_threshold": threshold,
         "n_train": len(train),
         "n_test": len(test),
-        "student": measure(samples, cfg.seed + 22),
+        "student": measure(samples, derive_seed(cfg.seed, "measure-student")),
         # the same measurements of this site's own teacher samples, for comparison (both stay local)
-        "teacher": None if teacher_samples is None else measure(teacher_samples, cfg.seed + 22),
+        "teacher": None if teacher_samples is None else measure(teacher_samples, derive_seed(cfg.seed, "measure-teacher")),
     }
     report["student"]["mia_auc"] = student_mia.get("auc")
     if report["teacher"] is not None and teacher_mia is not None:

@@ -313,9 +313,7 @@ class _Uploader:
             raise _UnknownUpload()
         message = f"coordinator refused shard {self.shard.shard_id} (HTTP {resp.status_code} {code}): {detail}"
         if resp.status_code == 403:
-            err = PrivacyPolicyError(f"{message} [reason: {code}]")
-            err.reason = code  # type: ignore[attr-defined]
-            raise err
+            raise PrivacyPolicyError(f"{message} [reason: {code}]", code)
         raise ShardVerificationError(message, code)
 
 

@@ -495,9 +495,9 @@ def test_airgap_bundle_refuses_bad_arguments(tmp_path: Path, stub_docker: dict[s
 
 def test_every_compose_command_parses_with_the_real_command_line() -> None:
     from coordinator.cli import build_parser
-    from site_agent.cli import _parser
+    from site_agent.cli import build_parser as site_parser
 
-    parsers = {"privdistill-site": _parser(), "privdistill-coordinator": build_parser()}
+    parsers = {"privdistill-site": site_parser(), "privdistill-coordinator": build_parser()}
     seen = set()
     for path in (SITE, COORD):
         for name, svc in services(path).items():

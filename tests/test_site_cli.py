@@ -218,9 +218,11 @@ def test_run_trains_filters_and_packages_for_real_then_skips_when_unchanged(
            "site": {"id": "site-a", "coordinator_url": "https://127.0.0.1:9", "ca_file": "ca.pem",
                     "key_file": "site.key", "approval": "auto",
                     # this test is about staging and skipping, not the metric: the independent memorization
-                    # metric flags 1 of the 20-step teacher's 12 samples (measured), which the default limit
-                    # 0.0 refuses (that refusal is what test_export_gate.py and test_release_gate.py test)
-                    "policy": {"max_kept_memorization_rate": 0.1}}}
+                    # metric flags 1 of the 20-step teacher's 12 samples and leaves 1 undecidable, counted as
+                    # memorized: 2/12 = 0.167 (measured with the named seed streams; 1/12 with the old offsets),
+                    # which the default limit 0.0 refuses (that refusal is what test_export_gate.py and
+                    # test_release_gate.py test)
+                    "policy": {"max_kept_memorization_rate": 0.2}}}
     (tmp_path / "site.yaml").write_text(yaml.safe_dump(raw))
     w = tmp_path / "w"
 

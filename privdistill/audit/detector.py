@@ -15,6 +15,7 @@ from torch import nn
 
 from privdistill.audit.fingerprints import Fingerprint, Kind
 from privdistill.errors import DataError
+from privdistill.seeds import derive_seed
 
 log = structlog.get_logger(__name__)
 
@@ -108,7 +109,7 @@ def train_detector(clean: np.ndarray, fingerprints: list[Fingerprint], *, steps:
     is clean or carries a decoy marker. Noise and gain augmentation on both halves."""
     if len(clean) < 2 or not fingerprints:
         raise DataError("the fingerprint detector needs at least two clean images and one fingerprint")
-    rng = np.random.default_rng([seed, 0xDE7])
+    rng = np.random.default_rng(derive_seed(seed, "fingerprint-detector"))
     _, c, h, w = clean.shape
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

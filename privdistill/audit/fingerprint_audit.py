@@ -19,6 +19,7 @@ from privdistill.config import RunConfig
 from privdistill.data.types import ImageSet
 from privdistill.errors import PrivacyPolicyError
 from privdistill.filter import FilterResult, filter_synthetic
+from privdistill.seeds import derive_seed
 
 log = structlog.get_logger(__name__)
 
@@ -62,7 +63,7 @@ def _free_samples(model: Any, cfg: RunConfig, data: ImageSet, n: int) -> ImageSe
 
     groups = len(model.class_names) if model.conditioning == "class" else len(set(data.prompts or [])) or 1
     scfg = cfg.sample.model_copy(update={"per_class": max(1, math.ceil(n / groups))})
-    return sample_dataset(model, scfg, seed=cfg.seed + 2, prompt_labels=prompt_label_map(data) or None)
+    return sample_dataset(model, scfg, seed=derive_seed(cfg.seed, "teacher-samples"), prompt_labels=prompt_label_map(data) or None)
 
 
 def run_fingerprint_audit(
@@ -209,8 +210,8 @@ def _through_student(cfg: RunConfig, kept: ImageSet, fp_set: ImageSet, ctrl: Ima
     scfg = cfg.student_config
     tcfg = scfg.train if steps is None else scfg.train.model_copy(update={"steps": steps})
     student = DiffusionModel.from_config(scfg.model, resolution=cfg.data.resolution, channels=cfg.data.channels,
-                                         class_names=kept.class_names, prompts=kept.prompts, seed=cfg.seed + 1)
-    rep = train_diffusion(student, kept, tcfg, seed=cfg.seed + 1)
+                                         class_names=kept.class_names, prompts=kept.prompts, seed=derive_seed(cfg.seed, "student-train"))
+    rep = train_diffusion(student, kept, tcfg, seed=derive_seed(cfg.seed, "student-train"))
     out_samples = _free_samples(student, cfg, kept, n_samples)
     k = int(np.asarray(detector.detect(out_samples.images), bool).sum())
     carrying, base = rate_with_interval(k, len(out_samples)), rate_with_interval(*baseline)

@@ -24,6 +24,7 @@ from privdistill.audit.stats import attack_summary
 from privdistill.data.types import ImageSet
 from privdistill.errors import DataError
 from privdistill.models import DiffusionModel
+from privdistill.seeds import derive_seed
 
 log = structlog.get_logger(__name__)
 
@@ -91,7 +92,7 @@ def lira_attack(target: DiffusionModel, members: ImageSet, nonmembers: ImageSet,
     shadow = np.empty((n_shadows, len(units)))
     for k in range(n_shadows):
         take = np.flatnonzero(np.isin(uid, units[inside[k]]))
-        model = train_shadow(pool.subset(take), seed + 1 + k)
+        model = train_shadow(pool.subset(take), derive_seed(seed, "lira-shadow", k))
         shadow[k] = unit_scores(model, pool, uid, units, levels=levels, seeds=seeds)
         log.info("lira.shadow", k=k, n_units_in=int(inside[k].sum()))
     target_scores = unit_scores(target, pool, uid, units, levels=levels, seeds=seeds)

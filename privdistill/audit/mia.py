@@ -20,6 +20,7 @@ from privdistill.config import DataConfig, VisitsConfig
 from privdistill.data.types import ImageSet
 from privdistill.errors import DataError
 from privdistill.models import DiffusionModel
+from privdistill.seeds import derive_seed
 
 log = structlog.get_logger(__name__)
 
@@ -119,7 +120,7 @@ def comparable_nonmembers(test: ImageSet, visits: VisitsConfig | None, *, seed: 
         return test
     from privdistill.data.visits import apply_visits
 
-    return apply_visits(test, visits.model_copy(update={"count": 1}), seed=seed + 0x31A)
+    return apply_visits(test, visits.model_copy(update={"count": 1}), seed=derive_seed(seed, "mia-test-visits"))
 
 
 def ingest_visits(data_cfg: DataConfig, ingest_dir: Path) -> VisitsConfig | None:

@@ -13,6 +13,7 @@ from scipy.stats import binomtest
 
 from privdistill.audit.roc import roc_auc
 from privdistill.errors import DataError
+from privdistill.seeds import derive_seed
 
 N_BOOT = 2000  # bootstrap resamples: the percentile interval's ends move by < 0.01 AUC between seeds at n >= 30
 
@@ -100,7 +101,7 @@ def attack_summary(member_scores: np.ndarray, nonmember_scores: np.ndarray, *, m
         "n_nonmember_units": len(pn),
         "image_auc": roc_auc(member_scores, nonmember_scores),
         "image_auc_ci95": cluster_bootstrap(roc_auc, member_scores, nonmember_scores, positive_groups=member_groups,
-                                            negative_groups=nonmember_groups, n_boot=n_boot, seed=seed + 1),
+                                            negative_groups=nonmember_groups, n_boot=n_boot, seed=derive_seed(seed, "auc-bootstrap")),
         "interval": f"95% percentile bootstrap over {unit}s ({n_boot} resamples, members and non-members "
                     "resampled separately)",
     }
@@ -113,7 +114,8 @@ def attack_summary(member_scores: np.ndarray, nonmember_scores: np.ndarray, *, m
             continue
         tprs[f"{f:g}"] = {
             "tpr": tpr_at_fpr(pm, pn, f), "n_member_units": len(pm), "n_nonmember_units": len(pn),
-            "ci95": cluster_bootstrap(functools.partial(tpr_at_fpr, fpr=f), pm, pn, n_boot=n_boot, seed=seed + 2),
+            "ci95": cluster_bootstrap(functools.partial(tpr_at_fpr, fpr=f), pm, pn, n_boot=n_boot,
+                                      seed=derive_seed(seed, "tpr-bootstrap")),
         }
     out["tpr_at_fpr"] = tprs
     return out
