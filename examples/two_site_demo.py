@@ -74,7 +74,11 @@ def write_site_config(base: Path, bundle: Path, index: int, out: Path) -> Path:
         # the calibrated filter (alpha 0.05) drops 0.94 of the planted sigma-0.1 noisy copies on half of the
         # tiny config's data (measured); the default min_planted_recall 1.0 would refuse every shard of this
         # demo. Set deliberately, and shown in each shard's policy verdict.
-        "policy": {"min_planted_recall": 0.9},
+        # max_kept_memorization_rate: the independent memorization metric may flag up to 2% of fresh, never-seen
+        # images (its requirement in tests/test_metrics.py), so the default 0.0 refuses a 60-sample shard on the
+        # metric's own noise about as often as not. Tuned after seeing site-b flag 1 of 60 kept samples
+        # (0.017, 95% CI 0.0004-0.089) once the seeds became named streams; the library default stays 0.0.
+        "policy": {"min_planted_recall": 0.9, "max_kept_memorization_rate": 0.02},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -227,8 +227,9 @@ class Stack:
         cfg["site"] = {"id": site, "coordinator_url": conn["coordinator_url"], "ca_file": "/run/secrets/ca.pem",
                        "key_file": "/run/secrets/site.key", "approval": "auto",
                        # as examples/two_site_demo.py: the calibrated filter drops 0.94 of the planted noisy
-                       # copies on half of site-tiny's data (measured), which the default 1.0 would refuse
-                       "policy": {"min_planted_recall": 0.9}}
+                       # copies on half of site-tiny's data (measured), which the default 1.0 would refuse;
+                       # and the memorization metric's 2% noise floor on fresh images (see the demo script)
+                       "policy": {"min_planted_recall": 0.9, "max_kept_memorization_rate": 0.02}}
         (self.tmp / site).mkdir()
         (self.tmp / site / "site.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
