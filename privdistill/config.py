@@ -292,13 +292,16 @@ class ReidConfig(Strict):
     renamed = {"target_tpr": TARGET_TPR_REMOVED}
 
 
+Detector = Literal["reid", "pixel", "local"]
+DETECTORS: tuple[Detector, ...] = ("reid", "pixel", "local")
+
+
 class FilterConfig(Strict):
     enabled: bool = True
     # alpha: at most this share of fresh images of patients outside the training set is dropped (conformal
     # calibration on held-out patients' best-match scores, split evenly between the detectors)
     max_fresh_drop: float = Field(0.05, gt=0, le=0.5)
-    detectors: list[Literal["reid", "pixel", "local"]] = Field(default_factory=lambda: ["reid", "pixel", "local"],
-                                                              min_length=1)
+    detectors: list[Detector] = Field(default_factory=lambda: list(DETECTORS), min_length=1)
     # re-id score: "max" (best cosine similarity) or "cohort" (minus the next cohort_k patients' mean, over their spread)
     reid_score: Literal["max", "cohort"] = "max"
     cohort_k: int = Field(10, ge=2)

@@ -154,11 +154,11 @@ def handle_train(msg: Message, context: Context) -> Message:
         conn = trainer.connect(site.workdir)
         try:
             if conn is not None:  # the warm trainer loads, checks and trains: this process never imports torch
-                arrays, report, n_examples = trainer.train_round(conn, spec, msg.content[ARRAYS_KEY],
+                arrays, report, n_examples = trainer.train_round(conn, spec, msg.content.array_records[ARRAYS_KEY],
                                                                  snap / SHARD_TAR, manifest, seed)
             else:
                 data = load_gated(snap / SHARD_TAR, manifest, spec)
-                weights, report = train_local(spec, msg.content[ARRAYS_KEY], data, seed)
+                weights, report = train_local(spec, msg.content.array_records[ARRAYS_KEY], data, seed)
                 arrays, n_examples = ArrayRecord(weights), len(data)
         except Refusal:
             raise
