@@ -8,8 +8,7 @@ decision:
 - with ``P`` the top principal directions of the training features and ``rho`` the norm of what ``P`` leaves
   out, ``|x - y|^2 >= |Px - Py|^2 + (rho_x - rho_y)^2`` (an L2 distance in ``dims + 1`` dimensions);
 - each principal coordinate alone: ``|x - y| >= |p_i(x) - p_i(y)|``, so a training image within the radius
-  lies in the same or a neighbouring cell of a grid of side ``radius`` over the first ``grid_dims``
-  coordinates.
+  lies in the same or a neighbouring cell of a grid of side ``radius`` over the first two coordinates.
 
 Every (shifted query, training image) pair in neighbouring cells whose projected bound is below the radius
 (plus a float-rounding slack, so a bound only prunes when clearly above it) is checked exactly. So every image
@@ -18,7 +17,6 @@ index -1 (nothing within the radius: the search does not look further)."""
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +25,7 @@ import torch
 from privdistill import pixel
 
 DEFAULT_DIMS = 16
-GRID_DIMS = 3
+CELL_STRIDE = 1 << 31  # cell keys: first grid coordinate x stride + second
 BLOCK_ELEMS = 8 << 20  # bound matrix (shifted queries x candidate cells' images) held at once: 32 MiB
 SLACK = 1e-3  # relative float32 slack on squared bounds and on the grid's cell side
 
@@ -74,59 +72,59 @@ class ShiftIndex:
                           for dy in range(-s, s + 1) for dx in range(-s, s + 1)])
 
 
-def _cells(coords: torch.Tensor, side: float) -> np.ndarray:
-    return np.floor(coords.numpy() / side).astype(np.int64)
+def _cell_keys(coords: torch.Tensor, side: float) -> np.ndarray:
+    """Grid cell of each point over the first two coordinates, as one sortable int64 key."""
+    c = np.floor(coords[:, :2].numpy() / side).astype(np.int64)
+    return c[:, 0] * CELL_STRIDE + c[:, 1]
 
 
 @torch.no_grad()
-def near_over_shifts(query: np.ndarray, index: ShiftIndex, radius: float, *, grid_dims: int = GRID_DIMS,
-                     query_block: int = 8192) -> NearResult:
+def near_over_shifts(query: np.ndarray, index: ShiftIndex, radius: float, *, query_block: int = 8192) -> NearResult:
     """The nearest training image within ``radius`` of each query at any shift up to the index's (exact; see
     the module docstring), by distance in `pixel.pixel_features` space; memory bounded by ``query_block``."""
     n, m = len(query), len(index.feats)
     dist, where = np.full(n, np.inf, np.float32), np.full(n, -1, np.int64)
     if n == 0 or m == 0 or not radius > 0:
         return NearResult(dist, where, 0)
-    g = min(grid_dims, index.basis.shape[1])
     side = float(radius) * (1 + SLACK) + SLACK
-    ref_cells = _cells(index.ref_aug[:, :g], side)
-    order = np.lexsort(ref_cells.T[::-1])
-    keys, starts, counts = np.unique(ref_cells[order], axis=0, return_index=True, return_counts=True)
-    where_cell = {tuple(k): (int(s), int(s + c)) for k, s, c in zip(keys.tolist(), starts, counts, strict=True)}
-    order_t = torch.from_numpy(order)
-    ref_aug = index.ref_aug.float()
-    ref_sq = (index.ref_aug**2).sum(1).float()
-    offsets = list(itertools.product((-1, 0, 1), repeat=g))
     r2 = float(radius) ** 2
+    ref_keys = _cell_keys(index.ref_aug, side)
+    order = np.argsort(ref_keys, kind="stable")
+    ref_keys, order_t = ref_keys[order], torch.from_numpy(order)
+    # bound test as one product: |a - r|^2 < r2 + SLACK (|a|^2 + |r|^2 + r2)  <=>  [a, 1] . [2r, -(1-SLACK)|r|^2] > u(a)
+    ref_aug = index.ref_aug[order_t]
+    ref_mat = torch.cat([2 * ref_aug, -(1 - SLACK) * (ref_aug**2).sum(1, keepdim=True)], 1).float()
     n_cand = 0
     for q0 in range(0, n, query_block):
         b = min(query_block, n - q0)
         qf = index.shifted_features(query[q0 : q0 + b])  # [S * b, D]
-        q_aug64 = index.bound_vectors(qf.double() - index.mean)
-        q_aug, q_sq = q_aug64.float(), (q_aug64**2).sum(1).float()
-        q_cells = _cells(q_aug64[:, :g], side)
-        ukeys, inverse = np.unique(q_cells, axis=0, return_inverse=True)
-        rows_by_cell = np.argsort(inverse.reshape(-1), kind="stable")
-        bounds = np.cumsum(np.bincount(inverse.reshape(-1), minlength=len(ukeys)))
+        q_aug = index.bound_vectors(qf.double() - index.mean)
+        q_mat = torch.cat([q_aug, torch.ones(len(q_aug), 1, dtype=torch.float64)], 1).float()
+        u = ((1 - SLACK) * (q_aug**2).sum(1) - r2 * (1 + SLACK)).float()
+        q_keys = _cell_keys(q_aug, side)
+        ukeys, inverse = np.unique(q_keys, return_inverse=True)
+        rows_by_cell = np.argsort(inverse, kind="stable")
+        ends = np.cumsum(np.bincount(inverse, minlength=len(ukeys)))
+        # the 3 x 3 neighbouring cells: one contiguous span of sorted training images per row of cells
+        spans = [(np.searchsorted(ref_keys, ukeys + dr * CELL_STRIDE - 1, "left"),
+                  np.searchsorted(ref_keys, ukeys + dr * CELL_STRIDE + 1, "right")) for dr in (-1, 0, 1)]
         pair_rows, pair_refs = [], []
-        for c, key in enumerate(ukeys.tolist()):
-            spans = [where_cell.get(tuple(k + o for k, o in zip(key, off, strict=True))) for off in offsets]
-            refs = torch.cat([order_t[s:e] for s, e in (sp for sp in spans if sp is not None)] or [order_t[:0]])
-            if not len(refs):
+        for c in range(len(ukeys)):
+            parts = [(int(lo[c]), int(hi[c])) for lo, hi in spans if hi[c] > lo[c]]
+            if not parts:
                 continue
-            cell_rows = torch.from_numpy(rows_by_cell[(bounds[c - 1] if c else 0) : bounds[c]])
-            r_aug_t, r_sq = ref_aug[refs].T.contiguous(), ref_sq[refs]
+            refs = torch.cat([torch.arange(lo, hi) for lo, hi in parts])
+            r_mat = torch.cat([ref_mat[lo:hi] for lo, hi in parts]).T.contiguous()
+            cell_rows = torch.from_numpy(rows_by_cell[(ends[c - 1] if c else 0) : ends[c]])
             step = max(1, BLOCK_ELEMS // len(refs))
             for s in range(0, len(cell_rows), step):
                 rows = cell_rows[s : s + step]
-                sq = q_sq[rows, None]
-                lb2 = torch.addmm(sq + r_sq, q_aug[rows], r_aug_t, alpha=-2.0)
-                i, j = (lb2 < r2 + SLACK * (sq + r_sq + r2)).nonzero(as_tuple=True)
+                i, j = ((q_mat[rows] @ r_mat) > u[rows, None]).nonzero(as_tuple=True)
                 pair_rows.append(rows[i])
                 pair_refs.append(refs[j])
         if not pair_rows:
             continue
-        rows_t, refs_t = torch.cat(pair_rows), torch.cat(pair_refs)
+        rows_t, refs_t = torch.cat(pair_rows), order_t[torch.cat(pair_refs)]
         n_cand += len(rows_t)
         d = (qf[rows_t] - index.feats[refs_t]).pow_(2).sum(1).sqrt_().numpy()
         qi = rows_t.numpy() % b
