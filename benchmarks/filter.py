@@ -108,8 +108,9 @@ def pixel_scorer(real: ImageSet, search: str) -> GalleryScorer:
 
 
 def null_images(n_null: int) -> np.ndarray:
-    """Fresh items for the pixel detector's conformal calibration: the last Fashion-MNIST test items."""
-    return to_float(fashion("t10k")[-n_null:])
+    """Fresh items for the pixel detector's conformal calibration: the last Fashion-MNIST training items (no real
+    patient's, and no synthetic image's below N = 100,000, where the fresh images are jittered re-uses)."""
+    return to_float(fashion("train")[-n_null:])
 
 
 def calibrate_pixel(scorer: GalleryScorer, n_null: int) -> float:
