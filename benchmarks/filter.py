@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from privdistill.audit.stats import clopper_pearson
 from privdistill.config import FilterConfig, ReidConfig
 from privdistill.data.types import ImageSet
 from privdistill.filter import GalleryScorer, best_matches, calibrate_filter, filter_synthetic
@@ -155,11 +156,19 @@ def pixel_comparison(n: int, seed: int, n_null: int) -> dict:
         "speedup": round(ex_s / fa_s, 1), "dropped_exhaustive": int(ex.sum()), "dropped_prefiltered": int(fa.sum()),
         "decision_differences": [{"image": int(i), "exhaustive_distance": float(d_ex[i]), "threshold": radius}
                                  for i in differ],
-        "nearest_index_differences": int((i_ex[ex & fa] != i_fa[ex & fa]).sum()),
+        # both searches drop it but name different nearest training images: the distances of both (exhaustive:
+        # |q|^2 - 2qr + |r|^2 in float32; prefiltered: |q - r| directly), so near-ties can be told apart
+        "nearest_index_differences": [
+            {"image": int(i), "exhaustive": [int(i_ex[i]), float(d_ex[i])], "prefiltered": [int(i_fa[i]), float(d_fa[i])]}
+            for i in np.flatnonzero(ex & fa & (i_ex != i_fa))],
         "max_abs_distance_diff_dropped": float(np.abs(d_ex[ex & fa] - d_fa[ex & fa]).max()) if (ex & fa).any() else 0.0,
         "planted": {k: {"n": int((kinds == k).sum()), "dropped_exhaustive": int(ex[:n_plant][kinds == k].sum()),
-                        "dropped_prefiltered": int(fa[:n_plant][kinds == k].sum())} for k in ("exact", "shift", "noise")},
-        "fresh_dropped_fraction": float(fa[n_plant:].mean()), "load_average_1m": load[0],
+                        "dropped_prefiltered": int(fa[:n_plant][kinds == k].sum()),
+                        "recall_ci95": clopper_pearson(int(fa[:n_plant][kinds == k].sum()), int((kinds == k).sum()))}
+                    for k in ("exact", "shift", "noise")},
+        "fresh_dropped": int(fa[n_plant:].sum()), "n_fresh": int(n - n_plant),
+        "fresh_dropped_fraction": float(fa[n_plant:].mean()),
+        "fresh_dropped_ci95": clopper_pearson(int(fa[n_plant:].sum()), int(n - n_plant)), "load_average_1m": load[0],
     }  # fmt: skip
     print(f"pixel detector, N = M = {n:,}, threshold {radius:.4f} (conformal, {n_null} null images)")
     print(f"  exhaustive search : {ex_s:8.2f} s ({ex_cpu:.1f} s CPU), dropped {out['dropped_exhaustive']}")
