@@ -22,7 +22,7 @@ def _gauss_kernel(sigma: float) -> torch.Tensor:
     return k / k.sum()
 
 
-OPERATOR_MAX_INPUTS = 4096  # images up to this many values (c*h*w) go through one precomputed linear map
+OPERATOR_MAX_INPUTS = 1024  # images up to this many values (c*h*w) go through one precomputed map (<= 4 MiB)
 
 
 @torch.no_grad()
@@ -39,7 +39,7 @@ def _blur_pool(x: torch.Tensor, k: torch.Tensor | None, pool: int) -> torch.Tens
     return x.reshape(len(x), -1)
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=8)
 def _feature_operator(shape: tuple[int, int, int], sigma: float, pool: int) -> torch.Tensor:
     """[c*h*w, D]: the blur-then-pool map as a matrix (it is linear), built by sending the identity through it."""
     n_in = shape[0] * shape[1] * shape[2]
