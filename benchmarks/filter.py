@@ -2,7 +2,8 @@
 
     python benchmarks/filter.py            # N = M = 1,000: both methods in full, same decisions asserted
     python benchmarks/filter.py --quick    # N = M = 200
-    python benchmarks/filter.py --scale 100000   # embedding filter alone (re-id + pixel check)
+    python benchmarks/filter.py --scale 100000   # embedding filter alone (re-id + calibrated pixel check)
+    python benchmarks/filter.py --pixel 10000    # calibrated pixel detector: exhaustive vs prefiltered search
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import platform
 import resource
 import sys
@@ -20,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from privdistill import pixel
+from privdistill.audit.stats import clopper_pearson
 from privdistill.config import FilterConfig, ReidConfig
 from privdistill.data.types import ImageSet
-from privdistill.filter import best_matches, filter_synthetic, pixel_threshold
+from privdistill.filter import GalleryScorer, best_matches, calibrate_filter, filter_synthetic
 from privdistill.reid import OnnxEmbedder, ReidModel, export_onnx, train_reid
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -100,27 +102,105 @@ def summarise(reid_match: np.ndarray, pixel_match: np.ndarray, n_plant: int) -> 
     }
 
 
-def scale_phases(synthetic: ImageSet, real: ImageSet, embedder: OnnxEmbedder, threshold: float, n_plant: int) -> dict:
-    """The embedding filter's steps one by one (same functions filter_synthetic calls), each timed and printed."""
-    cfg, times = FilterConfig(), {}
+def pixel_scorer(real: ImageSet, search: str) -> GalleryScorer:
+    """A scorer for the pixel detector alone (its re-id embeddings are placeholders it never uses)."""
+    return GalleryScorer(real, lambda x: np.zeros((len(x), 1), np.float32), real_embeddings=np.zeros((len(real), 1)),
+                         max_shift=FilterConfig().pixel_max_shift, pixel_search=search)
+
+
+def null_images(n_null: int) -> np.ndarray:
+    """Fresh items for the pixel detector's conformal calibration: the last Fashion-MNIST training items (no real
+    patient's, and no synthetic image's below N = 100,000, where the fresh images are jittered re-uses)."""
+    return to_float(fashion("train")[-n_null:])
+
+
+def calibrate_pixel(scorer: GalleryScorer, n_null: int) -> float:
+    """The calibrated filter's pixel threshold as a distance (library defaults: alpha 0.05 over 3 detectors)."""
+    cfg = FilterConfig()
+    cal = calibrate_filter(scorer, null_images(n_null), cfg.model_copy(update={"max_fresh_drop": cfg.max_fresh_drop / 3,
+                                                                                 "detectors": ["pixel"]}))
+    return -cal.thresholds["pixel"]
+
+
+def plant_kinds(real: ImageSet, synthetic: ImageSet, n_plant: int, seed: int) -> np.ndarray:
+    """Replace the planted block by thirds of exact copies, 1-px shifted copies and noisy copies (sd 0.1)."""
+    rng = np.random.default_rng(seed + 1)
+    src = rng.choice(len(real), n_plant, replace=False)
+    kinds = np.array(["exact", "shift", "noise"])[np.arange(n_plant) * 3 // n_plant]
+    x = real.images[src].copy()
+    x[kinds == "shift"] = np.roll(x[kinds == "shift"], (1, -1), axis=(2, 3))
+    noisy = x[kinds == "noise"]
+    x[kinds == "noise"] = np.clip(noisy + rng.normal(0, 0.1, noisy.shape), -1, 1)
+    synthetic.images[:n_plant] = x
+    return kinds
+
+
+def timed(fn, *args):
+    t, c = time.perf_counter(), time.process_time()
+    value = fn(*args)
+    return value, round(time.perf_counter() - t, 2), round(time.process_time() - c, 2)
+
+
+def pixel_comparison(n: int, seed: int, n_null: int) -> dict:
+    """The calibrated pixel detector on N = M = n: exhaustive search vs the prefiltered one, same threshold."""
+    synthetic, real, n_plant = make_data(n, n, seed)
+    kinds = plant_kinds(real, synthetic, n_plant, seed)
+    load = os.getloadavg()
+    radius, cal_s, _ = timed(calibrate_pixel, pixel_scorer(real, "exhaustive"), n_null)
+    (d_ex, i_ex, ex), ex_s, ex_cpu = timed(pixel_scorer(real, "exhaustive").pixel_within, synthetic.images, radius)
+    (d_fa, i_fa, fa), fa_s, fa_cpu = timed(pixel_scorer(real, "grid").pixel_within, synthetic.images, radius)
+    differ = np.flatnonzero(ex != fa)
+    out = {
+        "n_synthetic": n, "n_real": n, "n_null": n_null, "pixel_threshold": radius, "calibration_s": cal_s,
+        "exhaustive_s": ex_s, "exhaustive_cpu_s": ex_cpu, "prefiltered_s": fa_s, "prefiltered_cpu_s": fa_cpu,
+        "speedup": round(ex_s / fa_s, 1), "dropped_exhaustive": int(ex.sum()), "dropped_prefiltered": int(fa.sum()),
+        "decision_differences": [{"image": int(i), "exhaustive_distance": float(d_ex[i]), "threshold": radius}
+                                 for i in differ],
+        # both searches drop it but name different nearest training images: the distances of both (exhaustive:
+        # |q|^2 - 2qr + |r|^2 in float32; prefiltered: |q - r| directly), so near-ties can be told apart
+        "nearest_index_differences": [
+            {"image": int(i), "exhaustive": [int(i_ex[i]), float(d_ex[i])], "prefiltered": [int(i_fa[i]), float(d_fa[i])]}
+            for i in np.flatnonzero(ex & fa & (i_ex != i_fa))],
+        "max_abs_distance_diff_dropped": float(np.abs(d_ex[ex & fa] - d_fa[ex & fa]).max()) if (ex & fa).any() else 0.0,
+        "planted": {k: {"n": int((kinds == k).sum()), "dropped_exhaustive": int(ex[:n_plant][kinds == k].sum()),
+                        "dropped_prefiltered": int(fa[:n_plant][kinds == k].sum()),
+                        "recall_ci95": clopper_pearson(int(fa[:n_plant][kinds == k].sum()), int((kinds == k).sum()))}
+                    for k in ("exact", "shift", "noise")},
+        "fresh_dropped": int(fa[n_plant:].sum()), "n_fresh": int(n - n_plant),
+        "fresh_dropped_fraction": float(fa[n_plant:].mean()),
+        "fresh_dropped_ci95": clopper_pearson(int(fa[n_plant:].sum()), int(n - n_plant)), "load_average_1m": load[0],
+    }  # fmt: skip
+    print(f"pixel detector, N = M = {n:,}, threshold {radius:.4f} (conformal, {n_null} null images)")
+    print(f"  exhaustive search : {ex_s:8.2f} s ({ex_cpu:.1f} s CPU), dropped {out['dropped_exhaustive']}")
+    print(f"  prefiltered search: {fa_s:8.2f} s ({fa_cpu:.1f} s CPU), dropped {out['dropped_prefiltered']}")
+    print(f"  speed-up {out['speedup']}x; decisions differing: {len(differ)}; planted: {out['planted']}")
+    return out
+
+
+def scale_phases(synthetic: ImageSet, real: ImageSet, embedder: OnnxEmbedder, threshold: float, n_plant: int,
+                 n_null: int = 1000) -> dict:
+    """The embedding filter's steps one by one (same functions filter_synthetic calls), each timed and printed:
+    the re-id similarity and the calibrated pixel detector (conformal threshold on ``n_null`` fresh items)."""
+    cfg, times, cpu = FilterConfig(), {}, {}
 
     def phase(name: str, fn):
-        t = time.perf_counter()
-        value = fn()
-        times[name] = round(time.perf_counter() - t, 2)
-        print(f"  {name:<28} {times[name]:8.2f} s   peak RSS {peak_rss_mib():7.0f} MiB", flush=True)
+        value, times[name], cpu[name] = timed(fn)
+        print(f"  {name:<32} {times[name]:8.2f} s ({cpu[name]:7.1f} s CPU)  peak RSS {peak_rss_mib():7.0f} MiB  "
+              f"load {os.getloadavg()[0]:.1f}", flush=True)
         return value
 
     e_real = phase("embed real (onnx)", lambda: embedder.embed(real.images))
     e_syn = phase("embed synthetic (onnx)", lambda: embedder.embed(synthetic.images))
     best, _ = phase("re-id similarity (matmul)", lambda: best_matches(e_syn, e_real, cfg.chunk_size))
-    f_real = phase("pixel features", lambda: pixel.pixel_features(real.images))
-    f_syn = pixel.pixel_features(synthetic.images)
-    thr = phase("pixel threshold (median)", lambda: pixel_threshold(real, cfg.pixel_ratio, features=f_real))
-    d, _ = phase("pixel nearest neighbour", lambda: pixel.knn(f_syn, f_real, k=1))
+    scorer = pixel_scorer(real, "grid")
+    radius = phase("pixel calibration (exact null)", lambda: calibrate_pixel(scorer, n_null))
+    _, _, near = phase("pixel search (prefiltered)", lambda: scorer.pixel_within(synthetic.images, radius))
     out = {f"phase_{k.split(' (')[0].replace(' ', '_')}_s": v for k, v in times.items()}
+    out.update({f"phase_{k.split(' (')[0].replace(' ', '_')}_cpu_s": v for k, v in cpu.items()})
     out["embedding_filter_full_s"] = round(sum(times.values()), 2)
-    out.update(summarise(best >= threshold, d[:, 0] < thr, n_plant))
+    out["embedding_filter_full_cpu_s"] = round(sum(cpu.values()), 2)
+    out["pixel_threshold"] = radius
+    out.update(summarise(best >= threshold, near, n_plant))
     return out
 
 
@@ -134,6 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--m", type=int, default=None, help="real training images")
     ap.add_argument("--quick", action="store_true", help="N = M = 200")
     ap.add_argument("--scale", type=int, default=None, help="embedding filter alone at N = M = SCALE")
+    ap.add_argument("--pixel", type=int, default=None, help="pixel detector alone: exhaustive vs prefiltered at N = M")
+    ap.add_argument("--n-null", type=int, default=1000, help="fresh items calibrating the pixel threshold")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime / torch threads")
     ap.add_argument("--train-steps", type=int, default=None, help="re-id training steps (150; 60 with --quick)")
     ap.add_argument("--pair-batch", type=int, default=256)
@@ -142,6 +224,12 @@ def main(argv: list[str] | None = None) -> dict:
     n = args.scale or (200 if args.quick else args.n)
     m = args.scale or (200 if args.quick else (args.m or n))
     torch.set_num_threads(args.threads)
+    if args.pixel:
+        res = pixel_comparison(args.pixel, args.seed, args.n_null)
+        res.update(threads=args.threads, peak_rss_mib=round(peak_rss_mib(), 1))
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"filter_pixel_{args.pixel}.json").write_text(json.dumps(res, indent=2) + "\n")
+        return res
     name = f"filter_scale_{n}" if args.scale else ("filter_quick" if args.quick else "filter")
 
     t0 = time.perf_counter()
@@ -159,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"setup (data, re-id training, ONNX export): {setup_s:.1f} s", flush=True)
     if args.scale:
-        out.update(scale_phases(synthetic, real, embedder, model.threshold, n_plant))
+        out.update(scale_phases(synthetic, real, embedder, model.threshold, n_plant, args.n_null))
     else:
         t = time.perf_counter()
         full = filter_synthetic(synthetic, real, embed=embedder.embed, threshold=model.threshold, cfg=FilterConfig())

@@ -14,7 +14,7 @@ import numpy as np
 import structlog
 import torch
 
-from privdistill import pixel
+from privdistill import nearsearch, pixel
 from privdistill.config import FilterConfig
 from privdistill.data.types import ImageSet
 from privdistill.errors import DataError
@@ -39,6 +39,7 @@ DECISIONS_FILE = "decisions.npz"
 
 
 DETECTORS = ("reid", "pixel", "local")
+PIXEL_SEARCHES = ("grid", "exhaustive")  # grid: exact decisions, distances exact under the threshold
 LOCAL_NOISE_FLOOR = 0.01  # per-pixel variance below which a patch carries no identifying structure (std 0.1)
 
 
@@ -109,8 +110,12 @@ class GalleryScorer:
 
     def __init__(self, gallery: ImageSet, embed: Embed, *, real_embeddings: np.ndarray | None = None,
                  reid_score: str = "max", cohort_k: int = 10, max_shift: int = 1, local_patch: int = 4,
-                 chunk_size: int = 4096) -> None:
+                 chunk_size: int = 4096, pixel_search: str = "grid") -> None:
+        if pixel_search not in PIXEL_SEARCHES:
+            raise DataError(f"unknown pixel search {pixel_search!r}; choose from {PIXEL_SEARCHES}")
         self.gallery, self.embed = gallery, embed
+        self.pixel_search = pixel_search
+        self._shift_index: nearsearch.ShiftIndex | None = None
         self.e_gallery = embed(gallery.images) if real_embeddings is None else real_embeddings
         if len(self.e_gallery) != len(gallery):
             raise DataError(f"{len(self.e_gallery)} real embeddings for {len(gallery)} real images")
@@ -172,6 +177,20 @@ class GalleryScorer:
                 better = d0 < best_d
                 best_d[better], best_i[better] = d0[better], i0[better]
         return -best_d.astype(np.float64), best_i
+
+    def pixel_within(self, images: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The pixel detector's decision at distance ``radius``: (distance, index of the nearest training image,
+        within), exact where within (see `privdistill.nearsearch`; inf and -1 elsewhere). ``exhaustive``
+        search: every distance exact, at the cost of a full search per shift."""
+        if self.pixel_search == "exhaustive":
+            neg_d, idx = self.pixel(images)
+            d = (-neg_d).astype(np.float32)
+            return d, idx, d < radius
+        if self._shift_index is None:
+            self._shift_index = nearsearch.ShiftIndex(self.gallery.images, self.max_shift)
+        near = nearsearch.near_over_shifts(images, self._shift_index, radius)
+        log.debug("filter.pixel_search", n=len(images), candidates=near.candidates)
+        return near.distance, near.index, near.within
 
     # -- local structure: the best-matching patch
     @torch.no_grad()
@@ -265,8 +284,10 @@ class FilterResult:
     best_real_index: np.ndarray  # int64 [N]: that real image
     reid_match: np.ndarray  # bool [N]: the re-id detector's score passed its threshold
     pixel_match: np.ndarray  # bool [N]: pixel near-duplicate (all False when the check is off)
-    pixel_distance: np.ndarray | None  # float32 [N]: smoothed-pixel L2 distance to the nearest real image
-    pixel_real_index: np.ndarray | None  # int64 [N]
+    # float32 [N]: smoothed-pixel L2 distance to the nearest real image (calibrated filter: exact when under the
+    # threshold, inf when no training image is that close)
+    pixel_distance: np.ndarray | None
+    pixel_real_index: np.ndarray | None  # int64 [N] (-1: none under the calibrated threshold)
     threshold: float
     pixel_threshold: float | None
     enabled: bool = True
@@ -377,10 +398,8 @@ def filter_synthetic(
         thr = calibration.thresholds
         reid_match = reid_score > thr["reid"] if "reid" in thr else np.zeros(n, bool)
         if "pixel" in thr and n:
-            neg_d, pix_i = sc.pixel(synthetic.images)
-            pix_d = (-neg_d).astype(np.float32)
             pix_thr = float(-thr["pixel"])  # as a distance: dropped when strictly closer than this
-            pixel_match = neg_d > thr["pixel"]
+            pix_d, pix_i, pixel_match = sc.pixel_within(synthetic.images, pix_thr)
         if "local" in thr and n:
             local_match = sc.local(synthetic.images) > thr["local"]
         # on the cosine scale only for the plain best-match score (the histogram and review page draw it)
@@ -480,9 +499,9 @@ def write_filter_outputs(
     flagged = result.dropped if result.enabled else np.flatnonzero(result.flagged)
     shown = flagged[: result.review_grid_max]
     if len(shown):
-        use_pixel = ~result.reid_match[shown] & (result.pixel_real_index is not None)
         partner = result.best_real_index[shown].copy()
-        if result.pixel_real_index is not None:
+        if result.pixel_real_index is not None:  # the pixel partner where re-id did not match and one was found
+            use_pixel = ~result.reid_match[shown] & (result.pixel_real_index[shown] >= 0)
             partner[use_pixel] = result.pixel_real_index[shown][use_pixel]
         pairs = np.stack([synthetic.images[shown], real_train.images[partner]], 1)
         save_grid(pairs.reshape(-1, *synthetic.images.shape[1:]), review / "dropped_review.png", ncols=8)

@@ -4,6 +4,8 @@ whatever the number of reference images."""
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -20,25 +22,46 @@ def _gauss_kernel(sigma: float) -> torch.Tensor:
     return k / k.sum()
 
 
+OPERATOR_MAX_INPUTS = 1024  # images up to this many values (c*h*w) go through one precomputed map (<= 4 MiB)
+
+
+@torch.no_grad()
+def _blur_pool(x: torch.Tensor, k: torch.Tensor | None, pool: int) -> torch.Tensor:
+    c = x.shape[1]
+    if k is not None:
+        r = len(k) // 2
+        kh = k.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
+        kv = k.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
+        x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), kh, groups=c)
+        x = F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), kv, groups=c)
+    if pool > 1 and x.shape[-1] >= 2 * pool:
+        x = F.avg_pool2d(x, pool, ceil_mode=True)
+    return x.reshape(len(x), -1)
+
+
+@lru_cache(maxsize=8)
+def _feature_operator(shape: tuple[int, int, int], sigma: float, pool: int) -> torch.Tensor:
+    """[c*h*w, D]: the blur-then-pool map as a matrix (it is linear), built by sending the identity through it."""
+    n_in = shape[0] * shape[1] * shape[2]
+    eye = torch.eye(n_in, dtype=torch.float32).reshape(n_in, *shape)
+    return _blur_pool(eye, _gauss_kernel(sigma) if sigma > 0 else None, pool).contiguous()
+
+
 @torch.no_grad()
 def pixel_features(
     images: np.ndarray, sigma: float = DEFAULT_SIGMA, pool: int = DEFAULT_POOL, batch: int = 4096
 ) -> np.ndarray:
-    """NCHW [-1, 1] -> [N, D] float32: Gaussian blur (sigma px), then pool x pool average pooling."""
+    """NCHW [-1, 1] -> [N, D] float32: Gaussian blur (sigma px), then pool x pool average pooling.
+
+    Small images (up to OPERATOR_MAX_INPUTS values) take one matrix product with the same linear map, built
+    once per shape: on CPU a depthwise convolution costs far more per image than that product."""
     out = []
+    shape = tuple(int(v) for v in images.shape[1:])
+    op = _feature_operator(shape, float(sigma), int(pool)) if 0 < np.prod(shape) <= OPERATOR_MAX_INPUTS else None
     k = _gauss_kernel(sigma) if sigma > 0 else None
     for s in range(0, len(images), batch):
         x = torch.from_numpy(np.ascontiguousarray(images[s : s + batch], dtype=np.float32))
-        c = x.shape[1]
-        if k is not None:
-            r = len(k) // 2
-            kh = k.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
-            kv = k.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
-            x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), kh, groups=c)
-            x = F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), kv, groups=c)
-        if pool > 1 and x.shape[-1] >= 2 * pool:
-            x = F.avg_pool2d(x, pool, ceil_mode=True)
-        out.append(x.reshape(len(x), -1).numpy())
+        out.append((x.reshape(len(x), -1) @ op if op is not None else _blur_pool(x, k, pool)).numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 

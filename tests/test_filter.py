@@ -17,6 +17,7 @@ from privdistill.errors import DataError
 from privdistill.filter import (
     DETECTORS,
     FilterResult,
+    GalleryScorer,
     best_matches,
     calibrate_filter,
     filter_synthetic,
@@ -108,6 +109,22 @@ def test_chunked_equals_unchunked(world: dict, result: FilterResult) -> None:
     np.testing.assert_array_equal(small.best_similarity, result.best_similarity)
     np.testing.assert_array_equal(small.best_real_index, result.best_real_index)
     np.testing.assert_array_equal(small.dropped, result.dropped)
+
+
+def test_prefiltered_pixel_search_takes_the_exhaustive_decisions(world: dict, result: FilterResult) -> None:
+    cfg = FilterConfig()
+    exhaustive = GalleryScorer(world["real"], world["embed"], max_shift=cfg.pixel_max_shift,
+                               local_patch=cfg.local_patch, pixel_search="exhaustive")
+    ex = filter_synthetic(world["synthetic"], world["real"], embed=world["embed"], calibration=world["calibration"],
+                          cfg=cfg, scorer=exhaustive)
+    np.testing.assert_array_equal(result.pixel_match, ex.pixel_match)
+    np.testing.assert_array_equal(result.dropped, ex.dropped)
+    hit = result.pixel_match
+    assert hit.sum() >= 3 * N_PLANT  # exact and shifted copies at least: the comparison is not vacuous
+    np.testing.assert_array_equal(result.pixel_real_index[hit], ex.pixel_real_index[hit])
+    np.testing.assert_allclose(result.pixel_distance[hit] ** 2, ex.pixel_distance[hit] ** 2, rtol=1e-4, atol=1e-4)
+    # beyond the threshold the prefiltered search reports no partner (the review page shows none)
+    assert np.isinf(result.pixel_distance[~hit]).all() and (result.pixel_real_index[~hit] == -1).all()
 
 
 def test_best_matches_equals_brute_force() -> None:
