@@ -162,8 +162,9 @@ def _train_reid(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
 
 
 def _prompt_labels(teacher_dir: Path) -> dict[str, int | None] | None:
-    p = teacher_dir / "prompts.json"
-    return _load_json(p) if p.is_file() else None
+    from privdistill.measure import load_prompt_labels
+
+    return load_prompt_labels(teacher_dir)
 
 
 def _sample(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
