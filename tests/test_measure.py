@@ -33,7 +33,7 @@ def test_relabel_matches_classes_by_name_and_drops_unknown_ones() -> None:
     student = _set([0, 1, 2, 2], ["Bag", "Sandal", "Coat"])
     out = relabel(student, ["Sandal", "Bag", "Trouser"])
     assert out.class_names == ["Sandal", "Bag", "Trouser"]
-    assert list(out.labels) == [1, 0]  # Bag -> 1, Sandal -> 0, the two Coats dropped
+    assert out.labels is not None and list(out.labels) == [1, 0]  # Bag -> 1, Sandal -> 0, the two Coats dropped
     np.testing.assert_array_equal(out.images, student.images[[0, 1]])
 
 
@@ -43,6 +43,7 @@ def test_align_to_test_keeps_only_test_classes_the_samples_have() -> None:
     aligned = align_to_test(syn, test)
     assert aligned is not None
     s, t = aligned
+    assert s.labels is not None and t.labels is not None
     assert list(s.labels) == [1, 1] and list(t.labels) == [1, 1]
     assert align_to_test(_set([0], ["Coat"]), test) is None
 
@@ -93,17 +94,23 @@ def test_cached_classifier_predicts_like_the_trained_one(tmp_path: Path) -> None
 
 def test_measure_flags_copies_of_the_training_set_and_skips_what_has_no_input() -> None:
     train = _set([0, 1, 0, 1, 0, 1], ["a", "b"], seed=2, pids=True)
+    assert train.labels is not None
     copies = ImageSet(images=train.images[:3].copy(), labels=train.labels[:3], class_names=train.class_names)
-    out = measure(copies, RealSide(train=train), EvaluateConfig(), analysis_resolution=None, seed=0)
+    out = measure(copies, RealSide(train=train), EvaluateConfig.model_validate({}), analysis_resolution=None, seed=0)
     assert out["n_samples"] == 3 and out["memorization_rate"] == 1.0
     assert "tstr_accuracy" not in out and "fid_domain" not in out and "reid_rate" not in out
 
 
 def test_no_cache_root_caches_nothing() -> None:
     cache = MeasureCache(None)
-    n = []
+    n: list[int] = []
+
+    def make() -> dict[str, int]:
+        n.append(1)
+        return {"v": 1}
+
     for _ in range(2):
-        cache.json("t", {"k": 1}, lambda: n.append(1) or {"v": 1})
+        cache.json("t", {"k": 1}, make)
     assert len(n) == 2
 
 

@@ -26,7 +26,7 @@ class _PointModel:
     def __init__(self) -> None:
         from privdistill.config import ModelConfig
 
-        self.scheduler = build_scheduler(ModelConfig())
+        self.scheduler = build_scheduler(ModelConfig.model_validate({}))
         self.unet = torch.nn.Linear(1, 1)
         self.channels, self.resolution = 1, 4
         self.sample_shape = (1, 4, 4)
