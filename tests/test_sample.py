@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ class _PointModel:
     def __init__(self) -> None:
         from privdistill.config import ModelConfig
 
-        self.scheduler = build_scheduler(ModelConfig.model_validate({}))
+        self.scheduler: Any = build_scheduler(ModelConfig.model_validate({}))
         self.unet = torch.nn.Linear(1, 1)
         self.channels, self.resolution = 1, 4
         self.sample_shape = (1, 4, 4)
@@ -69,12 +70,12 @@ def test_multistep_solvers_are_deterministic_and_batch_size_independent(solver: 
 
 def test_sample_dataset_uses_the_configured_solver() -> None:
     model, _, _ = tiny_setup()
-    ddim = sample_dataset(model, SampleConfig(per_class=2, steps=3), seed=0)
-    unipc = sample_dataset(model, SampleConfig(per_class=2, steps=3, solver="unipc"), seed=0)
+    ddim = sample_dataset(model, SampleConfig.model_validate({"per_class": 2, "steps": 3}), seed=0)
+    unipc = sample_dataset(model, SampleConfig.model_validate({"per_class": 2, "steps": 3, "solver": "unipc"}), seed=0)
     assert list(unipc.labels) == [0, 0, 1, 1]
     assert np.abs(ddim.images - unipc.images).mean() > 1e-3
 
 
 def test_eta_with_a_multistep_solver_is_refused() -> None:
     with pytest.raises(ValidationError, match="eta applies to the ddim solver only"):
-        SampleConfig(solver="dpmpp", eta=0.5)
+        SampleConfig.model_validate({"solver": "dpmpp", "eta": 0.5})
