@@ -20,6 +20,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _ddp_worker import tiny_setup
 
 
+def _alphas_cumprod(scheduler: Any) -> torch.Tensor:
+    return scheduler.alphas_cumprod
+
+
 class _PointModel:
     """A stand-in model whose data distribution is one image per class, with the exact noise prediction
     eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t): every correct solver must end on x0."""
@@ -32,7 +36,7 @@ class _PointModel:
         self.channels, self.resolution = 1, 4
         self.sample_shape = (1, 4, 4)
         self.targets = torch.stack([torch.full((1, 4, 4), -0.5), torch.linspace(-0.9, 0.9, 16).reshape(1, 4, 4)])
-        self.abar = self.scheduler.alphas_cumprod
+        self.abar = _alphas_cumprod(self.scheduler)
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.unet]
@@ -72,7 +76,7 @@ def test_sample_dataset_uses_the_configured_solver() -> None:
     model, _, _ = tiny_setup()
     ddim = sample_dataset(model, SampleConfig.model_validate({"per_class": 2, "steps": 3}), seed=0)
     unipc = sample_dataset(model, SampleConfig.model_validate({"per_class": 2, "steps": 3, "solver": "unipc"}), seed=0)
-    assert list(unipc.labels) == [0, 0, 1, 1]
+    assert unipc.labels is not None and list(unipc.labels) == [0, 0, 1, 1]
     assert np.abs(ddim.images - unipc.images).mean() > 1e-3
 
 
