@@ -190,6 +190,14 @@ def test_evaluate_student_measures_a_released_model_on_local_data(site: Site, tm
     assert student["tstr_classes"] == ["Bag", "Sneaker"]  # Coat is not a class of this site
     assert "student on site site-a: memorization_rate" in capsys.readouterr().out
     assert set(CLASSES) >= set(student["tstr_classes"])
+    # the real-side work is cached in the site's work directory; a second call measures the same numbers
+    from privdistill.measure import CACHE_DIR
+
+    cached = sorted(p.name.split("-")[0] for p in (site.workdir / CACHE_DIR).iterdir())
+    assert "classifier" in cached and "reid" in cached  # feature classifier, re-id train embeddings
+    assert run("evaluate-student", site.config_path, tmp_path / "release", "--workdir", site.workdir) == 0
+    again = json.loads((site.workdir / "student-eval" / "report.json").read_text())
+    assert again["student"] == student and again["teacher"] == report["teacher"]
     assert run("evaluate-student", site.config_path, tmp_path / "nothing", "--workdir", site.workdir) == 7
 
 
