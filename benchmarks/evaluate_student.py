@@ -65,6 +65,36 @@ def baseline_module(rev: str) -> Any:
     return mod
 
 
+def breakdown(cfg: Any, workdir: Path, model_dir: Path) -> dict[str, float]:
+    """Seconds of each part a warm call still computes for a new student."""
+    from privdistill.audit.mia import comparable_nonmembers, ingest_visits, membership_auc
+    from privdistill.data.types import ImageSet
+    from privdistill.imaging import at_resolution
+    from privdistill.measure import tstr
+    from privdistill.metrics import memorization
+    from privdistill.models import DiffusionModel
+    from privdistill.sample import sample_dataset
+
+    out: dict[str, float] = {}
+
+    def t(name: str, fn: Any) -> Any:
+        s = time.perf_counter()
+        r = fn()
+        out[name] = time.perf_counter() - s
+        return r
+
+    model = DiffusionModel.load(model_dir)
+    train, test = (ImageSet.load(workdir / "ingest" / f"{n}.npz") for n in ("train", "test"))
+    samples = t("sample", lambda: sample_dataset(model, cfg.sample, seed=cfg.seed + 21))
+    nonmembers = comparable_nonmembers(test, ingest_visits(cfg.data, workdir / "ingest"), seed=cfg.seed)
+    t("membership_attack", lambda: membership_auc(model, train, nonmembers, seed=cfg.seed))
+    t("tstr", lambda: tstr(samples, test, cfg.evaluate, seed=cfg.seed + 22))
+    train_a = at_resolution(train, cfg.analysis_resolution)
+    t("memorization", lambda: memorization(at_resolution(samples, cfg.analysis_resolution).images, train_a,
+                                           ratio=cfg.evaluate.memorization_ratio))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", choices=["tiny", "demo"], default="demo")
@@ -72,6 +102,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--baseline-rev", default="a9be97e")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--breakdown", action="store_true", help="also time the student's own parts one by one")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
@@ -115,6 +146,8 @@ def main() -> None:
         "machine": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if args.breakdown:
+        result["breakdown_seconds"] = breakdown(cfg, workdir, model_dir)
     out = args.out or ROOT / "benchmarks" / "results" / f"evaluate_student_{args.size}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
