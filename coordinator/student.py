@@ -397,7 +397,7 @@ def _evaluate(shards: list[Path | ShardRef], cfg: TrainingConfig, ctx: StageCont
     pooled, _ = load_accepted(shards, resolution=cfg.resolution, channels=cfg.channels)
     report: dict[str, Any] = {
         "student": {"n_samples": len(samples), "class_names": list(model.class_names),
-                    "ddim_steps": cfg.sample.steps, "trained_on_shards": len(training["shards"]),
+                    "ddim_steps": cfg.sample.steps, "solver": cfg.sample.solver, "trained_on_shards": len(training["shards"]),
                     "trained_on_samples": training["n_samples"]},
         **utility_report(samples, pooled, cfg, MeasureCache(ctx.workdir / CACHE_DIR)),
         "privacy": {

@@ -183,7 +183,7 @@ def _sample(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     from privdistill.audit.mia import run_membership_audit
 
     atomic_write_json(ctx.out / MIA_FILE, run_membership_audit(model, ctx.input("ingest"), cfg.data, seed=cfg.seed))
-    return {"n_samples": len(samples), "ddim_steps": cfg.sample.steps}
+    return {"n_samples": len(samples), "ddim_steps": cfg.sample.steps, "solver": cfg.sample.solver}
 
 
 def _filter(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
