@@ -350,6 +350,7 @@ def _train(shards: list[Path | ShardRef], cfg: TrainingConfig, ctx: StageContext
 def _evaluate(shards: list[Path | ShardRef], cfg: TrainingConfig, ctx: StageContext) -> dict[str, Any]:
     from coordinator.student_eval import utility_report
     from privdistill.imaging import save_grid
+    from privdistill.measure import CACHE_DIR, MeasureCache, load_prompt_labels
     from privdistill.models import DiffusionModel
     from privdistill.sample import sample_dataset
     from privdistill.train import Dist, pick_device
@@ -360,16 +361,15 @@ def _evaluate(shards: list[Path | ShardRef], cfg: TrainingConfig, ctx: StageCont
         raise StageError("the accepted shards changed since the student was trained: run train-student first")
     device = pick_device(Dist())
     model = DiffusionModel.load(tdir / "model").to(device)
-    prompts = tdir / PROMPTS_FILE
     samples = sample_dataset(model, cfg.sample, seed=derive_seed(cfg.seed, "student-samples"), device=device,
-                             prompt_labels=json.loads(prompts.read_text()) if prompts.is_file() else None)
+                             prompt_labels=load_prompt_labels(tdir))
     save_grid(samples.images[:64], ctx.out / GRID_FILE)
     pooled, _ = load_accepted(shards, resolution=cfg.resolution, channels=cfg.channels)
     report: dict[str, Any] = {
         "student": {"n_samples": len(samples), "class_names": list(model.class_names),
-                    "ddim_steps": cfg.sample.steps, "trained_on_shards": len(training["shards"]),
+                    "ddim_steps": cfg.sample.steps, "solver": cfg.sample.solver, "trained_on_shards": len(training["shards"]),
                     "trained_on_samples": training["n_samples"]},
-        **utility_report(samples, pooled, cfg),
+        **utility_report(samples, pooled, cfg, MeasureCache(ctx.workdir / CACHE_DIR)),
         "privacy": {
             "measured_at_coordinator": False,
             "note": NO_PATIENT_DATA,

@@ -163,8 +163,9 @@ def _train_reid(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
 
 
 def _prompt_labels(teacher_dir: Path) -> dict[str, int | None] | None:
-    p = teacher_dir / "prompts.json"
-    return _load_json(p) if p.is_file() else None
+    from privdistill.measure import load_prompt_labels
+
+    return load_prompt_labels(teacher_dir)
 
 
 def _sample(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
@@ -184,7 +185,7 @@ def _sample(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     from privdistill.audit.mia import run_membership_audit
 
     atomic_write_json(ctx.out / MIA_FILE, run_membership_audit(model, ctx.input("ingest"), cfg.data, seed=cfg.seed))
-    return {"n_samples": len(samples), "ddim_steps": cfg.sample.steps}
+    return {"n_samples": len(samples), "ddim_steps": cfg.sample.steps, "solver": cfg.sample.solver}
 
 
 def _filter(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:

@@ -1,13 +1,14 @@
-"""DDIM sampling: N images per class or prompt, batched, deterministic given a seed."""
+"""Sampling (DDIM, DPM-Solver++ or UniPC): N images per class or prompt, batched, deterministic given a seed."""
 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import numpy as np
 import structlog
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from tqdm.auto import tqdm
 
 from privdistill.config import SampleConfig
@@ -18,22 +19,39 @@ from privdistill.models import DiffusionModel
 log = structlog.get_logger(__name__)
 
 
-@torch.no_grad()
-def ddim_sample(
-    model: DiffusionModel, *, labels: np.ndarray | None = None, prompts: list[str] | None = None,
-    steps: int = 50, eta: float = 0.0, batch_size: int = 128, seed: int = 0, device: torch.device | None = None,
-    progress: bool = True,
-) -> np.ndarray:
-    """Generate one image per label (or prompt); returns NCHW float32 in [-1, 1].
+SOLVERS = ("ddim", "dpmpp", "unipc")
 
-    The starting noise of sample i is drawn from one generator seeded with ``seed``, so with
-    eta = 0 the result does not depend on ``batch_size``."""
+
+def make_solver(model: DiffusionModel, solver: str) -> Any:  # diffusers schedulers are untyped mixins
+    """A fresh sampling scheduler over the model's training noise schedule (as a diffusers pipeline swaps
+    schedulers: ``from_config``); the multistep solvers keep state, so each batch gets its own."""
+    cfg = model.scheduler.config
+    if solver == "ddim":
+        return DDIMScheduler.from_config(cfg)
+    if solver == "dpmpp":
+        return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2)
+    if solver == "unipc":
+        return UniPCMultistepScheduler.from_config(cfg, solver_order=2)
+    raise StageError(f"unknown sampling solver {solver!r}: use one of {', '.join(SOLVERS)}")
+
+
+@torch.inference_mode()
+def sample_images(
+    model: DiffusionModel, *, labels: np.ndarray | None = None, prompts: list[str] | None = None,
+    solver: str = "ddim", steps: int = 50, eta: float = 0.0, batch_size: int = 128, seed: int = 0,
+    device: torch.device | None = None, progress: bool = True,
+) -> np.ndarray:
+    """Generate one image per label (or prompt) with ``steps`` model evaluations each; returns NCHW float32
+    in [-1, 1].
+
+    The starting noise of sample i is drawn from one generator seeded with ``seed``, so with eta = 0 (every
+    solver here is then deterministic) the result does not depend on ``batch_size``."""
     n = len(labels) if labels is not None else len(prompts or [])
     if n == 0:
         raise StageError("nothing to sample: no labels or prompts given")
+    if eta > 0 and solver != "ddim":
+        raise StageError(f"eta applies to the ddim solver only (solver is {solver}); set eta to 0")
     device = device or next(model.unet.parameters()).device
-    scheduler = DDIMScheduler.from_config(model.scheduler.config)
-    scheduler.set_timesteps(steps)
     shape = (n, *model.sample_shape)  # a latent model denoises VAE latents and decodes them at the end
     g = torch.Generator().manual_seed(seed)
     x_all = torch.randn(shape, generator=g)
@@ -43,17 +61,27 @@ def ddim_sample(
     batches = range(0, n, batch_size)
     for s in tqdm(batches, desc="sample", unit="batch", disable=not progress, file=sys.stderr):
         e = min(n, s + batch_size)
-        x = x_all[s:e].to(device)
+        scheduler = make_solver(model, solver)
+        scheduler.set_timesteps(steps)
+        x = x_all[s:e].to(device) * scheduler.init_noise_sigma
         lab = None if labels is None else torch.as_tensor(labels[s:e]).long()
         pr = None if prompts is None else list(prompts[s:e])
         cond = model.condition(lab, pr, device)
         step_gen = torch.Generator().manual_seed(seed * 7919 + s)
         for t in scheduler.timesteps:
-            eps = model.predict_noise(x, t.to(device).expand(len(x)), cond)
-            noise = torch.randn(x.shape, generator=step_gen).to(device) if eta > 0 else None
-            x = scheduler.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
+            eps = model.predict_noise(scheduler.scale_model_input(x, t), t.to(device).expand(len(x)), cond)
+            if solver == "ddim":
+                noise = torch.randn(x.shape, generator=step_gen).to(device) if eta > 0 else None
+                x = scheduler.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
+            else:
+                x = scheduler.step(eps, t, x).prev_sample
         out[s:e] = model.decode(x).clamp(-1, 1).float().cpu().numpy()
     return out
+
+
+def ddim_sample(model: DiffusionModel, **kwargs: Any) -> np.ndarray:
+    """``sample_images`` with the DDIM solver (kept for callers that name it)."""
+    return sample_images(model, solver="ddim", **kwargs)
 
 
 def sample_dataset(
@@ -65,17 +93,16 @@ def sample_dataset(
     if model.conditioning == "class":
         k = len(model.class_names)
         labels = np.repeat(np.arange(k, dtype=np.int64), cfg.per_class)
-        imgs = ddim_sample(model, labels=labels, steps=cfg.steps, eta=cfg.eta, batch_size=cfg.batch_size, seed=seed, device=device)
+        imgs = sample_images(model, labels=labels, solver=cfg.solver, steps=cfg.steps, eta=cfg.eta, batch_size=cfg.batch_size, seed=seed, device=device)
         return ImageSet(images=imgs, labels=labels, class_names=list(model.class_names))
     if not prompt_labels:
         raise StageError("text-conditional sampling needs the training prompts")
     distinct = sorted(prompt_labels)
     plist = [p for p in distinct for _ in range(cfg.per_class)]
-    imgs = ddim_sample(model, prompts=plist, steps=cfg.steps, eta=cfg.eta, batch_size=cfg.batch_size, seed=seed, device=device)
-    labels = None
-    if all(prompt_labels[p] is not None for p in distinct):
-        labels = np.array([prompt_labels[p] for p in plist], dtype=np.int64)
-    return ImageSet(images=imgs, labels=labels, prompts=plist, class_names=list(model.class_names))
+    imgs = sample_images(model, prompts=plist, solver=cfg.solver, steps=cfg.steps, eta=cfg.eta, batch_size=cfg.batch_size, seed=seed, device=device)
+    plabels = (np.array([prompt_labels[p] for p in plist], dtype=np.int64)
+               if all(prompt_labels[p] is not None for p in distinct) else None)
+    return ImageSet(images=imgs, labels=plabels, prompts=plist, class_names=list(model.class_names))
 
 
 def prompt_label_map(data: ImageSet) -> dict[str, int | None]:

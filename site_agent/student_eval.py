@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import structlog
 
 from privdistill.data.types import ImageSet
 from privdistill.errors import DataError, StageError
+from privdistill.measure import MeasureCache
 from privdistill.seeds import derive_seed
 from privdistill.stages import atomic_write_json, hash_tree, read_record
 from site_agent.config import SiteConfig
@@ -31,32 +31,37 @@ def _model_path(model_dir: Path) -> Path:
                      "point evaluate-student at the released model folder")
 
 
-def _prompt_labels(model_dir: Path, model_path: Path) -> dict[str, int | None] | None:
-    for p in (model_path / "prompts.json", model_dir / "prompts.json"):
-        if p.is_file():
-            return json.loads(p.read_text())
-    return None
+def _teacher_mia(cfg: SiteConfig, workdir: Path, cache: MeasureCache, train: ImageSet,
+                 nonmembers: ImageSet) -> dict[str, Any] | None:
+    """This site's teacher's membership AUC: the sample stage measured it on the same members and non-members
+    with the same seed (reused when that stage ran on the current teacher), else computed once and cached."""
+    from privdistill.audit.mia import membership_auc
+    from privdistill.models import DiffusionModel
+    from privdistill.pipeline import MIA_FILE
 
-
-def _align_labels(samples: ImageSet, test: ImageSet) -> tuple[ImageSet, ImageSet] | None:
-    """Map the student's class names onto this site's; keep only classes both know."""
-    if samples.labels is None or test.labels is None:
+    teacher_rec = read_record(workdir, "train-teacher")
+    if teacher_rec is None:
         return None
-    site_index = {name: i for i, name in enumerate(test.class_names)}
-    mapped = np.array([site_index.get(samples.class_names[lab], -1) for lab in samples.labels], np.int64)
-    known = {int(x) for x in mapped if x >= 0}
-    s_keep = np.flatnonzero(mapped >= 0)
-    t_keep = np.flatnonzero(np.isin(test.labels, sorted(known)))
-    if len(s_keep) == 0 or len(t_keep) == 0:
-        return None
-    syn = ImageSet(images=samples.images[s_keep], labels=mapped[s_keep], class_names=list(test.class_names))
-    return syn, test.subset(t_keep)
+    sample_rec = read_record(workdir, "sample")
+    mia_file = workdir / "sample" / MIA_FILE
+    if (sample_rec is not None and mia_file.is_file()
+            and (sample_rec.get("inputs") or {}).get("train-teacher") == teacher_rec.get("outputs_hash")):
+        return json.loads(mia_file.read_text())
+    teacher_dir = workdir / "train-teacher" / "model"
+    return cache.json("teacher-mia", {"model": teacher_rec.get("outputs_hash"), "members": train,
+                                      "nonmembers": nonmembers, "seed": cfg.seed},
+                      lambda: membership_auc(DiffusionModel.load(teacher_dir), train, nonmembers, seed=cfg.seed))
 
 
 def evaluate_student(cfg: SiteConfig, workdir: Path, model_dir: Path) -> dict[str, Any]:
     """Sample the student with the config's sample settings and measure it on this site's data;
-    writes WORKDIR/student-eval/report.json (aggregates only) and returns it."""
-    from privdistill.metrics import memorization, reid_rate, tstr_accuracy
+    writes WORKDIR/student-eval/report.json (aggregates only) and returns it. What depends on this site's data
+    only (the real-data feature classifier, the re-id embeddings of the training set, the teacher's numbers)
+    is cached in WORKDIR/.measure-cache, keyed by the hashes of its inputs."""
+    from privdistill.audit.mia import comparable_nonmembers, ingest_visits, membership_auc
+    from privdistill.classifier import features
+    from privdistill.imaging import at_resolution
+    from privdistill.measure import CACHE_DIR, RealSide, load_prompt_labels, measure
     from privdistill.models import DiffusionModel
     from privdistill.reid import OnnxEmbedder
     from privdistill.sample import sample_dataset
@@ -70,58 +75,49 @@ def evaluate_student(cfg: SiteConfig, workdir: Path, model_dir: Path) -> dict[st
     if (model.resolution, model.channels) != (cfg.data.resolution, cfg.data.channels):
         raise DataError(f"the student makes {model.channels}x{model.resolution}px images and this site's data is "
                         f"{cfg.data.channels}x{cfg.data.resolution}px: it was not trained for this site's data")
-    samples = sample_dataset(model, cfg.sample, seed=derive_seed(cfg.seed, "released-student-samples"), prompt_labels=_prompt_labels(model_dir, model_path))
+    samples = sample_dataset(model, cfg.sample, seed=derive_seed(cfg.seed, "released-student-samples"),
+                             prompt_labels=load_prompt_labels(model_path, model_dir))
     teacher_samples = ImageSet.load(workdir / "sample" / "samples.npz") if read_record(workdir, "sample") else None
     train = ImageSet.load(workdir / "ingest" / "train.npz")
     test = ImageSet.load(workdir / "ingest" / "test.npz")
-    from privdistill.imaging import at_resolution
 
+    cache = MeasureCache(workdir / CACHE_DIR)
     train_a = at_resolution(train, cfg.analysis_resolution)  # privacy checks at the analysis resolution
     reid_meta = json.loads((workdir / "train-reid" / "reid" / "reid.json").read_text())
-    embedder = OnnxEmbedder(workdir / "train-reid" / "reid.onnx")
+    reid_onnx = workdir / "train-reid" / "reid.onnx"
+    embedder = OnnxEmbedder(reid_onnx)
     threshold = float(reid_meta["threshold"])
-    train_emb = embedder.embed(train_a.images)
+    train_emb = cache.array("reid-train-embeddings", {"onnx": reid_onnx, "train": train_a},
+                            lambda: embedder.embed(train_a.images))
+    real = RealSide(test=test if len(test) else None, train=train_a, reid_embed=embedder.embed,
+                    train_emb=train_emb, reid_threshold=threshold)
+    if len(test) and train.labels is not None and test.labels is not None:
+        real.feature_clf = cache.classifier(train.images, train.labels, len(train.class_names),
+                                            steps=cfg.evaluate.classifier_steps,
+                                            batch_size=cfg.evaluate.classifier_batch_size, seed=derive_seed(cfg.seed, "eval-classifier"))
+        real.fid_features = features(real.feature_clf, test.images)
 
-    from privdistill.audit.mia import comparable_nonmembers, ingest_visits, membership_auc
+    def measured(synthetic: ImageSet, stream: str) -> dict[str, Any]:
+        return measure(synthetic, real, cfg.evaluate, analysis_resolution=cfg.analysis_resolution,
+                       seed=derive_seed(cfg.seed, stream))
 
+    # membership inference against this site's training patients (members) vs its held-out ones
     nonmembers = comparable_nonmembers(test, ingest_visits(cfg.data, workdir / "ingest"), seed=cfg.seed)
-
-    def mia(m: DiffusionModel) -> dict[str, Any]:
-        """Membership inference against this site's training patients (members) vs its held-out ones."""
-        return membership_auc(m, train, nonmembers, seed=cfg.seed) if len(test) else {"auc": None}
-
-    def _memorization(m: dict[str, Any]) -> dict[str, Any]:
-        # undecidable samples are reported, and the release gate counts them as memorized
-        return {"memorization_rate": m["rate"], "memorization_undecidable": m["undecidable"], "memorization_ci": m["ci"]}
-
-    def measure(synthetic: ImageSet, seed: int) -> dict[str, Any]:
-        tstr, aligned = None, _align_labels(synthetic, test)
-        if aligned is not None:
-            syn, local_test = aligned
-            tstr = tstr_accuracy(syn, local_test, len(test.class_names), steps=cfg.evaluate.classifier_steps,
-                                 batch_size=cfg.evaluate.classifier_batch_size, seed=seed)
-        return {
-            "n_samples": len(synthetic),
-            **_memorization(memorization(at_resolution(synthetic, cfg.analysis_resolution).images, train_a,
-                                         ratio=cfg.evaluate.memorization_ratio)),
-            "reid_rate": reid_rate(synthetic.images, train_emb, embed=embedder.embed, threshold=threshold),
-            "tstr_accuracy": tstr,
-            "tstr_classes": None if aligned is None else sorted({test.class_names[int(i)] for i in aligned[1].labels}),
-        }
-
-    student_mia = mia(model)
-    teacher_dir = workdir / "train-teacher" / "model"
-    teacher_mia = mia(DiffusionModel.load(teacher_dir)) if read_record(workdir, "train-teacher") else None
-    report = {
+    student_mia = membership_auc(model, train, nonmembers, seed=cfg.seed) if len(test) else {"auc": None}
+    teacher_mia = _teacher_mia(cfg, workdir, cache, train, nonmembers) if len(test) else None
+    report: dict[str, Any] = {
         "model_sha256": hash_tree(model_path),
         "site_id": cfg.site.id,
         "memorization_ratio": cfg.evaluate.memorization_ratio,
         "reid_threshold": threshold,
         "n_train": len(train),
         "n_test": len(test),
-        "student": measure(samples, derive_seed(cfg.seed, "measure-student")),
+        "student": measured(samples, "measure-student"),
         # the same measurements of this site's own teacher samples, for comparison (both stay local)
-        "teacher": None if teacher_samples is None else measure(teacher_samples, derive_seed(cfg.seed, "measure-teacher")),
+        "teacher": None if teacher_samples is None else cache.json(
+            "teacher-measure", {"samples": teacher_samples, "real": real.key(), "analysis": cfg.analysis_resolution,
+                                "ev": cfg.evaluate.model_dump(mode="json"), "stream": "measure-teacher"},
+            lambda: measured(teacher_samples, "measure-teacher")),
     }
     report["student"]["mia_auc"] = student_mia.get("auc")
     if report["teacher"] is not None and teacher_mia is not None:
@@ -130,7 +126,8 @@ def evaluate_student(cfg: SiteConfig, workdir: Path, model_dir: Path) -> dict[st
     atomic_write_json(workdir / REPORT_DIR / "report.json", report)
     _attest(cfg, workdir, model_path, report["student"], student_mia)
     log.info("student_eval.done", memorization_rate=report["student"]["memorization_rate"],
-             reid_rate=report["student"]["reid_rate"], tstr_accuracy=report["student"]["tstr_accuracy"])
+             reid_rate=report["student"]["reid_rate"], tstr_accuracy=report["student"]["tstr_accuracy"],
+             cache_hits=sorted(cache.hits))
     return report
 
 

@@ -190,6 +190,14 @@ def test_evaluate_student_measures_a_released_model_on_local_data(site: Site, tm
     assert student["tstr_classes"] == ["Bag", "Sneaker"]  # Coat is not a class of this site
     assert "student on site site-a: memorization_rate" in capsys.readouterr().out
     assert set(CLASSES) >= set(student["tstr_classes"])
+    # the real-side work is cached in the site's work directory; a second call measures the same numbers
+    from privdistill.measure import CACHE_DIR
+
+    cached = sorted(p.name.split("-")[0] for p in (site.workdir / CACHE_DIR).iterdir())
+    assert "classifier" in cached and "reid" in cached  # feature classifier, re-id train embeddings
+    assert run("evaluate-student", site.config_path, tmp_path / "release", "--workdir", site.workdir) == 0
+    again = json.loads((site.workdir / "student-eval" / "report.json").read_text())
+    assert again["student"] == student and again["teacher"] == report["teacher"]
     assert run("evaluate-student", site.config_path, tmp_path / "nothing", "--workdir", site.workdir) == 7
 
 
@@ -212,7 +220,8 @@ def test_run_trains_filters_and_packages_for_real_then_skips_when_unchanged(
            "teacher": {"model": {"block_out_channels": [16, 32], "norm_num_groups": 8},
                        "train": {"steps": 20, "batch_size": 16, "warmup_steps": 2, "log_every": 10}},
            "reid": {"steps": 10, "batch_size": 16, "width": 8, "embedding_dim": 16},
-           "sample": {"per_class": 4, "steps": 4, "batch_size": 12},
+           # the measured numbers below are the DDIM sampler's (the default is DPM-Solver++ now)
+           "sample": {"solver": "ddim", "per_class": 4, "steps": 4, "batch_size": 12},
            # 30 held-out images, 15 of them calibrate: alpha 0.3 (0.1 per detector) needs >= 9 null images
            "filter": {"max_fresh_drop": 0.3},
            "site": {"id": "site-a", "coordinator_url": "https://127.0.0.1:9", "ca_file": "ca.pem",
