@@ -116,7 +116,7 @@ def evaluate_student(cfg: SiteConfig, workdir: Path, model_dir: Path) -> dict[st
         # the same measurements of this site's own teacher samples, for comparison (both stay local)
         "teacher": None if teacher_samples is None else cache.json(
             "teacher-measure", {"samples": teacher_samples, "real": real.key(), "analysis": cfg.analysis_resolution,
-                                "ev": cfg.evaluate.model_dump(mode="json"), "stream": "measure-teacher"},
+                                "ev": cfg.evaluate.model_dump(mode="json"), "seed": derive_seed(cfg.seed, "measure-teacher")},
             lambda: measured(teacher_samples, "measure-teacher")),
     }
     report["student"]["mia_auc"] = student_mia.get("auc")
