@@ -80,3 +80,20 @@ def test_progress_bars_only_on_a_tty_and_never_in_json_mode(monkeypatch: pytest.
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     logs.configure_logging("console", "info")
     assert not logs.progress_enabled()  # piped to a file, CI or a daemon's log
+
+
+def test_demo_prints_one_line_per_finished_site_stage() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "two_site_demo", Path(__file__).resolve().parents[1] / "examples" / "two_site_demo.py")
+    assert spec is not None and spec.loader is not None
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    done = json.dumps({"event": "stage.done", "stage": "train-teacher", "seconds": 61.6, "level": "info"})
+    skipped = json.dumps({"event": "stage.skipped", "stage": "ingest", "reason": "inputs unchanged"})
+    assert demo.stage_line("site-a", done) == "  site-a: train-teacher done in 62 s"
+    assert demo.stage_line("site-b", skipped) == "  site-b: ingest unchanged, skipped"
+    assert demo.stage_line("site-a", json.dumps({"event": "stage.start", "stage": "sample"})) is None
+    assert demo.stage_line("site-a", "train: 40%|####") is None
