@@ -25,6 +25,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 UV ?= $(shell command -v uv 2>/dev/null || echo $(VENV)/bin/uv)
 LOCK_TORCH ?= --find-links /opt/wheels
 lock:
+	@command -v $(UV) >/dev/null || { echo "make lock needs uv: install it (pip install uv) or pass UV=/path/to/uv" >&2; exit 3; }
 	echo "torch==$(TORCH_VERSION)+cpu" | $(UV) pip compile pyproject.toml - --extra test --python-version 3.11 \
 	  --python-platform x86_64-manylinux_2_28 --native-tls $(LOCK_TORCH) --custom-compile-command "make lock" -o requirements.lock
 	sed -i 's/^torch==\([^+]*\)+.*$$/torch==\1/' requirements.lock
