@@ -8,10 +8,13 @@ opens a released student without privdistill::
     pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, local_files_only=True)
     images = pipe(class_labels=["normal", 1], num_inference_steps=50).images   # class-conditional
     images = pipe(prompt=["an image of a trouser"]).images                     # text-conditioned
-"""
+
+Where privdistill is installed, ``PrivdistillPipeline.from_folder(folder)`` opens it without running the folder's
+code."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -35,6 +38,24 @@ class PrivdistillPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
         self.register_to_config(class_names=list(class_names or []), text_max_length=int(text_max_length))
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> PrivdistillPipeline:
+        """Open a folder saved with this pipeline without executing its pipeline.py (this class is used instead):
+        only diffusers and transformers classes named in model_index.json are loaded, from local files."""
+        folder = Path(folder)
+        index = json.loads((folder / INDEX_FILE).read_text())
+        parts: dict[str, Any] = {}
+        for name in ("unet", "scheduler", "text_encoder", "tokenizer"):
+            library, class_name = index.get(name) or (None, None)
+            if library is None:
+                continue
+            if library not in ("diffusers", "transformers"):
+                raise ValueError(f"{folder / INDEX_FILE}: {name} is a {library}.{class_name}; expected a diffusers "
+                                 "or transformers class")
+            loader = getattr(importlib.import_module(library), str(class_name))
+            parts[name] = loader.from_pretrained(folder / name, local_files_only=True)
+        return cls(**parts, class_names=index.get("class_names"), text_max_length=index.get("text_max_length", 16))
 
     def _labels(self, class_labels: list[int | str] | torch.Tensor) -> torch.Tensor:
         """Class indices, or names from ``config.class_names``, as a 1-D long tensor."""

@@ -51,6 +51,13 @@ def test_class_conditional_model_opens_in_diffusers_and_samples_as_privdistill(t
     ours = ddim_sample(model, labels=np.array([1, 0]), steps=3, seed=5, progress=False)
     np.testing.assert_allclose(out, ours.transpose(0, 2, 3, 1) / 2 + 0.5, atol=1e-5)
     assert DiffusionModel.load(tmp_path / "m").class_names == ["trouser", "bag"]  # privdistill's loader still works
+    from privdistill.hub import PrivdistillPipeline
+
+    local = PrivdistillPipeline.from_folder(tmp_path / "m")  # the installed class, pipeline.py not executed
+    local.set_progress_bar_config(disable=True)
+    again = local(class_labels=[1, 0], num_inference_steps=3, output_type="np",
+                  generator=torch.Generator().manual_seed(5)).images
+    np.testing.assert_allclose(again, out, atol=1e-6)
     with pytest.raises(ValueError, match="unknown class 'coat'"):
         pipe(class_labels=["coat"], num_inference_steps=1)
 
