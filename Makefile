@@ -8,15 +8,27 @@ TORCH_VERSION ?= 2.13.0
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 DEMO_WORKDIR ?= demo-work
 
-.PHONY: venv data sysdeps compose-venv docker-deps images demo demo-single demo-federated demo-pacs test test-slow bench clean clean-images
+.PHONY: lock venv data sysdeps compose-venv docker-deps images demo demo-single demo-federated demo-pacs test test-slow bench clean clean-images
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# CPU build of torch first (lies on this kind of machine's disk); fall back to PyPI's default.
-	$(PIP) install -q "torch==$(TORCH_VERSION)" || $(PIP) install -q torch
-	$(PIP) install -q -e ".[test]"
+	# CPU build of torch first (lies on this kind of machine's disk); fall back to PyPI's build of the same version.
+	$(PIP) install -q -c requirements.lock "torch==$(TORCH_VERSION)+cpu" || $(PIP) install -q -c requirements.lock torch
+	$(PIP) install -q -c requirements.lock -e ".[test]"
 	touch $@
+
+# requirements.lock: every distribution the project and its test extra install, pinned (Python 3.11, Linux x86_64),
+# resolved by uv against the package index pip uses plus LOCK_TORCH (where the CPU build of torch lies; elsewhere
+# e.g. LOCK_TORCH="--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match").
+# torch is pinned without its local label, so the same file constrains the CPU and the CUDA build.
+UV ?= $(shell command -v uv 2>/dev/null || echo $(VENV)/bin/uv)
+LOCK_TORCH ?= --find-links /opt/wheels
+lock:
+	@command -v $(UV) >/dev/null || { echo "make lock needs uv: install it (pip install uv) or pass UV=/path/to/uv" >&2; exit 3; }
+	echo "torch==$(TORCH_VERSION)+cpu" | $(UV) pip compile pyproject.toml - --extra test --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 --native-tls $(LOCK_TORCH) --custom-compile-command "make lock" -o requirements.lock
+	sed -i 's/^torch==\([^+]*\)+.*$$/torch==\1/' requirements.lock
 
 venv: $(VENV)/.installed
 

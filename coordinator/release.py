@@ -40,6 +40,10 @@ LATENT_LAYOUT = ("diffusers pipeline folder (model_index.json, vae/, unet/, sche
                  "+ privdistill_model.json; open with diffusers.DiffusionPipeline.from_pretrained(<this directory>) "
                  "(class-conditional: its code is pipeline.py here, so add trust_remote_code=True) or "
                  "privdistill.models.DiffusionModel.load(<this directory>)")
+PIXEL_LAYOUT = ("diffusers pipeline folder (model_index.json, unet/, scheduler/[, text_encoder/, tokenizer/]) whose "
+                "pipeline code is pipeline.py here (privdistill.hub.PrivdistillPipeline), + privdistill_model.json; "
+                "open with diffusers.DiffusionPipeline.from_pretrained(<this directory>, trust_remote_code=True) or "
+                "privdistill.models.DiffusionModel.load(<this directory>)")
 
 
 class ReleaseRefused(PrivacyPolicyError):
@@ -201,9 +205,7 @@ def _release_record(training: dict[str, Any], evaluation: dict[str, Any], cfg: T
         "model": {
             "conditioning": training["conditioning"], "class_names": training["class_names"],
             "resolution": cfg.resolution, "channels": cfg.channels, "parameters": train.get("parameters"),
-            "layout": LATENT_LAYOUT if cfg.student.model.type == "latent" else
-                      "diffusers save_pretrained (unet/, scheduler/[, text_encoder/, tokenizer/]) + privdistill_model.json; "
-                      "load with privdistill.models.DiffusionModel.load(<this directory>)",
+            "layout": LATENT_LAYOUT if cfg.student.model.type == "latent" else PIXEL_LAYOUT,
         },
         "training_data": {"kind": "filtered synthetic shards only (no real image)", "n_samples": training["n_samples"],
                           "sites": training["sites"], "shards": training["shards"]},

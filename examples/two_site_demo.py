@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -101,20 +102,48 @@ def wait_healthy(url: str, ca: Path, proc: subprocess.Popen, timeout_s: float = 
     raise DemoError(f"coordinator not healthy at {url} within {timeout_s:.0f} s")
 
 
+def stage_line(site: str, line: str) -> str | None:
+    """The one line the demo prints when a site's JSON log line says a stage finished (else None)."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(event, dict) or event.get("event") not in ("stage.done", "stage.skipped"):
+        return None
+    how = f"done in {event['seconds']:.0f} s" if event["event"] == "stage.done" else "unchanged, skipped"
+    return f"  {site}: {event.get('stage')} {how}"
+
+
+def _follow(site: str, proc: subprocess.Popen, log: Path) -> None:
+    """Copy a site agent's output into its log file, printing one line per stage as it finishes."""
+    assert proc.stdout is not None
+    with open(log, "a") as fh:
+        for line in proc.stdout:
+            fh.write(line)
+            fh.flush()
+            if (msg := stage_line(site, line)) is not None:
+                print(msg, flush=True)
+
+
 def run_per_site(verb: str, args_for: dict[str, list[str]], logs: Path, parallel: bool) -> None:
-    """`privdistill-site VERB ...` for every site: in parallel with one torch thread each, or one by one."""
+    """`privdistill-site VERB ...` for every site: in parallel with one torch thread each, or one by one. Their
+    JSON logs go to WORKDIR/logs/SITE.log; each finished stage is printed as it happens."""
     procs = {}
     for site, args in args_for.items():
-        cmd = [tool("privdistill-site"), verb, *args]
+        cmd = [tool("privdistill-site"), "--log-format", "json", verb, *args]
         print(f"$ privdistill-site {verb} {' '.join(args)}", flush=True)
-        fh = open(logs / f"{site}.log", "a")  # noqa: SIM115 - closed below
-        procs[site] = (subprocess.Popen(cmd, stdout=fh, stderr=fh, env=site_env(1 if parallel else 2), cwd=ROOT), fh)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=site_env(1 if parallel else 2), cwd=ROOT)
+        follower = threading.Thread(target=_follow, args=(site, proc, logs / f"{site}.log"), daemon=True)
+        follower.start()
+        procs[site] = (proc, follower)
         if not parallel:
-            procs[site][0].wait()
+            proc.wait()
+            follower.join()
     failed = []
-    for site, (proc, fh) in procs.items():
+    for site, (proc, follower) in procs.items():
         rc = proc.wait()
-        fh.close()
+        follower.join()
         if rc != 0:
             tail = "".join((logs / f"{site}.log").read_text().splitlines(keepends=True)[-25:])
             failed.append(f"privdistill-site {verb} for {site} exited with {rc}\n{tail}")

@@ -2,8 +2,8 @@
 
 This file is self-contained (torch and diffusers only): privdistill copies it into every class-conditional
 latent model folder as ``pipeline.py``, so the folder opens with
-``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``, or without remote code as
-``LatentClassPipeline.from_pretrained(folder)`` where privdistill is installed."""
+``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` (diffusers runs a folder's pipeline.py only
+with that flag, also through ``LatentClassPipeline.from_pretrained``)."""
 
 from __future__ import annotations
 

@@ -240,8 +240,9 @@ class DiffusionModel:
         return self.unet(x, t, **cond).sample
 
     def save(self, path: Path) -> None:
-        """diffusers/transformers save_pretrained layout: unet/, scheduler/, text_encoder/, tokenizer/; a latent
-        model is a whole pipeline folder (model_index.json, vae/ too) that DiffusionPipeline opens."""
+        """A diffusers pipeline folder that ``DiffusionPipeline.from_pretrained`` opens: model_index.json, unet/,
+        scheduler/[, text_encoder/, tokenizer/] (a latent model: vae/ too), the pipeline's code in pipeline.py where
+        it is privdistill's own (privdistill.hub), and privdistill_model.json for ``load``."""
         path.mkdir(parents=True, exist_ok=True)
         if self.vae is not None:
             from privdistill.latent import save_pipeline
@@ -249,11 +250,12 @@ class DiffusionModel:
             save_pipeline(path, vae=self.vae, unet=self.unet, scheduler=self.scheduler,
                           text_encoder=self.text_encoder, tokenizer=self.tokenizer)
         else:
-            self.unet.save_pretrained(path / "unet")
-            self.scheduler.save_pretrained(path / "scheduler")
-            if self.text_encoder is not None:
-                self.text_encoder.save_pretrained(path / "text_encoder")
-                self.tokenizer.save_pretrained(path / "tokenizer")
+            from privdistill.hub import PrivdistillPipeline, save_pipeline_folder
+
+            save_pipeline_folder(PrivdistillPipeline(
+                unet=self.unet, scheduler=self.scheduler, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                class_names=self.class_names if self.conditioning == "class" else [],
+                text_max_length=self.text_max_length), path)
         meta = {
             "type": self.kind,
             "conditioning": self.conditioning,

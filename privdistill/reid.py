@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from privdistill.config import ReidConfig
 from privdistill.data.types import ImageSet
 from privdistill.errors import DataError
 from privdistill.seeds import derive_seed
+from privdistill.logs import progress_enabled
 
 log = structlog.get_logger(__name__)
 
@@ -175,7 +175,7 @@ def train_reid(train: ImageSet, cfg: ReidConfig, *, seed: int, arch: str = "conv
     per_batch = max(2, cfg.batch_size // 2)
     log.info("reid.train.start", arch=arch, steps=cfg.steps, n_patients=len(fit_groups), n_images=len(train))
     net.train()
-    bar = tqdm(range(cfg.steps), desc=f"reid[{arch}]", disable=not sys.stderr.isatty(), leave=False)
+    bar = tqdm(range(cfg.steps), desc=f"reid[{arch}]", disable=not progress_enabled(), leave=False)
     for step in bar:
         chosen = rng.choice(len(fit_groups), per_batch, replace=per_batch > len(fit_groups))
         first, second = [], []

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from privdistill.config import SampleConfig
 from privdistill.data.types import ImageSet
 from privdistill.errors import StageError
+from privdistill.logs import progress_enabled
 from privdistill.models import DiffusionModel
 
 log = structlog.get_logger(__name__)
@@ -59,7 +60,8 @@ def sample_images(
     for m in model.modules():
         m.eval()
     batches = range(0, n, batch_size)
-    for s in tqdm(batches, desc="sample", unit="batch", disable=not progress, file=sys.stderr):
+    bar = tqdm(batches, desc="sample", unit="batch", disable=not (progress and progress_enabled()), file=sys.stderr)
+    for s in bar:
         e = min(n, s + batch_size)
         scheduler = make_solver(model, solver)
         scheduler.set_timesteps(steps)

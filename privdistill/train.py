@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from privdistill.config import TrainConfig
 from privdistill.data.types import ImageSet
 from privdistill.errors import StageError
+from privdistill.logs import progress_enabled
 from privdistill.models import DiffusionModel
 
 log = structlog.get_logger(__name__)
@@ -209,7 +210,7 @@ class Trainer:
             m.train()
         bar = tqdm(
             total=cfg.steps, initial=self.step, desc="train", unit="step",
-            disable=not self.dist.is_main, file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 10,
+            disable=not (self.dist.is_main and progress_enabled()), file=sys.stderr, mininterval=0.5,
         )
         window: list[float] = []
         while self.step < cfg.steps:

@@ -321,23 +321,28 @@ def test_dockerignore_is_an_allow_list_covering_every_copy_source() -> None:
         assert never in rules[rules.index("!deploy/docker/"):]
 
 
-def test_constraints_pin_every_dependency_and_torch() -> None:
+def test_lock_pins_every_dependency_at_its_lower_bound_and_torch() -> None:
     import tomllib
 
     pins = {}
-    for line in (DEPLOY / "docker" / "constraints.txt").read_text().splitlines():
-        if line.startswith("#") or not line.strip():
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if line.lstrip().startswith("#") or not line.strip():
             continue
         name, _, version = line.partition("==")
         assert version and re.fullmatch(r"[\w.+!-]+", version), line
         pins[re.sub(r"[-_.]+", "-", name).lower()] = version
     assert pins["torch"] == "2.13.0"
     assert "privdistill" not in pins and not any(v.startswith("-e") for v in pins.values())
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    for dep in deps:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for dep in project["dependencies"] + project["optional-dependencies"]["test"]:
         name = re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]+", dep).group(0)).lower()
-        assert name in pins, f"{dep} has no pin in constraints.txt"
-    assert pins["flwr"].startswith("1.41.")
+        assert name in pins, f"{dep} has no pin in requirements.lock"
+        # the lower bound is the tested (locked) version: what pyproject promises is what CI ran
+        assert re.search(r">=([\w.]+)", dep).group(1) == pins[name], f"{dep}: lock has {pins[name]}"
+    assert pins["flwr"].startswith("1.41.") and {"ruff", "mypy"} <= pins.keys()
+    for where in (ROOT / "Makefile", DEPLOY / "docker" / "Dockerfile"):  # both install with the lock
+        assert "-c requirements.lock" in where.read_text() or "--constraint requirements.lock" in where.read_text()
+    assert not (DEPLOY / "docker" / "constraints.txt").exists()
 
 
 # ----------------------------------------------------------------------------- health check script
@@ -449,7 +454,7 @@ def test_airgap_bundle_then_install_verifies_before_loading(tmp_path: Path, stub
     listed = {line.split("  ", 1)[1] for line in sums}
     on_disk = {"./" + str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "SHA256SUMS"}
     assert listed == on_disk
-    assert {"./wheels/constraints.txt", "./compose/site.compose.yaml", "./compose/coordinator.compose.yaml", "./README.md",
+    assert {"./wheels/requirements.lock", "./compose/site.compose.yaml", "./compose/coordinator.compose.yaml", "./README.md",
             "./airgap-install.sh", "./IMAGE", "./privdistill-image-0.1.0.tar.gz"} <= listed
     assert "./wheels/README.md" not in listed
     install = out / "airgap-install.sh"

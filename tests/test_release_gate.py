@@ -124,6 +124,11 @@ def test_the_digest_covers_the_model_files_only_so_a_released_folder_matches_its
     assert model_digest(released) == model_digest(candidate)
     (released / "unet" / "weights.bin").write_bytes(b"other weights")
     assert model_digest(released) != model_digest(candidate)
+    # the pipeline code a user runs with trust_remote_code is part of what the sites attest
+    shutil.rmtree(released)
+    shutil.copytree(candidate, released)
+    (released / "pipeline.py").write_text("import os\n")
+    assert model_digest(released) != model_digest(candidate)
 
 
 def test_attestations_bind_to_the_model_and_the_sites_key(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Make an air-gapped install bundle on a machine with Docker (BuildKit or the classic builder):
-#   1. the wheelhouse: every wheel pinned by deploy/docker/constraints.txt, downloaded by the Dockerfile's
+#   1. the wheelhouse: every wheel pinned by requirements.lock, downloaded by the Dockerfile's
 #      `wheelhouse` stage (so the wheels match the image's Python and platform) and copied out of it, or
 #      taken as it is from --wheelhouse DIR (e.g. deploy/docker/wheelhouse/ after `make wheelhouse`: no index);
 #   2. the image, built from exactly that wheelhouse (a build context made of the sources and those wheels),
@@ -74,10 +74,9 @@ ctx="$repo"
 if [ -n "$wheelhouse" ] && [ "$(cd "$wheelhouse" && pwd -P)" != "$(cd "$repo/deploy/docker/wheelhouse" && pwd -P)" ]; then
   ctx="$work/context"
   mkdir -p "$ctx/deploy/docker/wheelhouse"
-  cp -R "$repo/pyproject.toml" "$repo/README.md" "$repo/.dockerignore" "$repo/privdistill" "$repo/site_agent" \
-    "$repo/coordinator" "$ctx/"
-  cp "$repo/deploy/docker/Dockerfile" "$repo/deploy/docker/constraints.txt" "$repo/deploy/docker/healthcheck.py" \
-    "$ctx/deploy/docker/"
+  cp -R "$repo/pyproject.toml" "$repo/requirements.lock" "$repo/README.md" "$repo/.dockerignore" \
+    "$repo/privdistill" "$repo/site_agent" "$repo/coordinator" "$ctx/"
+  cp "$repo/deploy/docker/Dockerfile" "$repo/deploy/docker/healthcheck.py" "$ctx/deploy/docker/"
   cp "$repo/deploy/docker/wheelhouse/README.md" "$ctx/deploy/docker/wheelhouse/"
   cp "$wheelhouse"/*.whl "$ctx/deploy/docker/wheelhouse/"
 elif [ -z "$wheelhouse" ] && ls "$repo/deploy/docker/wheelhouse"/torch-2.13.0*.whl >/dev/null 2>&1; then
@@ -93,7 +92,7 @@ mkdir -p "$work/bundle/wheels"
 docker cp "$cid:/src/deploy/docker/wheelhouse/." "$work/bundle/wheels/"
 docker rm "$cid" >/dev/null  # (the tag privdistill-wheelhouse:TAG stays: the build cache of that stage)
 rm -f "$work/bundle/wheels/README.md"
-cp "$repo/deploy/docker/constraints.txt" "$work/bundle/wheels/constraints.txt"
+cp "$repo/requirements.lock" "$work/bundle/wheels/requirements.lock"
 ls "$work/bundle/wheels/privdistill-$version-"*.whl "$work/bundle/wheels"/torch-2.13.0*.whl >/dev/null
 
 echo "== image $image (the same build: its first stage is the wheelhouse above, no index) =="

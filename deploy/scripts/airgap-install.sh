@@ -47,7 +47,7 @@ if [ -n "$venv" ]; then
   echo "== installing privdistill into $venv from the wheelhouse (no index) =="
   python3 -m venv "$venv"
   "$venv/bin/pip" install --no-index --find-links "$bundle/wheels" \
-    --constraint "$bundle/wheels/constraints.txt" privdistill
+    --constraint "$bundle/wheels/requirements.lock" privdistill
   "$venv/bin/privdistill-site" --version
   exit 0
 fi

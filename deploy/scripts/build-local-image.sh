@@ -2,11 +2,11 @@
 # Build the privdistill image on a host that reaches no container registry ("No registry" in deploy/README.md):
 #   1. a local base image: `mmdebstrap` makes a Debian bookworm root filesystem with python3 and
 #      python3-venv from the Debian mirror, `docker import` turns it into local/debian-python:bookworm;
-#   2. the wheelhouse: every wheel deploy/docker/constraints.txt pins, made with this host's pip (Python 3.11)
+#   2. the wheelhouse: every wheel requirements.lock pins, made with this host's pip (Python 3.11)
 #      into deploy/docker/wheelhouse/ (git-ignored; the Dockerfile installs from it, no index contacted);
 #   3. `docker build` with the classic builder (DOCKER_BUILDKIT=0) from that base and that wheelhouse.
 # Steps 1 and 2 are cached (the base tarball in the cache folder, the wheelhouse with a stamp of
-# constraints.txt), so a second run only rebuilds the image layers that changed.
+# requirements.lock), so a second run only rebuilds the image layers that changed.
 #
 # usage: deploy/scripts/build-local-image.sh [--tag privdistill:TAG] [--cache DIR] [--python PY]
 #        env TORCH_INDEX_URL: an extra index for torch (e.g. https://download.pytorch.org/whl/cpu)
@@ -55,8 +55,8 @@ fi
 
 # 2. wheelhouse (for this host's CPython 3.11 on Linux x86_64, like the base's)
 wheels="$repo/deploy/docker/wheelhouse"
-stamp="$cache/wheelhouse.constraints.sha256"  # outside the build context
-want="$(sha256sum "$repo/deploy/docker/constraints.txt" | cut -d' ' -f1)"
+stamp="$cache/wheelhouse.lock.sha256"  # outside the build context
+want="$(sha256sum "$repo/requirements.lock" | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! ls "$wheels"/torch-2.13.0*.whl >/dev/null 2>&1; then
   "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || {
     echo "$python is not Python 3.11 (the base image's): pass --python or PYTHON" >&2; exit 3; }
@@ -64,7 +64,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! ls "$wheels"/torch-2.13.0*.
   extra=()
   [ -z "${TORCH_INDEX_URL:-}" ] || extra=(--extra-index-url "$TORCH_INDEX_URL")
   # everything the image installs, and what building privdistill's own wheel needs (setuptools, wheel)
-  "$python" -m pip wheel -q --wheel-dir "$wheels" --find-links "$wheels" --constraint "$repo/deploy/docker/constraints.txt" \
+  "$python" -m pip wheel -q --wheel-dir "$wheels" --find-links "$wheels" --constraint "$repo/requirements.lock" \
     "${extra[@]}" "torch==2.13.0" setuptools wheel "$repo"
   rm -f "$wheels"/privdistill-*.whl  # rebuilt from the sources in the image build
   echo "$want" > "$stamp"

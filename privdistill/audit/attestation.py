@@ -22,17 +22,20 @@ FIELDS = ("mia_auc", "memorization_rate", "reid_rate", "n_samples", "mia_n_membe
           "mia_auc_ci95", "mia_unit", "mia_n_member_units", "mia_n_nonmember_units", "mia_tpr_at_fpr")
 
 
-MODEL_PARTS = ("unet", "scheduler", "text_encoder", "tokenizer")
+MODEL_PARTS = ("unet", "scheduler", "text_encoder", "tokenizer", "vae")
+# the pipeline folder's index and the pipeline code a user runs (trust_remote_code) are the model too
+PIPELINE_FILES = ("model_index.json", "pipeline.py")
 
 
 def model_digest(model_dir: Path) -> str:
-    """sha256 over the model's own files (relative paths and hashes): the weights folders and the model's
-    metadata file, not what a release adds beside them (model card, release.json, SHA256SUMS, grids). So a
+    """sha256 over the model's own files (relative paths and hashes): the weights folders, the pipeline's index
+    and code and the model's metadata file, not what a release adds beside them (model card, release.json, SHA256SUMS, grids). So a
     site can attest the trained candidate (CW/train-student/model) or the released folder: same digest."""
     from privdistill.models import META_FILE
 
     root = Path(model_dir)
-    tree = {k: v for k, v in hash_tree(root).items() if k.split("/", 1)[0] in MODEL_PARTS or k == META_FILE}
+    tree = {k: v for k, v in hash_tree(root).items()
+            if k.split("/", 1)[0] in MODEL_PARTS or k in (META_FILE, *PIPELINE_FILES)}
     return config_hash(tree)
 
 

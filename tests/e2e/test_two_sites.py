@@ -44,6 +44,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
                            "--workdir", str(work)], capture_output=True, text=True, timeout=1500, cwd=ROOT)
     assert proc.returncode == 0, f"demo failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert "summary" in proc.stdout
+    for site in SITES:  # one line per site stage as it finishes, not silence while the sites train
+        for stage in ("ingest", "train-teacher", "train-reid", "sample", "filter", "package"):
+            assert f"  {site}: {stage} done in " in proc.stdout, proc.stdout[-3000:]
     return work
 
 
@@ -85,6 +88,11 @@ def test_release_has_model_card_and_loadable_student(demo: Path) -> None:
         assert site in card
     model = DiffusionModel.load(release)
     assert model.resolution == 16 and meta
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(release, trust_remote_code=True, local_files_only=True)
+    images = pipe(class_labels=[0, 1], num_inference_steps=2, output_type="np").images
+    assert images.shape == (2, 16, 16, model.channels)
 
 
 @pytest.mark.timeout(600)
