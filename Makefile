@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 DEMO_WORKDIR ?= demo-work
 
-.PHONY: lock venv data sysdeps compose-venv docker-deps images demo demo-single demo-federated demo-pacs test test-slow bench clean clean-images
+.PHONY: lock venv data sysdeps compose-venv docker-deps images demo demo-single demo-federated demo-pacs test test-slow lint bench clean clean-images
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
@@ -112,7 +112,7 @@ demo-single: venv data
 
 # pytest through tests/e2e/docker-engine.sh: the engine that answers, or a private one started (as root) and
 # stopped around the run; without one the compose stack tests skip with the reason (fail under PRIVDISTILL_CI=1).
-test: venv data sysdeps compose-venv docker-deps
+test: venv data sysdeps compose-venv docker-deps lint
 	bash tests/e2e/docker-engine.sh run -- $(VPY) -m pytest -q
 
 test-slow: venv data

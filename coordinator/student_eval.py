@@ -71,12 +71,14 @@ def utility_report(samples: ImageSet, shards: ImageSet, cfg: TrainingConfig,
         return {**utility, "reference": {"configured": False}}
 
     assert ref_test is not None and ref_test.labels is not None and clf is not None
+    assert ev.reference is not None  # reference_data() returned a data config from it
     utility["fid_feature_classifier"] = (
         "classifier trained on the public reference set's train part; FID is student samples vs its test part; "
         "domain-specific, comparable only between runs with the same reference and classifier settings")
     utility["tstr_accuracy"] = m.get("tstr_accuracy")
     if shards.labels is not None:
-        utility["shards_tstr_accuracy"] = tstr(shards, ref_test, ev, seed=derive_seed(cfg.seed, "coordinator-tstr-shards"))["tstr_accuracy"]
+        utility["shards_tstr_accuracy"] = tstr(shards, ref_test, ev,
+                                               seed=derive_seed(cfg.seed, "coordinator-tstr-shards"))["tstr_accuracy"]
     reference = {
         "configured": True,
         "description": ev.reference.description,

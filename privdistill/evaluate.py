@@ -29,7 +29,7 @@ def _downstream(report: dict[str, Any], train: ImageSet, test: ImageSet, sets: d
     n_classes, detail = len(test.class_names), {}
     for i, (name, data) in enumerate({"real": train, **sets}.items()):
         key = f"{'trtr' if name == 'real' else 'tstr'}_{ds.model}"
-        if data.labels is None:
+        if data.labels is None or test.labels is None:
             report[name][key] = None
             continue
         detail[name] = downstream_accuracy(data.images, data.labels, test.images, test.labels, n_classes, ds,

@@ -38,9 +38,14 @@ class Settings(Protocol):
     """The evaluation settings a measurement reads (the pipeline's evaluate section, the coordinator's
     evaluation section)."""
 
-    classifier_steps: int
-    classifier_batch_size: int
-    memorization_ratio: float
+    @property
+    def classifier_steps(self) -> int: ...
+
+    @property
+    def classifier_batch_size(self) -> int: ...
+
+    @property
+    def memorization_ratio(self) -> float: ...
 
 
 # ----------------------------------------------------------------------------- inputs read once

@@ -20,8 +20,8 @@ from privdistill.audit.roc import roc_auc
 from privdistill.config import ReidConfig
 from privdistill.data.types import ImageSet
 from privdistill.errors import DataError
-from privdistill.seeds import derive_seed
 from privdistill.logs import progress_enabled
+from privdistill.seeds import derive_seed
 
 log = structlog.get_logger(__name__)
 
