@@ -14,7 +14,7 @@ import structlog
 from pydantic import Field, field_validator
 
 from privdistill.config import DataConfig, DiffusionConfig, ModelConfig, SampleConfig, Source, model_problems
-from privdistill.config_loader import CrossCheck, Strict, load_model, parse_model
+from privdistill.config_loader import ClassList, CrossCheck, Strict, load_model, parse_model
 from privdistill.data.types import ImageSet
 from privdistill.errors import ShardVerificationError, StageError
 from privdistill.privacy_report import RENAMED_REQUIRE_FILTER, PrivacyReport
@@ -52,16 +52,9 @@ class ReferenceConfig(Strict):
     source: Source
     test_source: Source | None = None
     test_fraction: float = Field(0.5, gt=0, lt=1)
-    classes: list[int] | None = None
+    classes: ClassList | None = None
     max_per_class: int | None = Field(None, ge=1)
     max_test_per_class: int | None = Field(None, ge=1)
-
-    @field_validator("classes")
-    @classmethod
-    def _distinct(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and len(set(v)) != len(v):
-            raise ValueError("duplicate class values")
-        return v
 
 
 class EvaluationConfig(Strict):

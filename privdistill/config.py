@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 from privdistill.config_loader import (
+    ClassList,
     ConfigPath,
     CrossCheck,
     ExistingDir,
@@ -184,19 +185,12 @@ class DataConfig(Strict):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     resolution: int = Field(28, ge=8, le=1024)
     channels: Literal[1, 3] = 1
-    classes: list[int] | None = None  # keep only these label values
+    classes: ClassList | None = None  # keep only these label values
     max_per_class: int | None = Field(None, ge=1)
     max_test_per_class: int | None = Field(None, ge=1)
     visits: VisitsConfig | None = None
     partition: PartitionConfig | None = None  # train source only; the test source is not partitioned
     prompt_template: str | None = None  # e.g. "an image of a {label}"; enables text conditioning data
-
-    @field_validator("classes")
-    @classmethod
-    def _distinct(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and len(set(v)) != len(v):
-            raise ValueError("duplicate class values")
-        return v
 
 
 # --------------------------------------------------------------------------- models / training

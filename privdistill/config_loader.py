@@ -123,6 +123,13 @@ def _is_dir(path: Path, info: ValidationInfo) -> Path:
 
 
 # a path relative to the config file's folder; ExistingPath/File/Dir must also be there when the file is loaded
+def _distinct(v: list[int]) -> list[int]:
+    if len(set(v)) != len(v):
+        raise ValueError("duplicate class values")
+    return v
+
+
+ClassList = Annotated[list[int], AfterValidator(_distinct)]  # label values, each at most once
 ConfigPath = Annotated[Path, AfterValidator(resolved)]
 ExistingPath = Annotated[Path, AfterValidator(_exists)]
 ExistingFile = Annotated[Path, AfterValidator(_is_file)]
