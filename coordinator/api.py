@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from coordinator import store
-from coordinator.audit import AuditLog
+from coordinator.audit_log import AuditLog
 from coordinator.auth import Authed, SiteAuth
 from coordinator.config import CoordinatorConfig
 from coordinator.ledger import Ledger

@@ -99,7 +99,7 @@ def _ledger(config_path: Path, *, read_only: bool = False) -> Any:
 
 
 def _audit_log(ledger: Any) -> Any:
-    from coordinator.audit import AuditLog
+    from coordinator.audit_log import AuditLog
 
     return AuditLog(ledger.state_dir)
 

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from coordinator.audit import AuditLog
+from coordinator.audit_log import AuditLog
 from coordinator.ledger import Ledger
 from privdistill.errors import ConfigError
 from privdistill.federated import DEFAULT_SUPERLINK_PORT, NODE_KEY_FILE, NODE_PUB_FILE, NODE_PUBS_DIR

@@ -82,7 +82,7 @@ def _site_keys(config_path: Path) -> dict[str, str]:
 
 
 def _release(args: argparse.Namespace) -> int:
-    from coordinator.audit import AuditLog
+    from coordinator.audit_log import AuditLog
     from coordinator.release import RELEASE_FILE, release
     from coordinator.student import load_training_config
 

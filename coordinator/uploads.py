@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from coordinator import store
 from coordinator.acceptance import Acceptance, AcceptanceUnavailable, check_manifest, load_acceptance
-from coordinator.audit import AuditLog
+from coordinator.audit_log import AuditLog
 from coordinator.config import CoordinatorConfig
 from coordinator.ledger import Ledger, QuotaExceeded, UploadRow
 from coordinator.metrics import Metrics

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from privdistill.errors import ConfigError
-from site_agent.audit import audit, operator
+from site_agent.audit_log import audit, operator
 from site_agent.state import ShardRow, SiteState
 
 MAX_REASON_CHARS = 500

@@ -246,7 +246,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _audit_log(args: argparse.Namespace) -> int:
-    from site_agent.audit import format_table, read_audit
+    from site_agent.audit_log import format_table, read_audit
 
     _check_optional_config(args)
     records = read_audit(args.workdir)

@@ -32,7 +32,7 @@ from privdistill.federated import (
 )
 from privdistill.shard import SHARD_TAR, Manifest, load_shards
 from site_agent import trainer
-from site_agent.audit import audit
+from site_agent.audit_log import audit
 from site_agent.config import SiteConfig, load_site_config
 from site_agent.gate import check_export, exportable
 

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from privdistill.errors import PrivacyPolicyError, RetryableNetworkError, ShardVerificationError
 from privdistill.identity import load_private_key, public_key_b64
 from privdistill.shard import MANIFEST, SHARD_TAR, SIGNATURE, Manifest, sha256_path, verify_shard_dir
-from site_agent.audit import audit
+from site_agent.audit_log import audit
 from site_agent.config import SiteConfig
 from site_agent.gate import check_export, shard_dir
 from site_agent.state import ShardRow, SiteState

@@ -22,7 +22,7 @@ from privdistill.shard import (
     verify_shard_dir,
 )
 from privdistill.stages import STAGE_FILE, sha256_file
-from site_agent.audit import audit
+from site_agent.audit_log import audit
 from site_agent.config import SiteConfig, vocabulary
 from site_agent.package import SHARD_FILES, evaluate_policy, shard_root
 from site_agent.records import verify_shard_stages

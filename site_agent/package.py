@@ -21,7 +21,7 @@ from privdistill.privacy_report import Limits, PrivacyReport, evaluate_criteria
 from privdistill.prompts import check_prompts
 from privdistill.shard import MANIFEST, SHARD_TAR, SIGNATURE, sha256_path, verify_shard_dir, write_shard
 from privdistill.stages import STAGE_FILE, Stage, StageContext, sha256_file
-from site_agent.audit import audit
+from site_agent.audit_log import audit
 from site_agent.config import PolicyConfig, SiteConfig, shard_config_hash, vocabulary
 from site_agent.records import verify_shard_stages
 from site_agent.state import SiteState, workdir_id

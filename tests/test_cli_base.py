@@ -156,8 +156,8 @@ def test_audit_log_appends_whole_lines_from_concurrent_writers(tmp_path: Path) -
 
 
 def test_both_audit_logs_use_the_shared_writer(tmp_path: Path) -> None:
-    from coordinator.audit import AuditLog as CoordinatorAuditLog
-    from site_agent.audit import audit, read_audit
+    from coordinator.audit_log import AuditLog as CoordinatorAuditLog
+    from site_agent.audit_log import audit, read_audit
 
     rec = CoordinatorAuditLog(tmp_path / "state").event("accepted", site="a", shard_sha256="ab" * 32)
     assert set(rec) == {"time", "event", "site", "shard_sha256", "reason"}

@@ -24,7 +24,7 @@ from privdistill.errors import PrivacyPolicyError, ShardVerificationError
 from privdistill.pipeline import KEPT_FILE
 from privdistill.shard import MANIFEST, SHARD_TAR, SIGNATURE, Manifest, prompt_vocabulary, sha256_path, write_shard
 from privdistill.stages import STAGE_FILE, Stage, StageContext, run_stage, sha256_file
-from site_agent.audit import read_audit
+from site_agent.audit_log import read_audit
 from site_agent.config import SiteConfig, load_site_config
 from site_agent.gate import ExportRefused, check_export
 from site_agent.package import build_package_stage

@@ -17,7 +17,7 @@ from privdistill.config import ModelConfig, TrainConfig
 from privdistill.federated import FAILED_CODE, REFUSED_CODE, StudentSpec, parse_refusal
 from privdistill.models import DiffusionModel
 from site_agent import client_app
-from site_agent.audit import read_audit
+from site_agent.audit_log import read_audit
 
 pytestmark = [pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed"),
               pytest.mark.usefixtures("one_thread")]

@@ -15,7 +15,7 @@ from test_export_gate import CLASSES, Site
 from privdistill.errors import RetryableNetworkError, ShardVerificationError
 from privdistill.shard import MANIFEST, sha256_path
 from site_agent import upload
-from site_agent.audit import read_audit
+from site_agent.audit_log import read_audit
 from site_agent.cli import main
 from site_agent.state import SiteState
 

@@ -191,7 +191,7 @@ def test_shard_page_shows_the_shard_images_histogram_dropped_pairs_and_verdict(r
 
 
 def test_approve_and_reject_use_the_cli_functions_and_are_audited(rsite: Any, reid_src: Path, tmp_path: Path) -> None:
-    from site_agent.audit import read_audit
+    from site_agent.audit_log import read_audit
     from site_agent.state import SiteState
 
     c = site_client(rsite)

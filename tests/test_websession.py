@@ -124,7 +124,7 @@ def test_review_page_allowed_hosts_are_configurable(tmp_path: Path) -> None:
 def test_login_page_does_not_show_the_os_user(tmp_path: Path) -> None:
     import getpass
 
-    from site_agent.audit import operator
+    from site_agent.audit_log import operator
 
     html = review_client(tmp_path).get("/login").text
     for name in {operator(), getpass.getuser()}:

@@ -19,7 +19,7 @@ from privdistill.web.pages import Chrome, LoginTexts, Pages, PostedForm, UserSes
 from privdistill.web.security import SecurityHeaders
 from privdistill.web.session import LOOPBACK_HOSTS, Posted, Session, SessionStore, WebLogin
 from site_agent.approval import approve_shard, reject_shard
-from site_agent.audit import operator, read_audit
+from site_agent.audit_log import operator, read_audit
 from site_agent.config import SiteConfig
 from site_agent.ui.review import list_shards, shard_view
 

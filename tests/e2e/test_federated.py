@@ -23,7 +23,7 @@ from _fixtures import FMNIST
 from test_export_gate import CLASSES, Site, approved_shard, build_reid, make_site
 
 from coordinator.provision import provision, write_flower_node_key
-from site_agent.audit import read_audit
+from site_agent.audit_log import read_audit
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -38,7 +38,7 @@ def ui(tmp_path: Path, reid_src: Path) -> Any:
 
 @pytest.mark.timeout(300)
 def test_steward_reviews_and_approves_a_shard_in_the_browser(ui: Any, tmp_path: Path) -> None:
-    from site_agent.audit import read_audit
+    from site_agent.audit_log import read_audit
     from site_agent.state import SiteState
 
     site, base = ui
