@@ -17,9 +17,17 @@ from privdistill import logs
 
 @pytest.fixture
 def restore_logging():
+    from flwr.supercore.logger import FLOWER_LOGGER, console_handler
+
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    # flwr attaches its console handler at import; an earlier test's configure_logging may have removed it
+    flower_handlers = list(FLOWER_LOGGER.handlers)
+    if console_handler not in FLOWER_LOGGER.handlers:
+        FLOWER_LOGGER.addHandler(console_handler)
+    logging.captureWarnings(False)  # an earlier test's configure_logging may have left warnings captured
     yield
+    FLOWER_LOGGER.handlers[:] = flower_handlers
     root.handlers[:] = handlers
     root.setLevel(level)
     logging.captureWarnings(False)
