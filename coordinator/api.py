@@ -32,16 +32,16 @@ from coordinator.schemas import (
 from coordinator.uploads import Uploads
 from coordinator.web.routes import mount_admin
 from privdistill import __version__
+from privdistill.identity import CHUNK_CONTENT_TYPE, H_UPLOAD_LENGTH, H_UPLOAD_OFFSET, H_UPLOAD_REASON, H_UPLOAD_STATE
 
-OFFSET_STREAM = "application/offset+octet-stream"
 _STATUS_REASON = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
 def _upload_headers(info: UploadInfo) -> dict[str, str]:
-    headers = {"Upload-Offset": str(info.offset), "Upload-Length": str(info.size), "Upload-State": info.state,
+    headers = {H_UPLOAD_OFFSET: str(info.offset), H_UPLOAD_LENGTH: str(info.size), H_UPLOAD_STATE: info.state,
                "Cache-Control": "no-store"}
     if info.reason:
-        headers["Upload-Reason"] = info.reason
+        headers[H_UPLOAD_REASON] = info.reason
     return headers
 
 
@@ -108,7 +108,7 @@ def create_app(config: CoordinatorConfig) -> FastAPI:
 
     @app.head("/v1/uploads/{upload_id}", status_code=200, tags=["uploads"], response_class=Response,
               responses={200: {"description": "where to resume", "headers": _doc_headers(
-                  "Upload-Offset", "Upload-Length", "Upload-State")}, **AUTH_ERRORS, **E404})
+                  H_UPLOAD_OFFSET, H_UPLOAD_LENGTH, H_UPLOAD_STATE)}, **AUTH_ERRORS, **E404})
     async def head_upload(upload_id: str, authed: Authed = Depends(auth_small)) -> Response:
         """Where to resume: the current offset (the staging file is re-aligned with the ledger first)."""
         info = await run_in_threadpool(uploads.status, authed.site, upload_id)
@@ -121,22 +121,22 @@ def create_app(config: CoordinatorConfig) -> FastAPI:
         return await run_in_threadpool(uploads.status, authed.site, upload_id)
 
     chunk_body: dict[str, Any] = {"requestBody": {"required": True, "content": {
-        OFFSET_STREAM: {"schema": {"type": "string", "format": "binary"}}}}}
+        CHUNK_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}}}}}
 
     @app.patch("/v1/uploads/{upload_id}", status_code=204, response_class=Response, tags=["uploads"],
                openapi_extra=chunk_body,
                responses={204: {"description": "chunk stored; Upload-State receiving | accepted | rejected (then "
                                 "Upload-Reason says why)", "headers": _doc_headers(
-                                    "Upload-Offset", "Upload-State", "Upload-Reason")}, **AUTH_ERRORS, **E404, **E409})
+                                    H_UPLOAD_OFFSET, H_UPLOAD_STATE, H_UPLOAD_REASON)}, **AUTH_ERRORS, **E404, **E409})
     async def patch_upload(
         upload_id: str,
-        upload_offset: str | None = Header(None, alias="Upload-Offset", description="byte offset of this chunk"),
+        upload_offset: str | None = Header(None, alias=H_UPLOAD_OFFSET, description="byte offset of this chunk"),
         authed: Authed = Depends(auth_chunk),
     ) -> Response:
         """Append one chunk at the current offset; the last chunk triggers verification of the whole shard."""
         info = await run_in_threadpool(uploads.append, authed.site, upload_id, upload_offset, authed.body)
         headers = _upload_headers(info)
-        headers.pop("Upload-Length")
+        headers.pop(H_UPLOAD_LENGTH)
         return Response(status_code=204, headers=headers)
 
     mount_admin(app, config, ledger)  # /admin when config.admin_token_file is set; never in the OpenAPI schema
@@ -146,7 +146,7 @@ def create_app(config: CoordinatorConfig) -> FastAPI:
 
 
 def _doc_headers(*names: str) -> dict[str, Any]:
-    kinds = {"Upload-Offset": "integer", "Upload-Length": "integer"}
+    kinds = {H_UPLOAD_OFFSET: "integer", H_UPLOAD_LENGTH: "integer"}
     return {n: {"schema": {"type": kinds.get(n, "string")}} for n in names}
 
 

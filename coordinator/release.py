@@ -31,6 +31,7 @@ from privdistill import __version__
 from privdistill.errors import PrivacyPolicyError, StageError
 from privdistill.privacy_report import Limits, PrivacyReport, evaluate_criteria
 from privdistill.stages import hash_tree, read_record, stage_dir, workdir_lock
+from privdistill.workdir import MODEL_DIR, PROMPTS_FILE
 
 log = structlog.get_logger(__name__)
 
@@ -234,7 +235,7 @@ def release(work_dir: Path, out_dir: Path, cfg: TrainingConfig, *, shards: Shard
         attestations, problems = load_attestations(list(site_evidence or []), site_keys or {})
         failures += problems
         if (tdir / TRAINING_FILE).is_file():
-            digest = model_digest(tdir / "model") if (tdir / "model").is_dir() else None
+            digest = model_digest(tdir / MODEL_DIR) if (tdir / MODEL_DIR).is_dir() else None
             failures += check_policy(json.loads((tdir / TRAINING_FILE).read_text()), cfg.release,
                                      attestations=attestations, model_digest=digest)
         if failures:
@@ -245,9 +246,9 @@ def release(work_dir: Path, out_dir: Path, cfg: TrainingConfig, *, shards: Shard
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.name}.tmp-", dir=out_dir))
         try:
-            shutil.copytree(tdir / "model", tmp, dirs_exist_ok=True)
+            shutil.copytree(tdir / MODEL_DIR, tmp, dirs_exist_ok=True)
             for src, name in ((tdir / TRAINING_FILE, TRAINING_FILE), (edir / REPORT_FILE, "evaluation.json"),
-                              (edir / GRID_FILE, GRID_FILE), (tdir / "prompts.json", "prompts.json")):
+                              (edir / GRID_FILE, GRID_FILE), (tdir / PROMPTS_FILE, PROMPTS_FILE)):
                 if src.is_file():
                     shutil.copyfile(src, tmp / name)
             version = _next_version(out_dir, cfg.name)

@@ -30,11 +30,13 @@ from privdistill.shard import (
     verify_tar,
 )
 from privdistill.stages import Stage, StageContext, atomic_write_json, is_current, read_record, run_stage, workdir_lock
+from privdistill.workdir import MODEL_DIR, PROMPTS_FILE, SAMPLES_GRID
 
 log = structlog.get_logger(__name__)
 
 TRAIN_STAGE, EVAL_STAGE = "train-student", "evaluate"
-TRAINING_FILE, REPORT_FILE, GRID_FILE, PROMPTS_FILE = "training.json", "report.json", "samples_grid.png", "prompts.json"
+TRAINING_FILE, REPORT_FILE = "training.json", "report.json"
+GRID_FILE = SAMPLES_GRID
 NO_PATIENT_DATA = (
     "The coordinator holds no real patient data, so the student's memorization and re-identification of "
     "real patients are not measured here: each site measures them against its own patients "
@@ -326,7 +328,7 @@ def _train(shards: list[Path | ShardRef], cfg: TrainingConfig, ctx: StageContext
     model = DiffusionModel.from_config(cfg.student.model, resolution=cfg.resolution, channels=cfg.channels,
                                        class_names=data.class_names, prompts=data.prompts, seed=cfg.seed)
     report = train_diffusion(model, data, cfg.student.train, seed=cfg.seed, checkpoint_dir=ctx.checkpoint_dir)
-    model.save(ctx.out / "model")
+    model.save(ctx.out / MODEL_DIR)
     if data.prompts is not None:
         (ctx.out / PROMPTS_FILE).write_text(json.dumps(prompt_label_map(data), indent=2))
     records = [shard_record(m) for m in manifests]
@@ -353,7 +355,7 @@ def _evaluate(shards: list[Path | ShardRef], cfg: TrainingConfig, ctx: StageCont
     if sorted(s["tar_sha256"] for s in training["shards"]) != _shard_hashes(shards):
         raise StageError("the accepted shards changed since the student was trained: run train-student first")
     device = pick_device(Dist())
-    model = DiffusionModel.load(tdir / "model").to(device)
+    model = DiffusionModel.load(tdir / MODEL_DIR).to(device)
     samples = sample_dataset(model, cfg.sample, seed=derive_seed(cfg.seed, "student-samples"), device=device,
                              prompt_labels=load_prompt_labels(tdir))
     save_grid(samples.images[:64], ctx.out / GRID_FILE)

@@ -28,6 +28,7 @@ from coordinator.ledger import Ledger, QuotaExceeded, UploadRow
 from coordinator.metrics import Metrics
 from coordinator.schemas import ApiError, CreateUploadRequest, UploadInfo
 from privdistill.errors import ShardVerificationError
+from privdistill.identity import H_UPLOAD_OFFSET
 from privdistill.shard import parse_manifest, verify_manifest_signature
 from privdistill.shard_stream import TarStreamVerifier
 
@@ -185,7 +186,7 @@ class Uploads:
                 return info(row)
             if row.state != "receiving" or offset != received:
                 raise ApiError(409, "offset_mismatch", f"upload is {row.state} at offset {received}; resume "
-                               "from there", offset=received, headers={"Upload-Offset": str(received)})
+                               "from there", offset=received, headers={H_UPLOAD_OFFSET: str(received)})
             end = offset + len(chunk)
             if end > row.size:
                 raise ApiError(413, "request_too_large", f"chunk ends at byte {end}, past the shard size {row.size}")

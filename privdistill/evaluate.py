@@ -13,6 +13,7 @@ from privdistill.data.types import ImageSet
 from privdistill.errors import StageError
 from privdistill.seeds import derive_seed
 from privdistill.stages import StageContext
+from privdistill.workdir import FILTER, INGEST, MODEL_DIR, SAMPLE, SAMPLES_FILE, TEST_SET, TRAIN_SET, TRAIN_STUDENT
 
 log = structlog.get_logger(__name__)
 
@@ -43,19 +44,19 @@ def evaluate_run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     from privdistill.imaging import at_resolution
     from privdistill.measure import CACHE_DIR, MeasureCache, RealSide, copying, load_prompt_labels, measure
     from privdistill.models import DiffusionModel
-    from privdistill.pipeline import KEPT_FILE
     from privdistill.reid import train_reid
     from privdistill.report import write_report
     from privdistill.sample import sample_dataset
+    from privdistill.workdir import KEPT_FILE
 
-    train = ImageSet.load(ctx.input("ingest") / "train.npz")
-    test = ImageSet.load(ctx.input("ingest") / "test.npz")
+    train = ImageSet.load(ctx.input(INGEST) / TRAIN_SET)
+    test = ImageSet.load(ctx.input(INGEST) / TEST_SET)
     if len(test) == 0 or test.labels is None or train.labels is None:
         raise StageError("evaluation needs a labelled real test set (data.test_source or data.test_fraction)")
-    teacher_samples = ImageSet.load(ctx.input("sample") / "samples.npz")
-    filter_report = json.loads((ctx.input("filter") / "privacy_report.json").read_text())
-    student_dir = ctx.input("train-student")
-    student = DiffusionModel.load(student_dir / "model")
+    teacher_samples = ImageSet.load(ctx.input(SAMPLE) / SAMPLES_FILE)
+    filter_report = json.loads((ctx.input(FILTER) / "privacy_report.json").read_text())
+    student_dir = ctx.input(TRAIN_STUDENT)
+    student = DiffusionModel.load(student_dir / MODEL_DIR)
     student_samples = sample_dataset(student, cfg.sample, seed=derive_seed(cfg.seed, "student-samples"), prompt_labels=load_prompt_labels(student_dir))
 
     # what depends on the real data only is cached in the work directory (keyed by its inputs' hashes)
@@ -86,7 +87,7 @@ def evaluate_run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
             "dropped_by_reason": filter_report.get("dropped_by_reason", {}),
             "audit": filter_report.get("audit", {}),
             # fresh real images: the held-out test set (patients disjoint from training)
-            **copying(ImageSet.load(ctx.input("filter") / KEPT_FILE).images, train, test.images, None, prefix="kept_"),
+            **copying(ImageSet.load(ctx.input(FILTER) / KEPT_FILE).images, train, test.images, None, prefix="kept_"),
         },
         **({"teacher_dp": filter_report["teacher_dp"]} if "teacher_dp" in filter_report else {}),
         "independent_reid": {"arch": "resnet", "seed": seed_ind, "threshold": reid.threshold, "calibration": reid.calibration},
@@ -110,7 +111,7 @@ def evaluate_run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     from privdistill.audit.mia import run_membership_audit
 
     teacher_mia = (filter_report.get("mia") or {}).get("teacher") or {}
-    student_mia = run_membership_audit(student, ctx.input("ingest"), cfg.data, seed=cfg.seed)
+    student_mia = run_membership_audit(student, ctx.input(INGEST), cfg.data, seed=cfg.seed)
     for name, mia in (("teacher", teacher_mia), ("student", student_mia)):
         report[name]["mia_auc"] = mia.get("auc")
         report[name]["mia_auc_ci95"] = mia.get("auc_ci95")  # patient-level bootstrap

@@ -20,6 +20,7 @@ from privdistill.data.types import ImageSet
 from privdistill.errors import DataError
 from privdistill.imaging import save_grid
 from privdistill.web.plots import write_similarity_histogram
+from privdistill.workdir import KEPT_FILE
 
 log = structlog.get_logger(__name__)
 
@@ -487,7 +488,7 @@ def write_filter_outputs(
     out_dir.mkdir(parents=True, exist_ok=True)
     kept = synthetic.subset(result.kept)
     kept.patient_ids = None
-    kept.save(out_dir / "kept.npz")
+    kept.save(out_dir / KEPT_FILE)
     report = {**privacy_report(result, calibration=calibration), **(extra or {})}
     (out_dir / "privacy_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     write_similarity_histogram(result.best_similarity, result.threshold, out_dir / "similarity_histogram.svg")

@@ -26,6 +26,17 @@ H_TIME = "X-Privdistill-Timestamp"
 H_BODY = "X-Privdistill-Content-SHA256"
 H_SIG = "X-Privdistill-Signature"
 H_NONCE = "X-Privdistill-Nonce"
+
+# The upload protocol (v1): privdistill's own resumable upload. It borrows tus's header names for the offset and
+# length, but it is NOT tus 1.0 and standard tus clients do not speak it: an upload is created by a signed JSON POST
+# carrying the manifest and its signature, every request is signed (the headers above), there is no Tus-Resumable
+# or Location negotiation, and the coordinator verifies the shard as its chunks arrive.
+UPLOAD_PROTOCOL = "privdistill-upload/1"
+H_UPLOAD_OFFSET = "Upload-Offset"  # byte offset of a PATCH chunk; the current offset in answers
+H_UPLOAD_LENGTH = "Upload-Length"  # the shard's size (answers to HEAD)
+H_UPLOAD_STATE = "Upload-State"  # receiving | accepted | rejected | expired
+H_UPLOAD_REASON = "Upload-Reason"  # why an upload was rejected (a machine-readable reason)
+CHUNK_CONTENT_TYPE = "application/offset+octet-stream"
 MAX_CLOCK_SKEW_S = 300  # how far a request's time may lie in the past
 MAX_FUTURE_SKEW_S = 30  # ... and in the future (tighter: a future time would stretch its replay window)
 
@@ -127,7 +138,7 @@ def sign_request(key: Ed25519PrivateKey, site: str, method: str, path: str, body
     if content_type is not None:
         headers["Content-Type"] = content_type
     if upload_offset is not None:
-        headers["Upload-Offset"] = offset
+        headers[H_UPLOAD_OFFSET] = offset
     return headers
 
 

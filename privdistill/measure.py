@@ -23,6 +23,7 @@ import numpy as np
 import structlog
 
 from privdistill.data.types import ImageSet
+from privdistill.workdir import PROMPTS_FILE
 
 if TYPE_CHECKING:
     from privdistill.classifier import Classifier
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 CACHE_DIR = ".measure-cache"  # under a work directory; real-data derived, never packaged or exported
-PROMPTS_FILE = "prompts.json"
 
 
 class Settings(Protocol):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,22 +27,30 @@ from privdistill.stages import (
     sha256_file,
     workdir_lock,
 )
+from privdistill.workdir import (
+    DATA_REPORT,
+    DP_FILE,
+    EVALUATE,
+    FILTER,
+    INGEST,
+    KEPT_FILE,
+    MIA_FILE,
+    MODEL_DIR,
+    PROMPTS_FILE,
+    REID_DIR,
+    REID_ONNX,
+    SAMPLE,
+    SAMPLES_FILE,
+    SAMPLES_GRID,
+    TEST_SET,
+    TRAIN_REID,
+    TRAIN_SET,
+    TRAIN_STUDENT,
+    TRAIN_TEACHER,
+)
 
 log = structlog.get_logger(__name__)
 
-STAGES = ("ingest", "train-teacher", "train-reid", "sample", "filter", "train-student", "evaluate")
-UPSTREAM = {
-    "ingest": (),
-    "train-teacher": ("ingest",),
-    "train-reid": ("ingest",),
-    "sample": ("ingest", "train-teacher"),
-    "filter": ("ingest", "train-teacher", "sample", "train-reid"),  # the teacher: its near-copies audit the filter
-    "train-student": ("filter",),  # the student sees the filter's output and nothing else
-    "evaluate": ("ingest", "sample", "filter", "train-student"),
-}
-KEPT_FILE = "kept.npz"
-MIA_FILE = "mia_report.json"  # the teacher's membership-inference AUC (aggregate); sample -> filter -> report/shard
-DP_FILE = "dp_report.json"  # the teacher's DP-SGD accounting; travels teacher -> sample -> filter -> report/shard
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -106,9 +116,9 @@ def _ingest(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     from privdistill.data.load import load_dataset
 
     loaded = load_dataset(cfg.data, seed=cfg.seed)
-    loaded.train.save(ctx.out / "train.npz")
-    loaded.test.save(ctx.out / "test.npz")
-    (ctx.out / "data_report.json").write_text(json.dumps(loaded.report, indent=2, default=str))
+    loaded.train.save(ctx.out / TRAIN_SET)
+    loaded.test.save(ctx.out / TEST_SET)
+    (ctx.out / DATA_REPORT).write_text(json.dumps(loaded.report, indent=2, default=str))
     return loaded.report
 
 
@@ -132,20 +142,20 @@ def _train_diffusion_stage(cfg: RunConfig, ctx: StageContext, which: str, data: 
                                   channels=cfg.data.channels, checkpoint_dir=ctx.checkpoint_dir,
                                   budget=cfg.privacy.budget if cfg.privacy is not None else None)
         atomic_write_json(ctx.out / DP_FILE, report["dp"])
-    model.save(ctx.out / "model")
+    model.save(ctx.out / MODEL_DIR)
     if data.prompts is not None:
         from privdistill.sample import prompt_label_map
 
-        (ctx.out / "prompts.json").write_text(json.dumps(prompt_label_map(data), indent=2))
+        (ctx.out / PROMPTS_FILE).write_text(json.dumps(prompt_label_map(data), indent=2))
     return report
 
 
 def _train_teacher(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
-    return _train_diffusion_stage(cfg, ctx, "teacher", ImageSet.load(ctx.input("ingest") / "train.npz"))
+    return _train_diffusion_stage(cfg, ctx, "teacher", ImageSet.load(ctx.input(INGEST) / TRAIN_SET))
 
 
 def _train_student(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
-    data = open_filtered_set(ctx.input("filter"))
+    data = open_filtered_set(ctx.input(FILTER))
     if len(data) == 0:
         raise StageError("the filter kept no synthetic image: nothing to train the student on")
     return _train_diffusion_stage(cfg, ctx, "student", data)
@@ -155,10 +165,10 @@ def _train_reid(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     from privdistill.imaging import at_resolution
     from privdistill.reid import export_onnx, save_reid, train_reid
 
-    train = at_resolution(ImageSet.load(ctx.input("ingest") / "train.npz"), cfg.analysis_resolution)
+    train = at_resolution(ImageSet.load(ctx.input(INGEST) / TRAIN_SET), cfg.analysis_resolution)
     model = train_reid(train, cfg.reid, seed=cfg.seed)
-    save_reid(model, ctx.out / "reid")
-    export_onnx(model, ctx.out / "reid.onnx")
+    save_reid(model, ctx.out / REID_DIR)
+    export_onnx(model, ctx.out / REID_ONNX)
     return {"threshold": model.threshold, "calibration": model.calibration}
 
 
@@ -173,18 +183,18 @@ def _sample(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     from privdistill.models import DiffusionModel
     from privdistill.sample import sample_dataset
 
-    model = DiffusionModel.load(ctx.input("train-teacher") / "model")
+    model = DiffusionModel.load(ctx.input(TRAIN_TEACHER) / MODEL_DIR)
     samples = sample_dataset(model, cfg.sample, seed=derive_seed(cfg.seed, "teacher-samples"),
-                             prompt_labels=_prompt_labels(ctx.input("train-teacher")))
-    samples.save(ctx.out / "samples.npz")
-    save_grid(samples.images[:64], ctx.out / "samples_grid.png")
-    if (ctx.input("train-teacher") / DP_FILE).is_file():
-        shutil.copyfile(ctx.input("train-teacher") / DP_FILE, ctx.out / DP_FILE)
+                             prompt_labels=_prompt_labels(ctx.input(TRAIN_TEACHER)))
+    samples.save(ctx.out / SAMPLES_FILE)
+    save_grid(samples.images[:64], ctx.out / SAMPLES_GRID)
+    if (ctx.input(TRAIN_TEACHER) / DP_FILE).is_file():
+        shutil.copyfile(ctx.input(TRAIN_TEACHER) / DP_FILE, ctx.out / DP_FILE)
     # membership inference on the teacher (first stage with both the teacher and the real split); the
     # filter stage carries its aggregate into the privacy report
     from privdistill.audit.mia import run_membership_audit
 
-    atomic_write_json(ctx.out / MIA_FILE, run_membership_audit(model, ctx.input("ingest"), cfg.data, seed=cfg.seed))
+    atomic_write_json(ctx.out / MIA_FILE, run_membership_audit(model, ctx.input(INGEST), cfg.data, seed=cfg.seed))
     return {"n_samples": len(samples), "ddim_steps": cfg.sample.steps, "solver": cfg.sample.solver}
 
 
@@ -195,13 +205,13 @@ def _filter(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     from privdistill.models import DiffusionModel
     from privdistill.reid import OnnxEmbedder, load_reid
 
-    train = ImageSet.load(ctx.input("ingest") / "train.npz")
-    samples = ImageSet.load(ctx.input("sample") / "samples.npz")
+    train = ImageSet.load(ctx.input(INGEST) / TRAIN_SET)
+    samples = ImageSet.load(ctx.input(SAMPLE) / SAMPLES_FILE)
     # decisions and audit at the analysis resolution; kept.npz and the review grid at the full one
     train_a, samples_a = (at_resolution(d, cfg.analysis_resolution) for d in (train, samples))
-    heldout_a = at_resolution(ImageSet.load(ctx.input("ingest") / "test.npz"), cfg.analysis_resolution)
-    reid = load_reid(ctx.input("train-reid") / "reid")
-    embedder = OnnxEmbedder(ctx.input("train-reid") / "reid.onnx")
+    heldout_a = at_resolution(ImageSet.load(ctx.input(INGEST) / TEST_SET), cfg.analysis_resolution)
+    reid = load_reid(ctx.input(TRAIN_REID) / REID_DIR)
+    embedder = OnnxEmbedder(ctx.input(TRAIN_REID) / REID_ONNX)
     scorer = scorer_for(train_a, embedder.embed, cfg.filter)
     # held-out patients (outside the gallery and the re-id training): one part calibrates, the other audits
     null_idx, audit_idx = split_null(heldout_a, cfg.filter.null_fraction,
@@ -209,16 +219,16 @@ def _filter(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     calibration = calibrate_filter(scorer, heldout_a.images[null_idx], cfg.filter)
     result = filter_synthetic(samples_a, train_a, embed=embedder.embed, cfg=cfg.filter, calibration=calibration,
                               scorer=scorer)
-    teacher = DiffusionModel.load(ctx.input("train-teacher") / "model")
+    teacher = DiffusionModel.load(ctx.input(TRAIN_TEACHER) / MODEL_DIR)
     audit = audit_filter(train_a, heldout_a.subset(audit_idx), scorer=scorer, calibration=calibration, seed=cfg.seed,
                          teacher=teacher, teacher_train=train)
     extra: dict[str, Any] = {"audit": audit, "analysis_resolution": cfg.analysis_resolution}
-    if (ctx.input("sample") / MIA_FILE).is_file():
-        extra["mia"] = {"teacher": _load_json(ctx.input("sample") / MIA_FILE)}
-    if (ctx.input("sample") / DP_FILE).is_file():
+    if (ctx.input(SAMPLE) / MIA_FILE).is_file():
+        extra["mia"] = {"teacher": _load_json(ctx.input(SAMPLE) / MIA_FILE)}
+    if (ctx.input(SAMPLE) / DP_FILE).is_file():
         from privdistill.dp import dp_summary
 
-        extra["teacher_dp"] = dp_summary(_load_json(ctx.input("sample") / DP_FILE))
+        extra["teacher_dp"] = dp_summary(_load_json(ctx.input(SAMPLE) / DP_FILE))
     return write_filter_outputs(result, samples, train, ctx.out, calibration=reid.calibration, extra=extra)
 
 
@@ -228,15 +238,6 @@ def _evaluate(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     return evaluate_run(cfg, ctx)
 
 
-BODIES = {
-    "ingest": _ingest,
-    "train-teacher": _train_teacher,
-    "train-reid": _train_reid,
-    "sample": _sample,
-    "filter": _filter,
-    "train-student": _train_student,
-    "evaluate": _evaluate,
-}
 
 
 def _analysis(cfg: RunConfig) -> dict[str, int]:
@@ -255,27 +256,49 @@ def _checkpoint(model: Any) -> dict[str, str]:
     return {"checkpoint_files": hashlib.sha256(json.dumps(entries).encode()).hexdigest()}
 
 
+@dataclass(frozen=True)
+class PipelineStage:
+    """One row of the pipeline: a stage's name, the stages whose outputs it reads, its body, and the config
+    sections it depends on (its fingerprint's config part: a change there re-runs it)."""
+
+    name: str
+    upstream: tuple[str, ...]
+    body: Callable[[RunConfig, StageContext], dict[str, Any]]
+    config: Callable[[RunConfig], dict[str, Any]]
+
+
+PIPELINE: tuple[PipelineStage, ...] = (
+    PipelineStage(INGEST, (), _ingest,
+                  lambda cfg: {"data": cfg.section("data"), "files": source_fingerprint(cfg)}),
+    PipelineStage(TRAIN_TEACHER, (INGEST,), _train_teacher,
+                  lambda cfg: {"teacher": cfg.section("teacher"), **_checkpoint(cfg.teacher.model),
+                               **({"privacy": cfg.section("privacy")} if cfg.privacy is not None else {})}),
+    PipelineStage(TRAIN_REID, (INGEST,), _train_reid, lambda cfg: {"reid": cfg.section("reid"), **_analysis(cfg)}),
+    PipelineStage(SAMPLE, (INGEST, TRAIN_TEACHER), _sample, lambda cfg: {"sample": cfg.section("sample")}),
+    # the teacher is an input of the filter: its near-copies audit the filter
+    PipelineStage(FILTER, (INGEST, TRAIN_TEACHER, SAMPLE, TRAIN_REID), _filter,
+                  lambda cfg: {"filter": cfg.section("filter")}),
+    # the student sees the filter's output and nothing else
+    PipelineStage(TRAIN_STUDENT, (FILTER,), _train_student,
+                  lambda cfg: {"student": cfg.section("student"), **_checkpoint(cfg.student_config.model)}),
+    PipelineStage(EVALUATE, (INGEST, SAMPLE, FILTER, TRAIN_STUDENT), _evaluate,
+                  lambda cfg: {"evaluate": cfg.section("evaluate"), "sample": cfg.section("sample"),
+                               "reid": cfg.section("reid"), **_analysis(cfg)}),
+)
+STAGES = tuple(row.name for row in PIPELINE)
+_BY_NAME = {row.name: row for row in PIPELINE}
+
+
 def stage_config(cfg: RunConfig, name: str) -> dict[str, Any]:
     """The resolved config sections a stage depends on (its fingerprint's config part)."""
-    by_stage: dict[str, dict[str, Any]] = {
-        "ingest": {"data": cfg.section("data"), "files": source_fingerprint(cfg)},
-        "train-teacher": {"teacher": cfg.section("teacher"), **_checkpoint(cfg.teacher.model),
-                          **({"privacy": cfg.section("privacy")} if cfg.privacy is not None else {})},
-        "train-reid": {"reid": cfg.section("reid"), **_analysis(cfg)},
-        "sample": {"sample": cfg.section("sample")},
-        "filter": {"filter": cfg.section("filter")},
-        "train-student": {"student": cfg.section("student"), **_checkpoint(cfg.student_config.model)},
-        "evaluate": {"evaluate": cfg.section("evaluate"), "sample": cfg.section("sample"), "reid": cfg.section("reid"),
-                     **_analysis(cfg)},
-    }
-    return {"seed": cfg.seed, **by_stage[name]}
+    return {"seed": cfg.seed, **_BY_NAME[name].config(cfg)}
 
 
 def build_stage(cfg: RunConfig, name: str) -> Stage:
-    if name not in BODIES:
+    row = _BY_NAME.get(name)
+    if row is None:
         raise StageError(f"unknown stage '{name}'; stages are: {', '.join(STAGES)}")
-    body = BODIES[name]
-    return Stage(name=name, fn=lambda ctx: body(cfg, ctx), upstream=UPSTREAM[name], config=stage_config(cfg, name))
+    return Stage(name=name, fn=lambda ctx: row.body(cfg, ctx), upstream=row.upstream, config=stage_config(cfg, name))
 
 
 def run_pipeline(
@@ -291,9 +314,9 @@ def run_pipeline(
         atomic_write_json(workdir / "config.resolved.json", cfg.model_dump(mode="json"))
         for stage in built:
             records[stage.name] = run_stage(stage, workdir, force=force, record_key=record_key)
-        if "evaluate" in records:
+        if EVALUATE in records:
             for fname in ("report.json", "report.html"):
-                src = workdir / "evaluate" / fname
+                src = workdir / EVALUATE / fname
                 if src.is_file():
                     tmp = workdir / f".{fname}.tmp"
                     shutil.copyfile(src, tmp)

@@ -17,8 +17,9 @@ from privdistill.errors import (
     RetryableNetworkError,
     ShardVerificationError,
 )
+from privdistill.workdir import FILTER, INGEST, SAMPLE, TRAIN_REID, TRAIN_TEACHER
 
-SITE_STAGES = ("ingest", "train-teacher", "train-reid", "sample", "filter")
+SITE_STAGES = (INGEST, TRAIN_TEACHER, TRAIN_REID, SAMPLE, FILTER)  # the pipeline up to the filter
 CONFIG_NAME = "site.yaml"
 log = structlog.get_logger("site_agent.cli")
 

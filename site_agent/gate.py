@@ -10,7 +10,7 @@ from pathlib import Path
 
 from privdistill.errors import PrivacyPolicyError, ShardVerificationError
 from privdistill.identity import load_private_key, public_key_b64
-from privdistill.pipeline import KEPT_FILE, open_filtered_set
+from privdistill.pipeline import open_filtered_set
 from privdistill.prompts import check_prompts
 from privdistill.shard import (
     ID_PATTERN,
@@ -22,6 +22,7 @@ from privdistill.shard import (
     verify_shard_dir,
 )
 from privdistill.stages import STAGE_FILE, sha256_file
+from privdistill.workdir import WorkDir
 from site_agent.audit_log import audit
 from site_agent.config import SiteConfig, vocabulary
 from site_agent.package import SHARD_FILES, evaluate_policy, shard_root
@@ -127,7 +128,7 @@ def _check_provenance(workdir: Path, row: ShardRow) -> None:
     sid = row.shard_id
     if row.workdir_id != workdir_id(workdir):
         raise _refuse("foreign_workdir", f"{sid} was packaged in another work directory; export it from there")
-    rec, kept = workdir / "filter" / STAGE_FILE, workdir / "filter" / KEPT_FILE
+    rec, kept = WorkDir(workdir).filter_dir / STAGE_FILE, WorkDir(workdir).kept
     if not rec.is_file() or not kept.is_file() or \
             (sha256_file(rec), sha256_file(kept)) != (row.filter_record_sha256, row.kept_sha256):
         raise _refuse("stale_filter", f"the filter stage changed since {sid} was packaged; run "
@@ -163,7 +164,7 @@ def _check_files(shard_dir: Path, row: ShardRow, cfg: SiteConfig) -> Manifest:
 
 def _check_content(workdir: Path, shard_id: str, manifest: Manifest, cfg: SiteConfig) -> None:
     """The shard's members must be exactly what the filter's kept set encodes to now."""
-    kept = open_filtered_set(workdir / "filter")
+    kept = open_filtered_set(WorkDir(workdir).filter_dir)
     expected = {name: sha256_bytes(data) for name, data in sample_members(kept, shard_id)}
     if expected != manifest.members or manifest.sample_count != len(kept) or \
             list(manifest.conditioning.class_names) != list(kept.class_names):

@@ -16,11 +16,21 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from privdistill.data.types import ImageSet
 from privdistill.errors import PrivacyPolicyError, ShardVerificationError, StageError
 from privdistill.identity import public_key_b64
-from privdistill.pipeline import KEPT_FILE, open_filtered_set
+from privdistill.pipeline import open_filtered_set
 from privdistill.privacy_report import Limits, PrivacyReport, evaluate_criteria
 from privdistill.prompts import check_prompts
 from privdistill.shard import MANIFEST, SHARD_TAR, SIGNATURE, sha256_path, verify_shard_dir, write_shard
 from privdistill.stages import STAGE_FILE, Stage, StageContext, sha256_file
+from privdistill.workdir import (
+    FILTER,
+    INGEST,
+    REID_ONNX,
+    SAMPLE,
+    SAMPLES_FILE,
+    TRAIN_REID,
+    TRAIN_SET,
+    WorkDir,
+)
 from site_agent.audit_log import audit
 from site_agent.config import PolicyConfig, SiteConfig, shard_config_hash, vocabulary
 from site_agent.records import verify_shard_stages
@@ -29,7 +39,7 @@ from site_agent.state import SiteState, workdir_id
 log = structlog.get_logger(__name__)
 
 PACKAGE = "package"
-UPSTREAM = ("ingest", "sample", "filter", "train-reid")
+UPSTREAM = (INGEST, SAMPLE, FILTER, TRAIN_REID)
 SHARDS_DIR = "shards"
 REPORT_FILE = "package_report.json"
 SHARD_FILES = frozenset({SHARD_TAR, MANIFEST, SIGNATURE})
@@ -147,7 +157,7 @@ def fingerprint_audit_summary(cfg: SiteConfig, workdir: Path) -> dict[str, Any] 
 # ----------------------------------------------------------------------------- the stage
 def build_package_stage(cfg: SiteConfig, workdir: Path, *, key: Ed25519PrivateKey) -> Stage:
     """A privdistill Stage: skipped while the config, key, upstream outputs and filter record are unchanged."""
-    record = Path(workdir) / "filter" / STAGE_FILE
+    record = WorkDir(Path(workdir)).filter_dir / STAGE_FILE
     audit = Path(workdir) / AUDIT_REPORT
     config = {
         "shard_config_hash": shard_config_hash(cfg),
@@ -160,7 +170,7 @@ def build_package_stage(cfg: SiteConfig, workdir: Path, *, key: Ed25519PrivateKe
 
 def package(cfg: SiteConfig, ctx: StageContext, *, key: Ed25519PrivateKey) -> dict[str, Any]:
     verify_shard_stages(ctx.workdir, key)  # only stages this agent ran (records MAC'd with the site key)
-    filter_dir = ctx.input("filter")
+    filter_dir = ctx.input(FILTER)
     kept = open_filtered_set(filter_dir)  # refuses anything but the filter's recorded, patient-id-free output
     vocab = vocabulary(cfg, kept.class_names)
     if kept.prompts is not None:
@@ -177,9 +187,9 @@ def package(cfg: SiteConfig, ctx: StageContext, *, key: Ed25519PrivateKey) -> di
                                  f"(policy min_kept={cfg.site.policy.min_kept}); train longer or sample more")
     filter_report = json.loads((filter_dir / "privacy_report.json").read_text())
     privacy = privacy_aggregate(
-        cfg, filter_report=filter_report, train=ImageSet.load(ctx.input("ingest") / "train.npz"),
-        samples=ImageSet.load(ctx.input("sample") / "samples.npz"), kept=kept,
-        reid_onnx=ctx.input("train-reid") / "reid.onnx",
+        cfg, filter_report=filter_report, train=ImageSet.load(ctx.input(INGEST) / TRAIN_SET),
+        samples=ImageSet.load(ctx.input(SAMPLE) / SAMPLES_FILE), kept=kept,
+        reid_onnx=ctx.input(TRAIN_REID) / REID_ONNX,
     )
     audit = fingerprint_audit_summary(cfg, ctx.workdir)
     if audit is not None:
@@ -194,8 +204,8 @@ def package(cfg: SiteConfig, ctx: StageContext, *, key: Ed25519PrivateKey) -> di
 def _provenance(workdir: Path) -> dict[str, str]:
     wid = workdir_id(workdir, create=True)
     assert wid is not None
-    return {"filter_record_sha256": sha256_file(workdir / "filter" / STAGE_FILE),
-            "kept_sha256": sha256_file(workdir / "filter" / KEPT_FILE), "workdir_id": wid}
+    return {"filter_record_sha256": sha256_file(WorkDir(workdir).filter_dir / STAGE_FILE),
+            "kept_sha256": sha256_file(WorkDir(workdir).kept), "workdir_id": wid}
 
 
 def _write_or_reuse(cfg: SiteConfig, workdir: Path, kept: ImageSet, privacy: dict[str, Any], verdict: dict[str, Any],

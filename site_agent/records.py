@@ -11,11 +11,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from privdistill.pipeline import KEPT_FILE
 from privdistill.stages import authenticated_record
+from privdistill.workdir import FILTER, INGEST, KEPT_FILE, SAMPLE, TRAIN_REID
 
 # every stage whose output packaging reads (site_agent.package.UPSTREAM); each was run on authenticated inputs
-SHARD_STAGES = ("ingest", "train-reid", "sample", "filter")  # what packaging reads
+SHARD_STAGES = (INGEST, TRAIN_REID, SAMPLE, FILTER)  # what packaging reads
 _INFO = b"privdistill site agent: stage record MAC v1"
 
 

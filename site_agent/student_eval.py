@@ -14,6 +14,7 @@ from privdistill.errors import DataError, StageError
 from privdistill.measure import MeasureCache
 from privdistill.seeds import derive_seed
 from privdistill.stages import atomic_write_json, hash_tree, read_record
+from privdistill.workdir import INGEST, WorkDir
 from site_agent.config import SiteConfig
 
 log = structlog.get_logger(__name__)
@@ -37,17 +38,16 @@ def _teacher_mia(cfg: SiteConfig, workdir: Path, cache: MeasureCache, train: Ima
     with the same seed (reused when that stage ran on the current teacher), else computed once and cached."""
     from privdistill.audit.mia import membership_auc
     from privdistill.models import DiffusionModel
-    from privdistill.pipeline import MIA_FILE
 
     teacher_rec = read_record(workdir, "train-teacher")
     if teacher_rec is None:
         return None
     sample_rec = read_record(workdir, "sample")
-    mia_file = workdir / "sample" / MIA_FILE
+    mia_file = WorkDir(workdir).teacher_mia
     if (sample_rec is not None and mia_file.is_file()
             and (sample_rec.get("inputs") or {}).get("train-teacher") == teacher_rec.get("outputs_hash")):
         return json.loads(mia_file.read_text())
-    teacher_dir = workdir / "train-teacher" / "model"
+    teacher_dir = WorkDir(workdir).teacher_model
     return cache.json("teacher-mia", {"model": teacher_rec.get("outputs_hash"), "members": train,
                                       "nonmembers": nonmembers, "seed": cfg.seed},
                       lambda: membership_auc(DiffusionModel.load(teacher_dir), train, nonmembers, seed=cfg.seed))
@@ -77,14 +77,14 @@ def evaluate_student(cfg: SiteConfig, workdir: Path, model_dir: Path) -> dict[st
                         f"{cfg.data.channels}x{cfg.data.resolution}px: it was not trained for this site's data")
     samples = sample_dataset(model, cfg.sample, seed=derive_seed(cfg.seed, "released-student-samples"),
                              prompt_labels=load_prompt_labels(model_path, model_dir))
-    teacher_samples = ImageSet.load(workdir / "sample" / "samples.npz") if read_record(workdir, "sample") else None
-    train = ImageSet.load(workdir / "ingest" / "train.npz")
-    test = ImageSet.load(workdir / "ingest" / "test.npz")
+    teacher_samples = ImageSet.load(WorkDir(workdir).samples) if read_record(workdir, "sample") else None
+    train = ImageSet.load(WorkDir(workdir).train_set)
+    test = ImageSet.load(WorkDir(workdir).test_set)
 
     cache = MeasureCache(workdir / CACHE_DIR)
     train_a = at_resolution(train, cfg.analysis_resolution)  # privacy checks at the analysis resolution
-    reid_meta = json.loads((workdir / "train-reid" / "reid" / "reid.json").read_text())
-    reid_onnx = workdir / "train-reid" / "reid.onnx"
+    reid_meta = json.loads((WorkDir(workdir).reid_model / "reid.json").read_text())
+    reid_onnx = WorkDir(workdir).reid_onnx
     embedder = OnnxEmbedder(reid_onnx)
     threshold = float(reid_meta["threshold"])
     train_emb = cache.array("reid-train-embeddings", {"onnx": reid_onnx, "train": train_a},
@@ -102,7 +102,7 @@ def evaluate_student(cfg: SiteConfig, workdir: Path, model_dir: Path) -> dict[st
                        seed=derive_seed(cfg.seed, stream))
 
     # membership inference against this site's training patients (members) vs its held-out ones
-    nonmembers = comparable_nonmembers(test, ingest_visits(cfg.data, workdir / "ingest"), seed=cfg.seed)
+    nonmembers = comparable_nonmembers(test, ingest_visits(cfg.data, WorkDir(workdir).stage(INGEST)), seed=cfg.seed)
     student_mia = membership_auc(model, train, nonmembers, seed=cfg.seed) if len(test) else {"auc": None}
     teacher_mia = _teacher_mia(cfg, workdir, cache, train, nonmembers) if len(test) else None
     report: dict[str, Any] = {

@@ -17,12 +17,11 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from privdistill.errors import ConfigError, PrivacyPolicyError, RetryableNetworkError, ShardVerificationError
-from privdistill.identity import sign_request
+from privdistill.identity import CHUNK_CONTENT_TYPE, H_UPLOAD_OFFSET, H_UPLOAD_REASON, H_UPLOAD_STATE, sign_request
 from privdistill.shard import MANIFEST, SHARD_TAR, SIGNATURE, parse_manifest, sha256_path
 
 log = structlog.get_logger(__name__)
 
-OFFSET_TYPE = "application/offset+octet-stream"
 MAX_BACKOFF_S = 30.0
 MAX_RETRY_AFTER_S = 600.0
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -237,7 +236,7 @@ class _Uploader:
         if resp.status_code != 200:
             self._refuse(resp)
         try:
-            new_offset = int(resp.headers["Upload-Offset"])
+            new_offset = int(resp.headers[H_UPLOAD_OFFSET])
         except (KeyError, ValueError):
             raise _Retry("HEAD answered without a valid Upload-Offset") from None
         self._progress(new_offset)
@@ -260,24 +259,24 @@ class _Uploader:
         fh.seek(self.offset)
         chunk = fh.read(min(self.chunk_size, self.shard.size - self.offset))
         resp = self._request("PATCH", f"/v1/uploads/{self.upload_id}", chunk,
-                             {"Upload-Offset": str(self.offset), "Content-Type": OFFSET_TYPE})
+                             {H_UPLOAD_OFFSET: str(self.offset), "Content-Type": CHUNK_CONTENT_TYPE})
         if resp.status_code not in (200, 204):
             self._refuse(resp)
         try:
-            new_offset = int(resp.headers["Upload-Offset"])
+            new_offset = int(resp.headers[H_UPLOAD_OFFSET])
         except (KeyError, ValueError):
             raise _Retry("PATCH answered without a valid Upload-Offset") from None
         self.bytes_sent += len(chunk)
         self._progress(new_offset)
         self.offset = new_offset
-        return resp.headers.get("Upload-State", "receiving"), resp.headers.get("Upload-Reason")
+        return resp.headers.get(H_UPLOAD_STATE, "receiving"), resp.headers.get(H_UPLOAD_REASON)
 
     # ------------------------------------------------------------------ transport
     def _request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,
                  ) -> httpx.Response:
         full = self.prefix + path
         hdrs = dict(headers or {})
-        ctype, offset = hdrs.pop("Content-Type", None), hdrs.pop("Upload-Offset", None)
+        ctype, offset = hdrs.pop("Content-Type", None), hdrs.pop(H_UPLOAD_OFFSET, None)
         request = self.client.build_request(method, path, content=body, headers=hdrs)
         # signed with a fresh timestamp and nonce on every attempt: Host (as sent), Content-Type, Upload-Offset
         request.headers.update(sign_request(self.key, self.site, method, full, body, host=request.headers["Host"],

@@ -21,9 +21,9 @@ from _fixtures import FMNIST, fashion, with_visits
 from privdistill import identity
 from privdistill.data.types import ImageSet
 from privdistill.errors import PrivacyPolicyError, ShardVerificationError
-from privdistill.pipeline import KEPT_FILE
 from privdistill.shard import MANIFEST, SHARD_TAR, SIGNATURE, Manifest, prompt_vocabulary, sha256_path, write_shard
 from privdistill.stages import STAGE_FILE, Stage, StageContext, run_stage, sha256_file
+from privdistill.workdir import KEPT_FILE
 from site_agent.audit_log import read_audit
 from site_agent.config import SiteConfig, load_site_config
 from site_agent.gate import ExportRefused, check_export

@@ -12,8 +12,9 @@ import pytest
 
 from privdistill.data.types import ImageSet
 from privdistill.errors import PrivacyPolicyError
-from privdistill.pipeline import KEPT_FILE, open_filtered_set
+from privdistill.pipeline import open_filtered_set
 from privdistill.stages import Stage, StageContext, run_stage
+from privdistill.workdir import KEPT_FILE
 
 
 def _real_set(n: int = 6) -> ImageSet:

@@ -20,6 +20,7 @@ from privdistill.data.types import ImageSet
 from privdistill.errors import PrivacyPolicyError
 from privdistill.filter import FilterResult, filter_synthetic
 from privdistill.seeds import derive_seed
+from privdistill.workdir import WorkDir
 
 log = structlog.get_logger(__name__)
 
@@ -85,8 +86,8 @@ def run_fingerprint_audit(
     workdir = Path(workdir)
     out_dir = Path(out_dir) if out_dir is not None else workdir / "audit"
     run_pipeline(cfg, workdir, stages=["ingest", "train-reid"])  # the run's own split and filter model
-    train = ImageSet.load(workdir / "ingest" / "train.npz")
-    test = ImageSet.load(workdir / "ingest" / "test.npz")
+    train = ImageSet.load(WorkDir(workdir).train_set)
+    test = ImageSet.load(WorkDir(workdir).test_set)
 
     planted = plant(train, fingerprints, seed=cfg.seed, doses=doses)
     fps, idx = planted.fingerprints, planted.indices
@@ -115,8 +116,8 @@ def run_fingerprint_audit(
     carrier = detector.detect(samples.images)
     nearest, dist = map_to_fingerprinted(samples.images, planted.images)
 
-    reid = load_reid(workdir / "train-reid" / "reid")
-    embed = OnnxEmbedder(workdir / "train-reid" / "reid.onnx").embed
+    reid = load_reid(WorkDir(workdir).reid_model)
+    embed = OnnxEmbedder(WorkDir(workdir).reid_onnx).embed
     active = cfg.filter.model_copy(update={"enabled": True})
     result = filter_synthetic(samples, planted.data, embed=embed, threshold=reid.threshold, cfg=active)
     kept_carriers = survivors(carrier, result)

@@ -21,6 +21,7 @@ from privdistill.data.types import ImageSet
 from privdistill.errors import DataError
 from privdistill.models import DiffusionModel
 from privdistill.seeds import derive_seed
+from privdistill.workdir import DATA_REPORT, TEST_SET, TRAIN_SET
 
 log = structlog.get_logger(__name__)
 
@@ -125,7 +126,7 @@ def comparable_nonmembers(test: ImageSet, visits: VisitsConfig | None, *, seed: 
 
 def ingest_visits(data_cfg: DataConfig, ingest_dir: Path) -> VisitsConfig | None:
     """The visits the ingest stage in ``ingest_dir`` applied to its training split (None if none)."""
-    report = ingest_dir / "data_report.json"
+    report = ingest_dir / DATA_REPORT
     applied = report.is_file() and json.loads(report.read_text()).get("visits_per_patient") is not None
     return data_cfg.visits if applied else None
 
@@ -169,8 +170,8 @@ def membership_auc(
 def run_membership_audit(model: DiffusionModel, ingest_dir: Path, data_cfg: DataConfig, *, seed: int) -> dict[str, Any]:
     """``membership_auc`` of ``model`` with the ingest stage's training split as members and its held-out
     split (given the training split's simulated visits) as non-members; ``auc`` None when no held-out set."""
-    train = ImageSet.load(ingest_dir / "train.npz")
-    test = ImageSet.load(ingest_dir / "test.npz")
+    train = ImageSet.load(ingest_dir / TRAIN_SET)
+    test = ImageSet.load(ingest_dir / TEST_SET)
     if len(test) == 0:
         return {"auc": None, "reason": "no held-out real images (data.test_source / data.test_fraction)"}
     nonmembers = comparable_nonmembers(test, ingest_visits(data_cfg, ingest_dir), seed=seed)

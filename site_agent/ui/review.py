@@ -20,6 +20,7 @@ from privdistill.shard import SHARD_TAR, Manifest, iter_samples, verify_shard_di
 from privdistill.stages import STAGE_FILE, read_record, sha256_file
 from privdistill.web.plots import similarity_histogram_svg
 from privdistill.web.render import flatten
+from privdistill.workdir import WorkDir
 from site_agent.config import SiteConfig
 from site_agent.package import evaluate_policy, shard_root
 from site_agent.state import ShardRow, SiteState
@@ -113,7 +114,7 @@ def _grid(tar: Path, page: int) -> list[Sample]:
 
 def _filter_review(workdir: Path, row: ShardRow, view: ShardView) -> None:
     """Histogram and dropped pairs from the filter stage that made this shard (refused if it changed since)."""
-    fdir = workdir / "filter"
+    fdir = WorkDir(workdir).filter_dir
     rec = read_record(workdir, "filter")
     if rec is None or sha256_file(fdir / STAGE_FILE) != row.filter_record_sha256:
         view.review_note = ("the filter stage ran again after this shard was packaged: its review data belong to "
@@ -139,8 +140,8 @@ def _filter_review(workdir: Path, row: ShardRow, view: ShardView) -> None:
                                 "beside their real matches")
             return
     try:
-        synthetic = ImageSet.load(workdir / "sample" / "samples.npz").images
-        real = ImageSet.load(workdir / "ingest" / "train.npz").images
+        synthetic = ImageSet.load(WorkDir(workdir).samples).images
+        real = ImageSet.load(WorkDir(workdir).train_set).images
     except PrivdistillError as err:
         view.review_note = f"the filter's inputs could not be read ({err})"
         return
