@@ -90,3 +90,55 @@ def local_within(query: np.ndarray, gallery: np.ndarray, patch: int, threshold: 
                 d2 = ((qa[s + rows] - g[i[rows]]) ** 2).sum(1)
                 within[active[s + rows[d2 < r2[s + rows]]]] = True
     return LocalResult(within, searched, candidates)
+
+
+BOOTSTRAP = 1024  # training images whose exact best patch match starts each query's bound in `best_scores`
+
+
+@torch.no_grad()
+def best_scores(query: np.ndarray, gallery: np.ndarray, patch: int, floor: float, *, workers: int = 1,
+                bootstrap: int = BOOTSTRAP) -> np.ndarray:
+    """Every query's exact local score (float64, ``|q - g|^2`` taken directly; -inf without a structured patch),
+    by bounded tree searches: a first bound is the best match among the first ``bootstrap`` training images (one
+    small matrix product per position; each pair's distance then taken exactly), and at each position only a
+    training patch scoring above the query's best so far can lie within the tree's bound ``sqrt(-best * E)``,
+    so the nearest one within it (if any) is the position's best and every other is skipped."""
+    n, m = len(query), len(gallery)
+    best = np.full(n, -np.inf)
+    if n == 0 or m == 0:
+        return best
+    h, w = query.shape[-2:]
+    positions = [(y, x) for y in range(h - patch + 1) for x in range(w - patch + 1)]
+    sub = gallery[: min(bootstrap, m)]
+    for y, x in positions:  # bootstrap: exact scores of the best float32 match among ``sub``
+        q, g = patches(query, y, x, patch), patches(sub, y, x, patch)
+        energy = centred_energy(q)
+        rows = np.flatnonzero(energy >= floor)
+        if len(rows) == 0:
+            continue
+        qt, gt = torch.from_numpy(q[rows]), torch.from_numpy(g)
+        j = ((gt * gt).sum(1) - 2 * qt @ gt.T).argmin(1).numpy()
+        d2 = ((q[rows].astype(np.float64) - g[j].astype(np.float64)) ** 2).sum(1)
+        best[rows] = np.maximum(best[rows], -d2 / np.maximum(energy[rows].astype(np.float64), floor))
+    for y, x in positions:
+        q = patches(query, y, x, patch)
+        energy = np.maximum(centred_energy(q).astype(np.float64), floor)
+        active = np.flatnonzero((centred_energy(q) >= floor) & (best < 0))
+        if len(active) == 0:
+            continue
+        r2 = -best[active] * energy[active]  # a training patch closer than this scores above the best so far
+        order = np.argsort(r2, kind="stable")
+        active, r2 = active[order], r2[order]
+        g = patches(gallery, y, x, patch).astype(np.float64)
+        tree = cKDTree(g, balanced_tree=False, compact_nodes=False)
+        qa = q[active].astype(np.float64)
+        for s in range(0, len(active), GROUP):
+            bound = float(np.sqrt(r2[min(s + GROUP, len(active)) - 1] * (1 + SLACK))) * (1 + SLACK) + 1e-12
+            d, i = tree.query(qa[s : s + GROUP], distance_upper_bound=bound, workers=workers)
+            rows = np.flatnonzero(np.isfinite(d))
+            if len(rows) == 0:
+                continue
+            d2 = ((qa[s + rows] - g[i[rows]]) ** 2).sum(1)
+            idx = active[s + rows]
+            best[idx] = np.maximum(best[idx], -d2 / energy[idx])
+    return best

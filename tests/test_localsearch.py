@@ -114,3 +114,9 @@ def test_search_handles_empty_and_nonnegative_thresholds(world: dict) -> None:
     assert not res.within.any() and res.searched == 0  # scores are <= 0: nothing is strictly above 0
     res = localsearch.local_within(world["query"][:0], world["gallery"], PATCH, -0.1, 0.16)
     assert res.within.shape == (0,)
+
+
+def test_best_scores_are_the_exact_scores(world: dict) -> None:
+    s: GalleryScorer = world["scorer"]
+    got = localsearch.best_scores(world["query"], world["gallery"], PATCH, s.local_floor, bootstrap=16)
+    assert np.array_equal(got, world["exact"])
