@@ -129,7 +129,7 @@ class GalleryScorer:
         self.chunk_size = chunk_size
 
     # -- re-identification embedding
-    @torch.no_grad()
+    @torch.inference_mode()
     def reid(self, images: np.ndarray, exclude: np.ndarray | None = None,
              embeddings: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(score, best cosine similarity, index of the most similar training image)."""
@@ -335,7 +335,7 @@ class FilterResult:
 def _normalise(e: np.ndarray) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(e, np.float32))
     return torch.nn.functional.normalize(t, dim=1)
-@torch.no_grad()
+@torch.inference_mode()
 def best_matches(query: np.ndarray, ref: np.ndarray, chunk_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Highest cosine similarity of each query embedding to any reference, and its index.
 
