@@ -17,9 +17,8 @@ SIDE, PATCH = 14, 4
 
 def textures(n: int, seed: int) -> np.ndarray:
     """Smooth random images in [-1, 1] with flat (structureless) margins, like objects on a background."""
-    x = from_numpy(np.random.default_rng(seed).normal(0, 1, (n, 1, SIDE, SIDE)).astype(np.float32))
-    x = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1).numpy()
-    x = np.clip(x * 1.5, -1, 1)
+    t = from_numpy(np.random.default_rng(seed).normal(0, 1, (n, 1, SIDE, SIDE)).astype(np.float32))
+    x = np.clip(F.avg_pool2d(F.pad(t, (1, 1, 1, 1), mode="replicate"), 3, 1).numpy() * 1.5, -1, 1)
     x[:, :, :2], x[:, :, :, -2:] = -1, -1
     return x.astype(np.float32)
 
