@@ -229,7 +229,7 @@ def pixel_comparison(n: int, seed: int, n_null: int, local_n: int = 0) -> dict:
 
 
 def scale_phases(synthetic: ImageSet, real: ImageSet, embedder: OnnxEmbedder, threshold: float, n_plant: int,
-                 n_null: int = 1000) -> dict:
+                 n_null: int = 1000, strict: bool = True) -> dict:
     """The embedding filter's steps one by one (same functions filter_synthetic calls), each timed and printed:
     the re-id similarity and the calibrated pixel detector (conformal threshold on ``n_null`` fresh items)."""
     cfg, times, cpu = FilterConfig(), {}, {}
@@ -252,9 +252,9 @@ def scale_phases(synthetic: ImageSet, real: ImageSet, embedder: OnnxEmbedder, th
     local = phase("local search (tree)", lambda: localsearch.local_within(
         synthetic.images, real.images, scorer.local_patch, local_thr, scorer.local_floor,
         workers=torch.get_num_threads()))
-    strict = phase("local search at -1e-3 (tree)", lambda: localsearch.local_within(
+    strict_res = phase("local search at -1e-3 (tree)", lambda: localsearch.local_within(
         synthetic.images, real.images, scorer.local_patch, -1e-3, scorer.local_floor,
-        workers=torch.get_num_threads()))
+        workers=torch.get_num_threads())) if strict else None
     out = {f"phase_{k.split(' (')[0].replace(' ', '_')}_s": v for k, v in times.items()}
     out.update({f"phase_{k.split(' (')[0].replace(' ', '_')}_cpu_s": v for k, v in cpu.items()})
     extra = "local search at -1e-3"  # shows the search's cost with the detector live; not part of the filter
@@ -262,8 +262,10 @@ def scale_phases(synthetic: ImageSet, real: ImageSet, embedder: OnnxEmbedder, th
     out["embedding_filter_full_cpu_s"] = round(sum(v for k, v in cpu.items() if not k.startswith(extra)), 2)
     out["pixel_threshold"] = radius
     out["local_threshold"] = local_thr
-    out["local_dropped"], out["local_dropped_at_-1e-3"] = int(local.within.sum()), int(strict.within.sum())
-    out["local_planted_dropped_at_-1e-3"] = int(strict.within[:n_plant].sum())
+    out["local_dropped"] = int(local.within.sum())
+    if strict_res is not None:
+        out["local_dropped_at_-1e-3"] = int(strict_res.within.sum())
+        out["local_planted_dropped_at_-1e-3"] = int(strict_res.within[:n_plant].sum())
     out["local_searched"], out["local_candidates"] = local.searched, local.candidates
     out.update(summarise(best >= threshold, near | local.within, n_plant))
     out["dropped_pixel"] = int(near.sum())
@@ -283,6 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pixel", type=int, default=None, help="pixel detector alone: exhaustive vs prefiltered at N = M")
     ap.add_argument("--local-n", type=int, default=2000,
                     help="with --pixel: synthetic images on which the local detector's searches are compared (0: skip)")
+    ap.add_argument("--no-strict", action="store_true",
+                    help="with --scale: skip the extra local search at -1e-3 (not part of the filter)")
     ap.add_argument("--n-null", type=int, default=1000, help="fresh items calibrating the pixel threshold")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime / torch threads")
     ap.add_argument("--train-steps", type=int, default=None, help="re-id training steps (150; 60 with --quick)")
@@ -315,7 +319,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"setup (data, re-id training, ONNX export): {setup_s:.1f} s", flush=True)
     if args.scale:
-        out.update(scale_phases(synthetic, real, embedder, model.threshold, n_plant, args.n_null))
+        out.update(scale_phases(synthetic, real, embedder, model.threshold, n_plant, args.n_null,
+                                strict=not args.no_strict))
     else:
         t = time.perf_counter()
         full = filter_synthetic(synthetic, real, embed=embedder.embed, threshold=model.threshold, cfg=FilterConfig())
