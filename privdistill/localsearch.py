@@ -20,17 +20,12 @@ different sides of it. A threshold ``>= 0`` drops nothing (no score is above it)
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
-T = TypeVar("T")
 GROUP = 2048  # query patches sharing one distance bound (sorted by energy, so their radii are close)
 SLACK = 1e-6  # relative slack on the tree's distance bound: it never prunes a patch at the radius
 
@@ -56,69 +51,45 @@ def centred_energy(q: np.ndarray) -> np.ndarray:
     return ((t - t.mean(1, keepdim=True)) ** 2).sum(1).numpy()
 
 
-def _positions(shape: tuple[int, ...], patch: int) -> list[tuple[int, int]]:
-    h, w = shape[-2:]
-    return [(y, x) for y in range(h - patch + 1) for x in range(w - patch + 1)]
-
-
-def _on_threads(fn: Callable[[tuple[int, int]], T], positions: list[tuple[int, int]], workers: int) -> list[T]:
-    """``fn`` at every position, on ``workers`` threads (the tree queries and array work release the GIL), torch
-    held to one intra-op thread meanwhile so the threads do not oversubscribe the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        if workers <= 1:
-            return [fn(pos) for pos in positions]
-        with ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(fn, positions))
-    finally:
-        torch.set_num_threads(threads)
-
-
 def local_within(query: np.ndarray, gallery: np.ndarray, patch: int, threshold: float, floor: float, *,
                  workers: int = 1) -> LocalResult:
     """The local detector's decision at ``threshold`` for NCHW ``query`` against NCHW ``gallery`` (same shape):
-    True where some patch position with energy >= ``floor`` has a training patch with -d^2 / energy > threshold.
-    Positions run on ``workers`` threads; an image already found at one position is skipped at positions that
-    start after that (a shortcut only: it never changes a decision)."""
+    True where some patch position with energy >= ``floor`` has a training patch with -d^2 / energy > threshold."""
     n, m = len(query), len(gallery)
     within = np.zeros(n, bool)
     if n == 0 or m == 0 or not threshold < 0:  # scores are <= 0: none is above a threshold >= 0 (or NaN)
         return LocalResult(within, 0, 0)
+    h, w = query.shape[-2:]
     t = -float(threshold)
-
-    def one(pos: tuple[int, int]) -> tuple[int, int]:
-        y, x = pos
-        q = patches(query, y, x, patch)
-        energy = centred_energy(q)
-        active = np.flatnonzero((energy >= floor) & ~within)
-        if len(active) == 0:
-            return 0, 0
-        if not np.isfinite(t):  # threshold -inf: any structured patch passes
-            within[active] = True
-            return 0, 0
-        r2 = t * energy[active].astype(np.float64)
-        order = np.argsort(r2, kind="stable")
-        active, r2 = active[order], r2[order]
-        g = patches(gallery, y, x, patch).astype(np.float64)
-        tree = cKDTree(g, balanced_tree=False, compact_nodes=False)
-        qa = q[active].astype(np.float64)
-        searched = candidates = 0
-        for s in range(0, len(active), GROUP):
-            bound = float(np.sqrt(r2[min(s + GROUP, len(active)) - 1] * (1 + SLACK))) * (1 + SLACK) + 1e-12
-            d, i = tree.query(qa[s : s + GROUP], distance_upper_bound=bound)
-            found = np.isfinite(d)
-            searched += len(d)
-            candidates += int(found.sum())
-            if not found.any():
+    searched = candidates = 0
+    for y in range(h - patch + 1):
+        for x in range(w - patch + 1):
+            q = patches(query, y, x, patch)
+            energy = centred_energy(q)
+            active = np.flatnonzero((energy >= floor) & ~within)
+            if len(active) == 0:
                 continue
-            rows = np.flatnonzero(found)
-            d2 = ((qa[s + rows] - g[i[rows]]) ** 2).sum(1)
-            within[active[s + rows[d2 < r2[s + rows]]]] = True  # only ever set to True: safe across threads
-        return searched, candidates
-
-    counts = _on_threads(one, _positions(query.shape, patch), workers)
-    return LocalResult(within, sum(c[0] for c in counts), sum(c[1] for c in counts))
+            if not np.isfinite(t):  # threshold -inf: any structured patch passes
+                within[active] = True
+                continue
+            r2 = t * energy[active].astype(np.float64)
+            order = np.argsort(r2, kind="stable")
+            active, r2 = active[order], r2[order]
+            g = patches(gallery, y, x, patch).astype(np.float64)
+            tree = cKDTree(g, balanced_tree=False, compact_nodes=False)
+            qa = q[active].astype(np.float64)
+            for s in range(0, len(active), GROUP):
+                bound = float(np.sqrt(r2[min(s + GROUP, len(active)) - 1] * (1 + SLACK))) * (1 + SLACK) + 1e-12
+                d, i = tree.query(qa[s : s + GROUP], distance_upper_bound=bound, workers=workers)
+                found = np.isfinite(d)
+                searched += len(d)
+                candidates += int(found.sum())
+                if not found.any():
+                    continue
+                rows = np.flatnonzero(found)
+                d2 = ((qa[s + rows] - g[i[rows]]) ** 2).sum(1)
+                within[active[s + rows[d2 < r2[s + rows]]]] = True
+    return LocalResult(within, searched, candidates)
 
 
 BOOTSTRAP = 1024  # training images whose exact best patch match starts each query's bound in `best_scores`
@@ -136,7 +107,8 @@ def best_scores(query: np.ndarray, gallery: np.ndarray, patch: int, floor: float
     best = np.full(n, -np.inf)
     if n == 0 or m == 0:
         return best
-    positions = _positions(query.shape, patch)
+    h, w = query.shape[-2:]
+    positions = [(y, x) for y in range(h - patch + 1) for x in range(w - patch + 1)]
     sub = gallery[: min(bootstrap, m)]
     for y, x in positions:  # bootstrap: exact scores of the best float32 match among ``sub``
         q, g = patches(query, y, x, patch), patches(sub, y, x, patch)
@@ -148,25 +120,13 @@ def best_scores(query: np.ndarray, gallery: np.ndarray, patch: int, floor: float
         j = ((gt * gt).sum(1) - 2 * qt @ gt.T).argmin(1).numpy()
         d2 = ((q[rows].astype(np.float64) - g[j].astype(np.float64)) ** 2).sum(1)
         best[rows] = np.maximum(best[rows], -d2 / np.maximum(energy[rows].astype(np.float64), floor))
-    start = best.copy()
-    local = threading.local()
-
-    def one(pos: tuple[int, int]) -> None:
-        # each thread keeps its own best (from the shared start): a bound from any real match is valid, and the
-        # final max over threads is the max over every position (no update of one thread can undo another's)
-        mine = getattr(local, "best", None)
-        if mine is None:
-            mine = local.best = start.copy()
-            with lock:
-                per_thread.append(mine)
-        y, x = pos
+    for y, x in positions:
         q = patches(query, y, x, patch)
-        e32 = centred_energy(q)
-        energy = np.maximum(e32.astype(np.float64), floor)
-        active = np.flatnonzero((e32 >= floor) & (mine < 0))
+        energy = np.maximum(centred_energy(q).astype(np.float64), floor)
+        active = np.flatnonzero((centred_energy(q) >= floor) & (best < 0))
         if len(active) == 0:
-            return
-        r2 = -mine[active] * energy[active]  # a training patch closer than this scores above the best so far
+            continue
+        r2 = -best[active] * energy[active]  # a training patch closer than this scores above the best so far
         order = np.argsort(r2, kind="stable")
         active, r2 = active[order], r2[order]
         g = patches(gallery, y, x, patch).astype(np.float64)
@@ -174,14 +134,11 @@ def best_scores(query: np.ndarray, gallery: np.ndarray, patch: int, floor: float
         qa = q[active].astype(np.float64)
         for s in range(0, len(active), GROUP):
             bound = float(np.sqrt(r2[min(s + GROUP, len(active)) - 1] * (1 + SLACK))) * (1 + SLACK) + 1e-12
-            d, i = tree.query(qa[s : s + GROUP], distance_upper_bound=bound)
+            d, i = tree.query(qa[s : s + GROUP], distance_upper_bound=bound, workers=workers)
             rows = np.flatnonzero(np.isfinite(d))
             if len(rows) == 0:
                 continue
             d2 = ((qa[s + rows] - g[i[rows]]) ** 2).sum(1)
             idx = active[s + rows]
-            mine[idx] = np.maximum(mine[idx], -d2 / energy[idx])
-
-    lock, per_thread = threading.Lock(), [start]
-    _on_threads(one, positions, workers)
-    return np.max(np.stack(per_thread), 0)
+            best[idx] = np.maximum(best[idx], -d2 / energy[idx])
+    return best

@@ -119,13 +119,3 @@ def test_best_scores_are_the_exact_scores(world: dict) -> None:
     s: GalleryScorer = world["scorer"]
     got = localsearch.best_scores(world["query"], world["gallery"], PATCH, s.local_floor, bootstrap=16)
     assert np.array_equal(got, world["exact"])
-
-
-def test_threads_change_nothing(world: dict) -> None:
-    s: GalleryScorer = world["scorer"]
-    one = localsearch.best_scores(world["query"], world["gallery"], PATCH, s.local_floor, bootstrap=16)
-    two = localsearch.best_scores(world["query"], world["gallery"], PATCH, s.local_floor, bootstrap=16, workers=2)
-    assert np.array_equal(one, two)
-    thr = float(np.quantile(world["exact"], 0.9))
-    res = localsearch.local_within(world["query"], world["gallery"], PATCH, thr, s.local_floor, workers=2)
-    assert np.array_equal(res.within, world["exact"] > thr)
