@@ -22,10 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from privdistill import localsearch
 from privdistill.audit.stats import clopper_pearson
 from privdistill.config import FilterConfig, ReidConfig
 from privdistill.data.types import ImageSet
-from privdistill.filter import GalleryScorer, best_matches, calibrate_filter, filter_synthetic
+from privdistill.filter import GalleryScorer, best_matches, calibrate_filter, conformal_threshold, filter_synthetic
 from privdistill.reid import OnnxEmbedder, ReidModel, export_onnx, train_reid
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -135,13 +136,61 @@ def plant_kinds(real: ImageSet, synthetic: ImageSet, n_plant: int, seed: int) ->
     return kinds
 
 
-def timed(fn, *args):
+LOCAL_EXTRA_THRESHOLDS = (-1e-3, -1e-2)  # stricter than the calibrated one: the detector live, larger radii
+
+
+def local_alpha() -> float:
+    """The local detector's share of the library default fresh-drop level (alpha over 3 detectors)."""
+    return FilterConfig().max_fresh_drop / 3
+
+
+def local_comparison(synthetic: ImageSet, real: ImageSet, n_plant: int, n_null: int, n_sub: int) -> dict:
+    """The local detector: calibration on ``n_null`` fresh items (exhaustive float32 scores vs exact tree scores)
+    and its decisions by the tree search vs the exhaustive scores on ``n_sub`` synthetic images (every k-th, so
+    planted copies are among them), at the calibrated threshold and at stricter ones."""
+    scorer = pixel_scorer(real, "grid")
+    null = null_images(n_null)
+    null_ex, cal_ex_s, cal_ex_cpu = timed(scorer.local, null)
+    null_tree, cal_tr_s, cal_tr_cpu = timed(localsearch.best_scores, null, real.images, scorer.local_patch,
+                                            scorer.local_floor, workers=torch.get_num_threads())
+    thr_ex, thr_tree = conformal_threshold(null_ex, local_alpha()), conformal_threshold(null_tree, local_alpha())
+    pick = np.arange(0, len(synthetic), max(1, len(synthetic) // n_sub))[:n_sub]
+    sub = synthetic.images[pick]
+    scores, ex_s, ex_cpu = timed(scorer.local, sub)
+    rows = []
+    for thr in (thr_ex, *LOCAL_EXTRA_THRESHOLDS):
+        res, tr_s, tr_cpu = timed(localsearch.local_within, sub, real.images, scorer.local_patch, thr,
+                                  scorer.local_floor, workers=torch.get_num_threads())
+        ex = scores > thr
+        # exhaustive scores within float32 rounding (1e-4, see tests/test_localsearch.py) of the threshold
+        near = np.abs(scores - thr) < 1e-4
+        rows.append({"threshold": thr, "tree_s": tr_s, "tree_cpu_s": tr_cpu, "dropped_exhaustive": int(ex.sum()),
+                     "dropped_tree": int(res.within.sum()), "differ": int((ex != res.within).sum()),
+                     "differ_away_from_rounding": int(((ex != res.within) & ~near).sum()),
+                     "planted_dropped_tree": int(res.within[pick < n_plant].sum()),
+                     "n_planted": int((pick < n_plant).sum()), "searched": res.searched,
+                     "candidates": res.candidates})
+        print(f"  local, threshold {thr:.6f}: exhaustive drops {int(ex.sum())}, tree {int(res.within.sum())} "
+              f"({tr_s:.2f} s, {tr_cpu:.1f} s CPU); differ {rows[-1]['differ']}", flush=True)
+    fin = np.isfinite(null_ex)
+    out = {"n_null": n_null, "local_threshold_exhaustive": thr_ex, "local_threshold_tree": thr_tree,
+           "null_max_abs_score_diff": float(np.abs(null_ex[fin] - null_tree[fin]).max()) if fin.any() else 0.0,
+           "null_finite_equal": bool(np.array_equal(fin, np.isfinite(null_tree))),
+           "calibration_exhaustive_s": cal_ex_s, "calibration_exhaustive_cpu_s": cal_ex_cpu,
+           "calibration_tree_s": cal_tr_s, "calibration_tree_cpu_s": cal_tr_cpu,
+           "n_subset": len(pick), "exhaustive_subset_s": ex_s, "exhaustive_subset_cpu_s": ex_cpu, "thresholds": rows}
+    print(f"  local calibration ({n_null} null): exhaustive {cal_ex_s:.1f} s ({cal_ex_cpu:.1f} CPU) -> {thr_ex:.6g}; "
+          f"tree {cal_tr_s:.1f} s ({cal_tr_cpu:.1f} CPU) -> {thr_tree:.6g}", flush=True)
+    return out
+
+
+def timed(fn, *args, **kwargs):
     t, c = time.perf_counter(), time.process_time()
-    value = fn(*args)
+    value = fn(*args, **kwargs)
     return value, round(time.perf_counter() - t, 2), round(time.process_time() - c, 2)
 
 
-def pixel_comparison(n: int, seed: int, n_null: int) -> dict:
+def pixel_comparison(n: int, seed: int, n_null: int, local_n: int = 0) -> dict:
     """The calibrated pixel detector on N = M = n: exhaustive search vs the prefiltered one, same threshold."""
     synthetic, real, n_plant = make_data(n, n, seed)
     kinds = plant_kinds(real, synthetic, n_plant, seed)
@@ -170,6 +219,8 @@ def pixel_comparison(n: int, seed: int, n_null: int) -> dict:
         "fresh_dropped_fraction": float(fa[n_plant:].mean()),
         "fresh_dropped_ci95": clopper_pearson(int(fa[n_plant:].sum()), int(n - n_plant)), "load_average_1m": load[0],
     }  # fmt: skip
+    if local_n:
+        out["local"] = local_comparison(synthetic, real, n_plant, n_null, local_n)
     print(f"pixel detector, N = M = {n:,}, threshold {radius:.4f} (conformal, {n_null} null images)")
     print(f"  exhaustive search : {ex_s:8.2f} s ({ex_cpu:.1f} s CPU), dropped {out['dropped_exhaustive']}")
     print(f"  prefiltered search: {fa_s:8.2f} s ({fa_cpu:.1f} s CPU), dropped {out['dropped_prefiltered']}")
@@ -178,7 +229,7 @@ def pixel_comparison(n: int, seed: int, n_null: int) -> dict:
 
 
 def scale_phases(synthetic: ImageSet, real: ImageSet, embedder: OnnxEmbedder, threshold: float, n_plant: int,
-                 n_null: int = 1000) -> dict:
+                 n_null: int = 1000, strict: bool = True) -> dict:
     """The embedding filter's steps one by one (same functions filter_synthetic calls), each timed and printed:
     the re-id similarity and the calibrated pixel detector (conformal threshold on ``n_null`` fresh items)."""
     cfg, times, cpu = FilterConfig(), {}, {}
@@ -195,12 +246,29 @@ def scale_phases(synthetic: ImageSet, real: ImageSet, embedder: OnnxEmbedder, th
     scorer = pixel_scorer(real, "grid")
     radius = phase("pixel calibration (exact null)", lambda: calibrate_pixel(scorer, n_null))
     _, _, near = phase("pixel search (prefiltered)", lambda: scorer.pixel_within(synthetic.images, radius))
+    null_local = phase("local calibration (tree, exact null)", lambda: localsearch.best_scores(
+        null_images(n_null), real.images, scorer.local_patch, scorer.local_floor, workers=torch.get_num_threads()))
+    local_thr = conformal_threshold(null_local, local_alpha())
+    local = phase("local search (tree)", lambda: localsearch.local_within(
+        synthetic.images, real.images, scorer.local_patch, local_thr, scorer.local_floor,
+        workers=torch.get_num_threads()))
+    strict_res = phase("local search at -1e-3 (tree)", lambda: localsearch.local_within(
+        synthetic.images, real.images, scorer.local_patch, -1e-3, scorer.local_floor,
+        workers=torch.get_num_threads())) if strict else None
     out = {f"phase_{k.split(' (')[0].replace(' ', '_')}_s": v for k, v in times.items()}
     out.update({f"phase_{k.split(' (')[0].replace(' ', '_')}_cpu_s": v for k, v in cpu.items()})
-    out["embedding_filter_full_s"] = round(sum(times.values()), 2)
-    out["embedding_filter_full_cpu_s"] = round(sum(cpu.values()), 2)
+    extra = "local search at -1e-3"  # shows the search's cost with the detector live; not part of the filter
+    out["embedding_filter_full_s"] = round(sum(v for k, v in times.items() if not k.startswith(extra)), 2)
+    out["embedding_filter_full_cpu_s"] = round(sum(v for k, v in cpu.items() if not k.startswith(extra)), 2)
     out["pixel_threshold"] = radius
-    out.update(summarise(best >= threshold, near, n_plant))
+    out["local_threshold"] = local_thr
+    out["local_dropped"] = int(local.within.sum())
+    if strict_res is not None:
+        out["local_dropped_at_-1e-3"] = int(strict_res.within.sum())
+        out["local_planted_dropped_at_-1e-3"] = int(strict_res.within[:n_plant].sum())
+    out["local_searched"], out["local_candidates"] = local.searched, local.candidates
+    out.update(summarise(best >= threshold, near | local.within, n_plant))
+    out["dropped_pixel"] = int(near.sum())
     return out
 
 
@@ -215,6 +283,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="N = M = 200")
     ap.add_argument("--scale", type=int, default=None, help="embedding filter alone at N = M = SCALE")
     ap.add_argument("--pixel", type=int, default=None, help="pixel detector alone: exhaustive vs prefiltered at N = M")
+    ap.add_argument("--local-n", type=int, default=2000,
+                    help="with --pixel: synthetic images on which the local detector's searches are compared (0: skip)")
+    ap.add_argument("--no-strict", action="store_true",
+                    help="with --scale: skip the extra local search at -1e-3 (not part of the filter)")
     ap.add_argument("--n-null", type=int, default=1000, help="fresh items calibrating the pixel threshold")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime / torch threads")
     ap.add_argument("--train-steps", type=int, default=None, help="re-id training steps (150; 60 with --quick)")
@@ -225,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
     m = args.scale or (200 if args.quick else (args.m or n))
     torch.set_num_threads(args.threads)
     if args.pixel:
-        res = pixel_comparison(args.pixel, args.seed, args.n_null)
+        res = pixel_comparison(args.pixel, args.seed, args.n_null, args.local_n)
         res.update(threads=args.threads, peak_rss_mib=round(peak_rss_mib(), 1))
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"filter_pixel_{args.pixel}.json").write_text(json.dumps(res, indent=2) + "\n")
@@ -247,7 +319,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"setup (data, re-id training, ONNX export): {setup_s:.1f} s", flush=True)
     if args.scale:
-        out.update(scale_phases(synthetic, real, embedder, model.threshold, n_plant, args.n_null))
+        out.update(scale_phases(synthetic, real, embedder, model.threshold, n_plant, args.n_null,
+                                strict=not args.no_strict))
     else:
         t = time.perf_counter()
         full = filter_synthetic(synthetic, real, embed=embedder.embed, threshold=model.threshold, cfg=FilterConfig())

@@ -14,7 +14,7 @@ import numpy as np
 import structlog
 import torch
 
-from privdistill import nearsearch, pixel
+from privdistill import localsearch, nearsearch, pixel
 from privdistill.config import FilterConfig
 from privdistill.data.types import ImageSet
 from privdistill.errors import DataError
@@ -41,6 +41,7 @@ DECISIONS_FILE = "decisions.npz"
 
 DETECTORS = ("reid", "pixel", "local")
 PIXEL_SEARCHES = ("grid", "exhaustive")  # grid: exact decisions, distances exact under the threshold
+LOCAL_SEARCHES = ("tree", "exhaustive")  # tree: the same decisions up to float rounding at the threshold
 LOCAL_NOISE_FLOOR = 0.01  # per-pixel variance below which a patch carries no identifying structure (std 0.1)
 
 
@@ -111,11 +112,13 @@ class GalleryScorer:
 
     def __init__(self, gallery: ImageSet, embed: Embed, *, real_embeddings: np.ndarray | None = None,
                  reid_score: str = "max", cohort_k: int = 10, max_shift: int = 1, local_patch: int = 4,
-                 chunk_size: int = 4096, pixel_search: str = "grid") -> None:
+                 chunk_size: int = 4096, pixel_search: str = "grid", local_search: str = "tree") -> None:
         if pixel_search not in PIXEL_SEARCHES:
             raise DataError(f"unknown pixel search {pixel_search!r}; choose from {PIXEL_SEARCHES}")
+        if local_search not in LOCAL_SEARCHES:
+            raise DataError(f"unknown local search {local_search!r}; choose from {LOCAL_SEARCHES}")
         self.gallery, self.embed = gallery, embed
-        self.pixel_search = pixel_search
+        self.pixel_search, self.local_search = pixel_search, local_search
         self._shift_index: nearsearch.ShiftIndex | None = None
         self.e_gallery = embed(gallery.images) if real_embeddings is None else real_embeddings
         if len(self.e_gallery) != len(gallery):
@@ -127,7 +130,7 @@ class GalleryScorer:
         self.chunk_size = chunk_size
 
     # -- re-identification embedding
-    @torch.no_grad()
+    @torch.inference_mode()
     def reid(self, images: np.ndarray, exclude: np.ndarray | None = None,
              embeddings: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(score, best cosine similarity, index of the most similar training image)."""
@@ -197,34 +200,51 @@ class GalleryScorer:
     @torch.no_grad()
     def local(self, images: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
         """Max over every patch position (stride 1) holding structure (centred energy >= the noise floor) and
-        over training images of -||q_p - g_p||^2 / energy(q_p); -inf for an image without such a patch."""
+        over training images of -||q_p - g_p||^2 / energy(q_p); -inf for an image without such a patch.
+        Exhaustive (every score exact): positions outer, so each position's training patches are cut once."""
         p = self.local_patch
         g_all = torch.from_numpy(np.ascontiguousarray(self.gallery.images, np.float32))
         q_all = torch.from_numpy(np.ascontiguousarray(images, np.float32))
         h, w = images.shape[-2:]
-        dim = images.shape[1] * p * p
-        floor = LOCAL_NOISE_FLOOR * dim
+        floor = self.local_floor
         m = len(g_all)
         rows = max(1, min(self.chunk_size, BLOCK_ELEMS // max(1, m)))
-        out = np.full(len(images), -np.inf)
-        for s in range(0, len(images), rows):
-            qc = q_all[s : s + rows]
-            best = torch.full((len(qc),), -float("inf"))
-            ex = None if exclude is None else torch.from_numpy(np.asarray(exclude[s : s + rows], np.int64))
-            for y in range(h - p + 1):
-                for x in range(w - p + 1):
-                    q = qc[:, :, y : y + p, x : x + p].reshape(len(qc), -1)
-                    g = g_all[:, :, y : y + p, x : x + p].reshape(m, -1)
+        best = torch.full((len(images),), -float("inf"))
+        ex_all = None if exclude is None else torch.from_numpy(np.asarray(exclude, np.int64))
+        for y in range(h - p + 1):
+            for x in range(w - p + 1):
+                g = g_all[:, :, y : y + p, x : x + p].reshape(m, -1)
+                g_sq = (g * g).sum(1)
+                q_pos = q_all[:, :, y : y + p, x : x + p].reshape(len(q_all), -1)
+                for s in range(0, len(images), rows):
+                    q = q_pos[s : s + rows]
                     energy = ((q - q.mean(1, keepdim=True)) ** 2).sum(1)
-                    d2 = ((q * q).sum(1, keepdim=True) - 2 * q @ g.T + (g * g).sum(1)).clamp_min(0)
-                    if ex is not None:
+                    if not bool((energy >= floor).any()):
+                        continue
+                    d2 = ((q * q).sum(1, keepdim=True) - 2 * q @ g.T + g_sq).clamp_min(0)
+                    if ex_all is not None:
+                        ex = ex_all[s : s + rows]
                         hit = ex >= 0
                         d2[hit.nonzero()[:, 0], ex[hit]] = float("inf")
                     val = torch.where(energy >= floor, -d2.min(dim=1).values / energy.clamp_min(floor),
                                       torch.tensor(-float("inf")))
-                    best = torch.maximum(best, val)
-            out[s : s + rows] = best.numpy()
-        return out
+                    torch.maximum(best[s : s + rows], val, out=best[s : s + rows])
+        return best.numpy().astype(np.float64)
+
+    @property
+    def local_floor(self) -> float:
+        """Centred patch energy below which a patch carries no identifying structure."""
+        return LOCAL_NOISE_FLOOR * self.gallery.images.shape[1] * self.local_patch**2
+
+    def local_within(self, images: np.ndarray, threshold: float) -> np.ndarray:
+        """The local detector's decision at ``threshold`` (score strictly above it): ``tree`` search exact up to
+        float rounding (see `privdistill.localsearch`), ``exhaustive`` every score computed."""
+        if self.local_search == "exhaustive":
+            return self.local(images) > threshold
+        res = localsearch.local_within(images, self.gallery.images, self.local_patch, threshold, self.local_floor,
+                                       workers=max(1, torch.get_num_threads()))
+        log.debug("filter.local_search", n=len(images), searched=res.searched, candidates=res.candidates)
+        return res.within
 
     def scores(self, images: np.ndarray, detectors: tuple[str, ...] | list[str],
                exclude: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -316,7 +336,7 @@ class FilterResult:
 def _normalise(e: np.ndarray) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(e, np.float32))
     return torch.nn.functional.normalize(t, dim=1)
-@torch.no_grad()
+@torch.inference_mode()
 def best_matches(query: np.ndarray, ref: np.ndarray, chunk_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Highest cosine similarity of each query embedding to any reference, and its index.
 
@@ -402,7 +422,7 @@ def filter_synthetic(
             pix_thr = float(-thr["pixel"])  # as a distance: dropped when strictly closer than this
             pix_d, pix_i, pixel_match = sc.pixel_within(synthetic.images, pix_thr)
         if "local" in thr and n:
-            local_match = sc.local(synthetic.images) > thr["local"]
+            local_match = sc.local_within(synthetic.images, thr["local"])
         # on the cosine scale only for the plain best-match score (the histogram and review page draw it)
         threshold = thr.get("reid", float("nan")) if calibration.reid_score == "max" else float("nan")
 
