@@ -39,6 +39,10 @@ class LimitsConfig(Strict):
     max_clock_skew_s: int = Field(300, ge=1, le=3600)  # how old a signed request may be
     max_future_skew_s: int = Field(30, ge=1, le=3600)  # how far ahead of the coordinator's clock
     # per-site quotas
+    # crash safety vs fsyncs: a chunk's bytes are fsync'd and its offset committed once this many bytes have come
+    # since the last commit (and always at the last chunk); after a crash the site resends at most this much.
+    # 0: every chunk (most resumable, one fsync per chunk)
+    durable_every_bytes: int = Field(32 * MiB, ge=0, le=1 << 30)
     max_open_uploads_per_site: int = Field(8, ge=1)
     max_open_bytes_per_site: int = Field(8 << 30, ge=1)  # sum of the declared sizes of a site's open uploads
     max_requests_per_site: int = Field(20000, ge=10)  # signed requests per site inside the timestamp window

@@ -37,7 +37,6 @@ HOUSEKEEPING_EVERY_S = 60.0
 # bytes received after the last durable offset before the staging file is fsync'd and the ledger offset advanced
 # (the last chunk is always made durable before verification); a crash loses at most this much per upload, which
 # the site re-sends from the offset HEAD reports
-GROUP_FSYNC_BYTES = 32 << 20
 # uploads whose streaming verification state a worker keeps in memory (each holds at most one partial member, at
 # most MAX_MEMBER_BYTES); an evicted one is rebuilt from its staging file on its next chunk
 STREAMS_KEPT = 32
@@ -191,7 +190,7 @@ class Uploads:
             if end > row.size:
                 raise ApiError(413, "request_too_large", f"chunk ends at byte {end}, past the shard size {row.size}")
             if chunk:
-                durable = end == row.size or end - row.offset >= GROUP_FSYNC_BYTES
+                durable = end == row.size or end - row.offset >= self.config.limits.durable_every_bytes
                 self._write(store.staging_path(self.state_dir, upload_id), offset, chunk, durable=durable)
                 self._stream(row, offset).feed(chunk)  # verified as it arrives: the tar is never read again
                 if durable:  # under the lock the ledger is still at row.offset

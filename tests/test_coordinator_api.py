@@ -151,19 +151,19 @@ def test_upload_in_chunks_accepted_once_then_duplicate(env, keys, shard):
 
 
 def test_resume_returns_open_upload_and_restart_truncates_unrecorded_bytes(env, keys, shard, monkeypatch):
-    import coordinator.uploads as uploads_mod
-
     app, client = env
     tar, manifest, sig = shard_files(shard)
     first = start(client, keys[A], A, manifest, sig).json()
     send_all(client, keys[A], A, first["upload_id"], tar[:CHUNK])
-    # chunks are fsync'd in groups: the ledger's (durable) offset stays behind until GROUP_FSYNC_BYTES or the end,
+    # chunks are fsync'd in groups: the ledger's (durable) offset stays behind until limits.durable_every_bytes or the end,
     # while resume and HEAD answer with the bytes received
     assert app.state.ledger.upload(first["upload_id"]).offset == 0
     resumed = start(client, keys[A], A, manifest, sig)
     assert resumed.status_code == 200
     assert resumed.json()["upload_id"] == first["upload_id"] and resumed.json()["offset"] == CHUNK
-    monkeypatch.setattr(uploads_mod, "GROUP_FSYNC_BYTES", CHUNK)  # now every chunk is made durable
+    ups = app.state.uploads  # now every chunk is made durable
+    monkeypatch.setattr(ups, "config", ups.config.model_copy(
+        update={"limits": ups.config.limits.model_copy(update={"durable_every_bytes": CHUNK})}))
     send_all(client, keys[A], A, first["upload_id"], tar[CHUNK:2 * CHUNK], start_at=CHUNK)
     assert app.state.ledger.upload(first["upload_id"]).offset == 2 * CHUNK
     part = staging_path(app.state.config.state_dir, first["upload_id"])

@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 import pytest
 import structlog
+import yaml
 from structlog.testing import capture_logs
 
 from privdistill.data.types import ImageSet
@@ -55,6 +56,12 @@ def _provision(out: Path, port: int, sites: list[str]) -> Path:
     from coordinator.provision import provision
 
     provision(out, sites, host="127.0.0.1", port=port)
+    # every chunk durable (fsync'd, offset committed): these tests kill processes mid-upload and check where the
+    # ledger stood; the default commits every 32 MiB, past the end of these small shards
+    cfg_file = out / "coordinator" / "coordinator.yaml"
+    cfg = yaml.safe_load(cfg_file.read_text())
+    cfg.setdefault("limits", {})["durable_every_bytes"] = 0
+    cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return out
 
 
