@@ -20,6 +20,7 @@ different sides of it. A threshold ``>= 0`` drops nothing (no score is above it)
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,23 +74,30 @@ def local_within(query: np.ndarray, gallery: np.ndarray, patch: int, threshold: 
                 within[active] = True
                 continue
             r2 = t * energy[active].astype(np.float64)
-            order = np.argsort(r2, kind="stable")
-            active, r2 = active[order], r2[order]
-            g = patches(gallery, y, x, patch).astype(np.float64)
-            tree = cKDTree(g, balanced_tree=False, compact_nodes=False)
-            qa = q[active].astype(np.float64)
-            for s in range(0, len(active), GROUP):
-                bound = float(np.sqrt(r2[min(s + GROUP, len(active)) - 1] * (1 + SLACK))) * (1 + SLACK) + 1e-12
-                d, i = tree.query(qa[s : s + GROUP], distance_upper_bound=bound, workers=workers)
-                found = np.isfinite(d)
-                searched += len(d)
-                candidates += int(found.sum())
-                if not found.any():
-                    continue
-                rows = np.flatnonzero(found)
-                d2 = ((qa[s + rows] - g[i[rows]]) ** 2).sum(1)
-                within[active[s + rows[d2 < r2[s + rows]]]] = True
+            for idx, d2, r2_found, n_searched in _nearest_within(q, gallery, y, x, patch, active, r2, workers):
+                searched += n_searched
+                candidates += len(idx)
+                within[idx[d2 < r2_found]] = True
     return LocalResult(within, searched, candidates)
+
+
+def _nearest_within(q: np.ndarray, gallery: np.ndarray, y: int, x: int, patch: int, active: np.ndarray,
+                    r2: np.ndarray, workers: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+    """For the query patches ``q[active]`` at position (y, x), each with its squared radius ``r2``: the nearest
+    training patch at that position when it lies within the radius (plus slack), in groups of ``GROUP`` queries
+    sorted by radius (one tree bound per group). Yields (query indices found, their exact squared distances, their
+    squared radii, queries searched in the group); a patch nearer than its radius is never missed."""
+    order = np.argsort(r2, kind="stable")
+    active, r2 = active[order], r2[order]
+    g = patches(gallery, y, x, patch).astype(np.float64)
+    tree = cKDTree(g, balanced_tree=False, compact_nodes=False)
+    qa = q[active].astype(np.float64)
+    for s in range(0, len(active), GROUP):
+        bound = float(np.sqrt(r2[min(s + GROUP, len(active)) - 1] * (1 + SLACK))) * (1 + SLACK) + 1e-12
+        d, i = tree.query(qa[s : s + GROUP], distance_upper_bound=bound, workers=workers)
+        rows = np.flatnonzero(np.isfinite(d))
+        d2 = ((qa[s + rows] - g[i[rows]]) ** 2).sum(1)
+        yield active[s + rows], d2, r2[s + rows], len(d)
 
 
 BOOTSTRAP = 1024  # training images whose exact best patch match starts each query's bound in `best_scores`
@@ -127,18 +135,6 @@ def best_scores(query: np.ndarray, gallery: np.ndarray, patch: int, floor: float
         if len(active) == 0:
             continue
         r2 = -best[active] * energy[active]  # a training patch closer than this scores above the best so far
-        order = np.argsort(r2, kind="stable")
-        active, r2 = active[order], r2[order]
-        g = patches(gallery, y, x, patch).astype(np.float64)
-        tree = cKDTree(g, balanced_tree=False, compact_nodes=False)
-        qa = q[active].astype(np.float64)
-        for s in range(0, len(active), GROUP):
-            bound = float(np.sqrt(r2[min(s + GROUP, len(active)) - 1] * (1 + SLACK))) * (1 + SLACK) + 1e-12
-            d, i = tree.query(qa[s : s + GROUP], distance_upper_bound=bound, workers=workers)
-            rows = np.flatnonzero(np.isfinite(d))
-            if len(rows) == 0:
-                continue
-            d2 = ((qa[s + rows] - g[i[rows]]) ** 2).sum(1)
-            idx = active[s + rows]
+        for idx, d2, _, _ in _nearest_within(q, gallery, y, x, patch, active, r2, workers):
             best[idx] = np.maximum(best[idx], -d2 / energy[idx])
     return best
