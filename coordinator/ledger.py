@@ -16,7 +16,7 @@ from coordinator.store import shard_dir
 from privdistill.errors import ConfigError
 from privdistill.identity import parse_public_key
 from privdistill.shard import ID_PATTERN
-from privdistill.sqlite import connect, transaction
+from privdistill.sqlite import connect, require_existing, transaction
 
 TOUCH_INTERVAL_S = 30.0
 
@@ -129,9 +129,8 @@ class Ledger:
         self._keepalive: sqlite3.Connection | None = None
         self.read_only = read_only
         if read_only:
-            if not self.path.is_file():
-                raise ConfigError([f"no ledger at {self.path}: check state_dir in the coordinator config (it is "
-                                   "created by `provision` and `serve`)"])
+            require_existing(self.path, "ledger", "check state_dir in the coordinator config (it is created by "
+                             "`provision` and `serve`)")
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = self._connect()

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
+from privdistill.errors import ConfigError
+
 
 def connect(path: Path | str, *, timeout: float = 30.0, synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
             wal: bool = False, rows: bool = False, foreign_keys: bool = False,
@@ -33,6 +35,13 @@ def connect(path: Path | str, *, timeout: float = 30.0, synchronous: Literal["NO
         db.execute("PRAGMA journal_mode=WAL")
     db.execute(f"PRAGMA synchronous={synchronous}")
     return db
+
+
+def require_existing(path: Path, what: str, hint: str) -> None:
+    """For commands that only read: ConfigError (exit 2) when the database at ``path`` is not there, so a mistyped
+    directory creates nothing. ``what`` names the database, ``hint`` says what to check."""
+    if not Path(path).is_file():
+        raise ConfigError([f"no {what} at {path}: {hint}"])
 
 
 @contextmanager

@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from privdistill.errors import ConfigError, PrivacyPolicyError, StageError
-from privdistill.sqlite import connection
+from privdistill.errors import PrivacyPolicyError, StageError
+from privdistill.sqlite import connection, require_existing
 
 STATE_FILE = "site_state.sqlite"
 WORKDIR_ID_FILE = ".workdir_id"
@@ -105,9 +105,8 @@ class SiteState:
         self.path = self.workdir / STATE_FILE
         self.read_only = read_only
         if read_only:
-            if not self.path.is_file():
-                raise ConfigError([f"no ledger at {self.path}: check --workdir (the site's shard register is "
-                                   "created when `privdistill-site run` packages the first shard)"])
+            require_existing(self.path, "ledger", "check --workdir (the site's shard register is created when "
+                             "`privdistill-site run` packages the first shard)")
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
         with self._db() as db:
