@@ -18,8 +18,9 @@ class ListenConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8443, ge=0, le=65535)
     # server processes sharing the listening socket (the ledger, replay cache and upload locks are shared through
-    # STATE); per-process limits (max_connections, max_buffered_bodies) then hold per worker
-    workers: int = Field(2, ge=1, le=64)
+    # STATE); per-process limits (max_connections, max_buffered_bodies) then hold per worker. Default: 2, or 1 when
+    # the /admin page is on (its login sessions live in one process's memory; more workers are refused with it)
+    workers: int | None = Field(None, ge=1, le=64)
 
 
 class TLSConfig(Strict):
@@ -72,6 +73,17 @@ class CoordinatorConfig(Strict):
     @property
     def ledger_path(self) -> Path:
         return self.state_dir / "ledger.sqlite"
+
+    def server_processes(self, override: int | None = None) -> int:
+        """How many server processes `serve` runs: ``override`` (serve --workers), else listen.workers, else 2, or 1
+        with the /admin page on. ConfigError when more than one is asked for with the page on."""
+        n = override if override is not None else self.listen.workers
+        if n is None:
+            return 1 if self.admin_token_file is not None else 2
+        if n > 1 and self.admin_token_file is not None:
+            raise ConfigError([f"listen.workers: {n} with the /admin page on (admin_token_file): its login sessions "
+                               "live in one process's memory; run 1 worker, or leave admin_token_file unset"])
+        return n
 
 
 def parse_coordinator_config(raw: Any, *, base_dir: Path, source: str | None = None) -> CoordinatorConfig:

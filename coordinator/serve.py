@@ -55,7 +55,7 @@ def serve(config: CoordinatorConfig, *, host: str | None = None, port: int | Non
     one listening socket; staging is reconciled once, before any of them starts."""
     server = build_server(config, host=host, port=port)
     where = f"{server.config.host}:{server.config.port}"
-    n = config.listen.workers if workers is None else workers
+    n = config.server_processes(workers)
     if n > 1:
         app = cast(FastAPI, server.config.app)
         app.state.ledger.close()  # no SQLite connection may cross a fork: each worker builds its own app

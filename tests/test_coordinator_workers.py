@@ -181,3 +181,20 @@ def test_chunks_alternating_between_two_workers_are_verified_as_one_stream(tmp_p
         assert r.headers["Upload-State"] == "accepted"
     (shard,) = apps[1].state.ledger.accepted_shards()
     assert (shard.dir / "shard.tar").read_bytes() == tar
+
+
+def test_admin_page_keeps_one_worker_and_refuses_more(tmp_path: Path) -> None:
+    from coordinator.config import parse_coordinator_config
+    from privdistill.errors import ConfigError
+
+    base = {"tls": {"cert": "c.pem", "key": "k.pem"}, "state_dir": "state"}
+    plain = parse_coordinator_config(base, base_dir=tmp_path)
+    admin = parse_coordinator_config({**base, "admin_token_file": "admin_token"}, base_dir=tmp_path)
+    # default: 2 server processes, but 1 with the /admin page (its login sessions live in one process)
+    assert (plain.server_processes(), admin.server_processes(), plain.server_processes(3)) == (2, 1, 3)
+    assert admin.server_processes(1) == 1
+    with pytest.raises(ConfigError, match="listen.workers: 2 with the /admin page on"):
+        admin.server_processes(2)
+    explicit = parse_coordinator_config({**base, "admin_token_file": "t", "listen": {"workers": 4}}, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match="run 1 worker"):
+        explicit.server_processes()
