@@ -62,7 +62,8 @@ def test_both_sites_exported_and_the_coordinator_accepted_each_shard_once(demo: 
     for site in SITES:
         s = summary["sites"][site]
         assert s["shard"] is not None and s["shard"].startswith(site)
-        assert s["privacy"]["kept"] > 0 and s["privacy"]["kept_memorization_rate"] == 0.0
+        # at most the demo's policy (0.02, the memorization metric's fresh-image noise floor: see two_site_demo.py)
+        assert s["privacy"]["kept"] > 0 and s["privacy"]["kept_memorization_rate"] <= 0.02
         # every kind of planted copy at least the demo's policy (0.9: see two_site_demo.py), exact copies all
         recall = s["privacy"]["audit"]["planted_recall"]
         assert min(recall.values()) >= 0.9 and recall["exact"] == 1.0, recall
