@@ -32,6 +32,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CONFIGS, RESULTS = HERE / "configs", HERE / "results"
+NOTE = ("Shadow students skip the filter (see benchmarks/mia_lira.py's docstring). With few shadows the Gaussian fits "
+        "use one pooled variance. AUC intervals resample patients; TPR at an FPR below 1/(non-member patients) cannot "
+        "be measured and is reported as n/a.")
 
 
 def _row(name: str, r: dict) -> str:
@@ -43,15 +46,67 @@ def _row(name: str, r: dict) -> str:
             f"{r['n_member_units']}/{r['n_nonmember_units']} | {tpr('0.01')} | {tpr('0.001')} |")
 
 
+def run_lira(cfg, workdir: Path, *, n_shadows: int, student: bool) -> dict:
+    """LiRA on the run in ``workdir`` (the pipeline is run there first; stages already current are skipped): the
+    teacher with ``n_shadows`` shadow teachers and, with ``student``, the distilled student with as many shadow
+    distillations. Returns {"teacher": summary, "student": summary} (privdistill.audit.lira.lira_attack's)."""
+    from privdistill.audit.lira import lira_attack
+    from privdistill.audit.mia import balanced, comparable_nonmembers, ingest_visits
+    from privdistill.data.types import ImageSet
+    from privdistill.models import DiffusionModel
+    from privdistill.pipeline import STAGES, run_pipeline
+    from privdistill.sample import sample_dataset
+    from privdistill.seeds import derive_seed
+    from privdistill.train import train_diffusion
+
+    if cfg.privacy is not None and cfg.privacy.dp is not None:
+        print("note: the target teacher is DP-trained; the shadows are not (their training would be charged to the "
+              "site's privacy ledger), so the attack is calibrated on non-DP models")
+    run_pipeline(cfg, workdir, stages=list(STAGES) if student else ["ingest", "train-teacher"])
+    ingest = workdir / "ingest"
+    train, test = ImageSet.load(ingest / "train.npz"), ImageSet.load(ingest / "test.npz")
+    nonmembers = comparable_nonmembers(test, ingest_visits(cfg.data, ingest), seed=cfg.seed)
+    members, nonmembers = balanced(train, nonmembers, seed=cfg.seed)
+
+    def new_model(dcfg, data: ImageSet, seed: int) -> DiffusionModel:
+        return DiffusionModel.from_config(dcfg.model, resolution=cfg.data.resolution, channels=cfg.data.channels,
+                                          class_names=data.class_names, prompts=data.prompts, seed=seed)
+
+    def shadow_teacher(data: ImageSet, seed: int) -> DiffusionModel:
+        model = new_model(cfg.teacher, data, seed)
+        train_diffusion(model, data, cfg.teacher.train, seed=seed)
+        return model
+
+    def shadow_student(data: ImageSet, seed: int) -> DiffusionModel:
+        samples = sample_dataset(shadow_teacher(data, seed), cfg.sample, seed=derive_seed(seed, "teacher-samples"))
+        student_seed = derive_seed(seed, "student-train")
+        model = new_model(cfg.student_config, samples, student_seed)
+        train_diffusion(model, samples, cfg.student_config.train, seed=student_seed)
+        return model
+
+    results = {"teacher": lira_attack(DiffusionModel.load(workdir / "train-teacher" / "model"), members, nonmembers,
+                                      train_shadow=shadow_teacher, n_shadows=n_shadows, seed=cfg.seed)}
+    if student:
+        results["student"] = lira_attack(DiffusionModel.load(workdir / "train-student" / "model"), members,
+                                         nonmembers, train_shadow=shadow_student, n_shadows=n_shadows,
+                                         seed=cfg.seed)
+    return results
+
+
+def render_table(results: dict) -> list[str]:
+    """LiRA (online, offline) and the loss attack on the same patients, per target: markdown table lines."""
+    lines = ["| target / attack | AUC [95% CI, patient bootstrap] | n member/non-member patients | TPR @ 1% FPR | "
+             "TPR @ 0.1% FPR |", "|---|---|---|---|---|"]
+    for target, r in results.items():
+        lines += [_row(f"{target} / LiRA online", r["online"]), _row(f"{target} / LiRA offline", r["offline"]),
+                  _row(f"{target} / loss attack", r["loss_attack_same_units"])]
+    return lines
+
+
 def render_md(res: dict) -> str:
     lines = [f"# LiRA vs the loss attack: {res['config']}", "",
              f"Run {res['finished_at']}, {res['n_shadows']} shadows, {res['seconds'] / 60:.1f} min on "
-             f"{res['threads']} thread(s).", "",
-             "| target / attack | AUC [95% CI, patient bootstrap] | n member/non-member patients | TPR @ 1% FPR | "
-             "TPR @ 0.1% FPR |", "|---|---|---|---|---|"]
-    for target, r in res["results"].items():
-        lines += [_row(f"{target} / LiRA online", r["online"]), _row(f"{target} / LiRA offline", r["offline"]),
-                  _row(f"{target} / loss attack", r["loss_attack_same_units"])]
+             f"{res['threads']} thread(s).", "", *render_table(res["results"])]
     return "\n".join(lines + ["", res["note"], ""])
 
 
@@ -71,59 +126,21 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(a.threads)
-    from privdistill.audit.lira import lira_attack
-    from privdistill.audit.mia import balanced, comparable_nonmembers, ingest_visits
     from privdistill.config import load_config
-    from privdistill.data.types import ImageSet
     from privdistill.logs import configure_logging
-    from privdistill.models import DiffusionModel
-    from privdistill.pipeline import STAGES, run_pipeline
-    from privdistill.sample import sample_dataset
-    from privdistill.train import train_diffusion
 
     configure_logging("console", "info")
     cfg_path = a.config or CONFIGS / ("privacy_utility_quick.yaml" if a.quick else "privacy_utility.yaml")
     cfg = load_config(cfg_path)
-    if cfg.privacy is not None and cfg.privacy.dp is not None:
-        print("note: the target teacher is DP-trained; the shadows are not (their training would be charged to the "
-              "site's privacy ledger), so the attack is calibrated on non-DP models")
     workdir = a.workdir or Path("/tmp/privdistill-bench") / cfg.name
     out_dir = a.out_dir or (workdir if a.quick else RESULTS)
     t0 = time.time()
-    run_pipeline(cfg, workdir, stages=list(STAGES) if a.student else ["ingest", "train-teacher"])
-    ingest = workdir / "ingest"
-    train, test = ImageSet.load(ingest / "train.npz"), ImageSet.load(ingest / "test.npz")
-    nonmembers = comparable_nonmembers(test, ingest_visits(cfg.data, ingest), seed=cfg.seed)
-    members, nonmembers = balanced(train, nonmembers, seed=cfg.seed)
-
-    def new_model(dcfg, data: ImageSet, seed: int) -> DiffusionModel:
-        return DiffusionModel.from_config(dcfg.model, resolution=cfg.data.resolution, channels=cfg.data.channels,
-                                          class_names=data.class_names, prompts=data.prompts, seed=seed)
-
-    def shadow_teacher(data: ImageSet, seed: int) -> DiffusionModel:
-        model = new_model(cfg.teacher, data, seed)
-        train_diffusion(model, data, cfg.teacher.train, seed=seed)
-        return model
-
-    def shadow_student(data: ImageSet, seed: int) -> DiffusionModel:
-        samples = sample_dataset(shadow_teacher(data, seed), cfg.sample, seed=seed + 1000)
-        student = new_model(cfg.student_config, samples, seed + 1)
-        train_diffusion(student, samples, cfg.student_config.train, seed=seed + 1)
-        return student
-
-    results = {"teacher": lira_attack(DiffusionModel.load(workdir / "train-teacher" / "model"), members, nonmembers,
-                                      train_shadow=shadow_teacher, n_shadows=a.shadows, seed=cfg.seed)}
-    if a.student:
-        results["student"] = lira_attack(DiffusionModel.load(workdir / "train-student" / "model"), members,
-                                         nonmembers, train_shadow=shadow_student, n_shadows=a.shadows,
-                                         seed=cfg.seed)
+    results = run_lira(cfg, workdir, n_shadows=a.shadows, student=a.student)
     res = {
         "config": str(cfg_path.relative_to(HERE.parent) if cfg_path.is_relative_to(HERE.parent) else cfg_path),
         "n_shadows": a.shadows, "threads": a.threads, "seconds": round(time.time() - t0, 1),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": results,
-        "note": "Shadow students skip the filter (see the script's docstring). With few shadows the Gaussian fits "
-                "use one pooled variance. AUC intervals resample patients; TPR at an FPR below 1/(non-member "
-                "patients) cannot be measured and is reported as n/a.",
+        "note": NOTE,
         "torch": torch.__version__, "numpy": np.__version__,
     }
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -277,6 +277,14 @@ def render_md(res: dict) -> str:
         lines += ["Filter recall per kind of copy (the filter was not built around these; "
                   f"kinds with < {aud.get('min_cases', {}).get('n')} cases or < {aud.get('min_cases', {}).get('n_patients')} "
                   "patients are marked too few):", "", *render_recall(aud), ""]
+    lira = res.get("lira")
+    if lira:
+        from mia_lira import NOTE, render_table
+
+        lines += [f"Stronger attack: LiRA with {lira['n_shadows']} shadow models (shadow teachers on paired random "
+                  "halves of the member + non-member patient pool; for the student, whole shadow distillations) beside "
+                  f"the loss attack on the same patients ({lira['seconds'] / 60:.1f} min):", "",
+                  *render_table(lira["results"]), "", NOTE, ""]
     lines += [
         "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in res["stage_seconds"].items()),
         "",
@@ -348,7 +356,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="run the pipeline only up to STAGE (e.g. filter) and report what that measured (the "
                          "filter's goals) when the whole run does not fit in the time at hand")
     ap.add_argument("--stem", default=None, help="results file name (default privacy_utility[_quick])")
+    ap.add_argument("--lira-shadows", type=int, default=None, metavar="N",
+                    help="the stronger attack beside the loss attack: LiRA on the teacher and the student with N "
+                         "shadow models each (even; each shadow is one more teacher + sampling + student of the "
+                         "config). Default 2 for a full run, 0 (skip) with --quick or --until")
     a = ap.parse_args(argv)
+    if a.lira_shadows is None:
+        a.lira_shadows = 0 if a.quick or a.until else 2
+    if a.lira_shadows and a.until:
+        ap.error("--lira-shadows needs the whole pipeline (it attacks the student): leave out --until or pass 0")
     if a.render is not None:
         res = json.loads(a.render.read_text())
         if a.compare:
@@ -403,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd_args += ["--no-memorization"]
     if a.stem:
         cmd_args += ["--stem", a.stem]
+    if a.lira_shadows != (0 if a.quick or a.until else 2):
+        cmd_args += ["--lira-shadows", str(a.lira_shadows)]
     cmd = ".venv/bin/python benchmarks/privacy_utility.py " + " ".join(
         cmd_args + ["--workdir", str(workdir), "--threads", str(a.threads), "--force"]
     )
@@ -434,6 +452,17 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_count_visible": os.cpu_count(), "loadavg_at_end": list(os.getloadavg()),
         },
     }
+    if a.lira_shadows:
+        from mia_lira import run_lira
+
+        t_lira = time.time()
+        lira = run_lira(cfg, workdir, n_shadows=a.lira_shadows, student=True)
+        res["lira"] = {"n_shadows": a.lira_shadows, "seconds": round(time.time() - t_lira, 1), "results": lira}
+        for who in ("teacher", "student"):
+            on = lira[who]["online"]
+            goals["table"].append({"goal": f"{who} membership, LiRA online ({a.lira_shadows} shadows)",
+                                   "target": "report (0.5 = no leak)", "value": on["auc"], "ci": on["auc_ci95"],
+                                   "n": on["n_member_units"], "met": None})
     if a.compare:
         res["other_runs"] = [summary_row(json.loads(p.read_text())) for p in a.compare]
     if a.note:
