@@ -73,10 +73,12 @@ def add_force(sp: argparse.ArgumentParser, help: str = "re-run even if inputs ar
 
 def main(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, configure logging, run the chosen command (see ``run``)."""
+    from privdistill.allocator import tune_malloc
     from privdistill.logs import configure_logging
 
     args = parser.parse_args(argv)
     configure_logging(args.log_format, args.log_level)
+    tune_malloc()
     return run(args)
 
 

@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.workdir.is_dir():
         print(f"error: --workdir {args.workdir} does not exist", file=sys.stderr)
         return 2
+    from privdistill.allocator import tune_malloc
+
+    tune_malloc()
     serve_trainer(args.workdir)
     return 0
 
