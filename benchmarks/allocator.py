@@ -1,16 +1,17 @@
 """glibc malloc settings (privdistill.allocator) vs glibc's defaults, on the demo's two largest CPU costs.
 
-One process per run: a warm-up, then the workload with glibc's defaults (baseline), then ``tune_malloc()`` and the
-same workload again; each run prints tuned / baseline for wall time, CPU time (user + system), system time and
-minor page faults. The tuning cannot be undone inside a process, so the baseline always runs first; ``--runs``
-repeats the pair in fresh processes and reports the median ratio. Workload, the demo teacher's architecture
-(examples/site-demo.yaml: [32, 64, 64] UNet, 28x28, 1 thread):
+The settings are per process and cannot be undone inside one (glibc's default mmap threshold is dynamic; setting any
+value fixes it), so each measurement is a fresh process that builds the model and runs the workload once, cold, as a
+command-line tool does: one with the settings, one with PRIVDISTILL_MALLOC_TUNING=0, in alternating order (AB, BA,
+AB, ...) within this one run so drift in the machine's load falls on both. Each pair prints tuned / default for wall
+time, CPU time (user + system), system time and minor page faults; the summary is the median over pairs. Workload,
+the demo teacher's architecture (examples/site-demo.yaml: [32, 64, 64] UNet, 28x28, 1 thread):
 
   - training steps through privdistill's own trainer (batch 32, the demo's);
   - the membership attack's scoring (``privdistill.audit.mia.denoising_losses``, 10 noise draws) on 256 images.
 
 Usage:
-  .venv/bin/python benchmarks/allocator.py                 # 3 runs, ~6 min on one idle core
+  .venv/bin/python benchmarks/allocator.py                 # 4 pairs, ~8 min on one idle core
   .venv/bin/python benchmarks/allocator.py --runs 1 --steps 4 --images 64    # a smoke test
 Writes benchmarks/results/allocator.{json,md} (or --out-dir)."""
 
@@ -37,7 +38,7 @@ def _usage() -> dict[str, float]:
 
 
 def one_run(steps: int, images: int) -> dict:
-    """The warm-up, the baseline and the tuned workload in this process."""
+    """The workload once in this process, with the settings unless PRIVDISTILL_MALLOC_TUNING=0."""
     import numpy as np
     import torch
 
@@ -68,18 +69,15 @@ def one_run(steps: int, images: int) -> dict:
         return {f"{part}_{k}": round(b[k] - a[k], 3) for part, a, b in (("train", u0, u1), ("mia", u1, u2))
                 for k in ("wall", "user", "sys", "minflt")}
 
-    workload()  # warm-up: imports, first-call dispatch, the heap's first growth
-    base = workload()
     applied = tune_malloc()
-    tuned = workload()
-    return {"baseline": base, "tuned": tuned, "applied": applied}
+    return {"usage": workload(), "applied": applied}
 
 
 def ratios(run: dict) -> dict[str, float]:
     out = {}
     for part in ("train", "mia"):
         for k in ("wall", "user", "sys", "minflt"):
-            b, t = run["baseline"][f"{part}_{k}"], run["tuned"][f"{part}_{k}"]
+            b, t = run["baseline"][f"{part}_{k}"], run["tuned"][f"{part}_{k}"]  # baseline: glibc's defaults
             out[f"{part}_{k}"] = round(t / b, 3) if b else float("nan")
         cpu_b = run["baseline"][f"{part}_user"] + run["baseline"][f"{part}_sys"]
         cpu_t = run["tuned"][f"{part}_user"] + run["tuned"][f"{part}_sys"]
@@ -92,19 +90,19 @@ def render_md(res: dict) -> str:
     lines = [f"# glibc malloc settings vs defaults ({res['runs']} runs, {res['steps']} training steps, "
              f"{res['images']} images in the membership attack)", "",
              f"Run {res['finished_at']} on {res['machine']}, 1 torch thread, load average {res['loadavg']}.", "",
-             "| run | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
+             "| pair | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
              "|---|" + "---:|" * len(keys)]
     for i, r in enumerate(res["per_run"]):
         lines.append(f"| {i + 1} | " + " | ".join(f"{r['ratios'][k]:.3f}" for k in keys) + " |")
     lines.append("| **median** | " + " | ".join(f"**{res['median'][k]:.3f}**" for k in keys) + " |")
-    lines += ["", "Each cell is tuned / baseline (below 1: the settings help). Absolute numbers per run are in the "
-              "JSON. The baseline runs first in every process (the settings cannot be undone in a process).", ""]
+    lines += ["", "Each cell is tuned / glibc's defaults, one fresh process each, alternating order (below 1: the "
+              "settings help). Absolute numbers per process are in the JSON.", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=4, help="pairs of processes (default 4)")
     ap.add_argument("--steps", type=int, default=12, help="training steps per timed block (default 12)")
     ap.add_argument("--images", type=int, default=256, help="images scored by the membership attack (default 256)")
     ap.add_argument("--out-dir", type=Path, default=HERE / "results")
@@ -113,18 +111,25 @@ def main(argv: list[str] | None = None) -> int:
     if a.child:
         print(json.dumps(one_run(a.steps, a.images)))
         return 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PRIVDISTILL_MALLOC_TUNING": "1"}
     per_run = []
-    for i in range(a.runs):
+
+    def child(tuned: bool) -> dict:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PRIVDISTILL_MALLOC_TUNING": "1" if tuned else "0"}
         out = subprocess.run([sys.executable, __file__, "--child", "--steps", str(a.steps), "--images", str(a.images)],
                              env=env, check=True, capture_output=True, text=True)
-        run = json.loads(out.stdout.strip().splitlines()[-1])
-        if not all(run["applied"].values()):
-            print(f"glibc refused a setting: {run['applied']}", file=sys.stderr)
-            return 1
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        if tuned and not (got["applied"] and all(got["applied"].values())):
+            raise SystemExit(f"glibc refused a setting: {got['applied']}")
+        return got["usage"]
+
+    for i in range(a.runs):
+        order = (True, False) if i % 2 == 0 else (False, True)
+        got = {tuned: child(tuned) for tuned in order}
+        run = {"order": ["tuned" if t else "default" for t in order], "baseline": got[False], "tuned": got[True]}
         run["ratios"] = ratios(run)
         per_run.append(run)
-        print(f"run {i + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in run["ratios"].items()), flush=True)
+        print(f"pair {i + 1} ({'/'.join(run['order'])}): " + ", ".join(f"{k} {v:.3f}" for k, v in run["ratios"].items()),
+              flush=True)
     res = {
         "benchmark": "allocator", "runs": a.runs, "steps": a.steps, "images": a.images, "per_run": per_run,
         "median": {k: statistics.median(r["ratios"][k] for r in per_run) for k in per_run[0]["ratios"]},
