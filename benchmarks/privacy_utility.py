@@ -148,8 +148,12 @@ def headline_goals(report: dict, check: dict, *, no_memorization: bool) -> list[
     kd_ci = kd.get("ci") if isinstance(kd, dict) else f.get("kept_data_copying_ci")
     goal("kept-sample data-copying AUC", "<= 0.55", kd_v, kd_ci, f.get("kept"), None if kd_v is None else kd_v <= 0.55)
     mia = (report.get("membership_inference") or {}).get("student") or {}
-    goal("student MIA AUC", "report (0.5 = no leak)", mia.get("auc"),
-         hanley_mcneil(mia.get("auc"), mia.get("n_members"), mia.get("n_nonmembers")), mia.get("n_members"), None)
+    if mia.get("auc_ci95") is not None:  # the report's patient-level bootstrap interval; n = member patients
+        goal("student MIA AUC (loss attack)", "report (0.5 = no leak)", mia.get("auc"), mia["auc_ci95"],
+             mia.get("n_member_units"), None)
+    else:  # reports from before the patient-level bootstrap
+        goal("student MIA AUC (loss attack)", "report (0.5 = no leak)", mia.get("auc"),
+             hanley_mcneil(mia.get("auc"), mia.get("n_members"), mia.get("n_nonmembers")), mia.get("n_members"), None)
     if no_memorization:
         n_syn = (f.get("kept") or 0) + (f.get("dropped") or 0)
         frac = None if not n_syn else f["kept"] / n_syn
