@@ -77,14 +77,14 @@ class _Side:
     [P, N] float32 and float64 arrays) from position to position."""
 
     def __init__(self, layout: np.ndarray, y: int, x: int, p: int, buffers: tuple[np.ndarray, np.ndarray],
-                 u2: np.ndarray | None = None) -> None:
+                 u2: np.ndarray | None = None, energy: bool = True) -> None:
         self.slab, s64 = buffers
         np.copyto(self.slab.reshape(layout.shape[0], p, p, -1), layout[:, y : y + p, x : x + p, :])
         np.copyto(s64, self.slab)
         self.k1 = s64.sum(0)
         self.u2 = _second_direction(s64) if u2 is None else u2
         self.k2 = self.u2 @ s64
-        self.e64 = np.einsum("pn,pn->n", s64, s64) - self.k1 * self.k1 / len(s64)
+        self.e64 = np.einsum("pn,pn->n", s64, s64) - self.k1 * self.k1 / len(s64) if energy else self.k1[:0]
 
     def rows(self, idx: np.ndarray) -> np.ndarray:
         """[len(idx), P] float32, C-contiguous: the same values and layout as `patches` gives for those images."""
@@ -123,7 +123,7 @@ class _Position:
     """The training patches at one position: sorted by sum, with a k-d tree built on first use."""
 
     def __init__(self, layout: np.ndarray, y: int, x: int, p: int, buffers: tuple[np.ndarray, np.ndarray]) -> None:
-        self.side = _Side(layout, y, x, p, buffers)
+        self.side = _Side(layout, y, x, p, buffers, energy=False)
         self.order = np.argsort(self.side.k1)
         self.k1, self.k2 = self.side.k1[self.order], self.side.k2[self.order]
         self._g64: np.ndarray | None = None
