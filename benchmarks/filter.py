@@ -3,6 +3,7 @@
     python benchmarks/filter.py            # N = M = 1,000: both methods in full, same decisions asserted
     python benchmarks/filter.py --quick    # N = M = 200
     python benchmarks/filter.py --scale 100000   # embedding filter alone (re-id + calibrated pixel check)
+    python benchmarks/filter.py --scale 100000 --local-only   # the local detector's phases alone
     python benchmarks/filter.py --pixel 10000    # calibrated pixel detector: exhaustive vs prefiltered search
 """
 
@@ -291,6 +292,34 @@ def scale_phases(synthetic: ImageSet, real: ImageSet, embedder: OnnxEmbedder, th
     return out
 
 
+def local_only(n: int, seed: int, n_null: int, strict: bool) -> dict:
+    """The local detector's phases alone at N = M = ``n`` (same data and calls as `scale_phases`, no re-id model):
+    calibration by `local_threshold`, the search at it and, with ``strict``, at -1e-3."""
+    synthetic, real, n_plant = make_data(n, n, seed)
+    scorer, times, cpu, load = pixel_scorer(real, "grid"), {}, {}, [os.getloadavg()[0]]
+
+    def phase(name: str, fn):
+        value, times[name], cpu[name] = timed(fn)
+        load.append(os.getloadavg()[0])
+        print(f"  {name:<40} {times[name]:8.2f} s ({cpu[name]:7.1f} s CPU)  load {load[-1]:.1f}", flush=True)
+        return value
+
+    thr = phase("local calibration (exact top scores)", lambda: local_threshold(null_images(n_null), real, scorer))
+    runs = {"calibrated": phase("local search (bounds + tree)", lambda: localsearch.local_within(
+        synthetic.images, real.images, scorer.local_patch, thr, scorer.local_floor, workers=torch.get_num_threads()))}
+    if strict:
+        runs["-1e-3"] = phase("local search at -1e-3 (bounds + tree)", lambda: localsearch.local_within(
+            synthetic.images, real.images, scorer.local_patch, -1e-3, scorer.local_floor,
+            workers=torch.get_num_threads()))
+    out = {"n_synthetic": n, "n_real": n, "n_null": n_null, "local_threshold": thr, "load_average_1m": load,
+           "phases_s": times, "phases_cpu_s": cpu}
+    for k, res in runs.items():
+        out[k] = {"dropped": int(res.within.sum()), "planted_dropped": int(res.within[:n_plant].sum()),
+                  "searched": res.searched, "candidates": res.candidates, "pairs": res.pairs,
+                  "tree_queries": res.tree_queries}
+    return out
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -306,6 +335,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="with --pixel: synthetic images on which the local detector's searches are compared (0: skip)")
     ap.add_argument("--no-strict", action="store_true",
                     help="with --scale: skip the extra local search at -1e-3 (not part of the filter)")
+    ap.add_argument("--local-only", action="store_true",
+                    help="with --scale: the local detector's calibration and search alone (no re-id model)")
     ap.add_argument("--n-null", type=int, default=1000, help="fresh items calibrating the pixel threshold")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime / torch threads")
     ap.add_argument("--train-steps", type=int, default=None, help="re-id training steps (150; 60 with --quick)")
@@ -320,6 +351,12 @@ def main(argv: list[str] | None = None) -> dict:
         res.update(threads=args.threads, peak_rss_mib=round(peak_rss_mib(), 1))
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"filter_pixel_{args.pixel}.json").write_text(json.dumps(res, indent=2) + "\n")
+        return res
+    if args.scale and args.local_only:
+        res = local_only(args.scale, args.seed, args.n_null, strict=not args.no_strict)
+        res.update(threads=args.threads, peak_rss_mib=round(peak_rss_mib(), 1))
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"filter_scale_{args.scale}_local.json").write_text(json.dumps(res, indent=2) + "\n")
         return res
     name = f"filter_scale_{n}" if args.scale else ("filter_quick" if args.quick else "filter")
 

@@ -199,6 +199,9 @@ def test_top_score_is_the_rank_th_largest_exact_score(world: dict) -> None:
         for kw in ({}, {"first_level": -1e-12, "factor": 10.0}, {"max_window": 0, "tree_pairs": 0, "bootstrap": 4}):
             got = localsearch.top_score(world["query"], world["gallery"], PATCH, s.local_floor, rank, **kw)
             assert got == ranked[rank - 1], (rank, kw)
+    flat = np.concatenate([world["query"][:5], np.full((3, 1, SIDE, SIDE), 0.5, np.float32)])  # 3 without structure
+    assert localsearch.top_score(flat, world["gallery"], PATCH, s.local_floor, 5) == np.sort(exact[:5])[0]
+    assert localsearch.top_score(flat, world["gallery"], PATCH, s.local_floor, 6) == -np.inf
     with pytest.raises(ValueError, match="rank 0"):
         localsearch.top_score(world["query"], world["gallery"], PATCH, s.local_floor, 0)
 
