@@ -120,8 +120,8 @@ def _second_direction(s64: np.ndarray, sample: int = 4096) -> np.ndarray:
 
 def _one_torch_thread(fn: F) -> F:
     """Runs ``fn`` with one torch intra-op thread: its torch calls are small (energies of a few rows, a 1,000 x
-    1,024 product), and on a loaded 2-core machine a second OpenMP thread only spun (100k x 100k: calibration
-    31 s CPU with 2 threads vs 10.5 s with 1). Results do not depend on the thread count (exact scores)."""
+    1,024 product), and on a loaded 2-core machine a second OpenMP thread only spun (100k x 100k calibration under
+    the same load: 31.2 CPU-s with 2 threads, 18.5 with 1). Results do not depend on the thread count."""
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
