@@ -3,6 +3,7 @@
     python benchmarks/filter.py            # N = M = 1,000: both methods in full, same decisions asserted
     python benchmarks/filter.py --quick    # N = M = 200
     python benchmarks/filter.py --scale 100000   # embedding filter alone (re-id + calibrated pixel check)
+    python benchmarks/filter.py --scale 100000 --local-only   # the local detector's phases alone
     python benchmarks/filter.py --pixel 10000    # calibrated pixel detector: exhaustive vs prefiltered search
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import math
 import os
 import platform
 import resource
@@ -144,6 +146,17 @@ def local_alpha() -> float:
     return FilterConfig().max_fresh_drop / 3
 
 
+def local_threshold(null: np.ndarray, real: ImageSet, scorer: GalleryScorer) -> float:
+    """The local detector's conformal threshold (library alpha split over 3 detectors) from exact scores: the
+    ceil((n+1)(1-alpha))-th smallest null score, found by `localsearch.top_score` without every null score."""
+    n = len(null)
+    k = int(math.ceil((n + 1) * (1 - local_alpha())))
+    if k > n:  # too few null items: the library's own error
+        return conformal_threshold(np.zeros(n), local_alpha())
+    return localsearch.top_score(null, real.images, scorer.local_patch, scorer.local_floor, n - k + 1,
+                                 workers=torch.get_num_threads())
+
+
 def local_comparison(synthetic: ImageSet, real: ImageSet, n_plant: int, n_null: int, n_sub: int) -> dict:
     """The local detector: calibration on ``n_null`` fresh items (exhaustive float32 scores vs exact tree scores)
     and its decisions by the tree search vs the exhaustive scores on ``n_sub`` synthetic images (every k-th, so
@@ -154,6 +167,7 @@ def local_comparison(synthetic: ImageSet, real: ImageSet, n_plant: int, n_null: 
     null_tree, cal_tr_s, cal_tr_cpu = timed(localsearch.best_scores, null, real.images, scorer.local_patch,
                                             scorer.local_floor, workers=torch.get_num_threads())
     thr_ex, thr_tree = conformal_threshold(null_ex, local_alpha()), conformal_threshold(null_tree, local_alpha())
+    thr_top, top_s, top_cpu = timed(local_threshold, null, real, scorer)
     pick = np.arange(0, len(synthetic), max(1, len(synthetic) // n_sub))[:n_sub]
     sub = synthetic.images[pick]
     scores, ex_s, ex_cpu = timed(scorer.local, sub)
@@ -169,7 +183,7 @@ def local_comparison(synthetic: ImageSet, real: ImageSet, n_plant: int, n_null: 
                      "differ_away_from_rounding": int(((ex != res.within) & ~near).sum()),
                      "planted_dropped_tree": int(res.within[pick < n_plant].sum()),
                      "n_planted": int((pick < n_plant).sum()), "searched": res.searched,
-                     "candidates": res.candidates})
+                     "candidates": res.candidates, "pairs": res.pairs, "tree_queries": res.tree_queries})
         print(f"  local, threshold {thr:.6f}: exhaustive drops {int(ex.sum())}, tree {int(res.within.sum())} "
               f"({tr_s:.2f} s, {tr_cpu:.1f} s CPU); differ {rows[-1]['differ']}", flush=True)
     fin = np.isfinite(null_ex)
@@ -178,9 +192,12 @@ def local_comparison(synthetic: ImageSet, real: ImageSet, n_plant: int, n_null: 
            "null_finite_equal": bool(np.array_equal(fin, np.isfinite(null_tree))),
            "calibration_exhaustive_s": cal_ex_s, "calibration_exhaustive_cpu_s": cal_ex_cpu,
            "calibration_tree_s": cal_tr_s, "calibration_tree_cpu_s": cal_tr_cpu,
+           "local_threshold_top_score": thr_top, "top_score_equals_tree_threshold": thr_top == thr_tree,
+           "calibration_top_score_s": top_s, "calibration_top_score_cpu_s": top_cpu,
            "n_subset": len(pick), "exhaustive_subset_s": ex_s, "exhaustive_subset_cpu_s": ex_cpu, "thresholds": rows}
     print(f"  local calibration ({n_null} null): exhaustive {cal_ex_s:.1f} s ({cal_ex_cpu:.1f} CPU) -> {thr_ex:.6g}; "
-          f"tree {cal_tr_s:.1f} s ({cal_tr_cpu:.1f} CPU) -> {thr_tree:.6g}", flush=True)
+          f"tree {cal_tr_s:.1f} s ({cal_tr_cpu:.1f} CPU) -> {thr_tree:.6g}; top_score {top_s:.1f} s ({top_cpu:.1f} CPU) "
+          f"-> {thr_top:.6g} (equal: {thr_top == thr_tree})", flush=True)
     return out
 
 
@@ -246,13 +263,12 @@ def scale_phases(synthetic: ImageSet, real: ImageSet, embedder: OnnxEmbedder, th
     scorer = pixel_scorer(real, "grid")
     radius = phase("pixel calibration (exact null)", lambda: calibrate_pixel(scorer, n_null))
     _, _, near = phase("pixel search (prefiltered)", lambda: scorer.pixel_within(synthetic.images, radius))
-    null_local = phase("local calibration (tree, exact null)", lambda: localsearch.best_scores(
-        null_images(n_null), real.images, scorer.local_patch, scorer.local_floor, workers=torch.get_num_threads()))
-    local_thr = conformal_threshold(null_local, local_alpha())
-    local = phase("local search (tree)", lambda: localsearch.local_within(
+    local_thr = phase("local calibration (exact top scores)", lambda: local_threshold(null_images(n_null), real,
+                                                                                       scorer))
+    local = phase("local search (bounds + tree)", lambda: localsearch.local_within(
         synthetic.images, real.images, scorer.local_patch, local_thr, scorer.local_floor,
         workers=torch.get_num_threads()))
-    strict_res = phase("local search at -1e-3 (tree)", lambda: localsearch.local_within(
+    strict_res = phase("local search at -1e-3 (bounds + tree)", lambda: localsearch.local_within(
         synthetic.images, real.images, scorer.local_patch, -1e-3, scorer.local_floor,
         workers=torch.get_num_threads())) if strict else None
     out = {f"phase_{k.split(' (')[0].replace(' ', '_')}_s": v for k, v in times.items()}
@@ -267,8 +283,40 @@ def scale_phases(synthetic: ImageSet, real: ImageSet, embedder: OnnxEmbedder, th
         out["local_dropped_at_-1e-3"] = int(strict_res.within.sum())
         out["local_planted_dropped_at_-1e-3"] = int(strict_res.within[:n_plant].sum())
     out["local_searched"], out["local_candidates"] = local.searched, local.candidates
+    out["local_pairs"], out["local_tree_queries"] = local.pairs, local.tree_queries
+    if strict_res is not None:
+        out["local_pairs_at_-1e-3"], out["local_tree_queries_at_-1e-3"] = strict_res.pairs, strict_res.tree_queries
+    out["load_average_1m_end"] = os.getloadavg()[0]
     out.update(summarise(best >= threshold, near | local.within, n_plant))
     out["dropped_pixel"] = int(near.sum())
+    return out
+
+
+def local_only(n: int, seed: int, n_null: int, strict: bool) -> dict:
+    """The local detector's phases alone at N = M = ``n`` (same data and calls as `scale_phases`, no re-id model):
+    calibration by `local_threshold`, the search at it and, with ``strict``, at -1e-3."""
+    synthetic, real, n_plant = make_data(n, n, seed)
+    scorer, times, cpu, load = pixel_scorer(real, "grid"), {}, {}, [os.getloadavg()[0]]
+
+    def phase(name: str, fn):
+        value, times[name], cpu[name] = timed(fn)
+        load.append(os.getloadavg()[0])
+        print(f"  {name:<40} {times[name]:8.2f} s ({cpu[name]:7.1f} s CPU)  load {load[-1]:.1f}", flush=True)
+        return value
+
+    thr = phase("local calibration (exact top scores)", lambda: local_threshold(null_images(n_null), real, scorer))
+    runs = {"calibrated": phase("local search (bounds + tree)", lambda: localsearch.local_within(
+        synthetic.images, real.images, scorer.local_patch, thr, scorer.local_floor, workers=torch.get_num_threads()))}
+    if strict:
+        runs["-1e-3"] = phase("local search at -1e-3 (bounds + tree)", lambda: localsearch.local_within(
+            synthetic.images, real.images, scorer.local_patch, -1e-3, scorer.local_floor,
+            workers=torch.get_num_threads()))
+    out = {"n_synthetic": n, "n_real": n, "n_null": n_null, "local_threshold": thr, "load_average_1m": load,
+           "phases_s": times, "phases_cpu_s": cpu}
+    for k, res in runs.items():
+        out[k] = {"dropped": int(res.within.sum()), "planted_dropped": int(res.within[:n_plant].sum()),
+                  "searched": res.searched, "candidates": res.candidates, "pairs": res.pairs,
+                  "tree_queries": res.tree_queries}
     return out
 
 
@@ -287,6 +335,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="with --pixel: synthetic images on which the local detector's searches are compared (0: skip)")
     ap.add_argument("--no-strict", action="store_true",
                     help="with --scale: skip the extra local search at -1e-3 (not part of the filter)")
+    ap.add_argument("--local-only", action="store_true",
+                    help="with --scale: the local detector's calibration and search alone (no re-id model)")
     ap.add_argument("--n-null", type=int, default=1000, help="fresh items calibrating the pixel threshold")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime / torch threads")
     ap.add_argument("--train-steps", type=int, default=None, help="re-id training steps (150; 60 with --quick)")
@@ -301,6 +351,12 @@ def main(argv: list[str] | None = None) -> dict:
         res.update(threads=args.threads, peak_rss_mib=round(peak_rss_mib(), 1))
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"filter_pixel_{args.pixel}.json").write_text(json.dumps(res, indent=2) + "\n")
+        return res
+    if args.scale and args.local_only:
+        res = local_only(args.scale, args.seed, args.n_null, strict=not args.no_strict)
+        res.update(threads=args.threads, peak_rss_mib=round(peak_rss_mib(), 1))
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"filter_scale_{args.scale}_local.json").write_text(json.dumps(res, indent=2) + "\n")
         return res
     name = f"filter_scale_{n}" if args.scale else ("filter_quick" if args.quick else "filter")
 

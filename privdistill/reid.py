@@ -325,6 +325,9 @@ class OnnxEmbedder:
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
+        # idle worker threads sleep instead of spinning: on a shared CPU spinning took cycles from the work itself
+        # (8,000 images, 2 threads on a loaded 2-core box: 3.1-3.4 s instead of 3.6-4.3 s; same outputs, bit for bit)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.dim = int(self.session.get_outputs()[0].shape[1])

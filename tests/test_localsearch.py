@@ -119,3 +119,95 @@ def test_best_scores_are_the_exact_scores(world: dict) -> None:
     s: GalleryScorer = world["scorer"]
     got = localsearch.best_scores(world["query"], world["gallery"], PATCH, s.local_floor, bootstrap=16)
     assert np.array_equal(got, world["exact"])
+
+
+def test_window_bound_and_tree_fallback_equal_brute_force(world: dict) -> None:
+    """Every path of the search: sum windows with the projected bound (default), the k-d tree for every query
+    (windows all "large"), and a mix (windows above 2 patches go to the tree), at several thresholds."""
+    s, exact = world["scorer"], world["exact"]
+    for thr in (*np.quantile(exact[np.isfinite(exact)], [0.02, 0.3, 0.8]), -1e-3, -1e-9):
+        assert thr < 0
+        want = exact > thr
+        paths = {"window": {}, "tree": {"max_window": 0, "tree_pairs": 0}, "mixed": {"max_window": 2, "tree_pairs": 0}}
+        for name, kw in paths.items():
+            res = localsearch.local_within(world["query"], world["gallery"], PATCH, float(thr), s.local_floor, **kw)
+            assert np.array_equal(res.within, want), f"{name} at {thr}"
+            if name == "window":
+                assert res.tree_queries == 0 and res.pairs > 0
+            if name == "tree":
+                assert res.tree_queries > 0 and res.pairs == 0
+    thr = float(np.quantile(exact[np.isfinite(exact)], 0.3))
+    res = localsearch.local_within(world["query"], world["gallery"], PATCH, thr, s.local_floor, max_window=2,
+                                   tree_pairs=0)
+    assert res.tree_queries > 0 and res.pairs > 0  # both paths ran at one threshold
+
+
+def test_a_patch_exactly_at_the_radius_is_not_within_and_one_ulp_inside_is() -> None:
+    """Scores are strictly above the threshold: with the largest t where d^2 < t E fails (d^2 == t E when float
+    allows) the copy is not a match; one float step larger it is, so no bound (window, projection, tree) may prune
+    it. The query is flat but for one pixel (every patch covering it: energy 15/16 exactly in float32); its copy in
+    the training set is brighter by 2^-4 everywhere (d^2 = 2^-4 exactly, all of it along the sum direction)."""
+    gallery, query = textures(50, 5), np.full((2, 1, SIDE, SIDE), -1.0, np.float32)
+    query[0, 0, 8, 8] = 0.0
+    gallery[7] = query[0] + 2.0**-4  # off by 2^-4 at every pixel: along (1, ..., 1), where the sum window is tight
+    energy = localsearch.centred_energy(localsearch.patches(query[:1], 6, 6, PATCH))[0]
+    assert energy == 0.9375
+    d2 = 16 * 2.0**-8
+    t = d2 / 0.9375
+    while d2 < t * 0.9375:
+        t = np.nextafter(t, 0.0)
+    while not d2 < np.nextafter(t, np.inf) * 0.9375:
+        t = np.nextafter(t, np.inf)
+    inside = np.nextafter(t, np.inf)  # the smallest t at which the copy matches
+    floor = 0.16
+    assert np.array_equal(exact_scores(query, gallery, floor) > -t, [False, False])
+    assert np.array_equal(exact_scores(query, gallery, floor) > -inside, [True, False])
+    for kw in ({}, {"max_window": 0, "tree_pairs": 0}):
+        assert not localsearch.local_within(query, gallery, PATCH, -t, floor, **kw).within.any()
+        assert localsearch.local_within(query, gallery, PATCH, -inside, floor, **kw).within.tolist() == [True, False]
+
+
+def test_zero_and_subnormal_radii(world: dict) -> None:
+    """Radius 0 (threshold -0.0: nothing is strictly above it) and the smallest radii: only exact copies count."""
+    s, exact = world["scorer"], world["exact"]
+    assert not localsearch.local_within(world["query"], world["gallery"], PATCH, -0.0, s.local_floor).within.any()
+    for thr in (-5e-324, -1e-300, -1e-30):
+        for kw in ({}, {"max_window": 0, "tree_pairs": 0}):
+            got = localsearch.local_within(world["query"], world["gallery"], PATCH, thr, s.local_floor, **kw).within
+            assert np.array_equal(got, exact > thr), (thr, kw)
+    assert (exact[100:110] == 0).all()  # the 10 exact marks: d^2 = 0 at their position
+    got = localsearch.local_within(world["query"], world["gallery"], PATCH, -1e-300, s.local_floor).within
+    assert got[100:110].all() and not got[110:].any() and not got[:100].any()
+
+
+def test_energies_of_a_subset_equal_those_of_the_whole_set() -> None:
+    """The search recomputes the detector's float32 energies for candidate rows only: bit-identical to the
+    energies of all rows at once (so the set of structured patches is the exhaustive detector's)."""
+    q = np.random.default_rng(3).normal(0, 0.6, (5000, 16)).astype(np.float32)
+    whole = localsearch.centred_energy(q)
+    rng = np.random.default_rng(4)
+    for size in (1, 2, 7, 8, 15, 64, 1000, 4999):
+        idx = np.sort(rng.choice(len(q), size, replace=False))
+        assert np.array_equal(localsearch.centred_energy(q[idx]), whole[idx])
+        assert np.array_equal(localsearch.centred_energy(np.ascontiguousarray(q.T[:, idx].T)), whole[idx])
+
+
+def test_top_score_is_the_rank_th_largest_exact_score(world: dict) -> None:
+    s, exact = world["scorer"], world["exact"]
+    ranked = np.sort(exact)[::-1]
+    for rank in (1, 11, 60):
+        for kw in ({}, {"first_level": -1e-12, "factor": 10.0}, {"max_window": 0, "tree_pairs": 0, "bootstrap": 4}):
+            got = localsearch.top_score(world["query"], world["gallery"], PATCH, s.local_floor, rank, **kw)
+            assert got == ranked[rank - 1], (rank, kw)
+    flat = np.concatenate([world["query"][:5], np.full((3, 1, SIDE, SIDE), 0.5, np.float32)])  # 3 without structure
+    assert localsearch.top_score(flat, world["gallery"], PATCH, s.local_floor, 5) == np.sort(exact[:5])[0]
+    assert localsearch.top_score(flat, world["gallery"], PATCH, s.local_floor, 6) == -np.inf
+    with pytest.raises(ValueError, match="rank 0"):
+        localsearch.top_score(world["query"], world["gallery"], PATCH, s.local_floor, 0)
+
+
+def test_best_scores_by_the_tree_are_the_exact_scores(world: dict) -> None:
+    s: GalleryScorer = world["scorer"]
+    got = localsearch.best_scores(world["query"], world["gallery"], PATCH, s.local_floor, bootstrap=16,
+                                  max_window=0, tree_pairs=0)
+    assert np.array_equal(got, world["exact"])
