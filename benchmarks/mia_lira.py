@@ -58,14 +58,15 @@ def run_lira(cfg, workdir: Path, *, n_shadows: int, student: bool) -> dict:
     from privdistill.sample import sample_dataset
     from privdistill.seeds import derive_seed
     from privdistill.train import train_diffusion
+    from privdistill.workdir import INGEST, MODEL_DIR, TRAIN_STUDENT, TRAIN_TEACHER, WorkDir
 
     if cfg.privacy is not None and cfg.privacy.dp is not None:
         print("note: the target teacher is DP-trained; the shadows are not (their training would be charged to the "
               "site's privacy ledger), so the attack is calibrated on non-DP models")
-    run_pipeline(cfg, workdir, stages=list(STAGES) if student else ["ingest", "train-teacher"])
-    ingest = workdir / "ingest"
-    train, test = ImageSet.load(ingest / "train.npz"), ImageSet.load(ingest / "test.npz")
-    nonmembers = comparable_nonmembers(test, ingest_visits(cfg.data, ingest), seed=cfg.seed)
+    run_pipeline(cfg, workdir, stages=list(STAGES) if student else [INGEST, TRAIN_TEACHER])
+    wd = WorkDir(workdir)
+    train, test = ImageSet.load(wd.train_set), ImageSet.load(wd.test_set)
+    nonmembers = comparable_nonmembers(test, ingest_visits(cfg.data, wd.stage(INGEST)), seed=cfg.seed)
     members, nonmembers = balanced(train, nonmembers, seed=cfg.seed)
 
     def new_model(dcfg, data: ImageSet, seed: int) -> DiffusionModel:
@@ -84,10 +85,10 @@ def run_lira(cfg, workdir: Path, *, n_shadows: int, student: bool) -> dict:
         train_diffusion(model, samples, cfg.student_config.train, seed=student_seed)
         return model
 
-    results = {"teacher": lira_attack(DiffusionModel.load(workdir / "train-teacher" / "model"), members, nonmembers,
+    results = {"teacher": lira_attack(DiffusionModel.load(wd.teacher_model), members, nonmembers,
                                       train_shadow=shadow_teacher, n_shadows=n_shadows, seed=cfg.seed)}
     if student:
-        results["student"] = lira_attack(DiffusionModel.load(workdir / "train-student" / "model"), members,
+        results["student"] = lira_attack(DiffusionModel.load(wd.stage(TRAIN_STUDENT) / MODEL_DIR), members,
                                          nonmembers, train_shadow=shadow_student, n_shadows=n_shadows,
                                          seed=cfg.seed)
     return results

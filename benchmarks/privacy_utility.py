@@ -365,8 +365,9 @@ def main(argv: list[str] | None = None) -> int:
                          "shadow models each (even; each shadow is one more teacher + sampling + student of the "
                          "config). Default 2 for a full run, 0 (skip) with --quick or --until")
     a = ap.parse_args(argv)
+    default_lira_shadows = 0 if a.quick or a.until else 2
     if a.lira_shadows is None:
-        a.lira_shadows = 0 if a.quick or a.until else 2
+        a.lira_shadows = default_lira_shadows
     if a.lira_shadows and a.until:
         ap.error("--lira-shadows needs the whole pipeline (it attacks the student): leave out --until or pass 0")
     if a.render is not None:
@@ -423,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd_args += ["--no-memorization"]
     if a.stem:
         cmd_args += ["--stem", a.stem]
-    if a.lira_shadows != (0 if a.quick or a.until else 2):
+    if a.lira_shadows != default_lira_shadows:
         cmd_args += ["--lira-shadows", str(a.lira_shadows)]
     cmd = ".venv/bin/python benchmarks/privacy_utility.py " + " ".join(
         cmd_args + ["--workdir", str(workdir), "--threads", str(a.threads), "--force"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 
 import structlog
 
@@ -40,11 +39,11 @@ def tune_malloc() -> dict[str, bool]:
     _applied = {}
     if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
         return _applied
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return _applied
     try:
         libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    except OSError:  # not Linux, or not glibc's soname (musl)
+        return _applied
+    if not hasattr(libc, "gnu_get_libc_version"):  # a libc.so.6 that is not glibc
         return _applied
     for name, (param, value) in SETTINGS.items():
         _applied[name] = bool(libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)))
