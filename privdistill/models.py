@@ -94,6 +94,12 @@ class DiffusionModel:
     text_trainable: bool = True
     vae_batch_size: int = 16  # images per VAE encode/decode pass (bounds its activation memory)
 
+    def __post_init__(self) -> None:
+        # the UNet's conv weights in channels-last (NHWC) layout: oneDNN then runs every convolution in NHWC, whatever
+        # the input's layout; on CPU 1.3x per training step, 1.5x per forward pass at the demo's size
+        # (benchmarks/channels_last.py). Saved files stay in the standard layout (``save``).
+        self.unet.to(memory_format=torch.channels_last)
+
     @property
     def kind(self) -> str:
         return "pixel" if self.vae is None else "latent"
@@ -244,18 +250,23 @@ class DiffusionModel:
         scheduler/[, text_encoder/, tokenizer/] (a latent model: vae/ too), the pipeline's code in pipeline.py where
         it is privdistill's own (privdistill.hub), and privdistill_model.json for ``load``."""
         path.mkdir(parents=True, exist_ok=True)
-        if self.vae is not None:
-            from privdistill.latent import save_pipeline
+        # safetensors stores only contiguous tensors: the UNet goes back to the standard layout while it is written
+        self.unet.to(memory_format=torch.contiguous_format)
+        try:
+            if self.vae is not None:
+                from privdistill.latent import save_pipeline
 
-            save_pipeline(path, vae=self.vae, unet=self.unet, scheduler=self.scheduler,
-                          text_encoder=self.text_encoder, tokenizer=self.tokenizer)
-        else:
-            from privdistill.hub import PrivdistillPipeline, save_pipeline_folder
+                save_pipeline(path, vae=self.vae, unet=self.unet, scheduler=self.scheduler,
+                              text_encoder=self.text_encoder, tokenizer=self.tokenizer)
+            else:
+                from privdistill.hub import PrivdistillPipeline, save_pipeline_folder
 
-            save_pipeline_folder(PrivdistillPipeline(
-                unet=self.unet, scheduler=self.scheduler, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                class_names=self.class_names if self.conditioning == "class" else [],
-                text_max_length=self.text_max_length), path)
+                save_pipeline_folder(PrivdistillPipeline(
+                    unet=self.unet, scheduler=self.scheduler, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                    class_names=self.class_names if self.conditioning == "class" else [],
+                    text_max_length=self.text_max_length), path)
+        finally:
+            self.unet.to(memory_format=torch.channels_last)
         meta = {
             "type": self.kind,
             "conditioning": self.conditioning,

@@ -105,3 +105,35 @@ def test_sample_dataset_gives_n_per_class() -> None:
     model, _, _ = tiny_setup()
     s = sample_dataset(model, SampleConfig(per_class=3, steps=2, batch_size=4), seed=0)
     assert len(s) == 6 and list(s.labels) == [0, 0, 0, 1, 1, 1] and s.patient_ids is None
+
+
+def test_unet_runs_channels_last_and_saves_standard_layout(tmp_path: Path) -> None:
+    """DiffusionModel keeps its UNet's conv weights channels-last (faster on CPU: benchmarks/channels_last.py);
+    the saved safetensors are in the standard layout, a loaded model is channels-last again, and both layouts
+    compute the same noise prediction."""
+    from safetensors.torch import load_file
+
+    model, data, cfg = tiny_setup()
+    # (a 1x1 kernel or a single input channel is laid out the same either way: only the others tell)
+    convs = [m.weight for m in model.unet.modules()
+             if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1 and m.kernel_size != (1, 1)]
+    assert len(convs) > 5
+    assert all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
+    model.save(tmp_path / "m")
+    stored = load_file(next((tmp_path / "m" / "unet").glob("*.safetensors")))
+    assert all(v.is_contiguous() for v in stored.values())
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)  # save left the layout as it was
+
+    loaded = DiffusionModel.load(tmp_path / "m")
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()
+               for m in loaded.unet.modules()
+               if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1 and m.kernel_size != (1, 1))
+    x = torch.from_numpy(data.images[:4])
+    t = torch.tensor([10, 200, 500, 900])
+    cond = loaded.condition(torch.from_numpy(data.labels[:4]).long(), None, torch.device("cpu"))
+    with torch.no_grad():
+        fast = loaded.predict_noise(x, t, cond)
+        loaded.unet.to(memory_format=torch.contiguous_format)
+        standard = loaded.predict_noise(x, t, cond)
+    assert float((fast - standard).abs().max()) < 1e-4
+    assert float(standard.abs().mean()) > 0.1  # a real prediction, not zeros
