@@ -143,11 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         names = approved_class_names(configs[SITES[0]], work / SITES[0] / "work", logs / f"{SITES[0]}.log")
         training = federated_training(size, names, work / "federated-training.yaml", args.rounds)
         out = federate(work, coord_cfg, training, configs, logs)
-        fed_sites = {}
-        for site, cfg in configs.items():
-            demo.run([tool("privdistill-site"), "evaluate-student", str(cfg), str(out), "--workdir",
-                      str(work / site / "work")], logs / f"{site}.log")
-            fed_sites[site] = json.loads((work / site / "work" / "student-eval" / "report.json").read_text())
+        # each site checks the federated student on its own patients, both at once (one core each)
+        demo.run_per_site("evaluate-student", {s: [str(c), str(out), "--workdir", str(work / s / "work")]
+                                               for s, c in configs.items()}, logs, parallel=True)
+        fed_sites = {site: json.loads((work / site / "work" / "student-eval" / "report.json").read_text())
+                     for site in configs}
         (work / "federated-site-evals.json").write_text(json.dumps(fed_sites, indent=2))
         if demo.main(["--workdir", str(work), "--size", args.size]) != 0:  # export + centralized student
             raise demo.DemoError("the centralized part failed (see above)")
