@@ -367,10 +367,12 @@ class Ledger:
                              dir=shard_dir(self.state_dir, sha), upload_id=upload_id, manifest_sha256=msha,
                              status=status, status_reason=why)
 
-    def accepted_shards(self) -> list[AcceptedShard]:
-        """The shards training may use: accepted and active (not excluded, quarantined or removed)."""
-        return [self._shard(r) for r in self._query(
-            f"SELECT {_SHARD_COLS} FROM shards WHERE status = 'active' ORDER BY accepted_at, tar_sha256")]
+    def accepted_shards(self, limit: int | None = None) -> list[AcceptedShard]:
+        """The shards training may use: accepted and active (not excluded, quarantined or removed), oldest first;
+        only the first ``limit`` when given."""
+        sql = f"SELECT {_SHARD_COLS} FROM shards WHERE status = 'active' ORDER BY accepted_at, tar_sha256"
+        rows = self._query(sql) if limit is None else self._query(sql + " LIMIT ?", (limit,))
+        return [self._shard(r) for r in rows]
 
     def all_shards(self) -> list[AcceptedShard]:
         """Every accepted shard whatever its status."""
