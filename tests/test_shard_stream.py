@@ -15,7 +15,7 @@ from privdistill.data.types import ImageSet
 from privdistill.errors import ShardVerificationError
 from privdistill.identity import generate_key
 from privdistill.shard import parse_manifest, verify_tar, write_shard
-from privdistill.shard_stream import TarStreamVerifier
+from privdistill.shard_stream import CanonicalHeaders, TarStreamVerifier, _header_bytes
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +82,21 @@ def test_damaged_copies_get_the_reference_decision_and_reason(shard, tmp_path: P
         for chunk in (700, 1 << 20):
             assert _streamed(manifest, bad, path, chunk) == expected, (i, chunk)
     assert refused == len(variants)  # every variant is damaged: none may pass either check
+
+
+def test_canonical_headers_are_tarfiles_bytes() -> None:
+    rng = np.random.default_rng(2)
+    headers = CanonicalHeaders()
+    names = [f"shard-{k}_{i:06d}.{ext}" for k in ("a", "bb") for i in (0, 1, 9, 123456, 999999) for ext in ("png", "json")]
+    names += ["x" * 100, "y" * 100, "d/" + "z" * 98, "d/" + "z" * 120, "é.png", "f.png"]  # ustar prefix, non-ASCII
+    sizes = [0, 1, 511, 512, 8 ** 7, 8 ** 11 - 1, 8 ** 11, *rng.integers(0, 1 << 30, 20).tolist()]
+
+    def made(make, name: str, size: int) -> bytes | str:
+        try:
+            return make(name, size)
+        except ValueError:  # tarfile's refusal (a name or size ustar cannot hold): the same either way
+            return "ValueError"
+
+    for name in names:
+        for size in sizes:
+            assert made(headers, name, int(size)) == made(_header_bytes, name, int(size)), (name, size)
