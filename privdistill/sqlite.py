@@ -4,7 +4,8 @@ cache): autocommit connections with a busy timeout, and write transactions taken
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -14,17 +15,18 @@ from privdistill.errors import ConfigError
 
 def connect(path: Path | str, *, timeout: float = 30.0, synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
             wal: bool = False, rows: bool = False, foreign_keys: bool = False,
-            read_only: bool = False) -> sqlite3.Connection:
+            read_only: bool = False, check_same_thread: bool = True) -> sqlite3.Connection:
     """An autocommit connection (transactions are explicit: see ``transaction``). ``synchronous=FULL`` for
     files whose last commit must survive a power cut (the privacy budget, the site's shard register).
-    ``read_only``: open an existing file with ``mode=ro`` (never creates it; FileNotFoundError when absent)."""
+    ``read_only``: open an existing file with ``mode=ro`` (never creates it; FileNotFoundError when absent).
+    ``check_same_thread=False``: the connection may be closed from another thread (it is still used by one)."""
     if read_only:
         if not Path(path).is_file():
             raise FileNotFoundError(path)
         uri = Path(path).resolve().as_uri() + "?mode=ro"
-        db = sqlite3.connect(uri, timeout=timeout, isolation_level=None, uri=True)
+        db = sqlite3.connect(uri, timeout=timeout, isolation_level=None, uri=True, check_same_thread=check_same_thread)
     else:
-        db = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+        db = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=check_same_thread)
     if rows:
         db.row_factory = sqlite3.Row
     if foreign_keys:
@@ -65,3 +67,30 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+class ThreadConnections:
+    """One connection per thread, opened by ``open`` on first use and kept (a server's worker threads then skip the
+    open and its PRAGMAs on every call); ``close`` closes them all, from any thread (before a fork, at shutdown).
+    A connection is only ever used by the thread that opened it."""
+
+    def __init__(self, open_: Callable[[], sqlite3.Connection]) -> None:
+        self._open = open_
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = self._open()
+            with self._lock:
+                self._all.append(db)
+        return db
+
+    def close(self) -> None:
+        with self._lock:
+            dbs, self._all = self._all, []
+            self._local = threading.local()
+        for db in dbs:
+            db.close()
