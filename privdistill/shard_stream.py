@@ -36,25 +36,25 @@ def _header_bytes(name: str, size: int) -> bytes:
 class CanonicalHeaders:
     """``canonical_info(name, size)``'s ustar header bytes, as tarfile writes them, for one shard's members.
 
-    tarfile builds the first header (~30 us of Python per member otherwise). A later member whose name has the same
-    length (a shard's names differ only in their 6-digit index) gets that header with its name, size and checksum
-    fields rewritten: tarfile's own field formats (name NUL-padded to 100 bytes, size as 11 octal digits and NUL,
-    checksum = 256 + the sum of every other byte, as 6 octal digits, NUL, space). Any other name or size goes
+    tarfile builds the first header of each name length (~30 us of Python per member otherwise). A later member whose
+    name has that length (a shard's names differ only in their 6-digit index) gets that header with its name, size
+    and checksum fields rewritten in tarfile's own formats (name NUL-padded to 100 bytes, size as 11 octal digits and
+    NUL, checksum = 256 + the sum of every other byte, as 6 octal digits, NUL, space). Any other name or size goes
     through tarfile again; ``tests/test_shard_stream.py`` compares both ways on many names and sizes."""
 
     def __init__(self) -> None:
-        self._template: tuple[int, bytes] | None = None  # (name length in bytes, a header tarfile made)
+        self._templates: dict[int, bytes] = {}  # name length in bytes -> a header tarfile made (.png, .json)
 
     def __call__(self, name: str, size: int) -> bytes:
         encoded = name.encode("utf-8", "surrogateescape")
         plain = len(encoded) <= 100 and name.isascii() and 0 <= size < 8 ** 11  # no prefix split, no base-256 size
-        template = self._template
-        if template is None or not plain or template[0] != len(encoded):
+        template = self._templates.get(len(encoded)) if plain else None
+        if template is None:
             header = _header_bytes(name, size)
-            if plain:
-                self._template = (len(encoded), header)
+            if plain and len(self._templates) < 4:
+                self._templates[len(encoded)] = header
             return header
-        buf = bytearray(template[1])
+        buf = bytearray(template)
         buf[0:len(encoded)] = encoded
         buf[124:136] = b"%011o\0" % size
         buf[148:156] = b" " * 8
