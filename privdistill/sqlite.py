@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,28 +70,45 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     db.execute("COMMIT")
 
 
+class _Held:
+    """A kept connection, closed when the thread that holds it ends (its thread-local storage is dropped)."""
+
+    __slots__ = ("db", "__weakref__")
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __del__(self) -> None:
+        self.db.close()
+
+
 class ThreadConnections:
     """One connection per thread, opened by ``open`` on first use and kept (a server's worker threads then skip the
-    open and its PRAGMAs on every call); ``close`` closes them all, from any thread (before a fork, at shutdown).
-    A connection is only ever used by the thread that opened it."""
+    open and its PRAGMAs on every call); a thread's connection is closed when the thread ends (worker pools retire
+    idle threads, so nothing accumulates), and ``close`` closes the rest, from any thread (before a fork, at
+    shutdown). A connection is only ever used by the thread that opened it."""
 
     def __init__(self, open_: Callable[[], sqlite3.Connection]) -> None:
         self._open = open_
         self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        self._held: weakref.WeakSet[_Held] = weakref.WeakSet()
         self._lock = threading.Lock()
 
     def get(self) -> sqlite3.Connection:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None:
-            db = self._local.db = self._open()
+        held: _Held | None = getattr(self._local, "held", None)
+        if held is None:
+            held = self._local.held = _Held(self._open())
             with self._lock:
-                self._all.append(db)
-        return db
+                self._held.add(held)
+        return held.db
+
+    def open_connections(self) -> list[sqlite3.Connection]:
+        with self._lock:
+            return [h.db for h in self._held]
 
     def close(self) -> None:
         with self._lock:
-            dbs, self._all = self._all, []
+            held, self._held = list(self._held), weakref.WeakSet()
             self._local = threading.local()
-        for db in dbs:
-            db.close()
+        for h in held:
+            h.db.close()

@@ -100,3 +100,25 @@ def test_canonical_headers_are_tarfiles_bytes() -> None:
     for name in names:
         for size in sizes:
             assert made(headers, name, int(size)) == made(_header_bytes, name, int(size)), (name, size)
+
+
+def test_the_first_chunks_body_digest_becomes_the_shard_hash(shard) -> None:
+    """Uploads pass the request body's sha256 object with each chunk; only the stream's first chunk adopts it (the
+    bytes are not hashed again), later ones are hashed as before, and a digest of other bytes makes the shard's
+    hash differ (so the reuse is real and a wrong digest can never pass)."""
+    import hashlib
+
+    out, data = shard
+    manifest = parse_manifest((out / "manifest.json").read_bytes())
+    chunks = [data[i:i + 4096] for i in range(0, len(data), 4096)]
+    v = TarStreamVerifier(manifest)
+    for c in chunks:
+        v.feed(c, sha256=hashlib.sha256(c))
+    v.finish()
+    v = TarStreamVerifier(manifest)
+    v.feed(chunks[0], sha256=hashlib.sha256(chunks[0] + b"x"))
+    for c in chunks[1:]:
+        v.feed(c)
+    with pytest.raises(ShardVerificationError) as err:
+        v.finish()
+    assert err.value.reason == "hash_mismatch"
