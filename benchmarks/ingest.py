@@ -2,8 +2,8 @@
 
 20 simulated sites (threads in this process, each with its own provisioned Ed25519 key) upload one
 shard each, at the same time, to a real coordinator (`privdistill-coordinator serve`, TLS, loopback)
-through ``site_agent.upload.upload_shard``: signed create, chunked signed PATCHes, fsync per chunk,
-ledger (sqlite, synchronous=FULL) updates, full verification of every member, content-addressed store.
+through ``site_agent.upload.upload_shard``: signed create, chunked signed PATCHes, fsync before the ledger offset
+moves, ledger (sqlite, WAL) updates, every member verified as it arrives, content-addressed store.
 
 Baseline, same run, same machine, same TLS certificate, same 20 client threads and the SAME shard
 bytes: a bare uvicorn/starlette app that takes ``PUT /upload/{name}`` and writes the body to a file
@@ -14,7 +14,7 @@ with an fsync of each file.
 After one unrecorded warm-up pass of each kind, passes alternate bare/ours (order flipped every
 repetition) so drift on a shared CPU hits both; throughput = total shard bytes / wall time from the
 start barrier to the last upload's end; the median over repetitions is reported, plus server and
-client CPU seconds per pass (from /proc and getrusage).
+client CPU seconds per pass (from /proc and getrusage), their medians per MiB, and the load average.
 
 Usage:
   .venv/bin/python benchmarks/ingest.py                       # 20 sites x 2 MiB, 3 repetitions (~1 min)
@@ -52,10 +52,12 @@ BASELINE_DESCRIPTION = (
     "no verification, no ledger); same TLS cert/key and uvicorn settings as the coordinator; one PUT per shard "
     "with a fresh httpx.Client (verify=CA) per shard")
 OURS_DESCRIPTION = (
-    "ours: `privdistill-coordinator serve` (FastAPI/uvicorn, TLS) + site_agent.upload.upload_shard: local "
-    "manifest/tar hash check, signed POST /v1/uploads (manifest signature verified), signed PATCH chunks "
-    "(each written + fsync'd to staging, then the sqlite ledger offset updated), verify_tar of every member "
-    "(sha256, PNG decode check, JSON schema), install into the content-addressed store, ledger accept")
+    "ours: `privdistill-coordinator serve` (FastAPI/uvicorn with httptools on uvloop, TLS, listen.workers processes) "
+    "+ site_agent.upload.upload_shard: local manifest/tar hash check, signed POST /v1/uploads (manifest signature "
+    "verified), signed PATCH chunks (body hash + request signature checked, written to staging, fsync'd before the "
+    "sqlite ledger offset moves), every member checked as it arrives (sha256, canonical tar header, PNG structure, "
+    "CRCs and bounded inflate, JSON schema, prompts), shard sha256, install into the content-addressed store "
+    "(fsyncs), ledger accept, audit log")
 
 BARE_APP = r'''
 import os, sys
@@ -205,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     from privdistill.identity import load_private_key
     from site_agent.upload import upload_shard
 
+    load_start = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="privdistill-ingest-"))
     procs: list[subprocess.Popen] = []
     try:
@@ -291,7 +294,12 @@ def main(argv: list[str] | None = None) -> int:
                 "reps": args.reps, "samples_per_shard": max(1, round(args.shard_mib * MiB / SAMPLE_BYTES)),
                 "transport": "HTTPS (TLS 1.2+) on 127.0.0.1", "clients": "threads in one process"},
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                        "load_average_1_5_15_min": {"start": [round(x, 2) for x in load_start],
+                                                    "end": [round(x, 2) for x in os.getloadavg()]},
                         "note": "CPU shared with other jobs; numbers vary run to run"},
+            "cpu_ms_per_mib_median": {k: {"server": round(1000 * statistics.median(
+                x["server_cpu_s_per_mib"] for x in v), 1), "client": round(1000 * statistics.median(
+                    x["client_cpu_s"] / (x["bytes"] / MiB) for x in v), 1)} for k, v in passes.items()},
             "ours": {"description": OURS_DESCRIPTION, "median_mib_per_s": round(med["ours"], 2),
                      "passes": passes["ours"]},
             "bare": {"description": BASELINE_DESCRIPTION, "median_mib_per_s": round(med["bare"], 2),
@@ -304,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             "shards_in_store": stored,
             "all_accepted": all(not x["failures"] for v in passes.values() for x in v),
         }
+        print("CPU ms per MiB (median): " + ", ".join(f"{k} server {v['server']} client {v['client']}"
+                                                    for k, v in result["cpu_ms_per_mib_median"].items()))
         print(f"median throughput: ours {med['ours']:.2f} MiB/s, bare {med['bare']:.2f} MiB/s "
               f"(bare_fsync {med['bare_fsync']:.2f}), "
               f"ratio ours/bare {ratio:.3f} (goal >= 0.5: {'met' if ratio >= 0.5 else 'NOT met'})")

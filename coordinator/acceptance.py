@@ -5,11 +5,12 @@ the student's training would fail on it."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.config import CoordinatorConfig
-from coordinator.ledger import Ledger
+from coordinator.ledger import AcceptedShard, Ledger
 from privdistill.errors import ConfigError, ShardVerificationError
 from privdistill.shard import MANIFEST, Manifest, parse_manifest
 
@@ -45,13 +46,32 @@ def load_acceptance(config: CoordinatorConfig) -> Acceptance:
 
 
 def _reference(ledger: Ledger) -> Manifest | None:
-    """The manifest of the earliest accepted shard (what fixes the format without a training config)."""
-    for row in ledger.accepted_shards():
+    """The manifest of the earliest accepted shard (what fixes the format without a training config). Asked at every
+    upload's start and end, so the earliest row alone is read (all rows only when its manifest is unreadable), and
+    its parsed manifest is kept for as long as it is still the earliest and its bytes are unchanged."""
+    def rows() -> Iterator[AcceptedShard]:
+        first = ledger.accepted_shards(limit=1)
+        yield from first
+        if first:  # only reached when the earliest one's manifest is unreadable
+            yield from ledger.accepted_shards()[1:]
+
+    for row in rows():
         try:
-            return parse_manifest((Path(row.dir) / MANIFEST).read_bytes())
+            data = (Path(row.dir) / MANIFEST).read_bytes()
+            cached = _REFERENCE.get(row.tar_sha256)
+            if cached is not None and cached[0] == data:
+                return cached[1]
+            manifest = parse_manifest(data)
         except (OSError, ShardVerificationError):
             continue
+        _REFERENCE.clear()
+        _REFERENCE[row.tar_sha256] = (data, manifest)
+        return manifest
     return None
+
+
+# the last reference read: tar_sha256 -> (manifest bytes, parsed manifest)
+_REFERENCE: dict[str, tuple[bytes, Manifest]] = {}
 
 
 def check_manifest(manifest: Manifest, acc: Acceptance, ledger: Ledger) -> None:

@@ -134,7 +134,8 @@ def create_app(config: CoordinatorConfig) -> FastAPI:
         authed: Authed = Depends(auth_chunk),
     ) -> Response:
         """Append one chunk at the current offset; the last chunk triggers verification of the whole shard."""
-        info = await run_in_threadpool(uploads.append, authed.site, upload_id, upload_offset, authed.body)
+        info = await run_in_threadpool(uploads.append, authed.site, upload_id, upload_offset, authed.body,
+                                       sha256=authed.sha256)
         headers = _upload_headers(info)
         headers.pop(H_UPLOAD_LENGTH)
         return Response(status_code=204, headers=headers)

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fastapi import Header, Request
 from starlette.concurrency import run_in_threadpool
@@ -29,13 +30,18 @@ from privdistill.identity import (
     verify_signed_headers,
 )
 
+if TYPE_CHECKING:
+    from hashlib import _Hash as Hash
+
 
 @dataclass(frozen=True)
 class Authed:
-    """An authenticated request: the site's name and the exact body bytes it signed."""
+    """An authenticated request: the site's name, the exact body bytes it signed, and the sha256 object that hashed
+    exactly those bytes (an upload's first chunk reuses its state as the shard's hash: one pass, not two)."""
 
     site: str
     body: bytes
+    sha256: Hash | None = None
 
 
 def _too_large(n: int | None, limit: int) -> ApiError:
@@ -43,27 +49,29 @@ def _too_large(n: int | None, limit: int) -> ApiError:
     return ApiError(413, "request_too_large", f"{said}; the limit is {limit} bytes (send smaller chunks)")
 
 
-async def read_body(request: Request, limit: int, *, timeout_s: float) -> tuple[bytes, str]:
-    """The body and its sha256, hashed while streaming; 413 as soon as it is known to exceed ``limit`` (never
-    buffered past it), 408 when it has not all arrived ``timeout_s`` after the headers."""
+async def read_body(request: Request, limit: int, *, timeout_s: float) -> tuple[bytes, Hash]:
+    """The body and the sha256 object that hashed it while streaming; 413 as soon as it is known to exceed
+    ``limit`` (never buffered past it), 408 when it has not all arrived ``timeout_s`` after the headers."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise ApiError(400, "invalid_request", "Content-Length is not an integer")
         if int(declared) > limit:
             raise _too_large(int(declared), limit)
-    buf, digest = bytearray(), hashlib.sha256()
+    parts: list[bytes] = []
+    size, digest = 0, hashlib.sha256()
     try:
         async with asyncio.timeout(timeout_s):
             async for part in request.stream():
-                if len(buf) + len(part) > limit:
+                size += len(part)
+                if size > limit:
                     raise _too_large(None, limit)
-                buf += part
+                parts.append(part)
                 digest.update(part)
     except TimeoutError:
         raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s; send smaller "
                        "chunks or check the link", headers={"Connection": "close"}) from None
-    return bytes(buf), digest.hexdigest()
+    return parts[0] if len(parts) == 1 else b"".join(parts), digest  # joined once: no growing buffer copied again
 
 
 def signed_path(request: Request) -> str:
@@ -129,11 +137,11 @@ class SiteAuth:
             try:
                 body, digest = await read_body(request, body_limit, timeout_s=self.limits.body_timeout_s)
                 try:
-                    check_body(signed, digest)
+                    check_body(signed, digest.hexdigest())
                 except ShardVerificationError as err:
                     raise ApiError(401, err.reason, str(err)) from None
                 await run_in_threadpool(self.ledger.touch_site, signed.site)
-                yield Authed(site=signed.site, body=body)
+                yield Authed(site=signed.site, body=body, sha256=digest)
             finally:
                 self._bodies.release()
 

@@ -16,7 +16,7 @@ from coordinator.store import shard_dir
 from privdistill.errors import ConfigError
 from privdistill.identity import parse_public_key
 from privdistill.shard import ID_PATTERN
-from privdistill.sqlite import connect, require_existing, transaction
+from privdistill.sqlite import ThreadConnections, connect, require_existing, transaction
 
 TOUCH_INTERVAL_S = 30.0
 
@@ -113,7 +113,8 @@ class Event:
 
 
 class Ledger:
-    """One short sqlite connection per call (safe from any thread); writes use BEGIN IMMEDIATE transactions."""
+    """One short sqlite connection per call, or with ``keep_open`` one kept per thread (safe from any thread);
+    writes use BEGIN IMMEDIATE transactions."""
 
     def __init__(self, path: Path, *, keep_open: bool = False, read_only: bool = False) -> None:
         """Open (or create) the ledger at ``path``.
@@ -127,6 +128,7 @@ class Ledger:
         self.state_dir = self.path.parent
         self._touched: dict[str, float] = {}
         self._keepalive: sqlite3.Connection | None = None
+        self._threads: ThreadConnections | None = None  # keep_open: one connection per thread, kept
         self.read_only = read_only
         if read_only:
             require_existing(self.path, "ledger", "check state_dir in the coordinator config (it is created by "
@@ -150,12 +152,15 @@ class Ledger:
             db.close()
         if keep_open:
             self._keepalive = self._connect()
+            self._threads = ThreadConnections(lambda: connect(self.path, foreign_keys=True, check_same_thread=False))
 
     def close(self) -> None:
-        """Release the connection ``keep_open`` holds (each call opens its own anyway)."""
+        """Release the connections ``keep_open`` holds (a later call opens its own again)."""
         if self._keepalive is not None:
             self._keepalive.close()
             self._keepalive = None
+        if self._threads is not None:
+            self._threads.close()
 
     # ------------------------------------------------------------------ plumbing
     def _connect(self) -> sqlite3.Connection:
@@ -165,20 +170,25 @@ class Ledger:
         return connect(self.path, foreign_keys=True, read_only=self.read_only)
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        """This thread's kept connection (``keep_open``), else a new one closed after the call."""
+        if self._threads is not None:
+            yield self._threads.get()
+            return
         db = self._connect()
         try:
-            with transaction(db):
-                yield db
+            yield db
         finally:
             db.close()
 
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._db() as db, transaction(db):
+            yield db
+
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
-        db = self._connect()
-        try:
+        with self._db() as db:
             return db.execute(sql, args).fetchall()
-        finally:
-            db.close()
 
     @staticmethod
     def _event(db: sqlite3.Connection, kind: str, site: str | None, sha: str | None, reason: str | None) -> None:
@@ -367,10 +377,12 @@ class Ledger:
                              dir=shard_dir(self.state_dir, sha), upload_id=upload_id, manifest_sha256=msha,
                              status=status, status_reason=why)
 
-    def accepted_shards(self) -> list[AcceptedShard]:
-        """The shards training may use: accepted and active (not excluded, quarantined or removed)."""
-        return [self._shard(r) for r in self._query(
-            f"SELECT {_SHARD_COLS} FROM shards WHERE status = 'active' ORDER BY accepted_at, tar_sha256")]
+    def accepted_shards(self, limit: int | None = None) -> list[AcceptedShard]:
+        """The shards training may use: accepted and active (not excluded, quarantined or removed), oldest first;
+        only the first ``limit`` when given."""
+        sql = f"SELECT {_SHARD_COLS} FROM shards WHERE status = 'active' ORDER BY accepted_at, tar_sha256"
+        rows = self._query(sql) if limit is None else self._query(sql + " LIMIT ?", (limit,))
+        return [self._shard(r) for r in rows]
 
     def all_shards(self) -> list[AcceptedShard]:
         """Every accepted shard whatever its status."""

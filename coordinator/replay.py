@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from coordinator.schemas import ApiError
-from privdistill.sqlite import connect, transaction
+from privdistill.sqlite import ThreadConnections, connect, transaction
 
 NONCE_FILE = "nonces.sqlite"
 PRUNE_EVERY = 256
@@ -38,11 +38,14 @@ class ReplayCache:
         # an idle connection held open: closing each request's connection then never checkpoints the WAL
         # (see Ledger's keep_open); ``close`` releases it
         self._keepalive: sqlite3.Connection | None = self._connect() if keep_open else None
+        self._threads = ThreadConnections(lambda: connect(self.path, check_same_thread=False)) if keep_open else None
 
     def close(self) -> None:
         if self._keepalive is not None:
             self._keepalive.close()
             self._keepalive = None
+        if self._threads is not None:
+            self._threads.close()
 
     def _connect(self) -> sqlite3.Connection:
         return connect(self.path)
@@ -50,7 +53,7 @@ class ReplayCache:
     def record(self, site: str, nonce: str, timestamp: int, *, now: float | None = None) -> None:
         """Accept (site, nonce) once; a second time inside the window is ``replayed_request``."""
         now = time.time() if now is None else now
-        db = self._connect()
+        db = self._threads.get() if self._threads is not None else self._connect()  # keep_open: this thread's
         try:
             with transaction(db):
                 self._inserts += 1
@@ -67,7 +70,8 @@ class ReplayCache:
                 db.execute("INSERT INTO nonces(site, nonce, expires) VALUES (?, ?, ?)",
                            (site, nonce, timestamp + self.max_skew_s + 1))
         finally:
-            db.close()
+            if self._threads is None:
+                db.close()
 
     def size(self) -> int:
         db = self._connect()

@@ -43,6 +43,7 @@ def build_server(config: CoordinatorConfig, *, host: str | None = None, port: in
         app, host=host, port=port, max_connections=lim.max_connections, max_header_bytes=lim.max_header_bytes,
         header_timeout_s=lim.header_timeout_s, ssl_certfile=str(config.tls.cert), ssl_keyfile=str(config.tls.key),
         ssl_context_factory=_tls12_or_newer, timeout_graceful_shutdown=10,
+        parser="httptools", loop="uvloop",  # C parser and event loop (hard dependencies): ~1/3 of h11's CPU per byte
     )
     if reconcile:
         log.info("coordinator_starting", url=f"https://{host}:{port}", state_dir=str(config.state_dir), **counts)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 from pydantic import ValidationError
@@ -31,6 +32,9 @@ from privdistill.errors import ShardVerificationError
 from privdistill.identity import H_UPLOAD_OFFSET
 from privdistill.shard import parse_manifest, verify_manifest_signature
 from privdistill.shard_stream import TarStreamVerifier
+
+if TYPE_CHECKING:
+    from hashlib import _Hash as Hash
 
 LOCK_STRIPES = 64
 HOUSEKEEPING_EVERY_S = 60.0
@@ -169,7 +173,10 @@ class Uploads:
             return info(row, self._received(row))
 
     # ------------------------------------------------------------------ PATCH
-    def append(self, site: str, upload_id: str, offset_header: str | None, chunk: bytes) -> UploadInfo:
+    def append(self, site: str, upload_id: str, offset_header: str | None, chunk: bytes, *,
+               sha256: Hash | None = None) -> UploadInfo:
+        """Store one chunk at the upload's offset and verify it as it arrives. ``sha256``: the hash object that hashed
+        exactly ``chunk`` (the authenticated body's): the first chunk's is carried on as the shard's hash."""
         self.owned(site, upload_id)
         try:
             offset = int(offset_header) if offset_header is not None else -1
@@ -192,7 +199,7 @@ class Uploads:
             if chunk:
                 durable = end == row.size or end - row.offset >= self.config.limits.durable_every_bytes
                 self._write(store.staging_path(self.state_dir, upload_id), offset, chunk, durable=durable)
-                self._stream(row, offset).feed(chunk)  # verified as it arrives: the tar is never read again
+                self._stream(row, offset).feed(chunk, sha256=sha256)  # verified as it arrives: never read again
                 if durable:  # under the lock the ledger is still at row.offset
                     self.ledger.set_offset(upload_id, row.offset, end)
                 self.metrics.upload_bytes.inc(len(chunk))

@@ -90,26 +90,28 @@ def png_size(name: str, data: bytes) -> tuple[int, int, int]:
     return width, height, colour
 
 
-def check_png(name: str, data: bytes, *, resolution: int, channels: int) -> None:
+def check_png(name: str, data: bytes | memoryview, *, resolution: int, channels: int) -> None:
     """IHDR first (size = the manifest's resolution, capped), then IDAT chunks only, IEND last and nothing after
-    it, every CRC right, and the pixel data exactly as long as the header says."""
-    width, height, colour = png_size(name, data)
+    it, every CRC right, and the pixel data exactly as long as the header says. ``data`` may be a memoryview into
+    a larger buffer (the streamed check): chunks are read in place, not copied."""
+    width, height, colour = png_size(name, bytes(data[:33]))
     if width * height > MAX_PIXELS or (width, height) != (resolution, resolution):
         raise _bad(f"tar member {name!r} is {width}x{height}; the manifest declares {resolution}x{resolution} "
                    f"images (at most {MAX_PIXELS} pixels); refused before decoding", "png_size_mismatch")
     if colour != COLOUR_TYPE[channels]:
         raise _bad(f"tar member {name!r} has PNG colour type {colour}; {channels}-channel shards hold colour type "
                    f"{COLOUR_TYPE[channels]}", "invalid_png")
+    view = memoryview(data)
     pos, types, idat = len(PNG_MAGIC), [], []
-    while pos < len(data):
-        if pos + 12 > len(data):
+    while pos < len(view):
+        if pos + 12 > len(view):
             raise _bad(f"tar member {name!r}: truncated PNG chunk", "invalid_png")
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        if len(body) != length or pos + 12 + length > len(data):
+        length, kind = struct.unpack_from(">I4s", view, pos)
+        body = view[pos + 8:pos + 8 + length]
+        if len(body) != length or pos + 12 + length > len(view):
             raise _bad(f"tar member {name!r}: truncated PNG chunk", "invalid_png")
-        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
-        if zlib.crc32(kind + body) != crc:
+        (crc,) = struct.unpack_from(">I", view, pos + 8 + length)
+        if zlib.crc32(body, zlib.crc32(kind)) != crc:
             raise _bad(f"tar member {name!r}: PNG chunk CRC mismatch", "invalid_png")
         if kind not in PNG_CHUNKS:
             raise _bad(f"tar member {name!r} holds a PNG {kind.decode('latin-1')!r} chunk; only IHDR, IDAT and IEND "
@@ -120,8 +122,8 @@ def check_png(name: str, data: bytes, *, resolution: int, channels: int) -> None
         pos += 12 + length
         if kind == b"IEND":
             break
-    if pos != len(data):
-        raise _bad(f"tar member {name!r} has {len(data) - pos} byte(s) after the PNG's IEND chunk", "png_extra_chunk")
+    if pos != len(view):
+        raise _bad(f"tar member {name!r} has {len(view) - pos} byte(s) after the PNG's IEND chunk", "png_extra_chunk")
     if types[:1] != [b"IHDR"] or types[-1:] != [b"IEND"] or types.count(b"IHDR") != 1 or \
             types[1:-1] != [b"IDAT"] * (len(types) - 2) or len(types) < 3:
         raise _bad(f"tar member {name!r}: PNG chunks must be IHDR, IDAT..., IEND", "invalid_png")
@@ -129,7 +131,8 @@ def check_png(name: str, data: bytes, *, resolution: int, channels: int) -> None
     expected = height * row
     inflater = zlib.decompressobj()
     try:
-        raw = inflater.decompress(b"".join(idat), expected + 1)  # bounded: a bomb stops at expected + 1 bytes
+        stream = idat[0] if len(idat) == 1 else b"".join(idat)
+        raw = inflater.decompress(stream, expected + 1)  # bounded: a bomb stops at expected + 1 bytes
     except zlib.error as err:
         raise _bad(f"tar member {name!r}: corrupt PNG pixel data ({err})", "invalid_png") from None
     if len(raw) != expected or not inflater.eof or inflater.unused_data or inflater.unconsumed_tail:

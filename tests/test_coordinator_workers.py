@@ -135,14 +135,15 @@ def test_two_workers_accept_each_shard_exactly_once(server, tmp_path: Path) -> N
     assert ledger.open_uploads() == []
 
 
-def test_a_tampered_chunk_is_refused_by_the_streaming_check(server, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("at", [0, 2048])  # 0: the first chunk, whose body digest becomes the shard's hash state
+def test_a_tampered_chunk_is_refused_by_the_streaming_check(server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            at: int) -> None:
     prov, url, _ = server
-    shard = _shard(tmp_path, "site-b", "tampered", 99, prov)
+    shard = _shard(tmp_path, "site-b", f"tampered-{at}", 99, prov)
     real_request = upload_mod._Uploader._request
 
     def flip(self: Any, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> Any:
-        if method == "PATCH" and body and int((headers or {}).get("Upload-Offset", -1)) == 2048:
+        if method == "PATCH" and body and int((headers or {}).get("Upload-Offset", -1)) == at:
             body = body[:100] + bytes([body[100] ^ 1]) + body[101:]  # signed as sent: only the content is wrong
         return real_request(self, method, path, body, headers)
 
@@ -150,7 +151,42 @@ def test_a_tampered_chunk_is_refused_by_the_streaming_check(server, tmp_path: Pa
     res = _upload(prov, url, "site-b", shard)
     assert (res.state, res.reason) == ("rejected", "hash_mismatch")
     ledger = Ledger(prov.root / "coordinator" / "state" / "ledger.sqlite")
-    assert "tampered" not in {s.shard_id for s in ledger.all_shards()}
+    assert f"tampered-{at}" not in {s.shard_id for s in ledger.all_shards()}
+
+
+def test_kept_thread_connections_serve_many_threads_and_all_close(tmp_path: Path) -> None:
+    """The server's ledger keeps one SQLite connection per thread: concurrent writers from 16 threads commit every
+    offset move exactly once, an ended thread's connection is closed with it, ``close`` closes the rest, and the
+    ledger still works after it (it opens new ones)."""
+    from privdistill.identity import generate_key, public_key_b64
+
+    ledger = Ledger(tmp_path / "ledger.sqlite", keep_open=True)
+    ledger.add_site("site-a", public_key_b64(generate_key()))
+    ids = [f"u{i}" for i in range(8)]
+    for i, up in enumerate(ids):
+        ledger.create_upload(up, "site-a", f"{i:064x}", 100, "{}", "sig")
+    moved: list[bool] = []
+
+    def advance(up: str) -> None:
+        for n in range(100):  # each step is a compare-and-set: it holds only if no other write raced it
+            moved.append(ledger.set_offset(up, n, n + 1))
+
+    threads = [threading.Thread(target=advance, args=(up,)) for up in ids for _ in range(2)]  # two per upload
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert [r.offset for r in map(ledger.upload, ids) if r is not None] == [100] * 8
+    assert moved.count(True) == 800  # every step taken once, by one of its two threads
+    assert ledger._threads is not None
+    assert len(ledger._threads.open_connections()) == 1  # the 16 ended threads' connections closed with them
+    kept = ledger._threads.open_connections()
+    ledger.close()  # from any thread
+    for db in kept:
+        with pytest.raises(Exception, match="closed"):
+            db.execute("SELECT 1")
+    row = ledger.upload("u0")  # the ledger opens this thread's connection again
+    assert row is not None and row.offset == 100
 
 
 def test_chunks_alternating_between_two_workers_are_verified_as_one_stream(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from privdistill.data.types import ImageSet
 from privdistill.errors import ShardVerificationError
 from privdistill.identity import generate_key
 from privdistill.shard import parse_manifest, verify_tar, write_shard
-from privdistill.shard_stream import TarStreamVerifier
+from privdistill.shard_stream import CanonicalHeaders, TarStreamVerifier, _header_bytes
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +82,43 @@ def test_damaged_copies_get_the_reference_decision_and_reason(shard, tmp_path: P
         for chunk in (700, 1 << 20):
             assert _streamed(manifest, bad, path, chunk) == expected, (i, chunk)
     assert refused == len(variants)  # every variant is damaged: none may pass either check
+
+
+def test_canonical_headers_are_tarfiles_bytes() -> None:
+    rng = np.random.default_rng(2)
+    headers = CanonicalHeaders()
+    names = [f"shard-{k}_{i:06d}.{ext}" for k in ("a", "bb") for i in (0, 1, 9, 123456, 999999) for ext in ("png", "json")]
+    names += ["x" * 100, "y" * 100, "d/" + "z" * 98, "d/" + "z" * 120, "é.png", "f.png"]  # ustar prefix, non-ASCII
+    sizes = [0, 1, 511, 512, 8 ** 7, 8 ** 11 - 1, 8 ** 11, *rng.integers(0, 1 << 30, 20).tolist()]
+
+    def made(make, name: str, size: int) -> bytes | str:
+        try:
+            return make(name, size)
+        except ValueError:  # tarfile's refusal (a name or size ustar cannot hold): the same either way
+            return "ValueError"
+
+    for name in names:
+        for size in sizes:
+            assert made(headers, name, int(size)) == made(_header_bytes, name, int(size)), (name, size)
+
+
+def test_the_first_chunks_body_digest_becomes_the_shard_hash(shard) -> None:
+    """Uploads pass the request body's sha256 object with each chunk; only the stream's first chunk adopts it (the
+    bytes are not hashed again), later ones are hashed as before, and a digest of other bytes makes the shard's
+    hash differ (so the reuse is real and a wrong digest can never pass)."""
+    import hashlib
+
+    out, data = shard
+    manifest = parse_manifest((out / "manifest.json").read_bytes())
+    chunks = [data[i:i + 4096] for i in range(0, len(data), 4096)]
+    v = TarStreamVerifier(manifest)
+    for c in chunks:
+        v.feed(c, sha256=hashlib.sha256(c))
+    v.finish()
+    v = TarStreamVerifier(manifest)
+    v.feed(chunks[0], sha256=hashlib.sha256(chunks[0] + b"x"))
+    for c in chunks[1:]:
+        v.feed(c)
+    with pytest.raises(ShardVerificationError) as err:
+        v.finish()
+    assert err.value.reason == "hash_mismatch"

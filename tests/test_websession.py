@@ -97,11 +97,13 @@ def test_x_forwarded_for_does_not_reset_the_throttle(tmp_path: Path) -> None:
 
 
 def test_servers_do_not_trust_proxy_headers_and_bound_headers_and_connections() -> None:
-    from privdistill.httpserver import GuardedH11Protocol, hardened_config
+    from privdistill.httpserver import GuardedH11Protocol, GuardedHttpToolsProtocol, hardened_config
 
     cfg = hardened_config(lambda *a: None, host="127.0.0.1", port=0)
     assert cfg.proxy_headers is False and cfg.limit_concurrency == 128
     assert cfg.h11_max_incomplete_event_size == 16384 and issubclass(cfg.http, GuardedH11Protocol)
+    fast = hardened_config(lambda *a: None, host="127.0.0.1", port=0, parser="httptools", max_header_bytes=4096)
+    assert issubclass(fast.http, GuardedHttpToolsProtocol) and fast.http.max_header_bytes == 4096
 
 
 @pytest.mark.parametrize("host,ok", [("127.0.0.1:8765", True), ("localhost:8765", True), ("[::1]:8765", True),
@@ -139,7 +141,7 @@ def test_host_of() -> None:
 def test_both_servers_are_built_with_the_guards(tmp_path: Path) -> None:
     from coordinator.config import CoordinatorConfig
     from coordinator.serve import build_server as coordinator_server
-    from privdistill.httpserver import GuardedH11Protocol
+    from privdistill.httpserver import GUARDED_PROTOCOLS, GuardedHttpToolsProtocol
     from site_agent.ui.server import build_server as review_server
 
     for name in ("x.pem", "x.key"):
@@ -151,4 +153,5 @@ def test_both_servers_are_built_with_the_guards(tmp_path: Path) -> None:
                                    (review_server(site_cfg, tmp_path, port=0, token=TOKEN), 128, 10)):
         c = server.config
         assert (c.proxy_headers, c.limit_concurrency, c.h11_max_incomplete_event_size) == (False, conns, 16384)
-        assert issubclass(c.http, GuardedH11Protocol) and c.http.header_timeout_s == timeout
+        assert issubclass(c.http, GUARDED_PROTOCOLS) and c.http.header_timeout_s == timeout
+    assert issubclass(coordinator_server(cfg, host="127.0.0.1", port=0).config.http, GuardedHttpToolsProtocol)
