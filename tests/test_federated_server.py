@@ -9,7 +9,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
 
 from coordinator.server_app import GatedFedAvg, arrays_sha256
-from privdistill.federated import REFUSED_CODE, refusal_reason
+from privdistill.federated import REFUSED_CODE, pack_weights, refusal_reason
 
 
 def _meta(src: int) -> Metadata:
@@ -86,8 +86,8 @@ def test_server_side_evaluation_scores_weights_on_the_accepted_shards_and_the_sp
     evaluate = _eval_loss_fn(spec, data)
     assert _eval_loss_fn(spec, None) is None
     model = DiffusionModel.from_config(spec.model, resolution=8, channels=1, class_names=spec.class_names, seed=0)
-    weights = ArrayRecord(model.unet.state_dict())
+    weights = pack_weights(model.unet.state_dict())
     first, again = evaluate(0, weights), evaluate(1, weights)
     assert first["eval_samples"] == 12 and first["eval_loss"] == again["eval_loss"] > 0  # fixed noise and timesteps
-    zeroed = ArrayRecord({k: v * 0 for k, v in model.unet.state_dict().items()})
+    zeroed = pack_weights({k: v * 0 for k, v in model.unet.state_dict().items()})
     assert evaluate(2, zeroed)["eval_loss"] != first["eval_loss"]
