@@ -72,7 +72,9 @@ class Stamped:
     def __init__(self, cmd: list[str], env: dict[str, str], log: Path) -> None:
         self.lines: list[tuple[float, str]] = []
         self.log = log
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+        # cwd outside the checkout: `python -m site_agent.trainer` puts its cwd first on sys.path, which would
+        # import this checkout in the baseline run
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=log.parent,
                                      start_new_session=True)
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
@@ -237,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the Flower processes on the way out
     if args.rounds < 2:
         p.error("--rounds must be at least 2 (a period needs two rounds)")
 
