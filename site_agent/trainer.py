@@ -3,9 +3,10 @@ diffusers) imported once, so a federated round does not pay for it again.
 
 Flower 1.41 runs every train message in a fresh ``flwr-clientapp`` process; importing diffusers there costs tens of
 seconds per round on a small machine (benchmarks/flower_rounds.py). ``privdistill-site join`` starts this trainer
-beside the SuperNode; the ClientApp still runs the export gate, the shard snapshot and loading in its own process
-every round, then hands only the student spec, the global weights and the gated images to the trainer and gets the
-trained weights back. Without a trainer (or if it is unreachable) the ClientApp trains in its own process as before.
+beside the SuperNode; the ClientApp still runs the export gate and the shard snapshot in its own process (in full
+in a run's first round, re-checked cheaply after: site_agent.client_app), then hands only the student spec, the
+global weights (one flat vector) and the gated snapshot's path to the trainer, which reads the tar once, checks its
+sha256 against the approved manifest, trains and sends the trained weights back as one flat vector. Without a trainer (or if it is unreachable) the ClientApp trains in its own process as before.
 
 Transport: a Unix socket in the site's work directory (directory 0700, socket 0600) with
 ``multiprocessing.connection``'s HMAC challenge on a 32-byte key in a 0600 file beside it, so only this site's own
