@@ -256,9 +256,15 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_baseline:
             variants.insert(0, ("baseline", baseline_tree(args.baseline_ref, root / "baseline-src")))
         runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in variants}
+        failed: list[dict[str, Any]] = []
         for i in range(args.runs):
             for label, src in variants:
-                run = one_run(label, src, ctx, root / f"{label}-{i}", args.timeout)
+                try:
+                    run = one_run(label, src, ctx, root / f"{label}-{i}", args.timeout)
+                except SystemExit as err:  # recorded, and the other runs still count
+                    print(f"{label} run {i} FAILED: {err}", flush=True)
+                    failed.append({"label": label, "run": i, "error": str(err)})
+                    continue
                 run["phases"] = phases(run, train_s)
                 runs[label].append(run)
                 print(f"{label} run {i}: wall {run['wall_s']} s, median overhead per round "
@@ -286,9 +292,10 @@ def main(argv: list[str] | None = None) -> int:
             "median_overhead_s": {label: pooled(label) for label in runs},
             "overhead_range_s": {label: spread(label) for label in runs},
             "n_periods": {label: sum(len(run["phases"]["rounds"]) for run in rs) for label, rs in runs.items()},
+            "failed_runs": failed,
             "goal_overhead_s": 5.0,
         }
-        if "baseline" in runs and result["median_overhead_s"]["baseline"]:
+        if "baseline" in runs and result["median_overhead_s"]["baseline"] and result["median_overhead_s"]["new"]:
             result["ratio_new_over_baseline"] = round(result["median_overhead_s"]["new"] /
                                                       result["median_overhead_s"]["baseline"], 3)
         print(f"median per-round overhead: {json.dumps(result['median_overhead_s'])} (n = "

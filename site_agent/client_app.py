@@ -135,7 +135,7 @@ def _full_check(site: _Site, shard_id: str, run_id: int | None) -> tuple[Manifes
 
         row = SiteState(site.workdir).require(shard_id)
         sidecar = {"run_id": int(run_id), "shard_id": shard_id, "approved": [row.manifest_sha256, row.tar_sha256],
-                   "files": before, "snapshot": _fingerprints(_snapshot_files(keep))}
+                   "row": _row_facts(row), "files": before, "snapshot": _fingerprints(_snapshot_files(keep))}
         tmp = keep / f".{SIDECAR}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as fh:
@@ -188,6 +188,13 @@ def _fingerprints(paths: list[Path]) -> dict[str, list[int] | None]:
     return out
 
 
+def _row_facts(row: Any) -> dict[str, Any]:
+    """The register's facts about the shard that the full check relies on (its state is checked every round)."""
+    return json.loads(json.dumps({k: getattr(row, k) for k in (
+        "shard_id", "site_id", "dir", "policy", "policy_passed", "manifest_sha256", "tar_sha256", "sample_count",
+        "filter_record_sha256", "kept_sha256", "workdir_id", "approved_by")}, default=str))
+
+
 def _reuse(site: _Site, run_id: int, shard_id: str) -> tuple[Manifest, Path] | None:
     """This run's kept snapshot, if nothing the full check read has changed since; None means check in full (a
     refusal, too, is left to the full check, which audits it)."""
@@ -201,7 +208,8 @@ def _reuse(site: _Site, run_id: int, shard_id: str) -> tuple[Manifest, Path] | N
         if side.get("run_id") != int(run_id) or side.get("shard_id") != shard_id:
             return None
         row = SiteState(site.workdir).get(shard_id)
-        if row is None or [row.manifest_sha256, row.tar_sha256] != side.get("approved"):
+        if row is None or [row.manifest_sha256, row.tar_sha256] != side.get("approved") or \
+                _row_facts(row) != side.get("row"):
             return None
         _check_state(row, site.cfg, for_federation=True)
         if side.get("files") != _fingerprints(_watched(site, shard_id)) or \

@@ -262,6 +262,20 @@ def test_a_rejected_shard_is_refused_in_the_next_round_of_the_same_run(
     assert reply.has_error() and parse_refusal(reply.error.reason)["reason"] == "no_approved_shard"
 
 
+def test_a_register_edit_between_rounds_means_the_full_check_again(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    from site_agent.state import SiteState
+
+    calls = counting_gate(monkeypatch)
+    sid = approved_shard(site)
+    assert not round_(site, 1).has_error()
+    with SiteState(site.workdir)._db() as db:  # the register now points at another filter record
+        db.execute("UPDATE shards SET filter_record_sha256 = ? WHERE shard_id = ?", ("0" * 64, sid))
+    reply = round_(site, 2)
+    assert reply.has_error() and parse_refusal(reply.error.reason)["reason"] == "stale_filter"
+    assert calls == [sid, sid]
+
+
 def test_a_tampered_kept_snapshot_is_never_trained_on(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
