@@ -177,7 +177,7 @@ def one_run(label: str, src: Path, ctx: dict[str, Any], work: Path, timeout: flo
                          "--training", str(ctx["training"]), "--out", str(out), "--port", str(port),
                          "--timeout", str(int(timeout))], env, logs / "federate.log")
         procs.append(coord)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # the SuperLink start and `flwr supernode register` are slow under load
         while not coord.seen("SuperLink ready"):
             if coord.proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"{label}: the SuperLink did not start; see {logs / 'federate.log'}")
