@@ -11,7 +11,7 @@ local socket. Same local training in
 all three; overhead = round wall time minus local training time.
 
 Not measured here: Flower's own message transport and polling between SuperLink, SuperNode and ClientApp, and the
-site's export gate + shard snapshot (see tests/e2e/test_federated.py for the whole path).
+site's export gate + shard snapshot: benchmarks/flower_overhead.py times whole rounds through real Flower processes.
 
 Usage:
   .venv/bin/python benchmarks/flower_rounds.py               # 3 rounds each way, 20 local steps

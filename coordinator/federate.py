@@ -19,7 +19,7 @@ import structlog
 
 from coordinator.config import CoordinatorConfig, load_coordinator_config
 from privdistill.errors import ConfigError, RetryableNetworkError, StageError
-from privdistill.federated import DEFAULT_SUPERLINK_PORT, NODE_PUBS_DIR
+from privdistill.federated import DEFAULT_SUPERLINK_PORT, NODE_PUBS_DIR, SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S
 
 log = structlog.get_logger(__name__)
 APP_DIR = Path(__file__).resolve().parent / "flower_app"
@@ -31,7 +31,7 @@ def flower_env(home: Path) -> dict[str, str]:
     """Every Flower process: its own FLWR_HOME, telemetry off, this environment's tools first on PATH
     (the SuperLink starts `flower-superexec` by name)."""
     bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+    return {SUPEREXEC_POLL_ENV: SUPEREXEC_POLL_S, **os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
             "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
 
 

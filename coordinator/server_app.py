@@ -7,13 +7,14 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import structlog
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
@@ -23,12 +24,16 @@ from privdistill.errors import ConfigError, StageError
 from privdistill.federated import (
     ARRAYS_KEY,
     CONFIG_KEY,
+    LAYOUT_FIELD,
     METRICS_KEY,
     PROVENANCE_KEY,
     SPEC_FIELD,
     WEIGHT_FIELD,
     StudentSpec,
+    pack_weights,
     parse_refusal,
+    unpack_weights,
+    weights_layout,
 )
 from privdistill.seeds import derive_seed
 from privdistill.stages import atomic_write_json
@@ -37,6 +42,50 @@ log = structlog.get_logger(__name__)
 app = ServerApp()
 RESULT_FILE, MODEL_DIR = "federated.json", "model"
 EVAL_SAMPLES = 256
+REPLY_POLL_S = 0.25  # how often the ServerApp asks the SuperLink for this round's replies
+
+
+class PromptGrid(Grid):
+    """The run's Grid, but ``send_and_receive`` asks for replies every ``interval`` seconds: Flower 1.41's HttpGrid
+    sleeps 3 s between pulls, so a round ended on average 1.5 s (at most 3 s) after the last site's reply arrived.
+    Everything else is the wrapped grid's own (same messages, same timeout semantics)."""
+
+    def __init__(self, grid: Grid, interval: float = REPLY_POLL_S) -> None:
+        self._grid, self.interval = grid, interval
+
+    def set_run(self, run: Any) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self._grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        pending = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            got = list(self.pull_messages(pending))
+            replies += got
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self.interval if deadline is None else max(0.0, min(self.interval,
+                                                                               deadline - time.monotonic())))
+        return replies
 
 
 def arrays_sha256(arrays: ArrayRecord) -> str:
@@ -127,6 +176,13 @@ def _number(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+def unpacked(arrays: ArrayRecord, model: Any) -> dict[str, Any]:
+    """The state_dict of the flat weights ``arrays`` for ``model`` (the same student, built from the spec)."""
+    import torch
+
+    return {k: torch.from_numpy(v) for k, v in unpack_weights(arrays, model.unet.state_dict()).items()}
+
+
 # ----------------------------------------------------------------------------- server-side evaluation
 def _eval_loss_fn(spec: StudentSpec, data: ImageSet | None):
     """evaluate_fn(round, arrays) -> MetricRecord: the DDPM loss on the coordinator's accepted shards with
@@ -152,7 +208,7 @@ def _eval_loss_fn(spec: StudentSpec, data: ImageSet | None):
     noise = torch.randn(x0.shape, generator=g)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model.unet.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        model.unet.load_state_dict(unpacked(arrays, model), strict=True)
         model.unet.eval()
         with torch.no_grad():
             loss = float(diffusion_loss(model, model.unet, x0, t, noise, {"class_labels": labels}))
@@ -201,7 +257,7 @@ def _publish(out: Path, model_arrays: ArrayRecord | None, spec: StudentSpec, res
         if model_arrays is not None:
             model = DiffusionModel.from_config(spec.model, resolution=spec.resolution, channels=spec.channels,
                                                class_names=spec.class_names, seed=spec.seed)
-            model.unet.load_state_dict(model_arrays.to_torch_state_dict(), strict=True)
+            model.unet.load_state_dict(unpacked(model_arrays, model), strict=True)
             model.save(tmp / MODEL_DIR)
         atomic_write_json(tmp / RESULT_FILE, result)
         if out.exists():
@@ -224,12 +280,13 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     spec = student_spec(cfg, eval_data)
     model = DiffusionModel.from_config(spec.model, resolution=spec.resolution, channels=spec.channels,
                                        class_names=spec.class_names, seed=spec.seed)
-    initial = ArrayRecord({k: v.detach().cpu() for k, v in model.unet.state_dict().items()})
+    initial = pack_weights(model.unet.state_dict())  # one flat vector: one object per hop, not one per tensor
     fed = cfg.federated
     strategy = GatedFedAvg(fraction_train=fed.fraction, fraction_evaluate=0.0, min_train_nodes=fed.min_nodes,
                            min_available_nodes=fed.min_nodes)
-    res = strategy.start(grid=grid, initial_arrays=initial, num_rounds=fed.rounds, timeout=fed.round_timeout_s,
-                         train_config=ConfigRecord({SPEC_FIELD: spec.to_json()}),
+    res = strategy.start(grid=PromptGrid(grid), initial_arrays=initial, num_rounds=fed.rounds, timeout=fed.round_timeout_s,
+                         train_config=ConfigRecord({SPEC_FIELD: spec.to_json(),
+                                                    LAYOUT_FIELD: weights_layout(model.unet.state_dict())}),
                          evaluate_fn=_eval_loss_fn(spec, eval_data))
     trained = any(r["aggregated"] for r in strategy.rounds)
     participants = [p for r in strategy.rounds for p in r["participants"]]

@@ -12,7 +12,14 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from privdistill.errors import ConfigError
-from privdistill.federated import DEFAULT_SUPERLINK_PORT, NODE_KEY_FILE, NODE_SITE_CONFIG, NODE_WORKDIR
+from privdistill.federated import (
+    DEFAULT_SUPERLINK_PORT,
+    NODE_KEY_FILE,
+    NODE_SITE_CONFIG,
+    NODE_WORKDIR,
+    SUPEREXEC_POLL_ENV,
+    SUPEREXEC_POLL_S,
+)
 from privdistill.identity import loose_mode
 from site_agent.config import SiteConfig
 
@@ -57,8 +64,8 @@ def supernode_command(cfg: SiteConfig, config_path: Path, workdir: Path, *, supe
 def supernode_env(workdir: Path) -> dict[str, str]:
     """FLWR_HOME inside the work directory (installed app bundles stay on this machine), telemetry off,
     this environment's tools first on PATH (the SuperNode starts `flower-superexec` by name)."""
-    return {**os.environ, "FLWR_HOME": str(Path(workdir).resolve() / ".flwr"), "FLWR_TELEMETRY_ENABLED": "0",
-            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    return {SUPEREXEC_POLL_ENV: SUPEREXEC_POLL_S, **os.environ, "FLWR_HOME": str(Path(workdir).resolve() / ".flwr"),
+            "FLWR_TELEMETRY_ENABLED": "0", "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
 
 
 def _terminated(signum: int, _frame: object) -> None:

@@ -3,9 +3,10 @@ diffusers) imported once, so a federated round does not pay for it again.
 
 Flower 1.41 runs every train message in a fresh ``flwr-clientapp`` process; importing diffusers there costs tens of
 seconds per round on a small machine (benchmarks/flower_rounds.py). ``privdistill-site join`` starts this trainer
-beside the SuperNode; the ClientApp still runs the export gate, the shard snapshot and loading in its own process
-every round, then hands only the student spec, the global weights and the gated images to the trainer and gets the
-trained weights back. Without a trainer (or if it is unreachable) the ClientApp trains in its own process as before.
+beside the SuperNode; the ClientApp still runs the export gate and the shard snapshot in its own process (in full
+in a run's first round, re-checked cheaply after: site_agent.client_app), then hands only the student spec, the
+global weights (one flat vector) and the gated snapshot's path to the trainer, which reads the tar once, checks its
+sha256 against the approved manifest, trains and sends the trained weights back as one flat vector. Without a trainer (or if it is unreachable) the ClientApp trains in its own process as before.
 
 Transport: a Unix socket in the site's work directory (directory 0700, socket 0600) with
 ``multiprocessing.connection``'s HMAC challenge on a 32-byte key in a 0600 file beside it, so only this site's own
@@ -37,6 +38,7 @@ def trainer_dir(workdir: Path) -> Path:
 
 
 def _train(job: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
     import torch
 
     from privdistill.federated import StudentSpec
@@ -47,9 +49,10 @@ def _train(job: dict[str, Any]) -> dict[str, Any]:
     data = load_gated(Path(job["tar"]), parse_manifest(job["manifest"]), spec)  # the snapshot the gate passed
     state = {k: torch.from_numpy(v) for k, v in job["arrays"].items()}
     t0 = time.perf_counter()
-    weights, report = train_state(spec, state, data, int(job["seed"]))
+    weights, report = train_state(spec, state, data, int(job["seed"]), job.get("layout"))
     report = {**report, "trainer_seconds": round(time.perf_counter() - t0, 3)}  # model build + Trainer + fit
-    return {"weights": {k: v.numpy() for k, v in weights.items()}, "report": report, "n": len(data)}
+    flat = np.concatenate([v.numpy().astype(np.float32, copy=False).ravel() for v in weights.values()])
+    return {"weights": flat, "report": report, "n": len(data)}  # pack_weights' vector, built here
 
 
 def _answer(conn: Connection) -> bool:
@@ -111,18 +114,17 @@ def connect(workdir: Path) -> Connection | None:
 
 
 def train_round(conn: Connection, spec: Any, global_arrays: Any, tar: Path, manifest: Any,
-                seed: int) -> tuple[Any, dict[str, Any], int]:
+                seed: int, layout: str | None = None) -> tuple[Any, dict[str, Any], int]:
     """One round in the trainer: it loads the gated snapshot ``tar`` (checked against ``manifest``), trains the
     global weights and returns (an ArrayRecord of the trained weights, report, examples). Refusals come back as
     the ClientApp's Refusal; other failures as RuntimeError."""
-    from collections import OrderedDict
-
     from flwr.app import Array, ArrayRecord
 
+    from privdistill.federated import FLAT_ARRAY
     from site_agent.client_app import Refusal
 
     job = {"spec": spec.to_json(), "arrays": {k: a.numpy() for k, a in global_arrays.items()},
-           "tar": str(tar), "manifest": manifest.to_bytes(), "seed": seed}
+           "tar": str(tar), "manifest": manifest.to_bytes(), "seed": seed, "layout": layout}
     with conn:
         conn.send(job)
         reply = conn.recv()
@@ -131,7 +133,7 @@ def train_round(conn: Connection, spec: Any, global_arrays: Any, tar: Path, mani
         raise Refusal(reason, detail, code=code)
     if "error" in reply:
         raise RuntimeError(reply["error"])
-    arrays = ArrayRecord(array_dict=OrderedDict((k, Array(v)) for k, v in reply["weights"].items()))
+    arrays = ArrayRecord({FLAT_ARRAY: Array(reply["weights"])})
     return arrays, reply["report"], int(reply["n"])
 
 

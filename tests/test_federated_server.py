@@ -4,12 +4,15 @@ refusals, malformed replies and silent nodes are recorded per round with their r
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
+import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
 
-from coordinator.server_app import GatedFedAvg, arrays_sha256
-from privdistill.federated import REFUSED_CODE, refusal_reason
+from coordinator.server_app import GatedFedAvg, PromptGrid, arrays_sha256
+from privdistill.federated import REFUSED_CODE, pack_weights, refusal_reason, unpack_weights, weights_layout
 
 
 def _meta(src: int) -> Metadata:
@@ -86,8 +89,56 @@ def test_server_side_evaluation_scores_weights_on_the_accepted_shards_and_the_sp
     evaluate = _eval_loss_fn(spec, data)
     assert _eval_loss_fn(spec, None) is None
     model = DiffusionModel.from_config(spec.model, resolution=8, channels=1, class_names=spec.class_names, seed=0)
-    weights = ArrayRecord(model.unet.state_dict())
+    weights = pack_weights(model.unet.state_dict())
     first, again = evaluate(0, weights), evaluate(1, weights)
     assert first["eval_samples"] == 12 and first["eval_loss"] == again["eval_loss"] > 0  # fixed noise and timesteps
-    zeroed = ArrayRecord({k: v * 0 for k, v in model.unet.state_dict().items()})
+    zeroed = pack_weights({k: v * 0 for k, v in model.unet.state_dict().items()})
     assert evaluate(2, zeroed)["eval_loss"] != first["eval_loss"]
+
+
+# ----------------------------------------------------------------------------- the round's transport
+def test_weights_travel_as_one_flat_vector_and_unpack_exactly() -> None:
+    import torch
+
+    state = {"a.weight": torch.arange(6.0).reshape(2, 3), "b.bias": torch.tensor([1.5, -2.0])}
+    rec = pack_weights(state)
+    assert list(rec.keys()) == ["flat"]
+    assert rec["flat"].numpy().tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 1.5, -2.0]
+    out = unpack_weights(rec, state)
+    assert list(out) == ["a.weight", "b.bias"] and out["a.weight"].shape == (2, 3)
+    assert out["a.weight"].tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]] and out["b.bias"].tolist() == [1.5, -2.0]
+    with pytest.raises(ValueError, match="7 values, the student has 8"):
+        unpack_weights(pack_weights({"w": np.zeros(7, np.float32)}), state)
+    with pytest.raises(ValueError, match="one array"):
+        unpack_weights(ArrayRecord({"a.weight": Array(np.zeros((2, 3), np.float32))}), state)
+    swapped = {"a.weight": torch.zeros(3, 2), "b.bias": torch.zeros(2)}  # same size, other shapes
+    assert weights_layout(swapped) != weights_layout(state) == weights_layout({k: v + 1 for k, v in state.items()})
+
+
+class SlowGrid:
+    """Replies to message i after ``after[i]`` pulls; never to one whose ``after`` is None."""
+
+    def __init__(self, after: list[int | None]) -> None:
+        self.after, self.pulls = after, 0
+
+    def push_messages(self, messages: Any) -> list[str]:
+        return [f"m{i}" for i, _ in enumerate(list(messages))]
+
+    def pull_messages(self, ids: Any) -> list[Any]:
+        self.pulls += 1
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=f"m{i}"))
+                for i, a in enumerate(self.after) if a == self.pulls and f"m{i}" in set(ids)]
+
+
+def test_the_serverapp_collects_replies_promptly_and_keeps_the_round_timeout() -> None:
+    grid = SlowGrid([2, 4])
+    t = time.monotonic()
+    replies = list(PromptGrid(grid, interval=0.01).send_and_receive(["a", "b"], timeout=30))
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1"] and grid.pulls == 4
+    assert time.monotonic() - t < 2, "four pulls 0.01 s apart (Flower's HttpGrid sleeps 3 s between pulls)"
+    silent = SlowGrid([1, None])
+    t = time.monotonic()
+    replies = list(PromptGrid(silent, interval=0.01).send_and_receive(["a", "b"], timeout=0.3))
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0"] and 0.3 <= time.monotonic() - t < 3
+    empty = SlowGrid([])
+    assert list(PromptGrid(empty).send_and_receive([], timeout=30)) == [] and empty.pulls == 0

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from flwr.app import ArrayRecord
-from test_federated_client import SPEC, global_arrays
+from test_federated_client import LAYOUT, SPEC, global_arrays
 
 from privdistill.data.types import ImageSet
+from privdistill.federated import pack_weights
 from privdistill.identity import generate_key
 from privdistill.shard import SHARD_TAR, parse_manifest, write_shard
 from site_agent import client_app, trainer
@@ -51,13 +50,14 @@ def test_a_round_in_the_warm_trainer_equals_one_in_process(running: Path) -> Non
     arrays = global_arrays()
     conn = trainer.connect(running)
     assert conn is not None
-    remote, r_report, n = trainer.train_round(conn, SPEC, arrays, tar, manifest, seed=11)
-    local, l_report = client_app.train_local(SPEC, arrays, client_app.load_gated(tar, manifest, SPEC), seed=11)
+    remote, r_report, n = trainer.train_round(conn, SPEC, arrays, tar, manifest, seed=11, layout=LAYOUT)
+    local, l_report = client_app.train_local(SPEC, arrays, client_app.load_gated(tar, manifest, SPEC), seed=11,
+                                             layout=LAYOUT)
     assert n == 8 and r_report["steps"] == l_report["steps"] == SPEC.train.steps
-    got = remote.to_torch_state_dict()
-    assert sorted(got) == sorted(local)
-    assert all(torch.equal(got[k], local[k]) for k in local)
-    assert not all(torch.equal(local[k], torch.from_numpy(arrays[k].numpy())) for k in local)  # it did train
+    assert list(remote.keys()) == ["flat"]
+    got, want = remote["flat"].numpy(), pack_weights(local)["flat"].numpy()
+    assert got.shape == want.shape == arrays["flat"].numpy().shape and np.array_equal(got, want)
+    assert not np.array_equal(want, arrays["flat"].numpy())  # it did train
 
 
 def test_the_trainers_refusals_are_the_clientapps(running: Path) -> None:
@@ -68,12 +68,11 @@ def test_the_trainers_refusals_are_the_clientapps(running: Path) -> None:
         trainer.train_round(conn, SPEC, global_arrays(), tar, manifest, seed=1)
     assert exc.value.reason == "class_mismatch"
     tar, manifest = _snapshot(running, list(SPEC.class_names))
-    bad = {k: torch.from_numpy(a.numpy()) for k, a in global_arrays().items()}
-    bad.pop(sorted(bad)[0])
+    bad = pack_weights({"w": global_arrays()["flat"].numpy()[:-1]})  # one value short of the student
     conn = trainer.connect(running)
     assert conn is not None
     with pytest.raises(client_app.Refusal) as exc:
-        trainer.train_round(conn, SPEC, ArrayRecord(bad), tar, manifest, seed=1)
+        trainer.train_round(conn, SPEC, bad, tar, manifest, seed=1, layout=LAYOUT)
     assert exc.value.reason == "bad_global_model"
 
 
