@@ -74,7 +74,7 @@ def test_multistep_solvers_are_deterministic_and_batch_size_independent(solver: 
 
 def test_sample_dataset_uses_the_configured_solver() -> None:
     model, _, _ = tiny_setup()
-    assert SampleConfig.model_validate({}).solver == "dpmpp"  # the default (benchmarks/results/sampling.md)
+    assert SampleConfig.model_validate({}).solver == "ddim"  # the default (benchmarks/results/sampling.md)
     ddim = sample_dataset(model, SampleConfig.model_validate({"per_class": 2, "steps": 3, "solver": "ddim"}), seed=0)
     unipc = sample_dataset(model, SampleConfig.model_validate({"per_class": 2, "steps": 3, "solver": "unipc"}), seed=0)
     assert unipc.labels is not None and list(unipc.labels) == [0, 0, 1, 1]
