@@ -96,8 +96,8 @@ class DiffusionModel:
 
     def __post_init__(self) -> None:
         # the UNet's conv weights in channels-last (NHWC) layout: oneDNN then runs every convolution in NHWC, whatever
-        # the input's layout; on CPU 1.3x per training step, 1.5x per forward pass at the demo's size
-        # (benchmarks/channels_last.py). Saved files stay in the standard layout (``save``).
+        # the input's layout; on CPU 1.2-1.3x per training step, 1.2-1.5x per forward pass at the demo's size
+        # (benchmarks/channels_last.py; measured on CPU only). Saved files stay in the standard layout (``save``).
         self.unet.to(memory_format=torch.channels_last)
 
     @property
