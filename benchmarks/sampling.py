@@ -18,6 +18,12 @@ Decision rule, fixed before the first run: a solver "holds" when neither interva
 DDIM baseline shows it worse (FID difference interval's lower end <= 0, TSTR difference interval's upper
 end >= 0) at <= 1/2 of DDIM's model evaluations; it becomes the default only if it holds.
 
+Second question, registered 2026-12-02 before its run (after the first runs: ddim:20 vs dpmpp:10 failed the
+rule at the fully trained teacher while dpmpp:15/20 beat ddim:20, so the question is informed by them and is
+reported as such): the LIBRARY default is DDIM 50 (config.SampleConfig); with --arms
+ddim:50,dpmpp:25,unipc:25 the same rule decides it. If dpmpp:25 holds it becomes the library default; else
+unipc:25 if it holds; else DDIM 50 stays.
+
 Usage:
   python benchmarks/sampling.py [--workdir .cache/bench-sampling] [--arms ddim:20,dpmpp:10,unipc:10]
   writes benchmarks/results/sampling.{json,md}
