@@ -3,9 +3,11 @@ authentication, register the provisioned sites' node keys, submit the Flower App
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +22,7 @@ import structlog
 from coordinator.config import CoordinatorConfig, load_coordinator_config
 from privdistill.errors import ConfigError, RetryableNetworkError, StageError
 from privdistill.federated import DEFAULT_SUPERLINK_PORT, NODE_PUBS_DIR, SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S
+from privdistill.procs import bound_to_this_process
 
 log = structlog.get_logger(__name__)
 APP_DIR = Path(__file__).resolve().parent / "flower_app"
@@ -49,7 +52,12 @@ def write_connection(home: Path, address: str, ca: Path) -> None:
 
 
 def _flwr(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([tool("flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout)
+    """One `flwr` CLI call; one that does not finish within ``timeout`` is killed and reported as retryable."""
+    try:
+        return subprocess.run([tool("flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RetryableNetworkError(f"`flwr {' '.join(args[:2])}` did not finish within {timeout:.0f} s (SuperLink "
+                                    "unreachable or the machine overloaded?); rerun the command") from None
 
 
 def _json_out(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
@@ -71,13 +79,21 @@ class SuperLink:
     log_path: Path
 
     def stop(self) -> None:
+        """SIGTERM to the SuperLink's process group (it and the SuperExec / ServerApp processes it started), then
+        SIGKILL to whatever of the group is left after 15 s."""
         if self.proc.poll() is None:
-            self.proc.terminate()
+            _signal_group(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
+        _signal_group(self.proc.pid, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
 
 
 def start_superlink(cfg: CoordinatorConfig, env: dict[str, str], *, host: str, port: int, log_path: Path,
@@ -88,7 +104,10 @@ def start_superlink(cfg: CoordinatorConfig, env: dict[str, str], *, host: str, p
            "--disable-runtime-dependency-installation", "--host", host, "--port", str(port)]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        # its own session (a Ctrl-C meant for this command reaches it only through stop()), bound to this process
+        # (a killed `federate` takes it down with it: no SuperLink left holding the port)
+        proc = subprocess.Popen(bound_to_this_process(cmd), stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
     link = SuperLink(proc, f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}", log_path)
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
@@ -153,21 +172,35 @@ def run_app(env: dict[str, str], app_dir: Path, overrides: dict[str, str], *, ti
         raise StageError(f"`flwr run` failed: {(proc.stdout + proc.stderr).strip()[-600:]}")
     run_id = str(doc["run-id"])
     log.info("federate.submitted", run_id=run_id)
-    deadline, status = time.monotonic() + timeout, {}
+    deadline = time.monotonic() + timeout
+    status: dict[str, Any] = {}
     while True:
-        ls = _json_out(_flwr(env, "ls", CONNECTION, "--run-id", run_id, "--format", "json"))
-        runs = ls.get("runs") or [{}]
+        try:
+            ls = _json_out(_flwr(env, "ls", CONNECTION, "--run-id", run_id, "--format", "json"))
+        except RetryableNetworkError:  # one slow status call (a loaded machine) is not the run's end: ask again
+            log.warning("federate.status_timeout", run_id=run_id)
+            ls = {}
+        runs = ls.get("runs") or [status]
         status = runs[0]
         if str(status.get("status", "")).startswith("finished"):
             break
         if time.monotonic() > deadline:
-            _flwr(env, "stop", run_id, CONNECTION)
+            try:
+                _flwr(env, "stop", run_id, CONNECTION)
+                stopped = "it was stopped"
+            except RetryableNetworkError:
+                stopped = f"stopping it did not answer either: run `flwr stop {run_id}` (a SuperLink this command " \
+                          "started is stopped in any case)"
             raise StageError(f"run {run_id} did not finish within {timeout:.0f} s (status "
-                             f"{status.get('status')!r}; too few sites joined?); it was stopped")
+                             f"{status.get('status')!r}; too few sites joined?); {stopped}")
         time.sleep(2)
-    logs = _flwr(env, "log", run_id, CONNECTION, "--show", timeout=60)
+    try:  # the ServerApp's log, for the operator; the run's result does not depend on it
+        logs = _flwr(env, "log", run_id, CONNECTION, "--show", timeout=60)
+        text = logs.stdout + logs.stderr
+    except RetryableNetworkError as err:
+        text = f"(no ServerApp log: {err})\n"
     with open(log_path, "a") as fh:
-        fh.write(logs.stdout + logs.stderr)
+        fh.write(text)
     return {"run_id": run_id, "status": status.get("status"), "details": status.get("status-details")}
 
 

@@ -19,6 +19,7 @@ from coordinator.api import create_app
 from coordinator.config import CoordinatorConfig, check_tls_files
 from privdistill.errors import RetryableNetworkError
 from privdistill.httpserver import hardened_config
+from privdistill.procs import end_with_parent
 
 log = structlog.get_logger("coordinator.serve")
 
@@ -93,11 +94,14 @@ def _serve_workers(make_server: Callable[[], uvicorn.Server], host: str, port: i
         for pid in list(children):
             _signal(pid, signal.SIGTERM)
 
+    master = os.getpid()
+
     def _spawn(index: int) -> int:
         pid = os.fork()
         if pid == 0:  # the worker: uvicorn installs its own SIGINT/SIGTERM handlers
             code = 0
             try:
+                end_with_parent(master)  # a killed master leaves no worker serving on the port
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 for other in socks[:index] + socks[index + 1:]:

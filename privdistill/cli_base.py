@@ -5,7 +5,9 @@ and one runner that turns an error into its message (printed once) and its exit 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ import structlog
 
 from privdistill import __version__
 from privdistill.errors import EXIT_CODES, INTERRUPTED, PrivdistillError
+from privdistill.procs import exit_on_sigterm
 
 Command = Callable[[argparse.Namespace], int]
 LOG_FORMATS = ("console", "json")
@@ -84,7 +87,10 @@ def main(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``args.func(args)``: a PrivdistillError becomes its message, reported once (a plain ``error:`` line on
-    stderr, or one JSON record with ``--log-format json``), and its exit code; Ctrl-C exits 130."""
+    stderr, or one JSON record with ``--log-format json``), and its exit code; Ctrl-C exits 130; SIGTERM raises
+    SystemExit(143) so the command's cleanup runs (helpers stopped, partial files removed)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
         return int(args.func(args))
     except PrivdistillError as err:

@@ -21,6 +21,7 @@ from privdistill.federated import (
     SUPEREXEC_POLL_S,
 )
 from privdistill.identity import loose_mode
+from privdistill.procs import bound_to_this_process, exit_on_sigterm
 from site_agent.config import SiteConfig
 
 
@@ -68,10 +69,6 @@ def supernode_env(workdir: Path) -> dict[str, str]:
             "FLWR_TELEMETRY_ENABLED": "0", "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
 
 
-def _terminated(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def _tool(name: str) -> str:
     path = Path(sys.executable).parent / name
     return str(path) if path.exists() else name
@@ -86,9 +83,12 @@ def join(cfg: SiteConfig, config_path: Path, workdir: Path, *, warm_trainer: boo
     """Run the SuperNode in the foreground until it exits (Ctrl-C stops it); returns its exit code. With
     ``warm_trainer`` a trainer process runs beside it (the training stack imported once, not every round)."""
     cmd = supernode_command(cfg, config_path, workdir, **kwargs)  # type: ignore[arg-type]
-    helper = subprocess.Popen(trainer_command(workdir), env=supernode_env(workdir)) if warm_trainer else None
-    proc = subprocess.Popen(cmd, env=supernode_env(workdir))
-    previous = signal.signal(signal.SIGTERM, _terminated)  # a stopped join stops both children
+    # both bound to this process: a killed `join` (SIGKILL, OOM) takes them down, so no SuperNode keeps taking part
+    # in rounds after the site's admin stopped the site
+    helper = (subprocess.Popen(bound_to_this_process(trainer_command(workdir)), env=supernode_env(workdir))
+              if warm_trainer else None)
+    proc = subprocess.Popen(bound_to_this_process(cmd), env=supernode_env(workdir))
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm)  # a stopped join stops both children
     try:
         return proc.wait()
     except (KeyboardInterrupt, SystemExit):

@@ -50,38 +50,56 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Provisioned, str, subprocess.Popen]]:
-    port = _free_port()
-    prov = provision(tmp_path_factory.mktemp("workers") / "kit", SITES, host="127.0.0.1", port=port)
+def _start(prov: Provisioned, port: int, log: Any) -> tuple[subprocess.Popen, str]:
+    """`serve --workers 2` in its own session; returns it and its URL once /healthz answers."""
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    log = open(prov.root / "coordinator.log", "wb")  # noqa: SIM115 - closed after the process below
     proc = subprocess.Popen([sys.executable, "-c", "import sys; from coordinator.cli import main; sys.exit(main())",
                              "serve", "--config", str(prov.config), "--port", str(port), "--workers", "2"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"https://127.0.0.1:{port}"
     ctx = ssl.create_default_context(cafile=str(prov.root / "ca" / "ca.pem"))
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (prov.root / "coordinator.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "coordinator not healthy in 60 s"
-            try:
-                if httpx.get(url + "/healthz", verify=ctx, trust_env=False, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        yield prov, url, proc
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, Path(log.name).read_text()[-2000:]
+        assert time.monotonic() < deadline, "coordinator not healthy in 60 s"
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
+            if httpx.get(url + "/healthz", verify=ctx, trust_env=False, timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except ProcessLookupError:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def _running(pid: int) -> bool:
+    """Running (a zombie waiting for its new parent to reap it counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Provisioned, str, subprocess.Popen]]:
+    port = _free_port()
+    prov = provision(tmp_path_factory.mktemp("workers") / "kit", SITES, host="127.0.0.1", port=port)
+    with open(prov.root / "coordinator.log", "wb") as log:
+        proc, url = _start(prov, port, log)
+        try:
+            yield prov, url, proc
+        finally:
+            _stop(proc)
 
 
 def _shard(root: Path, site: str, shard_id: str, seed: int, prov: Provisioned) -> Path:
@@ -234,3 +252,25 @@ def test_admin_page_keeps_one_worker_and_refuses_more(tmp_path: Path) -> None:
     explicit = parse_coordinator_config({**base, "admin_token_file": "t", "listen": {"workers": 4}}, base_dir=tmp_path)
     with pytest.raises(ConfigError, match="run 1 worker"):
         explicit.server_processes()
+
+
+@pytest.mark.timeout(120)
+def test_workers_end_when_the_master_is_killed(tmp_path: Path) -> None:
+    """SIGKILL to the serving master (the OOM killer, a crashed supervisor) must not leave workers serving the port."""
+    port = _free_port()
+    prov = provision(tmp_path / "kit", SITES, host="127.0.0.1", port=port)
+    with open(tmp_path / "coordinator.log", "wb") as log:
+        proc, _url = _start(prov, port, log)
+        try:
+            workers = _children(proc.pid)
+            assert len(workers) == 2
+            proc.kill()  # the master only, not its process group
+            proc.wait(timeout=10)
+            deadline = time.monotonic() + 20
+            while [w for w in workers if _running(w)]:
+                assert time.monotonic() < deadline, f"workers {workers} outlived their killed master"
+                time.sleep(0.1)
+            with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+                pass  # nobody listens any more
+        finally:
+            _stop(proc)

@@ -176,3 +176,55 @@ def test_an_unregistered_supernode_is_refused_by_the_superlink(federation: dict[
     assert all(len(r["sampled_node_ids"]) == 3 for r in res["rounds"]), "the rogue node was never sampled"
     provisioned = {p.stem for p in (federation["prov"].root / "coordinator" / "flower-nodes").glob("*.pub")}
     assert provisioned == set(SITES)
+
+
+def _running_with(*needles: str) -> list[int]:
+    """Pids of running processes (not zombies) whose command line contains every needle."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and all(n in cmdline for n in needles):
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.timeout(240)
+def test_killed_federate_and_join_leave_no_superlink_supernode_or_trainer(federation: dict[str, Any]) -> None:
+    """SIGKILL (the OOM killer, a crashed terminal) to `federate` and to `join`, not to their process groups: the
+    SuperLink must not stay on the port and the site's SuperNode and warm trainer must not keep taking part."""
+    prov, root, site = federation["prov"], federation["root"], federation["sites"]["site-a"]
+    port, logs = free_port(), federation["logs"]
+    workdir = str(site.workdir.resolve())
+    procs = []
+    try:
+        coord = spawn([str(BIN / "privdistill-coordinator"), "federate", "--config", str(prov.config), "--training",
+                       str(root / "training.yaml"), "--out", str(root / "killed-out"), "--port", str(port),
+                       "--timeout", "200"], logs / "killed-federate.log")
+        procs.append(coord)
+        wait_for(logs / "killed-federate.log", "SuperLink ready", coord, timeout=90)
+        join = spawn([str(BIN / "privdistill-site"), "join", str(site.config_path), "--workdir", workdir,
+                      "--superlink", f"127.0.0.1:{port}", "--node-key", str(prov.site_dirs["site-a"] / "flower-node.key")],
+                     logs / "killed-join.log")
+        procs.append(join)
+        deadline = time.monotonic() + 60
+        while not (_running_with("flower-supernode", f"127.0.0.1:{port}") and _running_with("site_agent.trainer",
+                                                                                             workdir)):
+            assert join.poll() is None and time.monotonic() < deadline, (logs / "killed-join.log").read_text()[-2000:]
+            time.sleep(0.2)
+        assert _running_with("flower-superlink", str(port))
+        os.kill(coord.pid, signal.SIGKILL)
+        os.kill(join.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while left := (_running_with("flower-superlink", str(port)) + _running_with("flower-supernode", f":{port}")
+                       + _running_with("site_agent.trainer", workdir)):
+            assert time.monotonic() < deadline, f"still running after their parents were killed: {left}"
+            time.sleep(0.2)
+        with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+            pass  # the port is free for the next `federate`
+    finally:
+        for p in reversed(procs):
+            stop(p)
