@@ -21,6 +21,7 @@ log = structlog.get_logger(__name__)
 
 
 SOLVERS = ("ddim", "dpmpp", "unipc")
+DEFAULT = SampleConfig()  # the one place the default solver and steps are set is SampleConfig
 
 
 def make_solver(model: DiffusionModel, solver: str) -> Any:  # diffusers schedulers are untyped mixins
@@ -39,7 +40,8 @@ def make_solver(model: DiffusionModel, solver: str) -> Any:  # diffusers schedul
 @torch.inference_mode()
 def sample_images(
     model: DiffusionModel, *, labels: np.ndarray | None = None, prompts: list[str] | None = None,
-    solver: str = "ddim", steps: int = 50, eta: float = 0.0, batch_size: int = 128, seed: int = 0,
+    solver: str = DEFAULT.solver, steps: int = DEFAULT.steps, eta: float = 0.0, batch_size: int = DEFAULT.batch_size,
+    seed: int = 0,
     device: torch.device | None = None, progress: bool = True,
 ) -> np.ndarray:
     """Generate one image per label (or prompt) with ``steps`` model evaluations each; returns NCHW float32

@@ -74,7 +74,8 @@ def test_multistep_solvers_are_deterministic_and_batch_size_independent(solver: 
 
 def test_sample_dataset_uses_the_configured_solver() -> None:
     model, _, _ = tiny_setup()
-    assert SampleConfig.model_validate({}).solver == "ddim"  # the default (benchmarks/results/sampling.md)
+    default = SampleConfig.model_validate({})  # the default (benchmarks/results/sampling_default.md)
+    assert (default.solver, default.steps) == ("dpmpp", 25)
     ddim = sample_dataset(model, SampleConfig.model_validate({"per_class": 2, "steps": 3, "solver": "ddim"}), seed=0)
     unipc = sample_dataset(model, SampleConfig.model_validate({"per_class": 2, "steps": 3, "solver": "unipc"}), seed=0)
     assert unipc.labels is not None and list(unipc.labels) == [0, 0, 1, 1]
@@ -84,3 +85,6 @@ def test_sample_dataset_uses_the_configured_solver() -> None:
 def test_eta_with_a_multistep_solver_is_refused() -> None:
     with pytest.raises(ValidationError, match="eta applies to the ddim solver only"):
         SampleConfig.model_validate({"solver": "dpmpp", "eta": 0.5})
+    with pytest.raises(ValidationError, match="set eta: 0 or solver: ddim .solver is dpmpp, the default"):
+        SampleConfig.model_validate({"eta": 0.5})  # a config written for the old DDIM default: told what to set
+    assert SampleConfig.model_validate({"solver": "ddim", "eta": 0.5}).eta == 0.5
