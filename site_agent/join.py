@@ -39,7 +39,8 @@ def _free_port() -> int:
 def supernode_command(cfg: SiteConfig, config_path: Path, workdir: Path, *, superlink: str | None = None,
                       node_key: Path | None = None, runtime_port: int | None = None,
                       max_wait_s: float | None = None) -> list[str]:
-    """The flower-supernode command line for this site; every missing file is listed at once."""
+    """The SuperNode command line for this site (Flower's flower-supernode through site_agent.supernode, which
+    shortens its idle pull); every missing file is listed at once."""
     key = Path(node_key) if node_key is not None else cfg.site.key_file.parent / NODE_KEY_FILE
     problems = []
     if not key.is_file():
@@ -54,7 +55,7 @@ def supernode_command(cfg: SiteConfig, config_path: Path, workdir: Path, *, supe
     if problems:
         raise ConfigError(problems)
     node_config = f'{NODE_SITE_CONFIG}="{Path(config_path).resolve()}" {NODE_WORKDIR}="{Path(workdir).resolve()}"'
-    cmd = [_tool("flower-supernode"), "--superlink", superlink or default_superlink(cfg),
+    cmd = [sys.executable, "-m", "site_agent.supernode", "--superlink", superlink or default_superlink(cfg),
            "--root-certificates", str(cfg.site.ca_file), "--auth-supernode-private-key", str(key),
            "--node-config", node_config, "--port", str(runtime_port or _free_port())]
     if max_wait_s is not None:
@@ -67,11 +68,6 @@ def supernode_env(workdir: Path) -> dict[str, str]:
     this environment's tools first on PATH (the SuperNode starts `flower-superexec` by name)."""
     return {SUPEREXEC_POLL_ENV: SUPEREXEC_POLL_S, **os.environ, "FLWR_HOME": str(Path(workdir).resolve() / ".flwr"),
             "FLWR_TELEMETRY_ENABLED": "0", "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
-
-
-def _tool(name: str) -> str:
-    path = Path(sys.executable).parent / name
-    return str(path) if path.exists() else name
 
 
 def trainer_command(workdir: Path) -> list[str]:

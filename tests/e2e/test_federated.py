@@ -211,7 +211,7 @@ def test_killed_federate_and_join_leave_no_superlink_supernode_or_trainer(federa
                      logs / "killed-join.log")
         procs.append(join)
         deadline = time.monotonic() + 60
-        while not (_running_with("flower-supernode", f"127.0.0.1:{port}") and _running_with("site_agent.trainer",
+        while not (_running_with("site_agent.supernode", f"127.0.0.1:{port}") and _running_with("site_agent.trainer",
                                                                                              workdir)):
             assert join.poll() is None and time.monotonic() < deadline, (logs / "killed-join.log").read_text()[-2000:]
             time.sleep(0.2)
@@ -219,7 +219,7 @@ def test_killed_federate_and_join_leave_no_superlink_supernode_or_trainer(federa
         os.kill(coord.pid, signal.SIGKILL)
         os.kill(join.pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
-        while left := (_running_with("flower-superlink", str(port)) + _running_with("flower-supernode", f":{port}")
+        while left := (_running_with("flower-superlink", str(port)) + _running_with("site_agent.supernode", f":{port}")
                        + _running_with("site_agent.trainer", workdir)):
             assert time.monotonic() < deadline, f"still running after their parents were killed: {left}"
             time.sleep(0.2)
