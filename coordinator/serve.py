@@ -66,8 +66,10 @@ def serve(config: CoordinatorConfig, *, host: str | None = None, port: int | Non
                               server.config.host, server.config.port, n, where)
     try:
         server.run()
-    except SystemExit:  # uvicorn exits when it cannot bind
-        server.started = False
+    except SystemExit:
+        if server.started:  # SIGTERM, re-raised by uvicorn after its graceful shutdown: end as terminated
+            raise
+        # else uvicorn exited because it could not bind
     if not server.started:
         raise RetryableNetworkError(f"could not serve on {where} (port in use or not permitted?); free the port or "
                                     "pass --port")

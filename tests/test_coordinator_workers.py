@@ -50,12 +50,12 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _start(prov: Provisioned, port: int, log: Any) -> tuple[subprocess.Popen, str]:
-    """`serve --workers 2` in its own session; returns it and its URL once /healthz answers."""
+def _start(prov: Provisioned, port: int, log: Any, workers: int = 2) -> tuple[subprocess.Popen, str]:
+    """`serve --workers N` in its own session; returns it and its URL once /healthz answers."""
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-c", "import sys; from coordinator.cli import main; sys.exit(main())",
-                             "serve", "--config", str(prov.config), "--port", str(port), "--workers", "2"],
+                             "serve", "--config", str(prov.config), "--port", str(port), "--workers", str(workers)],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"https://127.0.0.1:{port}"
     ctx = ssl.create_default_context(cafile=str(prov.root / "ca" / "ca.pem"))
@@ -274,3 +274,22 @@ def test_workers_end_when_the_master_is_killed(tmp_path: Path) -> None:
                 pass  # nobody listens any more
         finally:
             _stop(proc)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_stops_serve_gracefully_and_says_nothing_false(tmp_path: Path, workers: int) -> None:
+    """`docker stop` sends SIGTERM: the coordinator shuts down and ends as terminated (143), without reporting the
+    port as taken (uvicorn re-raises the signal after its graceful shutdown)."""
+    port = _free_port()
+    prov = provision(tmp_path / "kit", SITES, host="127.0.0.1", port=port)
+    with open(tmp_path / "coordinator.log", "wb") as log:
+        proc, _url = _start(prov, port, log, workers=workers)
+        try:
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=30)
+        finally:
+            _stop(proc)
+    text = (tmp_path / "coordinator.log").read_text()
+    assert rc in (0, 128 + signal.SIGTERM), text[-2000:]
+    assert "could not serve" not in text and "Traceback" not in text, text[-2000:]

@@ -55,8 +55,10 @@ def serve_ui(cfg: SiteConfig, workdir: Path, *, host: str = "127.0.0.1", port: i
         print(f"access token: the one in {token_file}", file=sys.stderr, flush=True)
     try:
         server.run()
-    except SystemExit:  # uvicorn exits when it cannot bind
-        server.started = False
+    except SystemExit:
+        if server.started:  # SIGTERM, re-raised by uvicorn after its graceful shutdown: end as terminated
+            raise
+        # else uvicorn exited because it could not bind
     if not server.started:
         raise RetryableNetworkError(f"could not serve the review page on {host}:{port} (port in use?); pass --port")
     return 0

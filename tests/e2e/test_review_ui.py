@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -127,8 +128,11 @@ def test_generated_token_is_printed_once_and_logs_in(tmp_path: Path, reid_src: P
                 r = c.post("/login", data={"csrf": csrf, "token": token})
                 assert (r.status_code, r.headers["location"]) == (303, "/")
                 assert c.get("/").status_code == 200
+            proc.send_signal(signal.SIGTERM)  # how `docker stop` ends it: graceful, reported as terminated
+            rc = proc.wait(timeout=30)
         finally:
             stop(proc)
     text = err_path.read_text()
+    assert rc == 128 + signal.SIGTERM and "could not serve" not in text, text[-2000:]
     assert text.count(token) == 1, "the token is printed exactly once"
     assert f"http://127.0.0.1:{port}/login" in text
