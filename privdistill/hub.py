@@ -6,8 +6,9 @@ folder it saves as ``pipeline.py`` and names it in ``model_index.json`` (``"_cla
 opens a released student without privdistill::
 
     pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, local_files_only=True)
-    images = pipe(class_labels=["normal", 1], num_inference_steps=50).images   # class-conditional
-    images = pipe(prompt=["an image of a trouser"]).images                     # text-conditioned
+    images = pipe(class_labels=["normal", 1]).images              # class-conditional, DPM-Solver++ 25 steps
+    images = pipe(prompt=["an image of a trouser"]).images        # text-conditioned
+    images = pipe(class_labels=[0], solver="ddim", num_inference_steps=50, eta=0.5).images
 
 Where privdistill is installed, ``PrivdistillPipeline.from_folder(folder)`` opens it without running the folder's
 code."""
@@ -23,8 +24,29 @@ from typing import Any
 import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
+from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
 
 PIPELINE_MODULE = "pipeline"  # the pipeline's code travels in <folder>/pipeline.py
+SOLVERS = ("ddim", "dpmpp", "unipc")
+
+
+def sampling_scheduler(config: Any, solver: str) -> Any:  # diffusers schedulers are untyped mixins
+    """A fresh sampling scheduler over a model's training noise schedule (``from_config``, as a diffusers pipeline
+    swaps schedulers): ddim, dpmpp (DPM-Solver++ 2M) or unipc (UniPC-2M). privdistill's own sampler uses this too.
+
+    The model's own timestep spacing is passed explicitly: diffusers' ``from_config`` leaves out the keys a config
+    holds only as defaults, so a freshly built model's scheduler would hand a multistep solver ITS default spacing
+    ("linspace") while the same model loaded from disk hands it the model's ("leading"): different timesteps, and
+    different images, for the same weights. Every benchmark sampled loaded models, i.e. the model's spacing."""
+    spacing = {"timestep_spacing": config.get("timestep_spacing", "leading")}
+    if solver == "ddim":
+        return DDIMScheduler.from_config(config, **spacing)
+    if solver == "dpmpp":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2, **spacing)
+    if solver == "unipc":
+        return UniPCMultistepScheduler.from_config(config, solver_order=2, **spacing)
+    raise ValueError(f"unknown sampling solver {solver!r}: use one of {', '.join(SOLVERS)}")
 INDEX_FILE = "model_index.json"
 
 
@@ -96,19 +118,25 @@ class PrivdistillPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, class_labels: list[int | str] | torch.Tensor | None = None,
-                 prompt: str | list[str] | None = None, num_inference_steps: int = 50, eta: float = 0.0,
+                 prompt: str | list[str] | None = None, num_inference_steps: int = 25, eta: float = 0.0,
                  generator: torch.Generator | None = None, output_type: str = "pil",
-                 return_dict: bool = True) -> Any:
-        """Images in [0, 1]: PIL images, an NHWC numpy array (``"np"``) or an NCHW tensor (``"pt"``)."""
+                 return_dict: bool = True, solver: str = "dpmpp") -> Any:
+        """Images in [0, 1]: PIL images, an NHWC numpy array (``"np"``) or an NCHW tensor (``"pt"``).
+        ``solver``: dpmpp (default, as privdistill samples), unipc or ddim (``eta`` > 0 is DDIM's only)."""
+        if eta > 0 and solver != "ddim":
+            raise ValueError(f"eta applies to the ddim solver only (solver is {solver}); pass solver='ddim' or eta=0")
         n, cond = self._condition(class_labels, prompt)
         size = int(self.unet.config.sample_size)
         shape = (n, int(self.unet.config.in_channels), size, size)
-        x = torch.randn(shape, generator=generator, dtype=self.unet.dtype).to(self.device)
-        scheduler = DDIMScheduler.from_config(self.scheduler.config)
+        scheduler = sampling_scheduler(self.scheduler.config, solver)
         scheduler.set_timesteps(num_inference_steps)
+        x = torch.randn(shape, generator=generator, dtype=self.unet.dtype).to(self.device) * scheduler.init_noise_sigma
         for t in self.progress_bar(scheduler.timesteps):
-            eps = self.unet(x, t, **cond).sample
-            x = scheduler.step(eps, t, x, eta=eta, generator=generator).prev_sample
+            eps = self.unet(scheduler.scale_model_input(x, t), t, **cond).sample
+            if solver == "ddim":
+                x = scheduler.step(eps, t, x, eta=eta, generator=generator).prev_sample
+            else:
+                x = scheduler.step(eps, t, x).prev_sample
         images = (x.clamp(-1, 1) / 2 + 0.5).float()
         if output_type == "pt":
             out: Any = images

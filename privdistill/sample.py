@@ -8,33 +8,28 @@ from typing import Any
 import numpy as np
 import structlog
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from tqdm.auto import tqdm
 
 from privdistill.config import SampleConfig
 from privdistill.data.types import ImageSet
 from privdistill.errors import StageError
+from privdistill.hub import sampling_scheduler
 from privdistill.logs import progress_enabled
 from privdistill.models import DiffusionModel
 
 log = structlog.get_logger(__name__)
 
 
-SOLVERS = ("ddim", "dpmpp", "unipc")
 DEFAULT = SampleConfig()  # the one place the default solver and steps are set is SampleConfig
 
 
 def make_solver(model: DiffusionModel, solver: str) -> Any:  # diffusers schedulers are untyped mixins
     """A fresh sampling scheduler over the model's training noise schedule (as a diffusers pipeline swaps
     schedulers: ``from_config``); the multistep solvers keep state, so each batch gets its own."""
-    cfg = model.scheduler.config
-    if solver == "ddim":
-        return DDIMScheduler.from_config(cfg)
-    if solver == "dpmpp":
-        return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2)
-    if solver == "unipc":
-        return UniPCMultistepScheduler.from_config(cfg, solver_order=2)
-    raise StageError(f"unknown sampling solver {solver!r}: use one of {', '.join(SOLVERS)}")
+    try:
+        return sampling_scheduler(model.scheduler.config, solver)
+    except ValueError as err:
+        raise StageError(str(err)) from None
 
 
 @torch.inference_mode()

@@ -3,6 +3,7 @@ exactly what privdistill's own sampler gives from the same starting noise."""
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,9 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from privdistill.config import ModelConfig
+from privdistill.config import ModelConfig, SampleConfig
 from privdistill.models import DiffusionModel
-from privdistill.sample import ddim_sample
+from privdistill.sample import ddim_sample, sample_images
 
 RES = 8
 PROMPTS = ["an image of a trouser", "an image of a bag"]
@@ -48,8 +49,14 @@ def test_class_conditional_model_opens_in_diffusers_and_samples_as_privdistill(t
     assert index["_class_name"] == ["pipeline", "PrivdistillPipeline"] and index["text_encoder"] == [None, None]
     assert type(pipe).__name__ == "PrivdistillPipeline" and pipe.config.class_names == ["trouser", "bag"]
     assert out.shape == (2, RES, RES, 1)
-    ours = ddim_sample(model, labels=np.array([1, 0]), steps=3, seed=5, progress=False)
+    # with its defaults (DPM-Solver++), as privdistill samples with its own defaults
+    ours = sample_images(model, labels=np.array([1, 0]), steps=3, seed=5, progress=False)
     np.testing.assert_allclose(out, ours.transpose(0, 2, 3, 1) / 2 + 0.5, atol=1e-5)
+    call = inspect.signature(type(pipe).__call__).parameters
+    assert (call["solver"].default, call["num_inference_steps"].default) == (SampleConfig().solver,
+                                                                             SampleConfig().steps)
+    with pytest.raises(ValueError, match="eta applies to the ddim solver only"):
+        pipe(class_labels=[0], num_inference_steps=2, eta=0.5)
     assert DiffusionModel.load(tmp_path / "m").class_names == ["trouser", "bag"]  # privdistill's loader still works
     from privdistill.hub import PrivdistillPipeline
 
@@ -69,7 +76,8 @@ def test_text_conditioned_model_opens_in_diffusers_and_samples_as_privdistill(tm
 
     # Execute
     pipe = _open(tmp_path / "m")
-    out = pipe(prompt=PROMPTS, num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(2))
+    out = pipe(prompt=PROMPTS, num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(2),
+               solver="ddim")
 
     # Assert: tokenizer/ and text_encoder/ are pipeline components; same images as privdistill's sampler
     assert type(pipe.text_encoder).__name__ == "CLIPTextModel" and pipe.tokenizer is not None
