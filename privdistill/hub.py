@@ -28,17 +28,21 @@ from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultist
 from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
 
 PIPELINE_MODULE = "pipeline"  # the pipeline's code travels in <folder>/pipeline.py
+INDEX_FILE = "model_index.json"
 SOLVERS = ("ddim", "dpmpp", "unipc")
 
 
-def sampling_scheduler(config: Any, solver: str) -> Any:  # diffusers schedulers are untyped mixins
+def sampling_scheduler(config: Any, solver: str, eta: float = 0.0) -> Any:  # diffusers schedulers: untyped mixins
     """A fresh sampling scheduler over a model's training noise schedule (``from_config``, as a diffusers pipeline
     swaps schedulers): ddim, dpmpp (DPM-Solver++ 2M) or unipc (UniPC-2M). privdistill's own sampler uses this too.
+    ValueError for an unknown solver, or for ``eta`` > 0 (DDIM's stochasticity) with another solver.
 
     The model's own timestep spacing is passed explicitly: diffusers' ``from_config`` leaves out the keys a config
     holds only as defaults, so a freshly built model's scheduler would hand a multistep solver ITS default spacing
     ("linspace") while the same model loaded from disk hands it the model's ("leading"): different timesteps, and
     different images, for the same weights. Every benchmark sampled loaded models, i.e. the model's spacing."""
+    if eta > 0 and solver != "ddim":
+        raise ValueError(f"eta applies to the ddim solver only (solver is {solver}); use the ddim solver or eta 0")
     spacing = {"timestep_spacing": config.get("timestep_spacing", "leading")}
     if solver == "ddim":
         return DDIMScheduler.from_config(config, **spacing)
@@ -47,7 +51,6 @@ def sampling_scheduler(config: Any, solver: str) -> Any:  # diffusers schedulers
     if solver == "unipc":
         return UniPCMultistepScheduler.from_config(config, solver_order=2, **spacing)
     raise ValueError(f"unknown sampling solver {solver!r}: use one of {', '.join(SOLVERS)}")
-INDEX_FILE = "model_index.json"
 
 
 class PrivdistillPipeline(DiffusionPipeline):
@@ -123,12 +126,10 @@ class PrivdistillPipeline(DiffusionPipeline):
                  return_dict: bool = True, solver: str = "dpmpp") -> Any:
         """Images in [0, 1]: PIL images, an NHWC numpy array (``"np"``) or an NCHW tensor (``"pt"``).
         ``solver``: dpmpp (default, as privdistill samples), unipc or ddim (``eta`` > 0 is DDIM's only)."""
-        if eta > 0 and solver != "ddim":
-            raise ValueError(f"eta applies to the ddim solver only (solver is {solver}); pass solver='ddim' or eta=0")
+        scheduler = sampling_scheduler(self.scheduler.config, solver, eta)
         n, cond = self._condition(class_labels, prompt)
         size = int(self.unet.config.sample_size)
         shape = (n, int(self.unet.config.in_channels), size, size)
-        scheduler = sampling_scheduler(self.scheduler.config, solver)
         scheduler.set_timesteps(num_inference_steps)
         x = torch.randn(shape, generator=generator, dtype=self.unet.dtype).to(self.device) * scheduler.init_noise_sigma
         for t in self.progress_bar(scheduler.timesteps):

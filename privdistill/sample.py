@@ -23,11 +23,12 @@ log = structlog.get_logger(__name__)
 DEFAULT = SampleConfig()  # the one place the default solver and steps are set is SampleConfig
 
 
-def make_solver(model: DiffusionModel, solver: str) -> Any:  # diffusers schedulers are untyped mixins
+def make_solver(model: DiffusionModel, solver: str, eta: float = 0.0) -> Any:  # diffusers schedulers: untyped
     """A fresh sampling scheduler over the model's training noise schedule (as a diffusers pipeline swaps
-    schedulers: ``from_config``); the multistep solvers keep state, so each batch gets its own."""
+    schedulers: ``from_config``); the multistep solvers keep state, so each batch gets its own. StageError for an
+    unknown solver or an ``eta`` the solver does not take."""
     try:
-        return sampling_scheduler(model.scheduler.config, solver)
+        return sampling_scheduler(model.scheduler.config, solver, eta)
     except ValueError as err:
         raise StageError(str(err)) from None
 
@@ -47,8 +48,6 @@ def sample_images(
     n = len(labels) if labels is not None else len(prompts or [])
     if n == 0:
         raise StageError("nothing to sample: no labels or prompts given")
-    if eta > 0 and solver != "ddim":
-        raise StageError(f"eta applies to the ddim solver only (solver is {solver}); set eta to 0")
     device = device or next(model.unet.parameters()).device
     shape = (n, *model.sample_shape)  # a latent model denoises VAE latents and decodes them at the end
     g = torch.Generator().manual_seed(seed)
@@ -60,7 +59,7 @@ def sample_images(
     bar = tqdm(batches, desc="sample", unit="batch", disable=not (progress and progress_enabled()), file=sys.stderr)
     for s in bar:
         e = min(n, s + batch_size)
-        scheduler = make_solver(model, solver)
+        scheduler = make_solver(model, solver, eta)  # the first batch's call checks solver and eta
         scheduler.set_timesteps(steps)
         x = x_all[s:e].to(device) * scheduler.init_noise_sigma
         lab = None if labels is None else torch.as_tensor(labels[s:e]).long()

@@ -13,6 +13,7 @@ import torch
 from pydantic import ValidationError
 
 from privdistill.config import SampleConfig
+from privdistill.errors import StageError
 from privdistill.hub import SOLVERS
 from privdistill.models import build_scheduler
 from privdistill.sample import sample_dataset, sample_images
@@ -89,6 +90,9 @@ def test_eta_with_a_multistep_solver_is_refused() -> None:
     with pytest.raises(ValidationError, match="set eta: 0 or solver: ddim .solver is dpmpp, the default"):
         SampleConfig.model_validate({"eta": 0.5})  # a config written for the old DDIM default: told what to set
     assert SampleConfig.model_validate({"solver": "ddim", "eta": 0.5}).eta == 0.5
+    model, _, _ = tiny_setup()  # the sampler itself, called without a config, refuses it too
+    with pytest.raises(StageError, match="eta applies to the ddim solver only .solver is unipc"):
+        sample_images(model, labels=np.array([0]), solver="unipc", steps=2, eta=0.5, progress=False)
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
