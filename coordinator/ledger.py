@@ -7,7 +7,7 @@ import re
 import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,7 +16,7 @@ from coordinator.store import shard_dir
 from privdistill.errors import ConfigError
 from privdistill.identity import parse_public_key
 from privdistill.shard import ID_PATTERN
-from privdistill.sqlite import ThreadConnections, connect, require_existing, transaction
+from privdistill.sqlite import ThreadConnections, connect, kept_or_new, require_existing, transaction
 
 TOUCH_INTERVAL_S = 30.0
 
@@ -169,17 +169,9 @@ class Ledger:
         # upload back at "receiving" with every byte present (re-verified and accepted at start).
         return connect(self.path, foreign_keys=True, read_only=self.read_only)
 
-    @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
+    def _db(self) -> AbstractContextManager[sqlite3.Connection]:
         """This thread's kept connection (``keep_open``), else a new one closed after the call."""
-        if self._threads is not None:
-            yield self._threads.get()
-            return
-        db = self._connect()
-        try:
-            yield db
-        finally:
-            db.close()
+        return kept_or_new(self._threads, self._connect)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

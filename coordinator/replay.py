@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from coordinator.schemas import ApiError
-from privdistill.sqlite import ThreadConnections, connect, transaction
+from privdistill.sqlite import ThreadConnections, connect, kept_or_new, transaction
 
 NONCE_FILE = "nonces.sqlite"
 PRUNE_EVERY = 256
@@ -53,25 +53,20 @@ class ReplayCache:
     def record(self, site: str, nonce: str, timestamp: int, *, now: float | None = None) -> None:
         """Accept (site, nonce) once; a second time inside the window is ``replayed_request``."""
         now = time.time() if now is None else now
-        db = self._threads.get() if self._threads is not None else self._connect()  # keep_open: this thread's
-        try:
-            with transaction(db):
-                self._inserts += 1
-                if self._inserts % PRUNE_EVERY == 0:
-                    db.execute("DELETE FROM nonces WHERE expires < ?", (now,))
-                if db.execute("SELECT 1 FROM nonces WHERE site = ? AND nonce = ?", (site, nonce)).fetchone():
-                    raise ApiError(401, "replayed_request", "this request (its nonce) was already used; sign every "
-                                   "request afresh (privdistill.identity.sign_request makes a new nonce)")
-                live = db.execute("SELECT COUNT(*) FROM nonces WHERE site = ? AND expires >= ?",
-                                  (site, now)).fetchone()[0]
-                if live >= self.max_per_site:
-                    raise ApiError(429, "too_many_requests", f"more than {self.max_per_site} requests from this site "
-                                   f"in {self.window_s} s; slow down", headers={"Retry-After": "30"})
-                db.execute("INSERT INTO nonces(site, nonce, expires) VALUES (?, ?, ?)",
-                           (site, nonce, timestamp + self.max_skew_s + 1))
-        finally:
-            if self._threads is None:
-                db.close()
+        with kept_or_new(self._threads, self._connect) as db, transaction(db):  # keep_open: this thread's
+            self._inserts += 1
+            if self._inserts % PRUNE_EVERY == 0:
+                db.execute("DELETE FROM nonces WHERE expires < ?", (now,))
+            if db.execute("SELECT 1 FROM nonces WHERE site = ? AND nonce = ?", (site, nonce)).fetchone():
+                raise ApiError(401, "replayed_request", "this request (its nonce) was already used; sign every "
+                               "request afresh (privdistill.identity.sign_request makes a new nonce)")
+            live = db.execute("SELECT COUNT(*) FROM nonces WHERE site = ? AND expires >= ?",
+                              (site, now)).fetchone()[0]
+            if live >= self.max_per_site:
+                raise ApiError(429, "too_many_requests", f"more than {self.max_per_site} requests from this site "
+                               f"in {self.window_s} s; slow down", headers={"Retry-After": "30"})
+            db.execute("INSERT INTO nonces(site, nonce, expires) VALUES (?, ?, ?)",
+                       (site, nonce, timestamp + self.max_skew_s + 1))
 
     def size(self) -> int:
         db = self._connect()

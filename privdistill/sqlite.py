@@ -112,3 +112,17 @@ class ThreadConnections:
             self._local = threading.local()
         for h in held:
             h.db.close()
+
+
+@contextmanager
+def kept_or_new(threads: ThreadConnections | None, open_: Callable[[], sqlite3.Connection]) -> Iterator[sqlite3.Connection]:
+    """This thread's kept connection when ``threads`` is given (left open), else a new one from ``open_``, closed
+    after the block."""
+    if threads is not None:
+        yield threads.get()
+        return
+    db = open_()
+    try:
+        yield db
+    finally:
+        db.close()
