@@ -29,13 +29,30 @@ DRAIN_S = 2.0
 
 
 class _Deadlines:
-    """The header deadline and the drain deadline, shared by both guarded protocols."""
+    """What both guarded protocols share: the drop on arrival over the connection limit, the header deadline and the
+    drain deadline, both timers cancelled when the connection is lost. Mixed in before uvicorn's protocol class."""
 
     loop: asyncio.AbstractEventLoop
     transport: asyncio.Transport
+    limit_concurrency: int | None
+    connections: set[Any]
     header_timeout_s = HEADER_TIMEOUT_S
     _header_timer: asyncio.TimerHandle | None = None
     _drain_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]  # uvicorn's protocol, next in the MRO
+        self._header_timer = None
+        if self.limit_concurrency is not None and len(self.connections) > self.limit_concurrency:
+            self.transport.abort()  # over the limit: dropped on arrival, not held open until its first request
+            return
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+        super().connection_lost(exc)  # type: ignore[misc]  # uvicorn's protocol, next in the MRO
 
     def _arm_header_timer(self) -> None:
         self._cancel_header_timer()
@@ -59,14 +76,6 @@ class _Deadlines:
 
 class GuardedH11Protocol(_Deadlines, H11Protocol):
     """uvicorn's h11 protocol plus a header deadline and close-after-unread-body (see the module docstring)."""
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn's own
-        super().connection_made(transport)
-        self._header_timer = None
-        if self.limit_concurrency is not None and len(self.connections) > self.limit_concurrency:
-            transport.abort()  # over the limit: dropped on arrival, not held open until its first request
-            return
-        self._arm_header_timer()
 
     def handle_events(self) -> None:
         before = self.cycle
@@ -92,12 +101,6 @@ class GuardedH11Protocol(_Deadlines, H11Protocol):
             # connection is closed
             self._drain_timer = self.loop.call_later(DRAIN_S, self._drain_too_slow)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_header_timer()
-        if self._drain_timer is not None:
-            self._drain_timer.cancel()
-        super().connection_lost(exc)
-
 
 class GuardedHttpToolsProtocol(_Deadlines, HttpToolsProtocol):
     """uvicorn's httptools protocol plus the same guards: a head (request line and headers) over
@@ -106,14 +109,9 @@ class GuardedHttpToolsProtocol(_Deadlines, HttpToolsProtocol):
     max_header_bytes = MAX_HEADER_BYTES
     _head_left: int | None = None  # bytes a head may still take; None while a body is read
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn's own
-        super().connection_made(transport)
-        self._header_timer = None
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._head_left = self.max_header_bytes
-        if self.limit_concurrency is not None and len(self.connections) > self.limit_concurrency:
-            transport.abort()  # over the limit: dropped on arrival, not held open until its first request
-            return
-        self._arm_header_timer()
+        super().connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
         """While a head is incomplete the parser is fed at most the bytes it may still take, so a head longer than
@@ -166,12 +164,6 @@ class GuardedHttpToolsProtocol(_Deadlines, HttpToolsProtocol):
         self._arm_header_timer()
         if unread:  # as GuardedH11Protocol: discarded for at most DRAIN_S, then (or when it ends) closed
             self._drain_timer = self.loop.call_later(DRAIN_S, self._drain_too_slow)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_header_timer()
-        if self._drain_timer is not None:
-            self._drain_timer.cancel()
-        super().connection_lost(exc)
 
 
 GUARDED_PROTOCOLS = (GuardedH11Protocol, GuardedHttpToolsProtocol)
