@@ -1,4 +1,4 @@
-"""Test helpers shared by several test modules: real Fashion-MNIST images and simulated visits."""
+"""Test helpers shared by several test modules: real Fashion-MNIST images, simulated visits, process state."""
 
 from __future__ import annotations
 
@@ -10,6 +10,14 @@ import numpy as np
 from privdistill.data.types import ImageSet
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def process_running(pid: int) -> bool:
+    """Whether ``pid`` runs (Linux /proc); a zombie waiting for its new parent to reap it counts as ended."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def fashion(split: str, start: int, n: int) -> np.ndarray:

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from _fixtures import process_running
 
 from coordinator.ledger import Ledger
 from coordinator.provision import Provisioned, provision
@@ -80,14 +81,6 @@ def _stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
-
-
-def _running(pid: int) -> bool:
-    """Running (a zombie waiting for its new parent to reap it counts as ended)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +260,7 @@ def test_workers_end_when_the_master_is_killed(tmp_path: Path) -> None:
             proc.kill()  # the master only, not its process group
             proc.wait(timeout=10)
             deadline = time.monotonic() + 20
-            while [w for w in workers if _running(w)]:
+            while [w for w in workers if process_running(w)]:
                 assert time.monotonic() < deadline, f"workers {workers} outlived their killed master"
                 time.sleep(0.1)
             with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from _fixtures import FMNIST
+from _fixtures import FMNIST, process_running
 from test_export_gate import CLASSES, Site, approved_shard, build_reid, make_site
 
 from coordinator.provision import provision, write_flower_node_key
@@ -184,10 +184,9 @@ def _running_with(*needles: str) -> list[int]:
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if state != "Z" and all(n in cmdline for n in needles):
+        if all(n in cmdline for n in needles) and process_running(int(proc.name)):
             found.append(int(proc.name))
     return found
 
